@@ -1,0 +1,3 @@
+from pydpm.cli import main
+
+raise SystemExit(main())

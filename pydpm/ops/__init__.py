@@ -1,0 +1,8 @@
+"""Fused ops. Each family module owns its reference, backends, tolerances and torch.library registration."""
+from pydpm.ops._registry import REGISTRY, BackendUnavailable, forced_backend, use_backend
+from pydpm.ops.solver_step import PhiloxNoise, Threshold, philox_normal, solver_step, solver_step_reference
+
+__all__ = [
+    "REGISTRY", "BackendUnavailable", "PhiloxNoise", "Threshold", "forced_backend", "philox_normal", "solver_step",
+    "solver_step_reference", "use_backend",
+]

@@ -1,0 +1,53 @@
+"""Helpers shared by the test modules: backends as pytest params, float64 oracles, poisoning."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+
+
+def backend_device(backend: str) -> torch.device:
+    """Where a backend's tensors live: cuda for cuda (and for triton when a GPU is present), else cpu."""
+    if backend == "cuda" or (backend == "triton" and HAS_CUDA):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def backend_params():
+    """Every backend name; those needing a GPU carry the gpu marker and are skipped without one."""
+    params = []
+    for name in BACKENDS:
+        needs_gpu = backend_device(name).type == "cuda"
+        marks = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")] if needs_gpu else []
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+def map_tensors(obj, fn):
+    """Apply fn to every tensor in a nested structure of dicts, lists and tuples (NamedTuples kept)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(map_tensors(v, fn) for v in obj)
+    return obj
+
+
+def to_float64_cpu(obj):
+    """Upcast every tensor to float64 on the CPU, keeping strides (the oracle sees the same layout)."""
+    def up(t):
+        if not t.is_floating_point():
+            return t.cpu()
+        out = torch.empty_strided(t.shape, t.stride(), dtype=torch.float64)
+        return out.copy_(t.cpu())
+    return map_tensors(obj, up)
+
+
+def poison(t: torch.Tensor) -> torch.Tensor:
+    """Fill an output with NaN so elements a kernel never wrote show up."""
+    return t.fill_(float("nan"))

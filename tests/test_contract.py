@@ -1,0 +1,114 @@
+"""Contract tests generated from the op registry (DESIGN.md §3): every op × backend × dtype × curated case
+against the float64 reference, poisoned outputs, the low-precision 2×-eager rule, dispatch reasons."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from pydpm.ops import REGISTRY, BackendUnavailable, use_backend
+from _support import backend_device, backend_params, map_tensors, poison, to_float64_cpu
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@functools.lru_cache(maxsize=None)
+def _case_names(op_name: str) -> tuple[str, ...]:
+    return tuple(name for name, _ in REGISTRY[op_name].sample_inputs("cpu", torch.float32, small=True))
+
+
+def _cases():
+    for op_name in REGISTRY:
+        for case in _case_names(op_name):
+            yield pytest.param(op_name, case, id=f"{op_name}-{case}")
+
+
+def _draw(op, case, device, dtype, seed):
+    """Fresh inputs of one named case (the interpreter-sized set: small=True)."""
+    for name, kwargs in op.sample_inputs(device, dtype, small=True, seed=seed):
+        if name == case:
+            return kwargs
+    raise KeyError(case)
+
+
+def _outputs(op, kwargs, result):
+    outs = {"result": result}
+    outs.update({name: kwargs[name] for name in op.mutated if kwargs.get(name) is not None})
+    return outs
+
+
+def _run_oracle(op, kwargs, fn):
+    k64 = to_float64_cpu(kwargs)
+    return _outputs(op, k64, fn(**k64))
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("op_name, case", list(_cases()))
+def test_backend_matches_float64_reference(op_name, case, backend, dtype):
+    op, dtype = REGISTRY[op_name], DTYPES[dtype]
+    device = backend_device(backend)
+    seed = hash((op_name, case, backend, str(dtype))) % 2**31
+    kwargs = _draw(op, case, device, dtype, seed)
+    for name in op.mutated:
+        if kwargs.get(name) is not None:
+            poison(kwargs[name])
+    out = poison(torch.empty_like(kwargs["x"]))
+    args = op.check(**kwargs)
+    reasons = op.backend(backend).reasons(args)
+    if reasons:
+        # An unsupported combination must be refused loudly when forced, never run wrongly.
+        with use_backend(backend), pytest.raises(BackendUnavailable, match=backend):
+            op.fn(**kwargs)
+        pytest.skip(f"{backend} does not support this case: {'; '.join(reasons)}")
+    expected = _run_oracle(op, kwargs, op.reference)
+    with use_backend(backend):
+        result = op.fn(**kwargs, out=out)
+    assert result is out
+    got = _outputs(op, kwargs, result)
+    tol = op.tolerances[dtype]
+    for name, exp in expected.items():
+        torch.testing.assert_close(got[name].cpu().double(), exp, atol=tol.atol, rtol=tol.rtol,
+                                   msg=lambda m: f"{op_name}/{case}/{backend}/{dtype} output {name!r}: {m}")
+    if dtype in (torch.float16, torch.bfloat16) and op.eager is not None:
+        eager = _outputs(op, kwargs, None)
+        eager_kwargs = map_tensors(kwargs, lambda t: t.clone())
+        eager = _outputs(op, eager_kwargs, op.eager(**eager_kwargs))
+        for name, exp in expected.items():
+            fused_err = (got[name].cpu().double() - exp).abs().max().item()
+            eager_err = (eager[name].cpu().double() - exp).abs().max().item()
+            floor = 1e-6 * exp.abs().max().item()
+            assert fused_err <= 2 * eager_err + floor, (
+                f"{op_name}/{case}/{backend}/{dtype} {name}: fused error {fused_err:.3g} exceeds 2x the eager "
+                f"composition's {eager_err:.3g}")
+
+
+@pytest.mark.parametrize("op_name", list(REGISTRY))
+def test_automatic_dispatch_explains_itself(op_name):
+    op = REGISTRY[op_name]
+    _, kwargs = next(iter(op.sample_inputs("cpu", torch.float32, small=True)))
+    args = op.check(**kwargs)
+    reasons = op.not_supported_reasons(args)
+    assert set(reasons) == {b.name for b in op.backends}
+    assert reasons["reference"] == []
+    chosen = op.select(args).name
+    first_ok = next(name for name, why in reasons.items() if not why)
+    assert chosen == first_ok
+    for name, why in reasons.items():
+        if why:
+            assert all(isinstance(w, str) and len(w) > 10 for w in why), (name, why)
+
+
+@pytest.mark.parametrize("op_name", list(REGISTRY))
+def test_forced_backend_env_var(op_name, monkeypatch):
+    op = REGISTRY[op_name]
+    _, kwargs = next(iter(op.sample_inputs("cpu", torch.float32, small=True)))
+    monkeypatch.setenv("PYDPM_BACKEND", "cuda")
+    with pytest.raises(BackendUnavailable, match="forced"):
+        op.fn(**kwargs)
+    monkeypatch.setenv("PYDPM_BACKEND", "nonsense")
+    with pytest.raises(BackendUnavailable, match="not a backend"):
+        op.fn(**kwargs)
+    monkeypatch.setenv("PYDPM_BACKEND", "reference")
+    assert op.select(op.check(**kwargs)).name == "reference"
