@@ -58,15 +58,18 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def triton_reason(device: torch.device) -> str | None:
+def triton_reason(device: torch.device, forced: bool) -> str | None:
+    """Why Triton cannot run on `device`. CPU tensors run only through the interpreter, and only when the
+    triton backend is forced (it is a testing aid, far slower than the cpu backend)."""
     err = _triton_import_error()
     if err is not None:
         return f"triton is not importable ({err})"
     if device.type == "cuda":
         return None
-    if device.type == "cpu" and triton_interpreting():
+    if device.type == "cpu" and triton_interpreting() and forced:
         return None
-    return f"tensors are on {device.type}; Triton runs on CUDA tensors, or on CPU ones with TRITON_INTERPRET=1"
+    return (f"tensors are on {device.type}; Triton runs on CUDA tensors, or on CPU ones through the interpreter "
+            f"(TRITON_INTERPRET=1) when the triton backend is forced")
 
 
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)

@@ -25,7 +25,7 @@ def info() -> dict:
         "torch": torch.__version__,
         "build": _backend.build_info() or {"load_error": _backend.C_LOAD_ERROR},
         "device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()})",
-        "triton": _backend.triton_reason(device) or "available",
+        "triton": _backend.triton_reason(device, forced=False) or "available",
         "ops": ops,
     }
 

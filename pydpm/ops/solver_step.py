@@ -23,7 +23,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from pydpm import _backend
-from pydpm.ops._registry import Backend, Op, Tolerance, register
+from pydpm.ops._registry import Backend, Op, Tolerance, forced_backend, register
 
 MAX_MODELS = 6  # csrc/common/solver_step.h kMaxModels
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -142,8 +142,6 @@ def solver_step_reference(x, models, coeffs, *, model_output=None, convert=None,
             s = _quantile_rows(d.abs().reshape(batch, -1), threshold.ratio)
             s = s.clamp(threshold.min_scale, threshold.max_scale).reshape(k[0].shape)
             d = torch.maximum(torch.minimum(d, s), -s) / s
-        if save is not None:
-            save.copy_(d)
         terms.append(d)
     terms += [m_.to(acc) for m_ in models]
     if isinstance(noise, PhiloxNoise):
@@ -152,6 +150,8 @@ def solver_step_reference(x, models, coeffs, *, model_output=None, convert=None,
         terms.append(noise.to(acc))
     c = rows(coeffs, len(terms))
     y = sum(ci * t for ci, t in zip(c, terms))
+    if save is not None:  # written last: save and out may alias x or a model
+        save.copy_(terms[1])
     if out is None:
         return y.to(x.dtype)
     return out.copy_(y)
@@ -232,7 +232,7 @@ def _coef_table(name: str, c, n: int, x: torch.Tensor, what: str, compiling: boo
         c = c.tolist()
     try:
         values = tuple(float(v) for v in c)
-    except TypeError:
+    except (TypeError, ValueError):
         _fail(f"{name} must be a float tensor or a sequence of floats, got {type(c).__name__}")
     if len(values) != n:
         _fail(f"{name} has {len(values)} entries; this call needs {n} ({what})")
@@ -400,7 +400,7 @@ def _run_cuda(args: StepArgs) -> None:
 
 
 def _triton_reasons(args: StepArgs) -> list[str]:
-    reason = _backend.triton_reason(args.x.device)
+    reason = _backend.triton_reason(args.x.device, forced=forced_backend() == "triton")
     reasons = [reason] if reason else []
     if args.threshold is not None:
         reasons.append("dynamic thresholding needs a per-sample selection the Triton kernel does not implement; "

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One call on the GPU machine (no network): install the carried wheels, build pydpm with its CUDA kernels,
+# run the whole test suite (GPU tests included) and the benchmark suite, write everything under $1
+# (default $OUT), and print a short table last.
+#   local:  pip download the wheels into .whl/ (see README, "Benchmarks on a GPU machine")
+#   remote: bash scripts/gpu_run.sh "$OUT"
+set -uo pipefail
+out="${1:-${OUT:?give an output folder}}"
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$out/gpu.txt"
+
+export PYDPM_CUDA=on PYDPM_CUDA_ARCHS="${PYDPM_CUDA_ARCHS:-90}" CMAKE_BUILD_PARALLEL_LEVEL=16
+start=$(date +%s)
+python3 -m pip install --no-build-isolation --no-deps --no-index -v . >"$out/build.log" 2>&1 \
+  || { tail -50 "$out/build.log"; exit 1; }
+echo "build: $(( $(date +%s) - start )) s"
+grep -E "ptxas info|registers|spill" "$out/build.log" | sort -u | head -40 >"$out/ptxas.txt"
+python3 -m pydpm info | tee "$out/info.txt"
+
+python3 -m pytest tests -q -p no:cacheprovider -x -rs >"$out/tests.log" 2>&1
+tests_rc=$?
+tail -15 "$out/tests.log"
+
+python3 -m pydpm bench --out "$out/bench" >"$out/bench.log" 2>&1
+bench_rc=$?
+tail -60 "$out/bench.log"
+echo "tests rc=$tests_rc bench rc=$bench_rc"
+exit $(( tests_rc != 0 || bench_rc != 0 ))

@@ -1,0 +1,225 @@
+"""solver_step beyond the registry contract: independent oracles (numpy, torch.quantile, Philox known-answer
+vectors), argument errors, aliasing, torch.library (opcheck, torch.compile fullgraph)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pydpm.ops import PhiloxNoise, Threshold, philox_normal, solver_step, use_backend
+from pydpm.ops.solver_step import OP, philox4x32_10
+from _support import HAS_CUDA, backend_device, backend_params
+
+LOW = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float64: 1e-14}
+
+
+def _available(backend, args):
+    reasons = OP.backend(backend).reasons(args)
+    if reasons:
+        pytest.skip("; ".join(reasons))
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per-sample"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("backend", backend_params())
+def test_plain_combination_equals_numpy_float64(backend, dtype, per_sample):
+    device = backend_device(backend)
+    gen = torch.Generator().manual_seed(11)
+    shape = (3, 4, 9, 7)
+    x, m1, m2 = (torch.randn(shape, generator=gen).to(device, dtype) for _ in range(3))
+    c = torch.randn((3, 3) if per_sample else (3,), generator=gen, dtype=torch.float64)
+    coeffs = c.to(device) if per_sample else c.tolist()
+    if backend != "reference":
+        _available(backend, OP.check(x, [m1, m2], coeffs))
+    with use_backend(backend):
+        y = solver_step(x, [m1, m2], coeffs)
+    xs = [t.cpu().double().numpy() for t in (x, m1, m2)]
+    cs = np.broadcast_to(c.numpy(), (3, 3)).reshape(3, 3, 1, 1, 1)
+    expected = cs[:, 0] * xs[0] + cs[:, 1] * xs[1] + cs[:, 2] * xs[2]
+    err = np.abs(y.cpu().double().numpy() - expected).max()
+    assert err <= LOW[dtype] * max(1.0, np.abs(expected).max()), err
+
+
+def test_philox_known_answer_vectors():
+    """Random123's published Philox4x32-10 vectors."""
+    def words(counter, key):
+        return [int(w) for w in philox4x32_10([torch.tensor([c]) for c in counter], key)]
+    assert words((0, 0, 0, 0), (0, 0)) == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    assert words((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2) == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
+    assert words((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0)) == [
+        0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+
+
+def test_philox_normals_are_standard_normal_and_reproducible():
+    z = philox_normal(seed=2024, offset=0, numel=1 << 20)
+    assert abs(z.mean().item()) < 5e-3 and abs(z.std().item() - 1) < 5e-3
+    assert abs((z ** 4).mean().item() - 3) < 0.05  # kurtosis of a normal
+    assert torch.equal(z[:1000], philox_normal(2024, 0, 1000))
+    assert not torch.allclose(z[:1000], philox_normal(2024, 1, 1000))
+    assert not torch.allclose(z[:1000], philox_normal(2025, 0, 1000))
+    big = philox_normal(seed=2**40 + 3, offset=2**33 + 1, numel=9)
+    assert torch.isfinite(big).all()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_in_kernel_noise_equals_reference_normals(backend):
+    device = backend_device(backend)
+    x = torch.randn(2, 3, 5, 7, device=device)
+    args = OP.check(x, [], [0.0, 1.0], noise=PhiloxNoise(77, 5))
+    _available(backend, args)
+    with use_backend(backend):
+        z = solver_step(x, [], [0.0, 1.0], noise=PhiloxNoise(77, 5))
+    torch.testing.assert_close(z.cpu().double(), philox_normal(77, 5, x.numel()).view(x.shape), atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 0.9, 0.995, 1.0])
+def test_threshold_equals_torch_quantile(backend, ratio):
+    device = backend_device(backend)
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(4, 3, 16, 16, generator=gen) * 2).to(device)
+    eps = torch.randn(4, 3, 16, 16, generator=gen).to(device)
+    th = Threshold(ratio, 1.0, 3.0)
+    args = OP.check(x, [], [0.0, 1.0], model_output=eps, convert=[1.0, 0.5], threshold=th)
+    _available(backend, args)
+    with use_backend(backend):
+        d = solver_step(x, [], [0.0, 1.0], model_output=eps, convert=[1.0, 0.5], threshold=th)
+    d0 = (x + 0.5 * eps).cpu().double()
+    s = torch.quantile(d0.abs().reshape(4, -1), ratio, dim=1).clamp(1.0, 3.0).view(4, 1, 1, 1)
+    torch.testing.assert_close(d.cpu().double(), d0.clamp(-s, s) / s, atol=1e-6, rtol=1e-6)
+    assert d.abs().max() <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_threshold_nan_poisons_only_its_sample(backend):
+    device = backend_device(backend)
+    x = torch.randn(3, 2, 8, 8, device=device)
+    eps = torch.randn(3, 2, 8, 8, device=device)
+    eps[1, 0, 3, 4] = float("nan")
+    kwargs = dict(model_output=eps, convert=[1.0, 1.0], threshold=Threshold(0.9, 1.0, math.inf))
+    _available(backend, OP.check(x, [], [0.0, 1.0], **kwargs))
+    with use_backend(backend):
+        d = solver_step(x, [], [0.0, 1.0], **kwargs).cpu()
+    assert torch.isnan(d[1]).all()
+    assert torch.isfinite(d[0]).all() and torch.isfinite(d[2]).all()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_in_place_update_and_history_slot_aliasing(backend):
+    """out=x (in-place) and save into the history slot that this step also reads."""
+    device = backend_device(backend)
+    gen = torch.Generator().manual_seed(5)
+    x, eps, h = (torch.randn(2, 4, 6, 6, generator=gen).to(device) for _ in range(3))
+    x0, h0 = x.clone(), h.clone()
+    coeffs, convert = [0.7, 0.2, -0.1], [1.3, -0.4]
+    _available(backend, OP.check(x, [h], coeffs, model_output=eps, convert=convert, save=h, out=x))
+    with use_backend(backend):
+        y = solver_step(x, [h], coeffs, model_output=eps, convert=convert, save=h, out=x)
+    d = 1.3 * x0 - 0.4 * eps
+    assert y is x
+    torch.testing.assert_close(x, 0.7 * x0 + 0.2 * d - 0.1 * h0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h, d, atol=1e-6, rtol=1e-6)
+
+
+def test_empty_tensor_is_a_no_op():
+    x = torch.empty(0, 4, 8, 8)
+    assert solver_step(x, [x.clone()], [1.0, 2.0]).shape == x.shape
+
+
+def test_non_contiguous_out_is_written_back():
+    x = torch.randn(2, 3, 4, 5)
+    out = torch.full((2, 3, 4, 10), float("nan"))[..., ::2]
+    solver_step(x, [], [2.0], out=out)
+    torch.testing.assert_close(out, 2 * x)
+
+
+def _bad(**over):
+    x = torch.randn(2, 3, 4, 4)
+    kwargs = dict(x=x, models=[torch.randn_like(x)], coeffs=[1.0, 0.5])
+    kwargs.update(over)
+    return kwargs
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    (_bad(x=torch.ones(2, 3, dtype=torch.int64), models=[]), "x has dtype torch.int64"),
+    (_bad(x=torch.tensor(1.0), models=[], coeffs=[1.0]), "leading batch dimension"),
+    (_bad(models=torch.randn(2, 3, 4, 4)), r"wrap a single tensor as \[t\]"),
+    (_bad(models=[torch.randn(2, 3, 4, 5)]), r"models\[0\] has shape \(2, 3, 4, 5\) but x has \(2, 3, 4, 4\)"),
+    (_bad(models=[torch.randn(2, 3, 4, 4, dtype=torch.float64)]), r"models\[0\] has dtype torch.float64.*\.to\(x.dtype\)"),
+    (_bad(models=[torch.randn(2, 3, 4, 4)] * 7, coeffs=[1.0] * 8), "at most 6"),
+    (_bad(coeffs=[1.0]), r"coeffs has 1 entries; this call needs 2 \(x, models\[0\]\)"),
+    (_bad(coeffs=torch.ones(3, 2)), r"per-sample \[2, 2\]"),
+    (_bad(coeffs=torch.ones(2, dtype=torch.int32)), "float32 or float64 coefficients"),
+    (_bad(coeffs=[1.0, float("nan")]), r"coeffs\[1\] is nan"),
+    (_bad(coeffs="ab"), "sequence of floats"),
+    (_bad(model_output=torch.randn(2, 3, 4, 4), coeffs=[1.0, 1.0, 1.0]), "needs convert"),
+    (_bad(model_output=(torch.randn(2, 3, 4, 4),) * 2, convert=[1.0, 1.0], coeffs=[1.0, 1.0, 1.0]), "pass guidance_scale"),
+    (_bad(model_output=torch.randn(2, 3, 4, 4), convert=[1.0, 1.0], coeffs=[1.0, 1.0, 1.0], guidance_scale=2.0),
+     r"guidance_scale needs model_output=\(cond, uncond\)"),
+    (_bad(threshold=Threshold()), "pass model_output too"),
+    (_bad(save=torch.randn(2, 3, 4, 4)), "pass model_output too"),
+    (_bad(model_output=torch.randn(2, 3, 4, 4), convert=[1.0, 1.0], coeffs=[1.0, 1.0, 1.0],
+          threshold=Threshold(1.5)), r"ratio is 1.5"),
+    (_bad(model_output=torch.randn(2, 3, 4, 4), convert=[1.0, 1.0], coeffs=[1.0, 1.0, 1.0],
+          threshold=Threshold(0.9, 2.0, 1.0)), "min_scale <= max_scale"),
+    (_bad(noise=torch.randn(2, 3, 4, 4), coeffs=[1.0, 1.0]), r"this call needs 3 \(x, models\[0\], noise\)"),
+    (_bad(noise=PhiloxNoise(-1), coeffs=[1.0, 1.0, 1.0]), r"\[0, 2\*\*63\)"),
+    (_bad(out=torch.empty(2, 3, 4, 4, dtype=torch.float16)), "out has dtype torch.float16"),
+])
+def test_bad_arguments_are_named_with_a_fix(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        solver_step(**kwargs)
+
+
+def test_device_mismatch_and_host_tables_are_refused():
+    x = torch.randn(2, 3, 4, 4, device="meta")
+    with pytest.raises(ValueError, match=r"models\[0\] is on cpu but x is on meta; move it with \.to\(x\.device\)"):
+        solver_step(x, [torch.randn(2, 3, 4, 4)], [1.0, 1.0])
+    with pytest.raises(ValueError, match="keep coefficient tables on x's device"):
+        solver_step(x, [], torch.ones(2, 1))
+
+
+def test_requires_grad_is_refused_with_the_way_out():
+    x = torch.randn(2, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="torch.no_grad"):
+        solver_step(x, [], [1.0])
+    with torch.no_grad():
+        solver_step(x, [], [1.0])
+
+
+OPCHECK_CASES = ["plain-3m-3x5x7x9", "per-sample-table-2x3x11x13", "cfg-threshold-philox-3x5x7x9",
+                 "convert-save-1x4x8x8", "noise-tensor-5x17"]
+
+
+def _named_case(name, device, dtype=torch.float32):
+    return dict(OP.sample_inputs(device, dtype, small=True, seed=1))[name]
+
+
+def _op_args(kwargs):
+    args = OP.check(**kwargs, compiling=True)
+    return (args.x, list(args.models), args.coeffs, args.out, args.cond, args.uncond, args.convert, args.guidance,
+            None if args.threshold is None else list(args.threshold), args.save, args.noise,
+            None if args.philox is None else list(args.philox))
+
+
+@pytest.mark.parametrize("case", OPCHECK_CASES)
+def test_opcheck(case):
+    torch.library.opcheck(torch.ops.pydpm.solver_step.default, _op_args(_named_case(case, "cpu")))
+
+
+@pytest.mark.parametrize("case", ["plain-3m-3x5x7x9", "cfg-threshold-philox-3x5x7x9", "per-sample-table-2x3x11x13"])
+def test_torch_compile_fullgraph_matches_eager(case):
+    torch._dynamo.reset()
+    kwargs = _named_case(case, "cuda" if HAS_CUDA else "cpu")
+
+    def step(**kw):
+        return solver_step(**kw) * 1.0
+
+    eager_kwargs = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    expected = step(**eager_kwargs)
+    got = torch.compile(step, fullgraph=True)(**kwargs)
+    torch.testing.assert_close(got, expected)
+    if kwargs.get("save") is not None:
+        torch.testing.assert_close(kwargs["save"], eager_kwargs["save"])
