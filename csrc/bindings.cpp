@@ -34,7 +34,8 @@ SolverStepParams make_params(int64_t numel, int64_t batch, int64_t per_sample, i
                              uint64_t seed, uint64_t offset, bool has_d, uintptr_t cond, uintptr_t uncond,
                              double guidance, uintptr_t conv_ptr, int32_t conv_dtype, int64_t conv_row_stride,
                              const std::vector<double>& conv_values, uintptr_t save, bool threshold, double ratio,
-                             double min_scale, double max_scale, uintptr_t workspace, uintptr_t stream) {
+                             double min_scale, double max_scale, uintptr_t workspace, uintptr_t stream,
+                             int32_t device) {
   if (models.size() > size_t(pydpm::kMaxModels))
     throw std::invalid_argument("solver_step: at most " + std::to_string(pydpm::kMaxModels) + " models");
   SolverStepParams p;
@@ -64,6 +65,7 @@ SolverStepParams make_params(int64_t numel, int64_t batch, int64_t per_sample, i
   p.max_scale = max_scale;
   p.workspace = reinterpret_cast<void*>(workspace);
   p.stream = reinterpret_cast<void*>(stream);
+  p.device = device;
   return p;
 }
 
@@ -75,12 +77,12 @@ void solver_step_entry(int64_t numel, int64_t batch, int64_t per_sample, int32_t
                        uintptr_t cond, uintptr_t uncond, double guidance, uintptr_t conv_ptr, int32_t conv_dtype,
                        int64_t conv_row_stride, const std::vector<double>& conv_values, uintptr_t save,
                        bool threshold, double ratio, double min_scale, double max_scale, uintptr_t workspace,
-                       uintptr_t stream) {
+                       uintptr_t stream, int32_t device) {
   const SolverStepParams p = make_params(numel, batch, per_sample, dtype, x, models, out, n_coefs, coef_ptr,
                                          coef_dtype, coef_row_stride, coef_values, noise_mode, noise, seed, offset,
                                          has_d, cond, uncond, guidance, conv_ptr, conv_dtype, conv_row_stride,
                                          conv_values, save, threshold, ratio, min_scale, max_scale, workspace,
-                                         stream);
+                                         stream, device);
   const char* err;
   {
     py::gil_scoped_release release;

@@ -16,7 +16,8 @@ LOW = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.flo
 
 
 def _available(backend, args):
-    reasons = OP.backend(backend).reasons(args)
+    with use_backend(backend):
+        reasons = OP.backend(backend).reasons(args)
     if reasons:
         pytest.skip("; ".join(reasons))
 

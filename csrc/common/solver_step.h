@@ -64,8 +64,9 @@ struct SolverStepParams {
   double ratio = 0.995;
   double min_scale = 1.0;
   double max_scale = 1.0;
-  void* workspace = nullptr;   // CUDA only: solver_step_workspace_bytes() bytes
+  void* workspace = nullptr;   // CUDA only: solver_step_cuda_workspace_bytes() bytes
   void* stream = nullptr;      // CUDA only: cudaStream_t
+  int32_t device = 0;          // CUDA only: the tensors' device (made current for the launch)
 };
 
 // Returns an empty string on success, else the reason.

@@ -355,7 +355,7 @@ def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def pack(args: StepArgs, workspace: int = 0, stream: int = 0) -> tuple:
+def pack(args: StepArgs, workspace: int = 0, stream: int = 0, device: int = 0) -> tuple:
     """The positional arguments of `_C.solver_step_cpu/_cuda` (csrc/bindings.cpp), in that order."""
     x = args.x
     batch = x.shape[0]
@@ -375,7 +375,7 @@ def pack(args: StepArgs, workspace: int = 0, stream: int = 0) -> tuple:
             *row(args.convert, args.convert_values or ()),
             _ptr(args.save), args.threshold is not None,
             *(tuple(args.threshold) if args.threshold is not None else (0.0, 1.0, 1.0)),
-            workspace, stream)
+            workspace, stream, device)
 
 
 def _no_fp64(args: StepArgs) -> list[str]:
@@ -396,7 +396,7 @@ def _run_cuda(args: StepArgs) -> None:
     if args.threshold is not None:
         nbytes = _backend._C.solver_step_cuda_workspace_bytes(args.x.numel(), args.x.shape[0])
         workspace = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    _backend._C.solver_step_cuda(*pack(args, _ptr(workspace), _backend.cuda_stream(device)))
+    _backend._C.solver_step_cuda(*pack(args, _ptr(workspace), _backend.cuda_stream(device), device.index or 0))
 
 
 def _triton_reasons(args: StepArgs) -> list[str]:
