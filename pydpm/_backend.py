@@ -6,6 +6,7 @@ Nothing here raises at import: a failure to load `_C` or Triton is captured and 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 
 import torch
@@ -58,12 +59,20 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@functools.lru_cache(maxsize=None)
+def _kernels_missing() -> bool:
+    """pydpm.kernels exists only in an installed package (pyproject maps kernels/ there)."""
+    return importlib.util.find_spec("pydpm.kernels") is None
+
+
 def triton_reason(device: torch.device, forced: bool) -> str | None:
     """Why Triton cannot run on `device`. CPU tensors run only through the interpreter, and only when the
     triton backend is forced (it is a testing aid, far slower than the cpu backend)."""
     err = _triton_import_error()
     if err is not None:
         return f"triton is not importable ({err})"
+    if _kernels_missing():
+        return "pydpm.kernels is missing (a source tree used without installing it); pip install -e ."
     if device.type == "cuda":
         return None
     if device.type == "cpu" and triton_interpreting() and forced:

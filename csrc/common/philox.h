@@ -59,8 +59,9 @@ PYDPM_HD Normal4<F> philox_normal4(uint64_t seed, uint64_t offset, uint64_t g) {
     const F v = F(r.v[2 * p + 1] >> 8) * kInv24;
     const F rad = sqrt(F(-2) * log(u));
 #if defined(__CUDA_ARCH__)
-    F s, c;
-    sincos(kTwoPi * v, &s, &c);
+    F s, c;  // sin/cos of pi * (2v): exact argument reduction, no slow path for large arguments
+    if constexpr (sizeof(F) == 4) sincospif(F(2) * v, &s, &c);
+    else sincospi(F(2) * v, &s, &c);
 #else
     const F s = std::sin(kTwoPi * v), c = std::cos(kTwoPi * v);
 #endif

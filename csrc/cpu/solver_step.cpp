@@ -13,6 +13,7 @@ namespace pydpm {
 namespace {
 
 constexpr int64_t kChunk = 2048;
+constexpr int64_t kParallelGrain = 1 << 16;  // below this many elements one thread beats waking a team
 
 template <class T> struct Storage;
 template <> struct Storage<float> {
@@ -48,19 +49,21 @@ class Step {
     const int64_t per = p_.per_sample;
     const int64_t chunks_per_sample = (per + kChunk - 1) / kChunk;
     const int64_t n_chunks = p_.batch * chunks_per_sample;
+    const bool parallel = p_.numel >= kParallelGrain;
+    (void)parallel;  // unused without OpenMP
     std::vector<A> scale;
     if (p_.threshold) {
       d_all_.resize(size_t(p_.numel));
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel)
       for (int64_t j = 0; j < n_chunks; ++j) {
         const int64_t b = j / chunks_per_sample, begin = b * per + (j % chunks_per_sample) * kChunk;
         model_stage(b, begin, std::min(kChunk, (b + 1) * per - begin), d_all_.data() + begin);
       }
       scale.resize(size_t(p_.batch));
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (parallel)
       for (int64_t b = 0; b < p_.batch; ++b) scale[size_t(b)] = sample_scale(d_all_.data() + b * per);
     }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel)
     for (int64_t j = 0; j < n_chunks; ++j) {
       const int64_t b = j / chunks_per_sample, begin = b * per + (j % chunks_per_sample) * kChunk;
       combine(b, begin, std::min(kChunk, (b + 1) * per - begin), p_.threshold ? scale[size_t(b)] : A(1));

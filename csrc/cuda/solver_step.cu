@@ -42,7 +42,8 @@ namespace pydpm {
 namespace {
 
 constexpr int kBlock = 256;                  // threads per block of the elementwise kernels (at most)
-constexpr int kThreadsPerSm = 2048;          // grid target: one full-occupancy wave of threads per SM
+constexpr int kThreadsPerSm = 2048;          // threads an SM holds at full occupancy
+constexpr int kWaves = 8;                    // grid target: this many full-occupancy waves (small tail)
 constexpr int kMaxIn = kMaxModels + 1;       // plain terms c*t: the models, then a noise tensor
 constexpr int kMaxDevices = 64;
 
@@ -619,8 +620,9 @@ cudaError_t sm_count(int& sms) {
   return err;
 }
 
-// Grid (batch, blocks per sample) for `vectors` vectors per sample: about one full-occupancy wave
-// in total, and no more blocks per sample than its vectors fill. Blocks shrink (down to 64 threads)
+// Grid (batch, blocks per sample) for `vectors` vectors per sample: about kWaves full-occupancy
+// waves in total (a single wave left a partial second wave whenever registers cut occupancy: 91% of
+// copy bandwidth on an H200), and no more blocks per sample than its vectors fill. Blocks shrink (down to 64 threads)
 // while half a block still covers a sample or the grid would leave SMs idle, so that small tensors
 // spread over the SMs and short samples waste few threads.
 struct Geometry {
@@ -630,7 +632,7 @@ struct Geometry {
 Geometry geometry(int64_t batch, int64_t vectors, int sms) {
   int block = kBlock;
   while (block > 64 && (block / 2 >= vectors || batch * ceil_div(vectors, block) < sms)) block /= 2;
-  const int64_t target = ceil_div(int64_t(sms) * (kThreadsPerSm / block), batch);
+  const int64_t target = ceil_div(int64_t(sms) * (kThreadsPerSm / block) * kWaves, batch);
   int64_t per_sample = ceil_div(vectors, block);
   if (per_sample > target) per_sample = target;
   if (per_sample > 65535) per_sample = 65535;

@@ -10,7 +10,7 @@ import contextlib
 import contextvars
 import dataclasses
 import os
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Hashable, Iterator, Sequence
 
 import torch
 
@@ -55,6 +55,10 @@ class Op:
     sample_inputs: Callable[..., Iterator[tuple[str, dict]]]  # (device, dtype, small=) -> (name, kwargs)
     mutated: tuple[str, ...] = ()                # keyword arguments fn writes in place
     eager: Callable[..., Any] | None = None      # the unfused composition in the inputs' own dtype
+    # What backend reasons depend on (e.g. device type, dtype, features): the choice is cached per key
+    # and forced backend, so a sampling loop pays one dict lookup. None: no caching.
+    dispatch_key: Callable[[Any], Hashable] | None = None
+    _chosen: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
     def backend(self, name: str) -> Backend:
         for b in self.backends:
@@ -68,6 +72,15 @@ class Op:
 
     def select(self, args: Any) -> Backend:
         forced = forced_backend()
+        key = None if self.dispatch_key is None else (forced, self.dispatch_key(args))
+        backend = self._chosen.get(key) if key is not None else None
+        if backend is None:
+            backend = self._select(args, forced)
+            if key is not None:
+                self._chosen[key] = backend
+        return backend
+
+    def _select(self, args: Any, forced: str | None) -> Backend:
         if forced is not None:
             backend = self.backend(forced)
             reasons = backend.reasons(args)

@@ -161,7 +161,7 @@ def solver_step_reference(x, models, coeffs, *, model_output=None, convert=None,
 # Arguments: checked once at the boundary, then handed to a backend as one StepArgs
 # --------------------------------------------------------------------------------------------------
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class StepArgs:
     """A checked call. Coefficients come as a table on x's device (`coeffs`, `convert`) or as host
     values (`coef_values`, `convert_values`); exactly one of each pair is set (convert only with d)."""
@@ -203,7 +203,12 @@ def _fail(msg: str) -> None:
     raise ValueError(f"solver_step: {msg}")
 
 
-def _check_like(name: str, t, x: torch.Tensor) -> None:
+def _check_like(name, t, x: torch.Tensor) -> None:
+    """t must be a tensor with x's device, dtype and shape. `name` is a string or a callable making it
+    (so the hot path formats no strings)."""
+    if isinstance(t, torch.Tensor) and t.shape == x.shape and t.dtype == x.dtype and t.device == x.device:
+        return
+    name = name() if callable(name) else name
     if not isinstance(t, torch.Tensor):
         _fail(f"{name} must be a torch.Tensor shaped like x, got {type(t).__name__}")
     if t.device != x.device:
@@ -216,14 +221,14 @@ def _check_like(name: str, t, x: torch.Tensor) -> None:
 
 
 def _coef_table(name: str, c, n: int, x: torch.Tensor, what: str, compiling: bool):
-    """-> (device table or None, host values or None). `what` names the entries for the message."""
+    """-> (device table or None, host values or None). `what()` names the entries for the message."""
     batch = x.shape[0]
     if isinstance(c, torch.Tensor):
         if c.dtype not in (torch.float32, torch.float64):
             _fail(f"{name} has dtype {c.dtype}; pass float32 or float64 coefficients")
         if c.dim() not in (1, 2) or c.shape[-1] != n or (c.dim() == 2 and c.shape[0] != batch):
             _fail(f"{name} has shape {tuple(c.shape)}; this call needs [{n}] or per-sample [{batch}, {n}] "
-                  f"({what})")
+                  f"({what()})")
         if c.device == x.device or compiling:
             return c.contiguous(), None
         if c.device.type != "cpu" or c.dim() == 2:
@@ -231,14 +236,14 @@ def _coef_table(name: str, c, n: int, x: torch.Tensor, what: str, compiling: boo
                   f"(move them once, before the sampling loop) or pass a 1-D CPU tensor or a list of floats")
         c = c.tolist()
     try:
-        values = tuple(float(v) for v in c)
+        values = tuple(map(float, c))
     except (TypeError, ValueError):
         _fail(f"{name} must be a float tensor or a sequence of floats, got {type(c).__name__}")
     if len(values) != n:
-        _fail(f"{name} has {len(values)} entries; this call needs {n} ({what})")
-    for i, v in enumerate(values):
-        if not math.isfinite(v):
-            _fail(f"{name}[{i}] is {v}; coefficients must be finite")
+        _fail(f"{name} has {len(values)} entries; this call needs {n} ({what()})")
+    if not all(map(math.isfinite, values)):
+        i, v = next((i, v) for i, v in enumerate(values) if not math.isfinite(v))
+        _fail(f"{name}[{i}] is {v}; coefficients must be finite")
     if compiling:
         return torch.tensor(values, dtype=torch.float64), None
     return None, values
@@ -259,7 +264,7 @@ def check_args(x, models, coeffs, *, model_output=None, convert=None, guidance_s
     if len(models) > MAX_MODELS:
         _fail(f"{len(models)} models given; at most {MAX_MODELS} are supported per step")
     for i, m in enumerate(models):
-        _check_like(f"models[{i}]", m, x)
+        _check_like(lambda: f"models[{i}]", m, x)
     cond = uncond = None
     if model_output is not None:
         if isinstance(model_output, (tuple, list)):
@@ -307,11 +312,14 @@ def check_args(x, models, coeffs, *, model_output=None, convert=None, guidance_s
     args = StepArgs(x=x, models=models, out=out, cond=cond, uncond=uncond,
                     guidance=1.0 if guidance_scale is None else float(guidance_scale),
                     threshold=threshold, save=save, noise=noise, philox=philox)
-    names = ["x"] + (["d"] if cond is not None else []) + [f"models[{i}]" for i in range(len(models))]
-    names += ["noise"] if args.noise_mode else []
-    args.coeffs, args.coef_values = _coef_table("coeffs", coeffs, args.n_coefs, x, ", ".join(names), compiling)
+    def names():
+        terms = ["x"] + (["d"] if cond is not None else []) + [f"models[{i}]" for i in range(len(models))]
+        return ", ".join(terms + (["noise"] if args.noise_mode else []))
+
+    args.coeffs, args.coef_values = _coef_table("coeffs", coeffs, args.n_coefs, x, names, compiling)
     if cond is not None:
-        args.convert, args.convert_values = _coef_table("convert", convert, 2, x, "x, model_output", compiling)
+        args.convert, args.convert_values = _coef_table("convert", convert, 2, x, lambda: "x, model_output",
+                                                        compiling)
     if torch.is_grad_enabled() and any(t.requires_grad for t in args.tensors()):
         _fail("inputs require grad; solver_step is a sampling op without a backward: run it under "
               "torch.no_grad() (or use solver_step_reference to differentiate through the composition)")
@@ -326,8 +334,11 @@ def _dense(x: torch.Tensor) -> bool:
 def densify(args: StepArgs) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Give every tensor of the call x's dense layout, copying where needed (documented cost: one extra
     pass per copied tensor). Returns (user tensor, temporary) pairs to copy back after the kernel."""
+    tensors = args.tensors()
+    if all(t.is_contiguous() for t in tensors):
+        return []
     stride = args.x.stride()
-    if _dense(args.x) and all(t.stride() == stride for t in args.tensors()):
+    if _dense(args.x) and all(t.stride() == stride for t in tensors):
         return []
     writeback = []
     x = args.x = args.x.contiguous()
@@ -431,7 +442,7 @@ def _run_reference(args: StepArgs) -> None:
         args.x, args.models, args.coeffs if args.coeffs is not None else args.coef_values,
         model_output=None if not args.has_d else (args.cond if args.uncond is None else (args.cond, args.uncond)),
         convert=args.convert if args.convert is not None else args.convert_values,
-        guidance_scale=args.guidance, threshold=args.threshold, save=args.save,
+        guidance_scale=args.guidance if args.uncond is not None else None, threshold=args.threshold, save=args.save,
         noise=args.noise if args.noise is not None else args.philox, out=args.out)
 
 
@@ -573,6 +584,7 @@ OP = register(Op(
               Backend("cpu", _run_cpu, _cpu_reasons), Backend("reference", _run_reference, lambda args: [])),
     reference=solver_step_reference,
     check=check_args,
+    dispatch_key=lambda args: (args.x.device.type, args.x.dtype, args.threshold is None),
     # Rule of DESIGN.md §3: fused error <= 2x the eager composition's error in the same dtype; these bound
     # the error against the float64 reference for unit-scale inputs and coefficients.
     tolerances={torch.float64: Tolerance(1e-12, 1e-12), torch.float32: Tolerance(1e-5, 1e-5),

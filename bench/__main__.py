@@ -1,0 +1,4 @@
+"""`python -m bench` from a checkout (installed: `pydpm bench`)."""
+from . import run
+
+raise SystemExit(run())

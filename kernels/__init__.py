@@ -1,0 +1,1 @@
+"""Triton kernels and their plain launchers (installed as pydpm.kernels; no torch.library here)."""
