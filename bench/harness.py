@@ -96,6 +96,7 @@ class Row:
     vs_best_peer: float | None = None  # best peer median / this median (> 1: faster than every peer)
     host_us: float | None = None  # back-to-back calls, no sync: host cost per call
     host_device_us: float | None = None  # a sync after every call: host + device per call
+    loop_us: float | None = None  # back-to-back calls, one sync at the end: per call in a loop
     note: str = ""
 
 
@@ -239,10 +240,11 @@ def measure(fn: Callable[[], Any], device: torch.device, timing: Timing) -> tupl
     return tuple(q.tolist())
 
 
-def host_cost_us(fn: Callable[[], Any], device: torch.device, calls: int) -> tuple[float, float]:
-    """(host µs per call, host + device µs per call). The first times `calls` back-to-back calls with the
-    host clock and no sync inside (on CUDA: the cost of issuing them, while the device keeps up); the second
-    is the median of calls each followed by a sync."""
+def host_cost_us(fn: Callable[[], Any], device: torch.device, calls: int) -> tuple[float, float, float]:
+    """(host µs per call, loop µs per call, host + device µs per call). The first times `calls` back-to-back
+    calls with the host clock and no sync inside (on CUDA: the cost of issuing them); the second the same
+    loop up to the end of its work (one sync at the end: the per-step cost of a sampling loop, the larger of
+    host and device); the third is the median of calls each followed by a sync."""
     sync = synchronizer(device)
     fn()
     sync()
@@ -251,13 +253,14 @@ def host_cost_us(fn: Callable[[], Any], device: torch.device, calls: int) -> tup
         fn()
     host = (time.perf_counter() - start) / calls
     sync()
+    loop = (time.perf_counter() - start) / calls
     per_call = []
     for _ in range(calls):
         start = time.perf_counter()
         fn()
         sync()
         per_call.append(time.perf_counter() - start)
-    return host * 1e6, statistics.median(per_call) * 1e6
+    return host * 1e6, loop * 1e6, statistics.median(per_call) * 1e6
 
 
 def cache_bytes(device: torch.device) -> int:
@@ -338,7 +341,7 @@ def run_case(case: Case, ceilings: Ceilings, timing: Timing, report: Report) -> 
                 rotation = itertools.cycle([functools.partial(fn, s) for s in sets])
                 row.median_ms, row.p20_ms, row.p80_ms = measure(lambda: next(rotation)(), case.device, timing)
                 calls = max(10, min(timing.host_calls, int(timing.rep_ms / row.median_ms)))
-                row.host_us, row.host_device_us = host_cost_us(functools.partial(fn, sets[0]), case.device, calls)
+                row.host_us, row.loop_us, row.host_device_us = host_cost_us(functools.partial(fn, sets[0]), case.device, calls)
         except Exception as exc:  # noqa: BLE001 - a failing implementation is reported, the run goes on
             if not impl.ours:
                 report.miss(impl.name, _error(exc))
@@ -442,6 +445,7 @@ COLUMNS = (  # (title, width, Row -> cell)
     ("%ceil", 6, lambda r: _num(r.of_ceiling and 100 * r.of_ceiling, ".1f")),
     ("vs peer", 8, lambda r: _num(r.vs_best_peer, ".2f", "x")),
     ("host us", 8, lambda r: _num(r.host_us, ".1f")),
+    ("loop us", 8, lambda r: _num(r.loop_us, ".1f")),
     ("h+dev us", 8, lambda r: _num(r.host_device_us, ".1f")),
 )
 

@@ -18,7 +18,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --f
 
 export PYDPM_CUDA=on PYDPM_CUDA_ARCHS="${PYDPM_CUDA_ARCHS:-90}" CMAKE_BUILD_PARALLEL_LEVEL=16
 start=$(date +%s)
-python3 -m pip install --no-build-isolation --no-deps --no-index -v . >"$out/build.log" 2>&1 \
+python3 -m pip install --no-build-isolation --no-deps --no-index -v -e . >"$out/build.log" 2>&1 \
   || { tail -50 "$out/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - start )) s"
 grep -E "ptxas info|registers|spill" "$out/build.log" | sort -u | head -40 >"$out/ptxas.txt"

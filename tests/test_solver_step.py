@@ -224,3 +224,28 @@ def test_torch_compile_fullgraph_matches_eager(case):
     torch.testing.assert_close(got, expected)
     if kwargs.get("save") is not None:
         torch.testing.assert_close(kwargs["save"], eager_kwargs["save"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_automatic_choice_follows_the_measured_speeds():
+    """CUDA for ordinary sizes; Triton from TRITON_FIRST_BYTES and for Philox noise inside a CUDA graph."""
+    from pydpm.ops.solver_step import TRITON_FIRST_BYTES, check_args
+
+    small = torch.randn(16, 4, 128, 128, device="cuda")
+    assert OP.select(check_args(small, [small], [1.0, 1.0])).name == "cuda"
+    big = torch.empty(TRITON_FIRST_BYTES // 4, device="cuda").view(1, -1)
+    assert OP.select(check_args(big, [], [1.0])).name == "triton"
+    args = check_args(small, [], [1.0, 1.0], noise=PhiloxNoise(1, 2))
+    assert OP.select(args).name == "cuda"
+    graph = torch.cuda.CUDAGraph()
+    out = torch.empty_like(small)
+    with use_backend("triton"):  # compile the kernel outside the capture
+        solver_step(small, [], [1.0, 1.0], noise=PhiloxNoise(1, 2), out=out)
+    with torch.cuda.graph(graph):
+        assert OP.select(args).name == "triton"
+        solver_step(small, [], [1.0, 1.0], noise=PhiloxNoise(1, 2), out=out)
+    out.zero_()
+    graph.replay()
+    torch.testing.assert_close(out.cpu().double(), small.cpu().double() + philox_normal(1, 2, small.numel()).view(small.shape),
+                               atol=1e-5, rtol=1e-5)
