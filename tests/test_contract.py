@@ -116,3 +116,34 @@ def test_forced_backend_env_var(op_name, monkeypatch):
         op.fn(**kwargs)
     monkeypatch.setenv("PYDPM_BACKEND", "reference")
     assert op.select(op.check(**kwargs)).name == "reference"
+
+
+def _spread(every):
+    """Every `every`-th curated case of each op (deterministic), for the slower checks."""
+    return [pytest.param(op_name, case, id=f"{op_name}-{case}") for op_name in REGISTRY
+            for case in _case_names(op_name)[::every]]
+
+
+@pytest.mark.parametrize("op_name, case", _spread(5))
+def test_opcheck(op_name, case):
+    """torch.library.opcheck: schema, fake tensor, mutation annotations, autograd registration, AOT dispatch."""
+    op = REGISTRY[op_name]
+    kwargs = _draw(op, case, torch.device("cpu"), torch.float32, seed=zlib.crc32(case.encode()))
+    torch.library.opcheck(op.library_op, op.library_args(**kwargs))
+
+
+@pytest.mark.parametrize("op_name, case", _spread(23))
+def test_torch_compile_fullgraph_matches_eager(op_name, case):
+    op = REGISTRY[op_name]
+    torch._dynamo.reset()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    kwargs = _draw(op, case, device, torch.float32, seed=zlib.crc32(case.encode()))
+    eager_kwargs = map_tensors(kwargs, lambda t: t.clone())
+
+    def run(**kw):
+        return op.fn(**kw) * 1.0  # an op after ours: the graph must carry our result on
+
+    expected = _outputs(op, eager_kwargs, run(**eager_kwargs))
+    got = _outputs(op, kwargs, torch.compile(run, fullgraph=True)(**kwargs))
+    for name, exp in expected.items():
+        torch.testing.assert_close(got[name], exp, equal_nan=False)

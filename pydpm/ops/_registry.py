@@ -61,6 +61,9 @@ class Op:
     # The automatic choice's order of backend names where it depends on the inputs (measured speed);
     # None: the order of `backends`. Whatever it depends on must be part of dispatch_key.
     priority: Callable[[Any], Sequence[str]] | None = None
+    # torch.library registration: the op overload and fn's keyword arguments -> its arguments (opcheck).
+    library_op: Any = None
+    library_args: Callable[..., tuple] | None = None
     _chosen: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
     def backend(self, name: str) -> Backend:

@@ -546,6 +546,13 @@ def _(x, models, coeffs, out, cond, uncond, convert, guidance, threshold, save, 
     return None
 
 
+def library_args(args: StepArgs) -> tuple:
+    """The arguments of torch.ops.pydpm.solver_step for a call checked with compiling=True."""
+    return (args.x, list(args.models), args.coeffs, args.out, args.cond, args.uncond, args.convert, args.guidance,
+            None if args.threshold is None else list(args.threshold), args.save, args.noise,
+            None if args.philox is None else list(args.philox))
+
+
 def _execute(args: StepArgs) -> None:
     if args.x.numel() == 0:
         return
@@ -588,10 +595,7 @@ def solver_step(x, models, coeffs, *, model_output=None, convert=None, guidance_
         args = check_args(x, models, coeffs, model_output=model_output, convert=convert,
                           guidance_scale=guidance_scale, threshold=threshold, save=save, noise=noise, out=out,
                           compiling=True)
-        torch.ops.pydpm.solver_step(
-            args.x, list(args.models), args.coeffs, args.out, args.cond, args.uncond, args.convert,
-            args.guidance, None if args.threshold is None else list(args.threshold), args.save, args.noise,
-            None if args.philox is None else list(args.philox))
+        torch.ops.pydpm.solver_step(*library_args(args))
         return args.out
     args = check_args(x, models, coeffs, model_output=model_output, convert=convert,
                       guidance_scale=guidance_scale, threshold=threshold, save=save, noise=noise, out=out)
@@ -609,6 +613,8 @@ OP = register(Op(
     check=check_args,
     dispatch_key=lambda args: (args.x.device.type, args.x.dtype, args.threshold is None, _triton_first(args)),
     priority=_priority,
+    library_op=torch.ops.pydpm.solver_step.default,
+    library_args=lambda **kwargs: library_args(check_args(**kwargs, compiling=True)),
     # Rule of DESIGN.md §3: fused error <= 2x the eager composition's error in the same dtype; these bound
     # the error against the float64 reference for unit-scale inputs and coefficients.
     tolerances={torch.float64: Tolerance(1e-12, 1e-12), torch.float32: Tolerance(1e-5, 1e-5),
