@@ -168,20 +168,25 @@ struct FixedShape {
   static constexpr int n_in = kIn;
   static constexpr int d = kD;
   static constexpr bool philox = kPhilox;
+  static constexpr bool preload = true;  // all loads of the plain terms before any math
 };
 
 // Philox instances: the noise dominates their cost, so the number of terms stays a run-time value.
 template <int kD>
+// With a run-time term count, preloading would hold kMaxIn 16-byte registers sets live whatever n_in
+// is (98-128 registers for 16-bit types); the plain terms are read where they are added instead.
 struct PhiloxShape {
   int n_in;
   static constexpr int d = kD;
   static constexpr bool philox = true;
+  static constexpr bool preload = false;
 };
 
 struct RuntimeShape {
   int n_in;
   int d;
   bool philox;
+  static constexpr bool preload = true;  // kVec = 1: one register per term
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -285,9 +290,11 @@ struct StepBody {
       if (has_cond) cr[u] = vec(a.cond)[i];
       if (guided) ur[u] = vec(a.uncond)[i];
       if (shape.d == kDScratch) sr[u] = reinterpret_cast<const F*>(a.scratch)[i];
+      if constexpr (Shape::preload) {
 #pragma unroll
-      for (int k = 0; k < kMaxIn; ++k)
-        if (k < shape.n_in) ir[u][k] = vec(a.in[k])[i];
+        for (int k = 0; k < kMaxIn; ++k)
+          if (k < shape.n_in) ir[u][k] = vec(a.in[k])[i];
+      }
     }
     // 2. Combine in fp32 and store. Every element was loaded above, so out/save may alias inputs.
 #pragma unroll
@@ -320,7 +327,8 @@ struct StepBody {
       for (int k = 0; k < kMaxIn; ++k) {
         if (k < shape.n_in) {
           float f[kVec];
-          unpack(ir[u][k], f);
+          if constexpr (Shape::preload) unpack(ir[u][k], f);
+          else unpack(vec(a.in[k])[i], f);
 #pragma unroll
           for (int j = 0; j < kVec; ++j) acc[j] += c[kSlotIn + k] * f[j];
         }
