@@ -450,10 +450,10 @@ def _rand(shape, device, dtype, gen):
     return torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
-# Automatic choice between the cuda and triton backends, from bench/results (H200, 2026-11-26): per-call
+# Automatic choice between the cuda and triton backends, from bench/results/h200-2026-11-26-*.md: per-call
 # host cost is ~20 µs through the CUDA binding and ~60-90 µs through Triton's launcher, device times are
-# equal up to 16 MB per tensor, and from 268 MB Triton reaches 100% of copy bandwidth against CUDA's 95%;
-# with Philox noise Triton's kernel is ~1.5x faster on the device (the CUDA one is register-bound).
+# equal up to 16 MB per tensor, and from 268 MB Triton reaches 100% of copy bandwidth against CUDA's 94%;
+# with Philox noise Triton's kernel is ~1.3x faster on the device (10.4 vs 8.0 µs, bench/NOTES.md).
 # So: CUDA first, except where device time dominates (tensors from 128 MB) or the host cost vanishes
 # (Philox noise captured in a CUDA graph).
 TRITON_FIRST_BYTES = 128 << 20
