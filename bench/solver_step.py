@@ -5,6 +5,7 @@ Cases (the DPM++ 2M one on every shape, the others on MEDIUM only):
   dpm++2m   x0 = (x − σ·ε)/α from this step's ε, saved as the next step's history; out = a·x + b·x0 + c·x0_prev
   combine   out = a·x + b·m1 + c·m2 (the plain combination, model outputs already converted)
   cfg       dpm++2m on ε = uncond + 7.5·(cond − uncond)
+  threshold dpm++2m with Imagen's dynamic thresholding of x0 (per-sample 0.995 quantile of |x0|)
   sde       SDE-DPM-Solver++(2M): dpm++2m plus σ_next·√(1 − e^(−2h))·z, z drawn in the kernel (PhiloxNoise)
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
-from pydpm.ops import PhiloxNoise, solver_step, solver_step_reference
+from pydpm.ops import PhiloxNoise, Threshold, solver_step, solver_step_reference
 from pydpm.ops.solver_step import OP, check_args
 
 from .harness import Case, Impl, Inputs, Row, backend_impls, dtype_str, shape_str
@@ -225,6 +226,29 @@ def cfg_case(shape, dtype, device) -> Case:
                  peers)
 
 
+def threshold_case(shape, dtype, device) -> Case:
+    """dpm++2m with dynamic thresholding of x0 (diffusers' `thresholding=True`, sample_max_value 2)."""
+    k = dpm2m(STEP)
+    a, b, c = k.coeffs
+    th = Threshold(0.995, 1.0, 2.0)
+
+    def call(step, t):
+        return step(t["x"], [t["x0_prev"]], k.coeffs, model_output=t["eps"], convert=k.convert, threshold=th,
+                    save=t["save"], out=t["out"])
+
+    def eager(t):
+        x0 = (t["x"] - k.sigma * t["eps"]) / k.alpha
+        s = torch.quantile(x0.float().abs().reshape(x0.shape[0], -1), th.ratio, dim=1)
+        s = s.clamp(th.min_scale, th.max_scale).reshape(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
+        x0 = torch.clamp(x0, -s, s) / s
+        return a * t["x"] + b * x0 + c * t["x0_prev"], x0
+
+    peers = [diffusers_step("diffusers +threshold", "DPMSolverMultistepScheduler", lambda t: t["eps"],
+                            shape, dtype, device, algorithm_type="dpmsolver++", thresholding=True,
+                            dynamic_thresholding_ratio=th.ratio, sample_max_value=th.max_scale)]
+    return _case("threshold", shape, dtype, device, ("x", "eps", "x0_prev"), ("out", "save"), call, eager, peers)
+
+
 def sde_case(shape, dtype, device) -> Case:
     k = dpm2m(STEP, sde=True)
     a, b, c, s = k.coeffs
@@ -246,7 +270,7 @@ def sde_case(shape, dtype, device) -> Case:
 def cases(device: torch.device, quick: bool) -> list[Case]:
     found = [dpm2m_case(shape, dtype, device) for dtype in dtypes(device) for shape in shapes(device, quick, dtype)]
     dtype = dtypes(device)[0]
-    return found + [make(MEDIUM, dtype, device) for make in (combine_case, cfg_case, sde_case)]
+    return found + [make(MEDIUM, dtype, device) for make in (combine_case, cfg_case, threshold_case, sde_case)]
 
 
 # --------------------------------------------------------------------------------------------------
