@@ -437,10 +437,15 @@ def _run_cpu(args: StepArgs) -> None:
     _backend._C.solver_step_cpu(*pack(args))
 
 
+def _model_output(cond: torch.Tensor | None, uncond: torch.Tensor | None):
+    """The public `model_output` argument back from its (cond, uncond) halves."""
+    return None if cond is None else (cond if uncond is None else (cond, uncond))
+
+
 def _run_reference(args: StepArgs) -> None:
     solver_step_reference(
         args.x, args.models, args.coeffs if args.coeffs is not None else args.coef_values,
-        model_output=None if not args.has_d else (args.cond if args.uncond is None else (args.cond, args.uncond)),
+        model_output=_model_output(args.cond, args.uncond),
         convert=args.convert if args.convert is not None else args.convert_values,
         guidance_scale=args.guidance if args.uncond is not None else None, threshold=args.threshold, save=args.save,
         noise=args.noise if args.noise is not None else args.philox, out=args.out)
@@ -534,8 +539,7 @@ def _solver_step_op(x: torch.Tensor, models: list[torch.Tensor], coeffs: torch.T
                     cond: torch.Tensor | None, uncond: torch.Tensor | None, convert: torch.Tensor | None,
                     guidance: float, threshold: list[float] | None, save: torch.Tensor | None,
                     noise: torch.Tensor | None, philox: list[int] | None) -> None:
-    model_output = None if cond is None else (cond if uncond is None else (cond, uncond))
-    _execute(check_args(x, models, coeffs, model_output=model_output, convert=convert,
+    _execute(check_args(x, models, coeffs, model_output=_model_output(cond, uncond), convert=convert,
                         guidance_scale=None if uncond is None else guidance,
                         threshold=None if threshold is None else Threshold(*threshold), save=save,
                         noise=PhiloxNoise(*philox) if philox is not None else noise, out=out))
@@ -591,16 +595,14 @@ def solver_step(x, models, coeffs, *, model_output=None, convert=None, guidance_
     channels-last alike are copied first (one extra pass each). Not differentiable.
     Unfused equivalent: `solver_step_reference` with the same arguments.
     """
-    if torch.compiler.is_compiling():
-        args = check_args(x, models, coeffs, model_output=model_output, convert=convert,
-                          guidance_scale=guidance_scale, threshold=threshold, save=save, noise=noise, out=out,
-                          compiling=True)
+    compiling = torch.compiler.is_compiling()
+    args = check_args(x, models, coeffs, model_output=model_output, convert=convert, guidance_scale=guidance_scale,
+                      threshold=threshold, save=save, noise=noise, out=out, compiling=compiling)
+    out = args.out  # densify() may swap args.out for a contiguous temporary
+    if compiling:
         torch.ops.pydpm.solver_step(*library_args(args))
-        return args.out
-    args = check_args(x, models, coeffs, model_output=model_output, convert=convert,
-                      guidance_scale=guidance_scale, threshold=threshold, save=save, noise=noise, out=out)
-    out = args.out
-    _execute(args)
+    else:
+        _execute(args)
     return out
 
 
