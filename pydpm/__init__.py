@@ -8,6 +8,8 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from pydpm import ops  # noqa: E402  (registers the ops with torch.library)
+from pydpm import schedules, samplers  # noqa: E402
 from pydpm.cli import info  # noqa: E402
+from pydpm.samplers import sample  # noqa: E402
 
-__all__ = ["__version__", "info", "ops"]
+__all__ = ["__version__", "info", "ops", "sample", "samplers", "schedules"]

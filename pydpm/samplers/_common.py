@@ -1,0 +1,126 @@
+"""What every solver class shares: argument checks, time grids, plan caching, traced and eager runs."""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+
+from pydpm.ops import Threshold
+from pydpm.samplers._program import EagerTracer, Options, Runner, Tracer, compile_plan
+from pydpm.schedules import time_steps
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}; use one of {', '.join(map(repr, choices))}")
+
+
+def check_sample_input(x: Any) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor (the starting sample), got {type(x).__name__}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise ValueError(f"x has dtype {x.dtype}; sample in float32, float16 or bfloat16 (float64 on the CPU)")
+    if x.dim() < 1 or x.shape[0] == 0:
+        raise ValueError(f"x has shape {tuple(x.shape)}; it needs a non-empty leading batch dimension")
+
+
+def after_step(tr, correcting_xt_fn: Callable | None, return_intermediate: bool):
+    """The per-step tail of every solver loop: correct x_t with the user's function, keep intermediates."""
+    def hooks(x, point, step):
+        if correcting_xt_fn is not None:
+            x = tr.hook(x, point, step, fn=True)
+        if return_intermediate:
+            tr.hook(x, point, step, fn=False)
+        return x
+    return hooks
+
+
+class Solver:
+    """Base of the solver classes: model, schedule, prediction type and corrections; plans cached per
+    configuration; `run_traced` (fused, capturable) and `run_eager` (adaptive)."""
+
+    algorithm_types: dict[str, str] = {}
+    default_algorithm = ""
+    # True: run the same programs on tensors, unfused (a debugging aid; the tests' check of the plans).
+    eager = False
+
+    def __init__(self, model_fn, noise_schedule, algorithm_type, correcting_x0_fn, correcting_xt_fn,
+                 thresholding_max_val, dynamic_thresholding_ratio):
+        name = type(self).__name__
+        if not callable(model_fn):
+            raise TypeError(f"{name}: model_fn must be callable (see pydpm.schedules.model_wrapper)")
+        for attr in ("marginal_log_mean_coeff", "marginal_std", "marginal_lambda", "inverse_lambda", "T", "total_N"):
+            if not hasattr(noise_schedule, attr):
+                raise TypeError(f"{name}: noise_schedule lacks {attr}; pass a pydpm.schedules.NoiseScheduleVP or "
+                                f"NoiseScheduleFlow")
+        check_choice("algorithm_type", algorithm_type, tuple(self.algorithm_types))
+        if correcting_x0_fn is not None and correcting_x0_fn != "dynamic_thresholding" and not callable(correcting_x0_fn):
+            raise ValueError("correcting_x0_fn must be None, 'dynamic_thresholding' or a function (x0, t) -> x0")
+        if correcting_xt_fn is not None and not callable(correcting_xt_fn):
+            raise ValueError("correcting_xt_fn must be None or a function (xt, t, step) -> xt")
+        if not 0.0 <= dynamic_thresholding_ratio <= 1.0:
+            raise ValueError(f"dynamic_thresholding_ratio={dynamic_thresholding_ratio} must lie in [0, 1]")
+        if not thresholding_max_val > 0:
+            raise ValueError(f"thresholding_max_val={thresholding_max_val} must be positive")
+        self.model_fn, self.noise_schedule = model_fn, noise_schedule
+        self.algorithm_type = algorithm_type
+        self.predict = self.algorithm_types[algorithm_type]
+        self.correcting_xt_fn = correcting_xt_fn
+        self.thresholding_max_val, self.dynamic_thresholding_ratio = thresholding_max_val, dynamic_thresholding_ratio
+        dynamic = correcting_x0_fn == "dynamic_thresholding"
+        self.correcting_x0_fn = None if dynamic else correcting_x0_fn
+        # The authors' dynamic thresholding: s = max(quantile(|x0|, ratio), thresholding_max_val).
+        self.threshold = Threshold(dynamic_thresholding_ratio, thresholding_max_val, math.inf) if dynamic else None
+        self._runners: dict[Any, Runner] = {}
+
+    def options(self, seed: int = 0, progress: bool = False) -> Options:
+        return Options(self.model_fn, self.noise_schedule, self.threshold, self.correcting_x0_fn,
+                       self.correcting_xt_fn, seed, progress)
+
+    def time_range(self, t_start, t_end) -> tuple[float, float]:
+        ns = self.noise_schedule
+        t_0 = 1.0 / ns.total_N if t_end is None else float(t_end)
+        t_T = ns.T if t_start is None else float(t_start)
+        if not t_0 > 0:
+            raise ValueError(f"t_end={t_end} must be > 0 (the ODE is singular at t = 0); for discrete-time models "
+                             f"use t_end >= 1/N = {1.0 / ns.total_N}")
+        if not t_T > t_0:
+            raise ValueError(f"t_start={t_T} must be greater than t_end={t_0}")
+        if t_T > ns.T + 1e-12:
+            raise ValueError(f"t_start={t_T} lies beyond the schedule's end T={ns.T}")
+        return t_T, t_0
+
+    @staticmethod
+    def check_steps(steps) -> None:
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"steps={steps!r} must be a positive int")
+
+    def grid(self, skip_type: str, t_T: float, t_0: float, n: int) -> torch.Tensor:
+        return time_steps(self.noise_schedule, skip_type, t_T, t_0, n)
+
+    def run_traced(self, x, key, program, return_intermediate: bool, cuda_graph: bool, progress: bool,
+                   seed: int = 0):
+        """Trace `program(tracer, x)` once per key, compile it to fused launches, run it."""
+        check_sample_input(x)
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise ValueError("x requires grad; sampling is not differentiable: run under torch.no_grad()")
+        if self.eager:
+            with torch.no_grad():
+                tr = EagerTracer(self.predict, self.options(seed), x)
+                out = program(tr, x).to(x.dtype)
+            return (out, tr.intermediates) if return_intermediate else out
+        runner = self._runners.get(key)
+        if runner is None:
+            tr = Tracer(self.predict, self.noise_schedule)
+            tr.output(program(tr, tr.x))
+            runner = self._runners[key] = Runner(compile_plan(tr), self.options())
+        runner.opts.seed, runner.opts.progress = seed, progress
+        with torch.no_grad():
+            out, inter = runner(x, cuda_graph=cuda_graph)
+        return (out, inter) if return_intermediate else out
+
+    def run_eager(self, x, program):
+        check_sample_input(x)
+        with torch.no_grad():
+            return program(EagerTracer(self.predict, self.options(), x), x).to(x.dtype)

@@ -1,0 +1,663 @@
+"""Sampling programs: a sampler is written once, like the paper, over "vectors" and a model; the same
+code runs traced (the default) or eagerly on tensors (adaptive stepping).
+
+Traced, the vectors are `Lin`s, exact float64 linear combinations of symbols: the starting sample, each
+model prediction d (x₀ or ε), each injected noise z. A model call needs its input as a tensor, so the
+tracer materialises the vector there. `compile_plan` turns the trace into one fused
+`pydpm.ops.solver_step` launch per materialisation:
+
+    x_new = a·x_cur + c_d·d_new + Σ c_j·(stored d's) (+ c_z·z)
+
+where x_cur is the last model input, d_new the prediction of the call on x_cur (converted from the raw
+model output inside the launch: model type and classifier-free guidance are folded into `convert`), and
+the stored d's are the history slots. Writing every vector in terms of the latest buffer is what makes
+UniPC's corrector and the next predictor one launch: the corrected sample is never materialised.
+
+All coefficients are computed once, in float64, when the plan is compiled; at run time they sit in a
+device table, so the loop has no host-device synchronisation and can be captured in one CUDA graph.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from typing import Any, Callable, NamedTuple
+
+import torch
+
+from pydpm.ops import solver_step
+from pydpm.ops.solver_step import MAX_MODELS, PhiloxNoise, Threshold, philox_normal
+from pydpm.schedules import WrappedModel, conversion
+
+# Residual coefficients this small relative to the terms that produced them are float64 cancellation
+# noise of an exact identity (e.g. an old history entry that UniPC's corrector folds away): dropped.
+_CANCEL_RTOL = 1e-9
+
+
+class Point(NamedTuple):
+    """A time of the schedule with everything a solver reads there (float64)."""
+
+    t: float
+    log_alpha: float
+    sigma: float
+    lam: float
+
+    @property
+    def alpha(self) -> float:
+        return math.exp(self.log_alpha)
+
+
+def points(noise_schedule, ts: torch.Tensor) -> list[Point]:
+    """Points of `noise_schedule` at the float64 times `ts`."""
+    ts = ts.to(torch.float64).cpu()
+    la = noise_schedule.marginal_log_mean_coeff(ts).tolist()
+    sig = noise_schedule.marginal_std(ts).tolist()
+    lam = noise_schedule.marginal_lambda(ts).tolist()
+    return [Point(*v) for v in zip(ts.tolist(), la, sig, lam)]
+
+
+class Lin:
+    """A linear combination Σ c_s·s of trace symbols with float64 coefficients."""
+
+    __slots__ = ("c",)
+
+    def __init__(self, c: dict[int, float]):
+        self.c = c
+
+    def _combine(self, other, sign: float) -> Lin:
+        if isinstance(other, (int, float)) and other == 0:
+            return self
+        if not isinstance(other, Lin):
+            return NotImplemented
+        c = dict(self.c)
+        for s, v in other.c.items():
+            c[s] = c.get(s, 0.0) + sign * v
+        return Lin(c)
+
+    def __add__(self, other):
+        return self._combine(other, 1.0)
+
+    __radd__ = __add__
+
+    def __sub__(self, other):
+        return self._combine(other, -1.0)
+
+    def __rsub__(self, other):
+        return (-self)._combine(other, 1.0)
+
+    def __neg__(self):
+        return Lin({s: -v for s, v in self.c.items()})
+
+    def __mul__(self, k):
+        if not isinstance(k, (int, float)):
+            return NotImplemented
+        return Lin({s: k * v for s, v in self.c.items()})
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, k):
+        return self * (1.0 / k)
+
+
+@dataclasses.dataclass
+class Call:
+    """A model evaluation on buffer `x` at `point`, predicting `predict` ('data' or 'noise') as `sym`."""
+
+    x: int
+    point: Point
+    predict: str
+    sym: int
+
+
+@dataclasses.dataclass
+class Launch:
+    """One fused solver_step: out = coef·[x, d?, *models, z?]."""
+
+    x: int                          # symbol of the operand x (the input of `call`, when there is one)
+    out: int                        # symbol of the buffer written
+    call: Call | None               # the model output consumed (converted to d inside the launch)
+    models: list[int]               # stored symbols read
+    coefs: list[float]              # [x, d?, *models, z?]
+    noise: int | None = None        # index of the Philox stream (offset) when the launch adds noise
+    save: bool = False              # write d to its slot (read by a later launch)
+
+
+@dataclasses.dataclass
+class Hook:
+    """Hand the current buffer to a user function (`correcting_xt_fn`) or keep a copy (intermediates)."""
+
+    x: int
+    point: Point
+    step: int
+    out: int | None                 # the new root the function's result becomes; None: keep a copy
+
+
+class _Times:
+    """Points of the tracer's schedule (what the sampler programs read)."""
+
+    schedule: Any
+
+    def points(self, ts: torch.Tensor) -> list[Point]:
+        return points(self.schedule, ts)
+
+    def point(self, t: float) -> Point:
+        return points(self.schedule, torch.tensor([t], dtype=torch.float64))[0]
+
+    def point_at_lambda(self, lam: float) -> Point:
+        return self.point(float(self.schedule.inverse_lambda(torch.tensor([lam], dtype=torch.float64))[0]))
+
+
+class Tracer(_Times):
+    """Records a sampler run. `predict` is what `model()` returns: 'data' (x₀) or 'noise' (ε)."""
+
+    def __init__(self, predict: str, schedule):
+        self.predict, self.schedule = predict, schedule
+        self.kind: list[str] = ["root"]
+        self.defn: dict[int, dict[int, float]] = {}
+        self.events: list[Any] = []
+        self.x = Lin({0: 1.0})
+        self.cur = 0
+        self.pending: Call | None = None
+        self.n_noise = 0
+
+    def _new(self, kind: str) -> int:
+        self.kind.append(kind)
+        return len(self.kind) - 1
+
+    def _materialise(self, x: Lin) -> int:
+        if len(x.c) == 1:
+            (s, v), = x.c.items()
+            if v == 1.0 and s == self.cur:
+                return s
+        buf = self._new("buf")
+        self.defn[buf] = dict(x.c)
+        self.events.append(("launch", buf))
+        self.cur, self.pending = buf, None
+        return buf
+
+    def _flush(self) -> None:
+        """Convert a pending model output whose input is about to stop being the current buffer."""
+        if self.pending is not None:
+            self.events.append(("flush", self.pending.sym))
+            self.pending = None
+
+    def model(self, x: Lin, point: Point, predict: str | None = None) -> Lin:
+        buf = self._materialise(x)
+        self._flush()
+        call = Call(buf, point, predict or self.predict, self._new("d"))
+        self.events.append(("call", call))
+        self.pending = call
+        return Lin({call.sym: 1.0})
+
+    def noise(self) -> Lin:
+        z = self._new("z")
+        return Lin({z: 1.0})
+
+    def hook(self, x: Lin, point: Point, step: int, fn: bool) -> Lin:
+        buf = self._materialise(x)
+        if not fn:
+            self.events.append(("hook", Hook(buf, point, step, None)))
+            return x
+        self._flush()
+        root = self._new("root")
+        self.events.append(("hook", Hook(buf, point, step, root)))
+        self.cur = root
+        return Lin({root: 1.0})
+
+    def output(self, x: Lin) -> None:
+        self.events.append(("output", self._materialise(x)))
+
+
+@dataclasses.dataclass
+class Plan:
+    """A compiled trace: the events in order with every launch's coefficients and storage."""
+
+    events: list[Any]
+    storage: dict[int, int]          # symbol -> storage index (root 0 is the caller's tensor: no storage)
+    n_storage: int
+    n_calls: int
+    predict: str
+    kinds: list[str]                 # symbol -> 'root', 'buf', 'd' or 'z'
+
+    def kind_of(self, sym: int) -> str:
+        return self.kinds[sym]
+
+    @property
+    def launches(self) -> list[Launch]:
+        return [e[1] for e in self.events if e[0] == "launch"]
+
+
+def _vec(tr: Tracer, s: int) -> dict[int, float]:
+    return tr.defn.get(s, {s: 1.0})
+
+
+def _decompose(tr: Tracer, target: dict[int, float], cur: int) -> tuple[float, dict[int, float]]:
+    """target = a·cur + residual, with a chosen so that cur's dominant root cancels."""
+    cv = _vec(tr, cur)
+    roots = [s for s in cv if tr.kind[s] == "root" and cv[s] != 0.0]
+    a = 0.0
+    if roots:
+        r = max(roots, key=lambda s: abs(cv[s]))
+        a = target.get(r, 0.0) / cv[r]
+    res = {}
+    for s in set(target) | set(cv):
+        t, c = target.get(s, 0.0), a * cv.get(s, 0.0)
+        v = t - c
+        if v != 0.0 and abs(v) > _CANCEL_RTOL * max(abs(t), abs(c)):
+            res[s] = v
+    return a, res
+
+
+def compile_plan(tr: Tracer) -> Plan:
+    """Turn a trace into launches (coefficients, operands, slots) and assign storage by liveness."""
+    events, cur, pending, noise_used, n_calls = [], 0, None, 0, 0
+    z_index: dict[int, int] = {}
+    for ev in tr.events:
+        kind = ev[0]
+        if kind == "call":
+            pending = ev[1]
+            n_calls += 1
+            events.append(ev)
+        elif kind == "flush":
+            launch = Launch(x=cur, out=ev[1], call=pending, models=[], coefs=[0.0, 1.0])
+            events.append(("launch", launch))
+            pending = None
+        elif kind == "launch":
+            buf = ev[1]
+            a, res = _decompose(tr, tr.defn[buf], cur)
+            coefs, models, noise = [a], [], None
+            if pending is not None:
+                coefs.append(res.pop(pending.sym, 0.0))
+            zs = [s for s in res if tr.kind[s] == "z"]
+            if len(zs) > 1 or any(s in z_index for s in zs):
+                raise RuntimeError("a noise term must be consumed by the launch that introduces it")
+            for s, v in sorted(res.items()):
+                if tr.kind[s] == "z":
+                    continue
+                models.append(s)
+                coefs.append(v)
+            if zs:
+                z_index[zs[0]] = noise = noise_used
+                noise_used += 1
+                coefs.append(res[zs[0]])
+            if len(models) > MAX_MODELS:
+                raise RuntimeError(f"a launch reads {len(models)} stored tensors; the fused step takes at most "
+                                   f"{MAX_MODELS}")
+            if not all(map(math.isfinite, coefs)):
+                raise ValueError("the sampler's coefficients are not finite at this time grid (e.g. a "
+                                 "noise-prediction solver started at α = 0): choose t_start/t_end inside the "
+                                 "schedule's open interval")
+            events.append(("launch", Launch(x=cur, out=buf, call=pending, models=models, coefs=coefs, noise=noise)))
+            cur, pending = buf, None
+        elif kind == "hook":
+            events.append(ev)
+            if ev[1].out is not None:
+                cur = ev[1].out
+        else:
+            events.append(ev)
+    # Which d's are read after the launch that converts them: those launches save them to a slot.
+    read_later = {s for e in events if e[0] == "launch" for s in e[1].models}
+    for e in events:
+        if e[0] == "launch" and e[1].call is not None and e[1].call.sym in read_later and e[1].out != e[1].call.sym:
+            e[1].save = True
+    storage, n_storage = _allocate(tr, events)
+    return Plan(events, storage, n_storage, n_calls, tr.predict, list(tr.kind))
+
+
+def _allocate(tr: Tracer, events: list[Any]) -> tuple[dict[int, int], int]:
+    """Storage for buffers and slots, reusing a tensor once its symbol is dead. Buffers and d slots use
+    separate pools so an output never aliases a model operand other than x."""
+    last: dict[int, int] = {}
+    for i, (kind, e) in enumerate(events):
+        if kind == "launch":
+            for s in [e.x, *e.models]:
+                last[s] = i
+        elif kind == "hook":
+            last[e.x] = i
+        elif kind == "output":
+            last[e] = len(events)
+    storage: dict[int, int] = {}
+    free: dict[str, list[int]] = {"buf": [], "d": []}
+    n = 0
+
+    def take(sym: int, pool: str) -> None:
+        nonlocal n
+        if free[pool]:
+            storage[sym] = free[pool].pop()
+        else:
+            storage[sym], n = n, n + 1
+
+    for i, (kind, e) in enumerate(events):
+        if kind == "launch":
+            for s in {e.x, *e.models}:  # operands read for the last time: an output may reuse them
+                if last.get(s) == i and s in storage:
+                    free["d" if tr.kind[s] == "d" else "buf"].append(storage[s])
+            take(e.out, "d" if tr.kind[e.out] == "d" else "buf")
+            if e.save and e.call.sym not in storage:
+                take(e.call.sym, "d")
+        elif kind == "hook" and e.out is not None:
+            take(e.out, "buf")
+    return storage, n
+
+
+# --------------------------------------------------------------------------------------------------
+# Running a plan
+# --------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Options:
+    """What a run needs besides the plan: how to call the model, corrections, noise, progress."""
+
+    model_fn: Callable
+    noise_schedule: Any
+    threshold: Threshold | None = None             # fused dynamic thresholding of data predictions
+    correcting_x0_fn: Callable | None = None       # a user function on x₀ (not fused)
+    correcting_xt_fn: Callable | None = None
+    seed: int = 0
+    progress: bool = False
+
+
+class _Bound:
+    """A plan bound to a device, dtype and batch size: coefficient and time tables on the device."""
+
+    def __init__(self, plan: Plan, opts: Options, x: torch.Tensor):
+        dev, batch = x.device, x.shape[0]
+        launches = plan.launches
+        width = max((len(l.coefs) for l in launches), default=1)
+        table = torch.zeros(max(len(launches), 1), width, dtype=torch.float64)
+        conv = torch.zeros(max(len(launches), 1), 2, dtype=torch.float64)
+        wrapped = isinstance(opts.model_fn, WrappedModel) and opts.model_fn.fusable
+        model_type = opts.model_fn.model_type if wrapped else "noise"
+        for i, l in enumerate(launches):
+            table[i, :len(l.coefs)] = torch.tensor(l.coefs, dtype=torch.float64)
+            if l.call is not None:
+                p = l.call.point
+                mt = "data" if opts.correcting_x0_fn is not None and l.call.predict == "data" else model_type
+                try:
+                    conv[i] = torch.tensor(_convert(mt, p, l.call.predict), dtype=torch.float64)
+                except ZeroDivisionError:
+                    raise ValueError(f"the model output cannot be converted to a {l.call.predict} prediction at "
+                                     f"t = {p.t} (α = {p.alpha}, σ = {p.sigma}); move t_start/t_end inside the "
+                                     f"schedule's open interval") from None
+        if not bool(torch.isfinite(conv).all()):
+            raise ValueError("converting the model output at this time grid gives non-finite coefficients; move "
+                             "t_start/t_end inside the schedule's open interval")
+        self.table, self.conv = table.to(dev), conv.to(dev)
+        self.rows = [self.table[i, :len(l.coefs)] for i, l in enumerate(launches)]
+        self.convs = [self.conv[i] for i in range(len(launches))]
+        calls = [e[1] for e in plan.events if e[0] == "call"]
+        ts = torch.tensor([c.point.t for c in calls] or [0.0], dtype=torch.float64)
+        sdtype = getattr(opts.noise_schedule, "dtype", torch.float32)
+        t_cont = ts.to(sdtype).unsqueeze(1).expand(-1, batch).contiguous()
+        self.t_cont = t_cont.to(dev)
+        self.t_input = opts.noise_schedule.model_time(t_cont).contiguous().to(dev)
+        self.wrapped = wrapped
+
+
+def _convert(model_type: str, p: Point, predict: str) -> tuple[float, float]:
+    if model_type == "data":  # already an x₀ tensor (a user correcting_x0_fn ran on it)
+        return (0.0, 1.0)
+    return conversion(model_type, p.alpha, p.sigma, "data" if predict == "data" else "noise")
+
+
+class Runner:
+    """Executes a plan: model calls and fused launches, eagerly or captured in a CUDA graph."""
+
+    def __init__(self, plan: Plan, opts: Options):
+        self.plan, self.opts = plan, opts
+        self._bound: dict[Any, _Bound] = {}
+        self._graphs: dict[Any, Any] = {}
+
+    def bound(self, x: torch.Tensor) -> _Bound:
+        key = (x.device, x.shape[0])
+        b = self._bound.get(key)
+        if b is None:
+            b = self._bound[key] = _Bound(self.plan, self.opts, x)
+        return b
+
+    def __call__(self, x: torch.Tensor, cuda_graph: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if not cuda_graph:
+            return self._run(x)
+        if not x.is_cuda:
+            raise ValueError("cuda_graph=True needs a CUDA tensor x")
+        if self.opts.progress:
+            raise ValueError("cuda_graph=True replays the whole loop at once; it cannot show progress")
+        key = (x.shape, x.stride(), x.dtype, x.device, self.opts.seed)
+        entry = self._graphs.get(key)
+        if entry is None:
+            static_in = x.clone()
+            side = torch.cuda.Stream(x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):
+                self._run(static_in)  # warm-up: compiles kernels, settles allocations
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    static_out = self._run(static_in)
+            except Exception as err:  # the model (or a hook) did something a graph cannot hold
+                raise RuntimeError(f"capturing the sampling loop in a CUDA graph failed ({err}); the model must be "
+                                   f"capturable (no host syncs, no CPU tensors, static shapes): run with "
+                                   f"cuda_graph=False") from err
+            entry = self._graphs[key] = (graph, static_in, static_out)
+        graph, static_in, (out, inter) = entry
+        static_in.copy_(x)
+        graph.replay()
+        return out.clone(), [t.clone() for t in inter]
+
+    def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        plan, opts = self.plan, self.opts
+        b = self.bound(x)
+        store: list[torch.Tensor | None] = [None] * plan.n_storage
+
+        def tensor(sym: int) -> torch.Tensor:
+            return x if sym == 0 else store[plan.storage[sym]]
+
+        def slot(sym: int) -> torch.Tensor:
+            i = plan.storage[sym]
+            if store[i] is None:
+                store[i] = torch.empty_like(x)
+            return store[i]
+
+        intermediates: list[torch.Tensor] = []
+        result = x
+        j = li = 0
+        raw = guidance = None
+        progress = _Progress(plan.n_calls) if opts.progress else None
+        for kind, e in plan.events:
+            if kind == "call":
+                xin = tensor(e.x)
+                raw, guidance = model_outputs(opts, b.wrapped, xin, b.t_cont[j], b.t_input[j], e)
+                _check_model_output(raw, xin)
+                j += 1
+                if progress:
+                    progress.update()
+            elif kind == "launch":
+                has_d = e.call is not None
+                thr = opts.threshold if has_d and e.call.predict == "data" and opts.correcting_x0_fn is None else None
+                _step(tensor(e.x), [tensor(s) for s in e.models], b.rows[li], raw if has_d else None,
+                      b.convs[li] if has_d else None, guidance if has_d else None, thr,
+                      slot(e.call.sym) if e.save else None,
+                      PhiloxNoise(opts.seed, e.noise) if e.noise is not None else None, slot(e.out))
+                li += 1
+            elif kind == "hook":
+                xin = tensor(e.x)
+                if e.out is None:
+                    intermediates.append(xin.clone())
+                    continue
+                t = torch.full((x.shape[0],), e.point.t, dtype=b.t_cont.dtype, device=x.device)
+                r = opts.correcting_xt_fn(xin, t, e.step)
+                _check_model_output(r, xin, what="correcting_xt_fn")
+                # The result becomes a buffer the plan may overwrite later: never alias caller or plan memory.
+                if any(u is not None and u.untyped_storage().data_ptr() == r.untyped_storage().data_ptr()
+                       for u in [x, *store]):
+                    r = r.clone()
+                store[plan.storage[e.out]] = r
+            elif kind == "output":
+                result = tensor(e)
+        if progress:
+            progress.close()
+        return (result.clone() if result is x else result), intermediates
+
+
+def model_outputs(opts: Options, wrapped: bool, x: torch.Tensor, t_cont: torch.Tensor, t_input: torch.Tensor,
+                  call: Call):
+    """Raw output(s) of a model call on x: a tensor or a (cond, uncond) pair, and the guidance scale (None
+    for one tensor). With a user correcting_x0_fn the data prediction is formed here and corrected."""
+    fn = opts.model_fn
+    if wrapped:
+        out, g = fn.outputs(x, t_input), (fn.guidance_scale if fn.pair else None)
+    else:
+        out, g = fn(x, t_cont), None
+    if opts.correcting_x0_fn is not None and call.predict == "data":
+        conv = _convert(fn.model_type if wrapped else "noise", call.point, "data")
+        x0 = solver_step(x, [], [0.0, 1.0], model_output=out, convert=list(conv), guidance_scale=g)
+        return opts.correcting_x0_fn(x0, t_cont), None
+    return out, g
+
+
+class EagerTracer(_Times):
+    """Runs a sampler program on tensors: `model()` returns the converted prediction at once (one fused
+    conversion launch). For programs whose control flow reads the samples (adaptive stepping)."""
+
+    def __init__(self, predict: str, opts: Options, x: torch.Tensor):
+        self.predict, self.opts, self.schedule, self.x = predict, opts, opts.noise_schedule, x
+        self.wrapped = isinstance(opts.model_fn, WrappedModel) and opts.model_fn.fusable
+        self.intermediates: list[torch.Tensor] = []
+        self.n_noise = 0
+
+    def noise(self) -> torch.Tensor:
+        """The normals the fused launch would draw: Philox(seed, i) for the i-th noise, in memory order."""
+        x = self.x
+        z = philox_normal(self.opts.seed, self.n_noise, x.numel(), x.device, torch.float64)
+        self.n_noise += 1
+        return torch.empty_like(x, dtype=torch.float64).copy_(z.as_strided(x.shape, torch.empty_like(x).stride()))
+
+    def hook(self, x: torch.Tensor, point: Point, step: int, fn: bool) -> torch.Tensor:
+        if not fn:
+            self.intermediates.append(x.clone())
+            return x
+        t = torch.full((x.shape[0],), point.t, dtype=getattr(self.schedule, "dtype", torch.float32), device=x.device)
+        return self.opts.correcting_xt_fn(x, t, step)
+
+    def model(self, x: torch.Tensor, point: Point, predict: str | None = None) -> torch.Tensor:
+        call = Call(0, point, predict or self.predict, 0)
+        opts, batch = self.opts, x.shape[0]
+        t_cont = torch.full((batch,), point.t, dtype=getattr(self.schedule, "dtype", torch.float32), device=x.device)
+        raw, g = model_outputs(opts, self.wrapped, x, t_cont, self.schedule.model_time(t_cont), call)
+        _check_model_output(raw, x)
+        corrected = opts.correcting_x0_fn is not None and call.predict == "data"
+        mt = "data" if corrected else (opts.model_fn.model_type if self.wrapped else "noise")
+        thr = opts.threshold if call.predict == "data" and not corrected else None
+        return solver_step(x, [], [0.0, 1.0], model_output=raw, convert=list(_convert(mt, point, call.predict)),
+                           guidance_scale=g, threshold=thr)
+
+
+def _step(x, models, coeffs, model_output, convert, guidance, threshold, save, noise, out) -> None:
+    """One launch. Pairs come as (cond, uncond) with their guidance scale."""
+    if isinstance(model_output, tuple) and guidance is None:
+        raise RuntimeError("internal: a (cond, uncond) pair without a guidance scale")
+    solver_step(x, models, coeffs, model_output=model_output, convert=convert, guidance_scale=guidance,
+                threshold=threshold, save=save, noise=noise, out=out)
+
+
+def _check_model_output(out, x: torch.Tensor, what: str = "the model") -> None:
+    for o in (out if isinstance(out, tuple) else (out,)):
+        if not isinstance(o, torch.Tensor) or o.shape != x.shape or o.dtype != x.dtype or o.device != x.device:
+            got = (f"{type(o).__name__}" if not isinstance(o, torch.Tensor)
+                   else f"shape {tuple(o.shape)}, {o.dtype} on {o.device}")
+            raise ValueError(f"{what} returned {got}; the sampler needs a tensor shaped like x "
+                             f"({tuple(x.shape)}, {x.dtype} on {x.device}). Cast or reshape the model output "
+                             f"(e.g. drop learned-variance channels) inside the model function")
+
+
+class _Progress:
+    """A progress bar over model calls: tqdm when installed, else one line on stderr."""
+
+    def __init__(self, total: int):
+        try:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, desc="pydpm", unit="nfe")
+        except ImportError:
+            self.bar, self.n, self.total = None, 0, total
+
+    def update(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+        else:
+            self.n += 1
+            print(f"\rpydpm: {self.n}/{self.total} model evaluations", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        else:
+            print(file=sys.stderr)
+
+
+class Stepper:
+    """Drives a plan one model call at a time, for step()-style APIs (diffusers schedulers): the caller
+    evaluates the model on the sample it holds and hands the raw output to `step`, which runs the fused
+    launch(es) up to the next model input and returns it (a fresh tensor; the caller's sample is never
+    written). History slots persist between steps; `start` resets them."""
+
+    def __init__(self, plan: Plan, opts: Options):
+        self.plan, self.opts = plan, opts
+        self.segments: list[list[Any]] = []     # events after call k, up to the next call
+        for kind, e in plan.events:
+            if kind == "call":
+                self.segments.append([])
+            elif self.segments:
+                self.segments[-1].append((kind, e))
+        self.calls = [e for kind, e in plan.events if kind == "call"]
+        self.first_launch = [0]
+        for seg in self.segments:
+            self.first_launch.append(self.first_launch[-1] + sum(kind == "launch" for kind, _ in seg))
+        self._bound: dict[Any, _Bound] = {}
+        self.start()
+
+    @property
+    def done(self) -> bool:
+        return self.k >= len(self.calls)
+
+    def start(self) -> None:
+        self.k, self.store = 0, [None] * self.plan.n_storage
+
+    def step(self, sample: torch.Tensor, model_output, guidance_scale: float | None = None) -> torch.Tensor:
+        """Consume the raw model output of the next call (evaluated at `sample`); return the next input."""
+        if self.done:
+            raise RuntimeError(f"all {len(self.calls)} steps of this schedule have run; call set_timesteps again")
+        plan, store = self.plan, self.store
+        key = (sample.device, sample.shape[0])
+        b = self._bound.get(key) or self._bound.setdefault(key, _Bound(plan, self.opts, sample))
+        call = self.calls[self.k]
+        _check_model_output(model_output, sample)
+        given = {call.x: sample}
+
+        def tensor(sym: int) -> torch.Tensor:
+            return given[sym] if sym in given else store[plan.storage[sym]]
+
+        li, result = self.first_launch[self.k], None
+        for kind, e in self.segments[self.k]:
+            if kind == "launch":
+                out = torch.empty_like(sample) if plan.kind_of(e.out) == "buf" else None
+                if out is None:
+                    i = plan.storage[e.out]
+                    out = store[i] if store[i] is not None else torch.empty_like(sample)
+                    store[i] = out
+                save = None
+                if e.save:
+                    i = plan.storage[e.call.sym]
+                    save = store[i] if store[i] is not None else torch.empty_like(sample)
+                    store[i] = save
+                has_d = e.call is not None
+                thr = self.opts.threshold if has_d and e.call.predict == "data" else None
+                _step(tensor(e.x), [tensor(s) for s in e.models], b.rows[li], model_output if has_d else None,
+                      b.convs[li] if has_d else None, guidance_scale if has_d else None, thr, save,
+                      PhiloxNoise(self.opts.seed, e.noise) if e.noise is not None else None, out)
+                given[e.out] = result = out
+                li += 1
+            elif kind == "output":
+                result = tensor(e)
+        self.k += 1
+        return result

@@ -1,0 +1,362 @@
+"""DPM-Solver (Lu et al., NeurIPS 2022) and DPM-Solver++ (Lu et al., 2022), plus SDE-DPM-Solver++(2M).
+
+Every update is written over "vectors" (`Lin` when traced, tensors when eager) exactly as in the papers:
+`predict='noise'` is DPM-Solver (ε-prediction, e^{h} terms), `predict='data'` DPM-Solver++ (x₀-prediction,
+e^{−h} terms). `p.t, p.alpha, p.sigma, p.lam` are the schedule at a `Point`.
+"""
+from __future__ import annotations
+
+import math
+
+from pydpm.samplers._common import Solver, after_step, check_choice
+from pydpm.samplers._program import Point
+
+SOLVER_TYPES = ("dpmsolver", "taylor")
+METHODS = ("multistep", "singlestep", "singlestep_fixed", "adaptive")
+
+
+def first_update(x, s: Point, t: Point, m_s, predict: str):
+    """DPM-Solver-1 (DDIM) from s to t."""
+    h = t.lam - s.lam
+    if predict == "data":
+        return (t.sigma / s.sigma) * x - (t.alpha * math.expm1(-h)) * m_s
+    return math.exp(t.log_alpha - s.log_alpha) * x - (t.sigma * math.expm1(h)) * m_s
+
+
+def multistep_second_update(x, ms, ps, t: Point, predict: str, solver_type: str):
+    """Multistep DPM-Solver-2 from ps[-1] to t with the last two predictions."""
+    m1, m0 = ms[-2], ms[-1]
+    p1, p0 = ps[-2], ps[-1]
+    h_0, h = p0.lam - p1.lam, t.lam - p0.lam
+    r0 = h_0 / h
+    D1_0 = (1.0 / r0) * (m0 - m1)
+    if predict == "data":
+        phi_1 = math.expm1(-h)
+        base = (t.sigma / p0.sigma) * x - (t.alpha * phi_1) * m0
+        if solver_type == "dpmsolver":
+            return base - 0.5 * (t.alpha * phi_1) * D1_0
+        return base + (t.alpha * (phi_1 / h + 1.0)) * D1_0
+    phi_1 = math.expm1(h)
+    base = math.exp(t.log_alpha - p0.log_alpha) * x - (t.sigma * phi_1) * m0
+    if solver_type == "dpmsolver":
+        return base - 0.5 * (t.sigma * phi_1) * D1_0
+    return base - (t.sigma * (phi_1 / h - 1.0)) * D1_0
+
+
+def multistep_third_update(x, ms, ps, t: Point, predict: str):
+    """Multistep DPM-Solver-3 from ps[-1] to t with the last three predictions."""
+    m2, m1, m0 = ms[-3:]
+    p2, p1, p0 = ps[-3:]
+    h_1, h_0, h = p1.lam - p2.lam, p0.lam - p1.lam, t.lam - p0.lam
+    r0, r1 = h_0 / h, h_1 / h
+    D1_0 = (1.0 / r0) * (m0 - m1)
+    D1_1 = (1.0 / r1) * (m1 - m2)
+    D1 = D1_0 + (r0 / (r0 + r1)) * (D1_0 - D1_1)
+    D2 = (1.0 / (r0 + r1)) * (D1_0 - D1_1)
+    if predict == "data":
+        phi_1 = math.expm1(-h)
+        phi_2 = phi_1 / h + 1.0
+        phi_3 = phi_2 / h - 0.5
+        return ((t.sigma / p0.sigma) * x - (t.alpha * phi_1) * m0 + (t.alpha * phi_2) * D1
+                - (t.alpha * phi_3) * D2)
+    phi_1 = math.expm1(h)
+    phi_2 = phi_1 / h - 1.0
+    phi_3 = phi_2 / h - 0.5
+    return (math.exp(t.log_alpha - p0.log_alpha) * x - (t.sigma * phi_1) * m0 - (t.sigma * phi_2) * D1
+            - (t.sigma * phi_3) * D2)
+
+
+def multistep_update(x, ms, ps, t: Point, order: int, predict: str, solver_type: str):
+    if order == 1:
+        return first_update(x, ps[-1], t, ms[-1], predict)
+    if order == 2:
+        return multistep_second_update(x, ms, ps, t, predict, solver_type)
+    return multistep_third_update(x, ms, ps, t, predict)
+
+
+def singlestep_second_update(tr, x, s: Point, t: Point, r1: float, predict: str, solver_type: str, ms=()):
+    """Singlestep DPM-Solver-2 from s to t through λ_s + r1·h. `ms` reuses predictions already made at s.
+    Returns (x_t, [m_s, m_s1])."""
+    h = t.lam - s.lam
+    s1 = tr.point_at_lambda(s.lam + r1 * h)
+    m_s = ms[0] if ms else tr.model(x, s)
+    if predict == "data":
+        phi_11, phi_1 = math.expm1(-r1 * h), math.expm1(-h)
+        x_s1 = (s1.sigma / s.sigma) * x - (s1.alpha * phi_11) * m_s
+        m_s1 = tr.model(x_s1, s1)
+        base = (t.sigma / s.sigma) * x - (t.alpha * phi_1) * m_s
+        if solver_type == "dpmsolver":
+            x_t = base - (0.5 / r1) * (t.alpha * phi_1) * (m_s1 - m_s)
+        else:
+            x_t = base + (1.0 / r1) * (t.alpha * (phi_1 / h + 1.0)) * (m_s1 - m_s)
+    else:
+        phi_11, phi_1 = math.expm1(r1 * h), math.expm1(h)
+        x_s1 = math.exp(s1.log_alpha - s.log_alpha) * x - (s1.sigma * phi_11) * m_s
+        m_s1 = tr.model(x_s1, s1)
+        base = math.exp(t.log_alpha - s.log_alpha) * x - (t.sigma * phi_1) * m_s
+        if solver_type == "dpmsolver":
+            x_t = base - (0.5 / r1) * (t.sigma * phi_1) * (m_s1 - m_s)
+        else:
+            x_t = base - (1.0 / r1) * (t.sigma * (phi_1 / h - 1.0)) * (m_s1 - m_s)
+    return x_t, [m_s, m_s1]
+
+
+def singlestep_third_update(tr, x, s: Point, t: Point, r1: float, r2: float, predict: str, solver_type: str,
+                            ms=()):
+    """Singlestep DPM-Solver-3 from s to t through λ_s + r1·h and λ_s + r2·h. Returns (x_t, [m_s, m_s1, m_s2])."""
+    h = t.lam - s.lam
+    s1, s2 = tr.point_at_lambda(s.lam + r1 * h), tr.point_at_lambda(s.lam + r2 * h)
+    m_s = ms[0] if len(ms) > 0 else tr.model(x, s)
+    if predict == "data":
+        phi_11, phi_12, phi_1 = math.expm1(-r1 * h), math.expm1(-r2 * h), math.expm1(-h)
+        phi_22 = math.expm1(-r2 * h) / (r2 * h) + 1.0
+        phi_2 = phi_1 / h + 1.0
+        phi_3 = phi_2 / h - 0.5
+        m_s1 = ms[1] if len(ms) > 1 else tr.model((s1.sigma / s.sigma) * x - (s1.alpha * phi_11) * m_s, s1)
+        x_s2 = ((s2.sigma / s.sigma) * x - (s2.alpha * phi_12) * m_s
+                + r2 / r1 * (s2.alpha * phi_22) * (m_s1 - m_s))
+        m_s2 = tr.model(x_s2, s2)
+        base = (t.sigma / s.sigma) * x - (t.alpha * phi_1) * m_s
+        if solver_type == "dpmsolver":
+            x_t = base + (1.0 / r2) * (t.alpha * phi_2) * (m_s2 - m_s)
+        else:
+            D1_0, D1_1 = (1.0 / r1) * (m_s1 - m_s), (1.0 / r2) * (m_s2 - m_s)
+            D1 = (r2 * D1_0 - r1 * D1_1) / (r2 - r1)
+            D2 = 2.0 * (D1_1 - D1_0) / (r2 - r1)
+            x_t = base + (t.alpha * phi_2) * D1 - (t.alpha * phi_3) * D2
+    else:
+        phi_11, phi_12, phi_1 = math.expm1(r1 * h), math.expm1(r2 * h), math.expm1(h)
+        phi_22 = math.expm1(r2 * h) / (r2 * h) - 1.0
+        phi_2 = phi_1 / h - 1.0
+        phi_3 = phi_2 / h - 0.5
+        m_s1 = ms[1] if len(ms) > 1 else tr.model(
+            math.exp(s1.log_alpha - s.log_alpha) * x - (s1.sigma * phi_11) * m_s, s1)
+        x_s2 = (math.exp(s2.log_alpha - s.log_alpha) * x - (s2.sigma * phi_12) * m_s
+                - r2 / r1 * (s2.sigma * phi_22) * (m_s1 - m_s))
+        m_s2 = tr.model(x_s2, s2)
+        base = math.exp(t.log_alpha - s.log_alpha) * x - (t.sigma * phi_1) * m_s
+        if solver_type == "dpmsolver":
+            x_t = base - (1.0 / r2) * (t.sigma * phi_2) * (m_s2 - m_s)
+        else:
+            D1_0, D1_1 = (1.0 / r1) * (m_s1 - m_s), (1.0 / r2) * (m_s2 - m_s)
+            D1 = (r2 * D1_0 - r1 * D1_1) / (r2 - r1)
+            D2 = 2.0 * (D1_1 - D1_0) / (r2 - r1)
+            x_t = base - (t.sigma * phi_2) * D1 - (t.sigma * phi_3) * D2
+    return x_t, [m_s, m_s1, m_s2]
+
+
+def multistep_orders(steps: int, order: int, lower_order_final: bool) -> list[int]:
+    """The authors' order of each step: 1, 2, … while the history builds up; lower orders at the end
+    only when lower_order_final and steps < 10."""
+    def one(step):
+        if step < order:
+            return step
+        if lower_order_final and steps < 10:
+            return min(order, steps + 1 - step)
+        return order
+    return [one(step) for step in range(1, steps + 1)]
+
+
+def dpm_solver_multistep(tr, x, ts: list[Point], orders: list[int], solver_type: str, hooks):
+    """Multistep DPM-Solver(++) over the times ts, step i + 1 of order orders[i] (one model call per step)."""
+    steps, keep = len(ts) - 1, max(orders)
+    ms, ps = [tr.model(x, ts[0])], [ts[0]]
+    x = hooks(x, ts[0], 0)
+    for step in range(1, steps + 1):
+        x = multistep_update(x, ms, ps, ts[step], orders[step - 1], tr.predict, solver_type)
+        x = hooks(x, ts[step], step)
+        ps = (ps + [ts[step]])[-keep:]
+        if step < steps:
+            ms = (ms + [tr.model(x, ts[step])])[-keep:]
+    return x
+
+
+def singlestep_orders(steps: int, order: int) -> list[int]:
+    """DPM-Solver-fast: the order of each singlestep step using exactly `steps` model calls."""
+    if order == 3:
+        k = steps // 3 + 1
+        return [3] * (k - 2) + [2, 1] if steps % 3 == 0 else [3] * (k - 1) + ([1] if steps % 3 == 1 else [2])
+    if order == 2:
+        return [2] * (steps // 2) + ([1] if steps % 2 else [])
+    return [1] * steps
+
+
+def dpm_solver_singlestep(tr, x, outer: list[Point], orders: list[int], inner_r, solver_type: str, hooks):
+    """Singlestep DPM-Solver(++) over the outer times with the given order per step; inner_r(s, t, order)
+    gives (r1, r2) as the authors derive them from the inner time grid."""
+    for step, order in enumerate(orders):
+        s, t = outer[step], outer[step + 1]
+        r1, r2 = inner_r(s, t, order)
+        if order == 1:
+            x = first_update(x, s, t, tr.model(x, s), tr.predict)
+        elif order == 2:
+            x, _ = singlestep_second_update(tr, x, s, t, r1, tr.predict, solver_type)
+        else:
+            x, _ = singlestep_third_update(tr, x, s, t, r1, r2, tr.predict, solver_type)
+        x = hooks(x, t, step)
+    return x
+
+
+def dpm_solver_adaptive(tr, x, t_T: float, t_0: float, order: int, solver_type: str, atol: float, rtol: float,
+                        h_init: float = 0.05, theta: float = 0.9, t_err: float = 1e-5):
+    """DPM-Solver-12 (order 2) / DPM-Solver-23 (order 3): singlestep pairs of orders (1, 2) or (2, 3)
+    with the error-controlled step size of the paper. Eager only: accepting a step reads the error
+    back to the host (one synchronisation per step)."""
+    import torch
+
+    s = tr.point(t_T)
+    lam_0 = tr.point(t_0).lam
+    h, x_prev = h_init, x
+    while abs(s.t - t_0) > t_err:
+        t = tr.point_at_lambda(s.lam + h)
+        if order == 2:
+            m_s = tr.model(x, s)
+            x_lower, ms = first_update(x, s, t, m_s, tr.predict), [m_s]
+            x_higher, _ = singlestep_second_update(tr, x, s, t, 0.5, tr.predict, solver_type, ms=ms)
+        else:
+            x_lower, ms = singlestep_second_update(tr, x, s, t, 1.0 / 3.0, tr.predict, solver_type)
+            x_higher, _ = singlestep_third_update(tr, x, s, t, 1.0 / 3.0, 2.0 / 3.0, tr.predict, solver_type, ms=ms)
+        delta = torch.clamp(rtol * torch.maximum(x_lower.abs(), x_prev.abs()), min=atol)
+        err = ((x_higher - x_lower) / delta).reshape(x.shape[0], -1).square().mean(dim=1).sqrt().max().item()
+        if err <= 1.0:
+            x, s, x_prev = x_higher, t, x_lower
+        h = min(theta * h * err ** (-1.0 / order) if err > 0 else math.inf, lam_0 - s.lam)
+    return x
+
+
+def sde_dpm_solver_pp_update(tr, x, ms, ps, t: Point, order: int):
+    """SDE-DPM-Solver++ (1S / 2M midpoint) from ps[-1] to t: the data-prediction SDE step with fresh noise."""
+    p0, m0 = ps[-1], ms[-1]
+    h = t.lam - p0.lam
+    decay = math.expm1(-2.0 * h)  # e^{−2h} − 1
+    x_t = (t.sigma / p0.sigma * math.exp(-h)) * x - (t.alpha * decay) * m0
+    if order == 2:
+        r0 = (p0.lam - ps[-2].lam) / h
+        x_t = x_t - 0.5 * (t.alpha * decay) * ((1.0 / r0) * (m0 - ms[-2]))
+    return x_t + (t.sigma * math.sqrt(-decay)) * tr.noise()
+
+
+def sde_dpm_solver_pp(tr, x, ts: list[Point], orders: list[int], hooks):
+    """SDE-DPM-Solver++(2M) (order 2 steps) or (1S) (order 1), step i + 1 of order orders[i]."""
+    steps, keep = len(ts) - 1, max(orders)
+    ms, ps = [tr.model(x, ts[0])], [ts[0]]
+    x = hooks(x, ts[0], 0)
+    for step in range(1, steps + 1):
+        x = sde_dpm_solver_pp_update(tr, x, ms, ps, ts[step], orders[step - 1])
+        x = hooks(x, ts[step], step)
+        ps = (ps + [ts[step]])[-keep:]
+        if step < steps:
+            ms = (ms + [tr.model(x, ts[step])])[-keep:]
+    return x
+
+
+class DPMSolver(Solver):
+    """DPM-Solver / DPM-Solver++ with the arguments, defaults and results of the authors' `DPM_Solver`.
+
+    Each model call is followed by one fused `solver_step` launch (conversion of the model output,
+    classifier-free guidance and dynamic thresholding folded in); coefficients are computed once per
+    (steps, times, order, method) in float64 and kept on the device.
+    """
+
+    algorithm_types = {"dpmsolver": "noise", "dpmsolver++": "data"}
+    default_algorithm = "dpmsolver++"
+
+    def __init__(self, model_fn, noise_schedule, algorithm_type="dpmsolver++", correcting_x0_fn=None,
+                 correcting_xt_fn=None, thresholding_max_val=1.0, dynamic_thresholding_ratio=0.995):
+        super().__init__(model_fn, noise_schedule, algorithm_type, correcting_x0_fn, correcting_xt_fn,
+                         thresholding_max_val, dynamic_thresholding_ratio)
+
+    def sample(self, x, steps=20, t_start=None, t_end=None, order=2, skip_type="time_uniform", method="multistep",
+               lower_order_final=True, denoise_to_zero=False, solver_type="dpmsolver", atol=0.0078, rtol=0.05,
+               return_intermediate=False, cuda_graph=False, progress=False):
+        """Sample from x at t_start (default T) to t_end (default 1/N) with `steps` model evaluations.
+
+        method: 'multistep' (orders 1–3), 'singlestep' (DPM-Solver-fast order mix), 'singlestep_fixed',
+        'adaptive' (DPM-Solver-12/23 with atol/rtol; eager, one host sync per step). solver_type:
+        'dpmsolver' or 'taylor'. return_intermediate: also return the sample after every step.
+        cuda_graph: capture the whole loop (model included) in a CUDA graph on first use and replay it.
+        """
+        check_choice("method", method, METHODS)
+        check_choice("solver_type", solver_type, SOLVER_TYPES)
+        check_choice("order", order, (1, 2, 3))
+        t_T, t_0 = self.time_range(t_start, t_end)
+        if method == "adaptive":
+            if order not in (2, 3):
+                raise ValueError(f"method='adaptive' needs order 2 (DPM-Solver-12) or 3 (DPM-Solver-23), got {order}")
+            if return_intermediate or self.correcting_xt_fn is not None or cuda_graph:
+                raise ValueError("method='adaptive' chooses its steps at run time: it supports neither "
+                                 "return_intermediate, correcting_xt_fn nor cuda_graph")
+            return self.run_eager(x, lambda tr, x: dpm_solver_adaptive(tr, x, t_T, t_0, order, solver_type, atol, rtol))
+        if method == "multistep" and steps < order:
+            raise ValueError(f"method='multistep' needs steps >= order, got steps={steps}, order={order}")
+        if method == "singlestep_fixed" and steps < order:
+            raise ValueError(f"method='singlestep_fixed' needs steps >= order, got steps={steps}, order={order}")
+        self.check_steps(steps)
+        check_choice("skip_type", skip_type, ("time_uniform", "logSNR", "time_quadratic", "karras"))
+        key = ("dpm", steps, t_T, t_0, order, skip_type, method, bool(lower_order_final), bool(denoise_to_zero),
+               solver_type, bool(return_intermediate))
+
+        def program(tr, x):
+            hooks = after_step(tr, self.correcting_xt_fn, return_intermediate)
+            if method == "multistep":
+                ts = tr.points(self.grid(skip_type, t_T, t_0, steps))
+                x = dpm_solver_multistep(tr, x, ts, multistep_orders(steps, order, lower_order_final), solver_type,
+                                         hooks)
+                last_step = steps
+            else:
+                if method == "singlestep":
+                    orders = singlestep_orders(steps, order)
+                    if skip_type == "logSNR":
+                        outer = self.grid(skip_type, t_T, t_0, len(orders))
+                    else:
+                        fine = self.grid(skip_type, t_T, t_0, steps)
+                        idx = [0]
+                        for o in orders:
+                            idx.append(idx[-1] + o)
+                        outer = fine[idx]
+                else:
+                    orders = [order] * (steps // order)
+                    outer = self.grid(skip_type, t_T, t_0, len(orders))
+
+                def inner_r(s, t, o):
+                    if o == 1:
+                        return None, None
+                    lam = [p.lam for p in tr.points(self.grid(skip_type, s.t, t.t, o))]
+                    h = lam[-1] - lam[0]
+                    return (lam[1] - lam[0]) / h, ((lam[2] - lam[0]) / h if o == 3 else None)
+
+                x = dpm_solver_singlestep(tr, x, tr.points(outer), orders, inner_r, solver_type, hooks)
+                last_step = len(orders) - 1
+            if denoise_to_zero:
+                p = tr.point(t_0)
+                x = hooks(tr.model(x, p, predict="data"), p, last_step + 1)
+            return x
+
+        return self.run_traced(x, key, program, return_intermediate, cuda_graph, progress)
+
+
+class SDEDPMSolverPP(Solver):
+    """SDE-DPM-Solver++: order 2 is the 2M (midpoint) solver, order 1 the first-order SDE solver; the
+    noise is drawn inside the fused step from Philox(seed, step)."""
+
+    algorithm_types = {"dpmsolver++": "data"}
+
+    def __init__(self, model_fn, noise_schedule, correcting_x0_fn=None, correcting_xt_fn=None,
+                 thresholding_max_val=1.0, dynamic_thresholding_ratio=0.995):
+        super().__init__(model_fn, noise_schedule, "dpmsolver++", correcting_x0_fn, correcting_xt_fn,
+                         thresholding_max_val, dynamic_thresholding_ratio)
+
+    def sample(self, x, steps=20, t_start=None, t_end=None, order=2, skip_type="time_uniform", lower_order_final=True,
+               seed=0, return_intermediate=False, cuda_graph=False, progress=False):
+        check_choice("order", order, (1, 2))
+        self.check_steps(steps)
+        check_choice("skip_type", skip_type, ("time_uniform", "logSNR", "time_quadratic", "karras"))
+        t_T, t_0 = self.time_range(t_start, t_end)
+        key = ("sde-dpm++", steps, t_T, t_0, order, skip_type, bool(lower_order_final), bool(return_intermediate))
+
+        def program(tr, x):
+            hooks = after_step(tr, self.correcting_xt_fn, return_intermediate)
+            ts = tr.points(self.grid(skip_type, t_T, t_0, steps))
+            return sde_dpm_solver_pp(tr, x, ts, multistep_orders(steps, order, lower_order_final), hooks)
+
+        return self.run_traced(x, key, program, return_intermediate, cuda_graph, progress, seed=seed)

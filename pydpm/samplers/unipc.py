@@ -1,0 +1,175 @@
+"""UniPC (Zhao et al., NeurIPS 2023): the unified predictor–corrector, variants B(h) = h ('bh1'),
+B(h) = e^h − 1 ('bh2') and 'vary_coeff', any order, data or noise prediction.
+
+Traced, the corrected sample is never materialised: the corrector of step i and the predictor of step
+i + 1 are one linear combination of the predicted sample and the stored predictions, so each step is
+one model call and one fused launch.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from pydpm.samplers._common import Solver, after_step, check_choice
+from pydpm.samplers._program import Point
+from pydpm.samplers.dpm_solver import METHODS as _DPM_METHODS
+
+VARIANTS = ("bh1", "bh2", "vary_coeff")
+
+
+def _transfer(x, m0, p0: Point, t: Point, predict: str):
+    """x_t_ = the first-order (DDIM) part of the update, and the scale multiplying every residual."""
+    h = t.lam - p0.lam
+    if predict == "data":
+        return (t.sigma / p0.sigma) * x - (t.alpha * math.expm1(-h)) * m0, t.alpha
+    return math.exp(t.log_alpha - p0.log_alpha) * x - (t.sigma * math.expm1(h)) * m0, t.sigma
+
+
+def _differences(ms, ps, t: Point, order: int):
+    """rks and D1s: the scaled differences of the older predictions from the newest."""
+    p0, m0 = ps[-1], ms[-1]
+    h = t.lam - p0.lam
+    rks, D1s = [], []
+    for i in range(1, order):
+        rk = (ps[-(i + 1)].lam - p0.lam) / h
+        rks.append(rk)
+        D1s.append((ms[-(i + 1)] - m0) / rk)
+    return rks + [1.0], D1s
+
+
+def bh_update(tr, x, ms, ps, t: Point, order: int, use_corrector: bool, variant: str):
+    """UniPC-p with B(h) from ps[-1] to t: predictor UniP, then (if use_corrector) the model at the
+    prediction and corrector UniC. Returns (x_t, model_t or None)."""
+    predict = tr.predict
+    p0, m0 = ps[-1], ms[-1]
+    h = t.lam - p0.lam
+    hh = -h if predict == "data" else h
+    h_phi_1 = math.expm1(hh)
+    B_h = hh if variant == "bh1" else math.expm1(hh)
+    rks, D1s = _differences(ms, ps, t, order)
+    R, b = [], []
+    h_phi_k, factorial_i = h_phi_1 / hh - 1.0, 1
+    for i in range(1, order + 1):
+        R.append([r ** (i - 1) for r in rks])
+        b.append(h_phi_k * factorial_i / B_h)
+        factorial_i *= i + 1
+        h_phi_k = h_phi_k / hh - 1.0 / factorial_i
+    R, b = np.array(R), np.array(b)
+    x_t_, scale = _transfer(x, m0, p0, t, predict)
+    x_t = x_t_
+    if D1s:
+        rhos_p = [0.5] if order == 2 else np.linalg.solve(R[:-1, :-1], b[:-1]).tolist()
+        x_t = x_t_ - (scale * B_h) * sum(rho * d for rho, d in zip(rhos_p, D1s))
+    if not use_corrector:
+        return x_t, None
+    rhos_c = [0.5] if order == 1 else np.linalg.solve(R, b).tolist()
+    model_t = tr.model(x_t, t)
+    corr = sum(rho * d for rho, d in zip(rhos_c[:-1], D1s)) + rhos_c[-1] * (model_t - m0)
+    return x_t_ - (scale * B_h) * corr, model_t
+
+
+def vary_coeff_update(tr, x, ms, ps, t: Point, order: int, use_corrector: bool):
+    """UniPC with varying coefficients (the paper's UniPC_v): the φ_k expansion with C⁻¹ weights."""
+    predict = tr.predict
+    p0, m0 = ps[-1], ms[-1]
+    h = t.lam - p0.lam
+    hh = -h if predict == "data" else h
+    rks, D1s = _differences(ms, ps, t, order)
+    K = len(rks)
+    C, col = [], np.ones(K)
+    for k in range(1, K + 1):
+        C.append(col)
+        col = col * np.array(rks) / (k + 1)
+    C = np.stack(C, axis=1)
+    h_phi_ks, h_phi_k, factorial_k = [], math.expm1(hh), 1
+    for k in range(1, K + 2):
+        h_phi_ks.append(h_phi_k)
+        h_phi_k = h_phi_k / hh - 1.0 / factorial_k
+        factorial_k *= k + 1
+    x_t_, scale = _transfer(x, m0, p0, t, predict)
+    x_t = x_t_
+    if D1s:
+        A_p = np.linalg.inv(C[:-1, :-1])
+        for k in range(K - 1):
+            x_t = x_t - (scale * h_phi_ks[k + 1]) * sum(a * d for a, d in zip(A_p[k].tolist(), D1s))
+    if not use_corrector:
+        return x_t, None
+    A_c = np.linalg.inv(C)
+    model_t = tr.model(x_t, t)
+    x_t, k = x_t_, 0
+    for k in range(K - 1):
+        x_t = x_t - (scale * h_phi_ks[k + 1]) * sum(a * d for a, d in zip(A_c[k][:-1].tolist(), D1s))
+    # As in the authors' code, the last term takes the row k left by the loop (k = 0 when K = 1).
+    return x_t - (scale * h_phi_ks[K]) * (float(A_c[k][-1]) * (model_t - m0)), model_t
+
+
+def unipc_orders(steps: int, order: int, lower_order_final: bool) -> list[int]:
+    """The authors' order of each step: 1, 2, … while the history builds up, then `order`, lowered at the
+    end when lower_order_final."""
+    return [step if step < order else (min(order, steps + 1 - step) if lower_order_final else order)
+            for step in range(1, steps + 1)]
+
+
+def unipc_multistep(tr, x, ts: list[Point], orders: list[int], correctors: list[bool], variant: str, hooks):
+    """Multistep UniPC over the times ts: step i + 1 predicts with order orders[i] and, if correctors[i],
+    evaluates the model there and corrects (the model value is reused as history)."""
+    update = (lambda *a: vary_coeff_update(tr, *a)) if variant == "vary_coeff" else \
+        (lambda *a: bh_update(tr, *a, variant))
+    steps, keep = len(ts) - 1, max(orders)
+    ms, ps = [tr.model(x, ts[0])], [ts[0]]
+    x = hooks(x, ts[0], 0)
+    for step in range(1, steps + 1):
+        x, model_x = update(x, ms, ps, ts[step], orders[step - 1], correctors[step - 1])
+        x = hooks(x, ts[step], step)
+        ps = (ps + [ts[step]])[-keep:]
+        if step < steps:
+            if model_x is None:  # as the authors: the corrector's model call is reused even after correcting_xt_fn
+                model_x = tr.model(x, ts[step])
+            ms = (ms + [model_x])[-keep:]
+    return x
+
+
+class UniPC(Solver):
+    """UniPC with the arguments, defaults and results of the authors' `UniPC` class."""
+
+    algorithm_types = {"data_prediction": "data", "noise_prediction": "noise"}
+    default_algorithm = "data_prediction"
+
+    def __init__(self, model_fn, noise_schedule, algorithm_type="data_prediction", correcting_x0_fn=None,
+                 correcting_xt_fn=None, thresholding_max_val=1.0, dynamic_thresholding_ratio=0.995, variant="bh1"):
+        check_choice("variant", variant, VARIANTS)
+        super().__init__(model_fn, noise_schedule, algorithm_type, correcting_x0_fn, correcting_xt_fn,
+                         thresholding_max_val, dynamic_thresholding_ratio)
+        self.variant = variant
+
+    def sample(self, x, steps=20, t_start=None, t_end=None, order=2, skip_type="time_uniform", method="multistep",
+               lower_order_final=True, denoise_to_zero=False, atol=0.0078, rtol=0.05, return_intermediate=False,
+               cuda_graph=False, progress=False):
+        """Sample from x at t_start (default T) to t_end (default 1/N) with `steps` model evaluations
+        (+1 with denoise_to_zero). Only method='multistep' exists for UniPC; atol/rtol are accepted for
+        signature compatibility and unused."""
+        if method != "multistep":
+            check_choice("method", method, _DPM_METHODS)
+            raise ValueError(f"UniPC implements method='multistep' only, got {method!r}")
+        if not isinstance(order, int) or order < 1:
+            raise ValueError(f"order={order!r} must be a positive int")
+        self.check_steps(steps)
+        if steps < order:
+            raise ValueError(f"UniPC needs steps >= order, got steps={steps}, order={order}")
+        check_choice("skip_type", skip_type, ("time_uniform", "logSNR", "time_quadratic", "karras"))
+        t_T, t_0 = self.time_range(t_start, t_end)
+        key = ("unipc", steps, t_T, t_0, order, skip_type, bool(lower_order_final), bool(denoise_to_zero),
+               bool(return_intermediate))
+
+        def program(tr, x):
+            hooks = after_step(tr, self.correcting_xt_fn, return_intermediate)
+            x = unipc_multistep(tr, x, tr.points(self.grid(skip_type, t_T, t_0, steps)),
+                                unipc_orders(steps, order, lower_order_final), [s < steps for s in range(1, steps + 1)],
+                                self.variant, hooks)
+            if denoise_to_zero:
+                p = tr.point(t_0)
+                x = hooks(tr.model(x, p, predict="data"), p, steps + 1)
+            return x
+
+        return self.run_traced(x, key, program, return_intermediate, cuda_graph, progress)

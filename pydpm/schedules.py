@@ -1,0 +1,313 @@
+"""Noise schedules, timestep spacings and model wrapping, in the conventions of the DPM-Solver authors'
+reference code (names, arguments and results match, so code migrates by changing an import).
+
+A schedule defines x_t = α_t·x₀ + σ_t·ε for t ∈ [0, T], with λ_t = log α_t − log σ_t (half log-SNR):
+`marginal_log_mean_coeff(t)` = log α_t, `marginal_alpha`, `marginal_std` = σ_t, `marginal_lambda` = λ_t,
+`inverse_lambda(λ)` = t. Every method takes and returns tensors (any shape), like the reference.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+
+SKIP_TYPES = ("time_uniform", "logSNR", "time_quadratic", "karras")
+MODEL_TYPES = ("noise", "x_start", "v", "score", "flow")
+GUIDANCE_TYPES = ("uncond", "classifier", "classifier-free")
+
+
+def interpolate_fn(x: torch.Tensor, xp: torch.Tensor, yp: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear y(x) through the keypoints (xp, yp) (xp increasing), extended linearly beyond
+    both ends by the outermost segments. x, xp, yp: 1-D."""
+    k = xp.numel()
+    idx = torch.searchsorted(xp.contiguous(), x.contiguous()).clamp(1, k - 1)
+    x0, x1, y0, y1 = xp[idx - 1], xp[idx], yp[idx - 1], yp[idx]
+    return y0 + (x - x0) * (y1 - y0) / (x1 - x0)
+
+
+class _Schedule:
+    """Methods every schedule derives from `marginal_log_mean_coeff` and `marginal_std`."""
+
+    schedule: str
+    T: float
+    total_N: int
+
+    def marginal_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.exp(self.marginal_log_mean_coeff(t))
+
+    def marginal_lambda(self, t: torch.Tensor) -> torch.Tensor:
+        return self.marginal_log_mean_coeff(t) - torch.log(self.marginal_std(t))
+
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        """The time label a model trained on this schedule takes (`model_wrapper` feeds it)."""
+        return t
+
+
+class NoiseScheduleVP(_Schedule):
+    """Variance-preserving schedule (σ_t² = 1 − α_t²).
+
+    `schedule='discrete'`: from `betas` or `alphas_cumprod` of a model trained on n = 0 … N−1, placed at
+    t_n = (n + 1)/N with log α interpolated piecewise-linearly; entries whose λ falls below −5.1 are
+    dropped (the DPM-Solver authors' fix for cosine-like schedules), which shortens N. Models take the
+    label 1000·(t − 1/N).
+    `schedule='linear'`: the continuous VP-SDE, log α_t = −¼t²(β₁ − β₀) − ½tβ₀.
+    `schedule='cosine'`: the continuous cosine schedule of Nichol & Dhariwal (s = 0.008, T = 0.9946).
+    """
+
+    def __init__(self, schedule: str = "discrete", betas: torch.Tensor | None = None,
+                 alphas_cumprod: torch.Tensor | None = None, continuous_beta_0: float = 0.1,
+                 continuous_beta_1: float = 20.0, dtype: torch.dtype = torch.float32):
+        if schedule not in ("discrete", "linear", "cosine"):
+            raise ValueError(f"NoiseScheduleVP: schedule={schedule!r}; use 'discrete' (with betas or alphas_cumprod), "
+                             f"'linear' or 'cosine' (or NoiseScheduleFlow for flow matching)")
+        self.schedule = schedule
+        self.dtype = dtype
+        self.T = 1.0
+        if schedule == "discrete":
+            if (betas is None) == (alphas_cumprod is None):
+                raise ValueError("NoiseScheduleVP('discrete') needs exactly one of betas or alphas_cumprod")
+            if betas is not None:
+                betas = torch.as_tensor(betas, dtype=torch.float64).cpu()
+                if betas.dim() != 1 or not bool(((betas > 0) & (betas < 1)).all()):
+                    raise ValueError("NoiseScheduleVP: betas must be a 1-D tensor with values in (0, 1)")
+                log_alphas = 0.5 * torch.log1p(-betas).cumsum(0)
+            else:
+                ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu()
+                if ac.dim() != 1 or not bool(((ac > 0) & (ac <= 1)).all()):
+                    raise ValueError("NoiseScheduleVP: alphas_cumprod must be a 1-D tensor with values in (0, 1]")
+                log_alphas = 0.5 * torch.log(ac)
+            log_alphas = self._clip_lambda(log_alphas)
+            self.total_N = log_alphas.numel()
+            self.log_alpha_array = log_alphas.to(dtype)
+            self.t_array = torch.linspace(0.0, 1.0, self.total_N + 1, dtype=torch.float64)[1:].to(dtype)
+        elif schedule == "linear":
+            self.total_N = 1000
+            self.beta_0, self.beta_1 = float(continuous_beta_0), float(continuous_beta_1)
+        else:
+            self.total_N = 1000
+            self.cosine_s = 0.008
+            self.cosine_beta_max = 999.0
+            self.T = 0.9946
+            self.cosine_log_alpha_0 = math.log(math.cos(self.cosine_s / (1.0 + self.cosine_s) * math.pi / 2.0))
+
+    @staticmethod
+    def _clip_lambda(log_alphas: torch.Tensor, clipped_lambda: float = -5.1) -> torch.Tensor:
+        lambs = log_alphas - 0.5 * torch.log(-torch.expm1(2.0 * log_alphas))
+        idx = int(torch.searchsorted(torch.flip(lambs, [0]), clipped_lambda))
+        return log_alphas[:-idx] if idx > 0 else log_alphas
+
+    def marginal_log_mean_coeff(self, t: torch.Tensor) -> torch.Tensor:
+        if self.schedule == "discrete":
+            shape = t.shape
+            xp, yp = self.t_array.to(t.device, t.dtype), self.log_alpha_array.to(t.device, t.dtype)
+            return interpolate_fn(t.reshape(-1), xp, yp).reshape(shape)
+        if self.schedule == "linear":
+            return -0.25 * t ** 2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
+        s = self.cosine_s
+        return torch.log(torch.cos((t + s) / (1.0 + s) * math.pi / 2.0)) - self.cosine_log_alpha_0
+
+    def marginal_std(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(1.0 - torch.exp(2.0 * self.marginal_log_mean_coeff(t)))
+
+    def inverse_lambda(self, lamb: torch.Tensor) -> torch.Tensor:
+        log_alpha = -0.5 * torch.logaddexp(torch.zeros_like(lamb), -2.0 * lamb)
+        if self.schedule == "linear":
+            tmp = 2.0 * (self.beta_1 - self.beta_0) * torch.logaddexp(-2.0 * lamb, torch.zeros_like(lamb))
+            delta = self.beta_0 ** 2 + tmp
+            return tmp / (torch.sqrt(delta) + self.beta_0) / (self.beta_1 - self.beta_0)
+        if self.schedule == "discrete":
+            xp = torch.flip(self.log_alpha_array.to(lamb.device, lamb.dtype), [0])
+            yp = torch.flip(self.t_array.to(lamb.device, lamb.dtype), [0])
+            return interpolate_fn(log_alpha.reshape(-1), xp, yp).reshape(lamb.shape)
+        s = self.cosine_s
+        return torch.arccos(torch.exp(log_alpha + self.cosine_log_alpha_0)) * 2.0 * (1.0 + s) / math.pi - s
+
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        if self.schedule == "discrete":
+            return (t - 1.0 / self.total_N) * 1000.0
+        return t
+
+
+class NoiseScheduleFlow(_Schedule):
+    """Flow-matching (rectified-flow) path x_t = (1 − t)·x₀ + t·ε: α_t = 1 − t, σ_t = t, T = 1.
+
+    Models take the continuous t (scale it inside the model if it was trained on 1000·t). At t = 1,
+    α = 0 and λ = −∞: the data-prediction solvers (DPM-Solver++, UniPC with data prediction, DDIM) start
+    there exactly; noise-prediction solvers need t_start < 1.
+    """
+
+    schedule = "flow"
+
+    def __init__(self, dtype: torch.dtype = torch.float32):
+        self.dtype = dtype
+        self.T = 1.0
+        self.total_N = 1000
+
+    def marginal_log_mean_coeff(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.log1p(-t)
+
+    def marginal_std(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def inverse_lambda(self, lamb: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(-lamb)
+
+
+def time_steps(noise_schedule: _Schedule, skip_type: str, t_T: float, t_0: float, N: int,
+               device: torch.device | str = "cpu") -> torch.Tensor:
+    """N + 1 times from t_T down to t_0, float64.
+
+    'time_uniform': uniform in t.  'logSNR': uniform in λ.  'time_quadratic': uniform in √t (DDIM's
+    quadratic spacing).  'karras': EDM's ρ = 7 spacing of σ/α = e^{−λ} (Karras et al. 2022).
+    """
+    if skip_type not in SKIP_TYPES:
+        raise ValueError(f"skip_type={skip_type!r}; use one of {', '.join(map(repr, SKIP_TYPES))}")
+    if not isinstance(N, int) or N < 1:
+        raise ValueError(f"the number of steps must be a positive int, got {N!r}")
+    f64 = dict(dtype=torch.float64)
+    if skip_type == "time_uniform":
+        ts = torch.linspace(t_T, t_0, N + 1, **f64)
+    elif skip_type == "time_quadratic":
+        ts = torch.linspace(t_T ** 0.5, t_0 ** 0.5, N + 1, **f64) ** 2
+    else:
+        lam_T, lam_0 = (float(noise_schedule.marginal_lambda(torch.tensor(v, **f64))) for v in (t_T, t_0))
+        if skip_type == "logSNR":
+            lams = torch.linspace(lam_T, lam_0, N + 1, **f64)
+        else:
+            rho = 7.0
+            s_max, s_min = math.exp(-lam_T / rho), math.exp(-lam_0 / rho)
+            lams = -rho * torch.log(torch.linspace(s_max, s_min, N + 1, **f64))
+        ts = noise_schedule.inverse_lambda(lams)
+        ts[0], ts[-1] = t_T, t_0
+    return ts.to(device)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model wrapping
+# --------------------------------------------------------------------------------------------------
+
+def conversion(model_type: str, alpha: float, sigma: float, target: str) -> tuple[float, float]:
+    """(a, b) with target = a·x + b·output for a model of `model_type` at a point (α, σ) of the schedule;
+    `target` is 'noise' (ε) or 'data' (x₀). Every parameterisation is linear in (x, output)."""
+    if model_type == "noise":
+        eps = (0.0, 1.0)
+    elif model_type == "x_start":
+        eps = (1.0 / sigma, -alpha / sigma)
+    elif model_type == "v":
+        eps = (sigma, alpha)
+    elif model_type == "score":
+        eps = (0.0, -sigma)
+    elif model_type == "flow":  # v = ε − x₀ on α = 1 − t, σ = t: x₀ = x − σ·v, ε = x + α·v
+        return (1.0, alpha) if target == "noise" else (1.0, -sigma)
+    else:
+        raise ValueError(f"model_type={model_type!r}; use one of {', '.join(map(repr, MODEL_TYPES))}")
+    if target == "noise":
+        return eps
+    return ((1.0 - sigma * eps[0]) / alpha, -sigma * eps[1] / alpha)  # x₀ = (x − σ·ε)/α
+
+
+class WrappedModel:
+    """The continuous-time model `model_wrapper` returns: call it as `model_fn(x, t)` for the noise
+    prediction (the reference's behaviour). The samplers instead call `outputs(x, t_input)` and fold
+    the model-type conversion and classifier-free guidance into the fused step: the raw output, or the
+    (cond, uncond) pair, reaches `pydpm.ops.solver_step` untouched."""
+
+    def __init__(self, model, noise_schedule, model_type, model_kwargs, guidance_type, condition,
+                 unconditional_condition, guidance_scale, classifier_fn, classifier_kwargs):
+        self.model, self.noise_schedule = model, noise_schedule
+        self.model_type, self.guidance_type = model_type, guidance_type
+        self.model_kwargs, self.classifier_kwargs = dict(model_kwargs or {}), dict(classifier_kwargs or {})
+        self.condition, self.unconditional_condition = condition, unconditional_condition
+        self.guidance_scale, self.classifier_fn = float(guidance_scale), classifier_fn
+
+    @property
+    def fusable(self) -> bool:
+        """True when the output is linear in the raw model output(s): everything but classifier guidance."""
+        return self.guidance_type != "classifier"
+
+    @property
+    def pair(self) -> bool:
+        """True when `outputs` returns a (cond, uncond) pair combined with `guidance_scale`."""
+        return (self.guidance_type == "classifier-free" and self.guidance_scale != 1.0
+                and self.unconditional_condition is not None)
+
+    def _call(self, x, t_input, cond=None):
+        if cond is None:
+            return self.model(x, t_input, **self.model_kwargs)
+        return self.model(x, t_input, cond, **self.model_kwargs)
+
+    def outputs(self, x: torch.Tensor, t_input: torch.Tensor):
+        """Raw model output at model time `t_input` [B]: one tensor, or (cond, uncond) when `pair`.
+        Classifier-free pairs run as one batch of 2B, as the reference does."""
+        if self.guidance_type == "uncond":
+            return self._call(x, t_input)
+        if not self.pair:
+            return self._call(x, t_input, self.condition)
+        x_in, t_in = torch.cat([x, x]), torch.cat([t_input, t_input])
+        c_in = torch.cat([self.unconditional_condition, self.condition])
+        uncond, cond = self._call(x_in, t_in, c_in).chunk(2)
+        return cond, uncond
+
+    def __call__(self, x: torch.Tensor, t_continuous: torch.Tensor) -> torch.Tensor:
+        ns = self.noise_schedule
+        t_continuous = t_continuous.expand(x.shape[0]) if t_continuous.dim() <= 1 else t_continuous
+        t_input = ns.model_time(t_continuous)
+        dims = (-1,) + (1,) * (x.dim() - 1)
+        alpha, sigma = ns.marginal_alpha(t_continuous).reshape(dims), ns.marginal_std(t_continuous).reshape(dims)
+
+        def to_noise(out):
+            if self.model_type == "noise":
+                return out
+            if self.model_type == "x_start":
+                return (x - alpha * out) / sigma
+            if self.model_type == "v":
+                return alpha * out + sigma * x
+            if self.model_type == "score":
+                return -sigma * out
+            return x + alpha * out
+
+        if self.guidance_type == "classifier":
+            with torch.enable_grad():
+                x_in = x.detach().requires_grad_(True)
+                log_prob = self.classifier_fn(x_in, t_input, self.condition, **self.classifier_kwargs)
+                grad = torch.autograd.grad(log_prob.sum(), x_in)[0]
+            return to_noise(self._call(x, t_input)) - self.guidance_scale * sigma * grad
+        out = self.outputs(x, t_input)
+        if self.pair:
+            cond, uncond = (to_noise(o) for o in out)
+            return uncond + self.guidance_scale * (cond - uncond)
+        return to_noise(out)
+
+
+def model_wrapper(model: Callable[..., torch.Tensor], noise_schedule: _Schedule, model_type: str = "noise",
+                  model_kwargs: dict[str, Any] | None = None, guidance_type: str = "uncond", condition=None,
+                  unconditional_condition=None, guidance_scale: float = 1.0,
+                  classifier_fn: Callable[..., torch.Tensor] | None = None,
+                  classifier_kwargs: dict[str, Any] | None = None) -> WrappedModel:
+    """Wrap a noise / x_start / v / score / flow-velocity model into the continuous-time
+    noise-prediction function the solvers take (the DPM-Solver authors' `model_wrapper`).
+
+    model(x, t_input, **model_kwargs) (or model(x, t_input, cond, **model_kwargs) for classifier-free
+    guidance) with t_input = 1000·(t − 1/N) for discrete schedules, t otherwise.
+    guidance_type 'classifier' adds −guidance_scale·σ_t·∇ₓ log p(cond | x_t) from `classifier_fn(x,
+    t_input, cond, **classifier_kwargs)` (needs autograd: not fused). 'classifier-free' evaluates
+    (unconditional_condition, condition) as one batch; the pair is combined inside the fused step.
+    """
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_wrapper: model_type={model_type!r}; use one of {', '.join(map(repr, MODEL_TYPES))}")
+    if guidance_type not in GUIDANCE_TYPES:
+        raise ValueError(f"model_wrapper: guidance_type={guidance_type!r}; use one of "
+                         f"{', '.join(map(repr, GUIDANCE_TYPES))}")
+    if model_type == "flow" and noise_schedule.schedule != "flow":
+        raise ValueError("model_wrapper: model_type='flow' (velocity ε − x₀) needs NoiseScheduleFlow, got a "
+                         f"{noise_schedule.schedule!r} schedule")
+    if guidance_type == "classifier" and classifier_fn is None:
+        raise ValueError("model_wrapper: guidance_type='classifier' needs classifier_fn")
+    if guidance_type == "classifier-free" and condition is None:
+        raise ValueError("model_wrapper: guidance_type='classifier-free' needs condition (and "
+                         "unconditional_condition to guide)")
+    if not math.isfinite(float(guidance_scale)):
+        raise ValueError(f"model_wrapper: guidance_scale={guidance_scale} must be finite")
+    return WrappedModel(model, noise_schedule, model_type, model_kwargs, guidance_type, condition,
+                        unconditional_condition, guidance_scale, classifier_fn, classifier_kwargs)
