@@ -566,6 +566,68 @@ def _execute(args: StepArgs) -> None:
         user.copy_(tmp)
 
 
+# Positions in pack()'s tuple of the pointers a planned step replaces per call.
+_X, _OUT, _COND, _UNCOND, _STREAM = 4, 6, 17, 18, 30
+
+
+class PlannedStep:
+    """A checked `solver_step` call re-launched many times with only x, the model output(s) and out
+    changing (a sampler's step): the argument check, dispatch and packing happen once, here; a call
+    then swaps three pointers and enters the C launcher (~1-2 µs of host time instead of ~15-20).
+
+    Calls whose tensors do not share x's shape, dtype, device and strides fall back to the checked
+    path (`_execute`), as do backends other than the C ones.
+    """
+
+    def __init__(self, args: StepArgs):
+        self.args, self.packed, self.launch = args, None, None
+        stride = args.x.stride()
+        if args.x.numel() == 0 or not (_dense(args.x) and all(t.stride() == stride for t in args.tensors())):
+            return
+        backend = OP.select(args)
+        if backend.name not in ("cuda", "cpu"):
+            return
+        device = args.x.device
+        self.workspace = None
+        if backend.name == "cuda":
+            if args.threshold is not None:
+                nbytes = _backend._C.solver_step_cuda_workspace_bytes(args.x.numel(), args.x.shape[0])
+                self.workspace = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            self.launch = _backend._C.solver_step_cuda
+        else:
+            self.launch = _backend._C.solver_step_cpu
+        self.packed = list(pack(args, _ptr(self.workspace), 0, device.index or 0))
+        self.cuda = backend.name == "cuda"
+        self.meta = (args.x.shape, args.x.dtype, args.x.device, args.x.stride())
+
+    def launch_planned(self, x: torch.Tensor, cond: torch.Tensor | None, uncond: torch.Tensor | None,
+                       out: torch.Tensor) -> bool:
+        """Launch with these tensors if they match the plan (same presence, shape, dtype, device and
+        strides as x); return False, having done nothing, otherwise."""
+        a, meta = self.args, self.meta
+        if self.packed is None or (cond is None) != (a.cond is None) or (uncond is None) != (a.uncond is None):
+            return False
+        for t in (x, cond, uncond, out):
+            if t is not None and (not isinstance(t, torch.Tensor) or t.stride() != meta[3] or t.shape != meta[0]
+                                  or t.dtype != meta[1] or t.device != meta[2]):
+                return False
+        p = self.packed
+        p[_X], p[_OUT], p[_COND], p[_UNCOND] = x.data_ptr(), out.data_ptr(), _ptr(cond), _ptr(uncond)
+        if self.cuda:
+            p[_STREAM] = _backend.cuda_stream(x.device)
+        self.launch(*p)
+        return True
+
+    def __call__(self, x: torch.Tensor, cond: torch.Tensor | None, uncond: torch.Tensor | None,
+                 out: torch.Tensor) -> None:
+        if self.launch_planned(x, cond, uncond, out):
+            return
+        for name, t in (("model output", cond), ("unconditional model output", uncond)):
+            if t is not None:
+                _check_like(name, t, self.args.x)
+        _execute(dataclasses.replace(self.args, x=x, cond=cond, uncond=uncond, out=out))
+
+
 def solver_step(x, models, coeffs, *, model_output=None, convert=None, guidance_scale=None, threshold=None,
                 save=None, noise=None, out=None):
     """One fused sampler update, one kernel launch (dynamic thresholding: a few, see below).

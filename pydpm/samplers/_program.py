@@ -26,7 +26,8 @@ from typing import Any, Callable, NamedTuple
 import torch
 
 from pydpm.ops import solver_step
-from pydpm.ops.solver_step import MAX_MODELS, PhiloxNoise, Threshold, philox_normal
+from pydpm.ops._registry import forced_backend
+from pydpm.ops.solver_step import MAX_MODELS, PhiloxNoise, PlannedStep, Threshold, check_args, philox_normal
 from pydpm.schedules import WrappedModel, conversion
 
 # Residual coefficients this small relative to the terms that produced them are float64 cancellation
@@ -355,6 +356,8 @@ class Options:
     correcting_xt_fn: Callable | None = None
     seed: int = 0
     progress: bool = False
+    model_type: str | None = None                  # what raw outputs are when model_fn is no WrappedModel
+                                                   # (a step()-API caller evaluates the model): default 'noise'
 
 
 class _Bound:
@@ -367,7 +370,7 @@ class _Bound:
         table = torch.zeros(max(len(launches), 1), width, dtype=torch.float64)
         conv = torch.zeros(max(len(launches), 1), 2, dtype=torch.float64)
         wrapped = isinstance(opts.model_fn, WrappedModel) and opts.model_fn.fusable
-        model_type = opts.model_fn.model_type if wrapped else "noise"
+        model_type = opts.model_fn.model_type if wrapped else (opts.model_type or "noise")
         for i, l in enumerate(launches):
             table[i, :len(l.coefs)] = torch.tensor(l.coefs, dtype=torch.float64)
             if l.call is not None:
@@ -391,6 +394,7 @@ class _Bound:
         t_cont = ts.to(sdtype).unsqueeze(1).expand(-1, batch).contiguous()
         self.t_cont = t_cont.to(dev)
         self.t_input = opts.noise_schedule.model_time(t_cont).contiguous().to(dev)
+        self.t_conts, self.t_inputs = list(self.t_cont.unbind(0)), list(self.t_input.unbind(0))
         self.wrapped = wrapped
 
 
@@ -400,12 +404,61 @@ def _convert(model_type: str, p: Point, predict: str) -> tuple[float, float]:
     return conversion(model_type, p.alpha, p.sigma, "data" if predict == "data" else "noise")
 
 
+class _Workspace:
+    """Buffers and pre-checked launches (`PlannedStep`s) for one input layout, kept between runs: a
+    launch then costs a pointer swap and the C call. The launch writing the plan's output gets a fresh
+    tensor every run (the caller keeps it)."""
+
+    def __init__(self, plan: Plan, opts: Options, b: _Bound, x: torch.Tensor):
+        self.store: list[torch.Tensor | None] = [None] * plan.n_storage
+        self.output = next((e for kind, e in plan.events if kind == "output"), 0)
+        self.steps: list[PlannedStep | None] = []
+        li = 0
+        for kind, e in plan.events:
+            if kind != "launch":
+                continue
+            out = self.slot(plan, e.out, x)
+            save = self.slot(plan, e.call.sym, x) if e.save else None
+            if all(plan.kind_of(s) == "d" for s in e.models):  # every operand but x stays put between runs
+                has_d = e.call is not None
+                pair = has_d and _pair(opts, b.wrapped, e.call)
+                mo = (torch.empty_like(x), torch.empty_like(x)) if pair else (torch.empty_like(x) if has_d else None)
+                args = check_args(torch.empty_like(x), [self.store[plan.storage[s]] for s in e.models], b.rows[li],
+                                  model_output=mo, convert=b.convs[li] if has_d else None,
+                                  guidance_scale=opts.model_fn.guidance_scale if pair else None,
+                                  threshold=_threshold(opts, e.call), save=save,
+                                  noise=PhiloxNoise(opts.seed, e.noise) if e.noise is not None else None, out=out)
+                self.steps.append(PlannedStep(args))
+            else:
+                self.steps.append(None)
+            li += 1
+
+    def slot(self, plan: Plan, sym: int, x: torch.Tensor) -> torch.Tensor:
+        i = plan.storage[sym]
+        if self.store[i] is None:
+            self.store[i] = torch.empty_like(x)
+        return self.store[i]
+
+
+def _pair(opts: Options, wrapped: bool, call: Call) -> bool:
+    """Whether call's output reaches the step as a (cond, uncond) pair."""
+    corrected = opts.correcting_x0_fn is not None and call.predict == "data"
+    return wrapped and opts.model_fn.pair and not corrected
+
+
+def _threshold(opts: Options, call: Call | None) -> Threshold | None:
+    if call is None or call.predict != "data" or opts.correcting_x0_fn is not None:
+        return None
+    return opts.threshold
+
+
 class Runner:
     """Executes a plan: model calls and fused launches, eagerly or captured in a CUDA graph."""
 
     def __init__(self, plan: Plan, opts: Options):
         self.plan, self.opts = plan, opts
         self._bound: dict[Any, _Bound] = {}
+        self._workspaces: dict[Any, _Workspace] = {}
         self._graphs: dict[Any, Any] = {}
 
     def bound(self, x: torch.Tensor) -> _Bound:
@@ -415,6 +468,13 @@ class Runner:
             b = self._bound[key] = _Bound(self.plan, self.opts, x)
         return b
 
+    def workspace(self, x: torch.Tensor, b: _Bound) -> _Workspace:
+        key = (x.shape, x.dtype, x.device, x.stride(), self.opts.seed, forced_backend())
+        ws = self._workspaces.get(key)
+        if ws is None:
+            ws = self._workspaces[key] = _Workspace(self.plan, self.opts, b, x)
+        return ws
+
     def __call__(self, x: torch.Tensor, cuda_graph: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if not cuda_graph:
             return self._run(x)
@@ -422,14 +482,14 @@ class Runner:
             raise ValueError("cuda_graph=True needs a CUDA tensor x")
         if self.opts.progress:
             raise ValueError("cuda_graph=True replays the whole loop at once; it cannot show progress")
-        key = (x.shape, x.stride(), x.dtype, x.device, self.opts.seed)
+        key = (x.shape, x.stride(), x.dtype, x.device, self.opts.seed, forced_backend())
         entry = self._graphs.get(key)
         if entry is None:
             static_in = x.clone()
             side = torch.cuda.Stream(x.device)
             side.wait_stream(torch.cuda.current_stream(x.device))
             with torch.cuda.stream(side):
-                self._run(static_in)  # warm-up: compiles kernels, settles allocations
+                self._run(static_in)  # warm-up: compiles kernels, allocates the workspace
             torch.cuda.current_stream(x.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             try:
@@ -448,37 +508,41 @@ class Runner:
     def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         plan, opts = self.plan, self.opts
         b = self.bound(x)
-        store: list[torch.Tensor | None] = [None] * plan.n_storage
+        ws = self.workspace(x, b)
+        store = ws.store
 
         def tensor(sym: int) -> torch.Tensor:
             return x if sym == 0 else store[plan.storage[sym]]
 
-        def slot(sym: int) -> torch.Tensor:
-            i = plan.storage[sym]
-            if store[i] is None:
-                store[i] = torch.empty_like(x)
-            return store[i]
-
         intermediates: list[torch.Tensor] = []
-        result = x
+        result = None
         j = li = 0
-        raw = guidance = None
+        cond = uncond = guidance = None
         progress = _Progress(plan.n_calls) if opts.progress else None
         for kind, e in plan.events:
             if kind == "call":
                 xin = tensor(e.x)
-                raw, guidance = model_outputs(opts, b.wrapped, xin, b.t_cont[j], b.t_input[j], e)
-                _check_model_output(raw, xin)
+                raw, guidance = model_outputs(opts, b.wrapped, xin, b.t_conts[j], b.t_inputs[j], e)
+                cond, uncond = raw if isinstance(raw, tuple) else (raw, None)
                 j += 1
                 if progress:
                     progress.update()
             elif kind == "launch":
                 has_d = e.call is not None
-                thr = opts.threshold if has_d and e.call.predict == "data" and opts.correcting_x0_fn is None else None
-                _step(tensor(e.x), [tensor(s) for s in e.models], b.rows[li], raw if has_d else None,
-                      b.convs[li] if has_d else None, guidance if has_d else None, thr,
-                      slot(e.call.sym) if e.save else None,
-                      PhiloxNoise(opts.seed, e.noise) if e.noise is not None else None, slot(e.out))
+                out = torch.empty_like(x) if e.out == ws.output else tensor(e.out)
+                step = ws.steps[li]
+                if step is None or not step.launch_planned(tensor(e.x), cond if has_d else None,
+                                                           uncond if has_d else None, out):
+                    if has_d:
+                        _check_model_output(raw, tensor(e.call.x))
+                    solver_step(tensor(e.x), [tensor(s) for s in e.models], b.rows[li],
+                                model_output=(cond if uncond is None else (cond, uncond)) if has_d else None,
+                                convert=b.convs[li] if has_d else None,
+                                guidance_scale=guidance if has_d and uncond is not None else None,
+                                threshold=_threshold(opts, e.call), save=tensor(e.call.sym) if e.save else None,
+                                noise=PhiloxNoise(opts.seed, e.noise) if e.noise is not None else None, out=out)
+                if e.out == ws.output:
+                    result = out
                 li += 1
             elif kind == "hook":
                 xin = tensor(e.x)
@@ -493,11 +557,11 @@ class Runner:
                        for u in [x, *store]):
                     r = r.clone()
                 store[plan.storage[e.out]] = r
-            elif kind == "output":
-                result = tensor(e)
         if progress:
             progress.close()
-        return (result.clone() if result is x else result), intermediates
+        if result is None:  # the output is x itself or a correcting_xt_fn result: hand out a copy
+            result = tensor(ws.output).clone()
+        return result, intermediates
 
 
 def model_outputs(opts: Options, wrapped: bool, x: torch.Tensor, t_cont: torch.Tensor, t_input: torch.Tensor,
