@@ -230,3 +230,49 @@ def test_property_cpu_kernel_matches_numpy(shape, n_models, per_sample, dtype, s
     cols = np.broadcast_to(c.numpy(), (shape[0], 1 + n_models)).reshape((shape[0], 1 + n_models) + (1,) * (len(shape) - 1))
     expected = sum(cols[:, i] * t.double().numpy() for i, t in enumerate([x, *models]))
     np.testing.assert_allclose(y.double().numpy(), expected, rtol=LOW[dtype] * 10, atol=LOW[dtype] * 10)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "cpu"])
+@pytest.mark.parametrize("case", ["plain", "cfg-threshold-philox", "convert-save"])
+def test_planned_step_equals_checked_call(backend, case):
+    """PlannedStep (a sampler's pre-checked launch) gives the checked op's result when only x, the model
+    outputs and out change, and falls back to the checked path for tensors of another layout."""
+    from pydpm.ops.solver_step import PlannedStep, check_args
+    if backend == "cuda" and not HAS_CUDA:
+        pytest.skip("needs a CUDA device")
+    dev = torch.device(backend)
+    gen = torch.Generator().manual_seed(3)
+    shape = (2, 3, 5, 7)
+
+    def r():
+        return torch.randn(shape, generator=gen).to(dev)
+    kw = {"plain": dict(models=[r(), r()], coeffs=[0.3, -0.2, 0.5]),
+          "cfg-threshold-philox": dict(models=[r()], coeffs=[0.9, 0.4, -0.1, 0.05], model_output=(r(), r()),
+                                       guidance_scale=3.0, convert=[0.5, -0.7], threshold=Threshold(0.9, 1.0, 2.0),
+                                       noise=PhiloxNoise(7, 2)),
+          "convert-save": dict(models=[r()], coeffs=torch.tensor([0.9, 0.4, -0.1], device=dev),
+                               model_output=r(), convert=torch.tensor([0.5, -0.7], dtype=torch.float64, device=dev),
+                               save=torch.empty(shape, device=dev))}[case]
+    placeholder = kw.get("model_output")
+    planned = PlannedStep(check_args(torch.empty(shape, device=dev), out=torch.empty(shape, device=dev), **kw))
+    assert planned.packed is not None
+    for trial in range(3):
+        x = r()
+        mo = None if placeholder is None else ((r(), r()) if isinstance(placeholder, tuple) else r())
+        cond, uncond = (mo if isinstance(mo, tuple) else (mo, None))
+        if trial == 2 and cond is not None:  # a model output in another layout: the checked path runs
+            cond = torch.empty(shape[:-1] + (2 * shape[-1],), device=dev)[..., ::2].copy_(cond)
+        out = torch.full(shape, float("nan"), device=dev)
+        save = kw.get("save")
+        planned(x, cond, uncond, out)
+        got_save = None if save is None else save.clone()
+        ref_kw = dict(kw, model_output=None if mo is None else (cond if uncond is None else (cond, uncond)))
+        if save is not None:
+            ref_kw["save"] = torch.empty(shape, device=dev)
+        expect = solver_step(x, **ref_kw)
+        torch.testing.assert_close(out, expect, rtol=1e-6, atol=1e-6)
+        if save is not None:
+            torch.testing.assert_close(got_save, ref_kw["save"], rtol=1e-6, atol=1e-6)
+    if case == "convert-save":
+        with pytest.raises(ValueError, match=r"model output has shape \(1,\)"):
+            planned(r(), torch.empty(1, device=dev), None, torch.empty(shape, device=dev))
