@@ -202,6 +202,21 @@ def test_sample_front_end(method):
     assert y.shape == SHAPE and torch.isfinite(y).all()
 
 
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_inverse_round_trip(order):
+    """DPM-Solver inversion (data -> noise) then sampling returns close to the start, closer with more steps."""
+    ns = NoiseScheduleVP("linear", dtype=torch.float64)
+    mf = model_wrapper(lambda x, t: 0.3 * torch.tanh(x), ns)
+    x0 = start()
+    errs = []
+    for steps in (10, 40):
+        solver = DPMSolver(mf, ns)
+        back = solver.sample(solver.inverse(x0, steps=steps, order=order, t_end=0.5), steps=steps, order=order,
+                             t_start=0.5)
+        errs.append(rel(back, x0))
+    assert errs[1] < errs[0] and errs[1] < 1e-2 / order
+
+
 def test_progress(capsys):
     ns = schedule()
     DPMSolver(model_wrapper(raw_model(), ns), ns).sample(start(), steps=4, progress=True)
@@ -226,7 +241,8 @@ def test_adaptive_runs_and_is_more_accurate_with_tighter_tolerance():
     (lambda s, x: s.sample(x, steps=2, order=3), "steps >= order"),
     (lambda s, x: s.sample(x, steps=5, t_end=0.0), "t_end=0.0 must be > 0"),
     (lambda s, x: s.sample(x, steps=5, t_end=-1.0), "must be > 0"),
-    (lambda s, x: s.sample(x, steps=5, t_start=0.1, t_end=0.2), "greater than t_end"),
+    (lambda s, x: s.sample(x, steps=5, t_start=0.2, t_end=0.2), "equals t_end"),
+    (lambda s, x: s.sample(x, steps=5, t_start=0.1, t_end=0.5, method="adaptive"), "t_start > t_end"),
     (lambda s, x: s.sample(x, steps=5, t_start=1.5), "beyond the schedule's end"),
     (lambda s, x: s.sample(x, steps=5, method="rk45"), "method='rk45'"),
     (lambda s, x: s.sample(x, steps=5, skip_type="cosine"), "skip_type='cosine'"),

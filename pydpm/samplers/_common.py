@@ -82,13 +82,15 @@ class Solver:
         ns = self.noise_schedule
         t_0 = 1.0 / ns.total_N if t_end is None else float(t_end)
         t_T = ns.T if t_start is None else float(t_start)
-        if not t_0 > 0:
-            raise ValueError(f"t_end={t_end} must be > 0 (the ODE is singular at t = 0); for discrete-time models "
-                             f"use t_end >= 1/N = {1.0 / ns.total_N}")
-        if not t_T > t_0:
-            raise ValueError(f"t_start={t_T} must be greater than t_end={t_0}")
-        if t_T > ns.T + 1e-12:
-            raise ValueError(f"t_start={t_T} lies beyond the schedule's end T={ns.T}")
+        for name, v in (("t_end", t_0), ("t_start", t_T)):
+            if not v > 0:
+                raise ValueError(f"{name}={v} must be > 0 (the ODE is singular at t = 0); for discrete-time models "
+                                 f"use times >= 1/N = {1.0 / ns.total_N}")
+            if v > ns.T + 1e-12:
+                raise ValueError(f"{name}={v} lies beyond the schedule's end T={ns.T}")
+        if t_T == t_0:
+            raise ValueError(f"t_start={t_T} equals t_end; sampling needs an interval (t_start > t_end samples, "
+                             f"t_start < t_end inverts)")
         return t_T, t_0
 
     @staticmethod

@@ -281,6 +281,8 @@ class DPMSolver(Solver):
         check_choice("order", order, (1, 2, 3))
         t_T, t_0 = self.time_range(t_start, t_end)
         if method == "adaptive":
+            if t_T < t_0:
+                raise ValueError("method='adaptive' samples from t_start down to t_end only (t_start > t_end)")
             if order not in (2, 3):
                 raise ValueError(f"method='adaptive' needs order 2 (DPM-Solver-12) or 3 (DPM-Solver-23), got {order}")
             if return_intermediate or self.correcting_xt_fn is not None or cuda_graph:
@@ -333,6 +335,19 @@ class DPMSolver(Solver):
             return x
 
         return self.run_traced(x, key, program, return_intermediate, cuda_graph, progress)
+
+    def inverse(self, x, steps=20, t_start=None, t_end=None, order=2, skip_type="time_uniform", method="multistep",
+                lower_order_final=True, denoise_to_zero=False, solver_type="dpmsolver", atol=0.0078, rtol=0.05,
+                return_intermediate=False, cuda_graph=False, progress=False):
+        """Run the ODE forward, from data at t_start (default 1/N) to t_end (default T): DPM-Solver
+        inversion (e.g. DDIM inversion with order=1). Same arguments as `sample`."""
+        ns = self.noise_schedule
+        t_0 = 1.0 / ns.total_N if t_start is None else t_start
+        t_T = ns.T if t_end is None else t_end
+        return self.sample(x, steps=steps, t_start=t_0, t_end=t_T, order=order, skip_type=skip_type, method=method,
+                           lower_order_final=lower_order_final, denoise_to_zero=denoise_to_zero,
+                           solver_type=solver_type, atol=atol, rtol=rtol, return_intermediate=return_intermediate,
+                           cuda_graph=cuda_graph, progress=progress)
 
 
 class SDEDPMSolverPP(Solver):
