@@ -194,6 +194,42 @@ def test_flow_schedule_data_prediction_starts_at_t1():
         DPMSolver(model, ns, algorithm_type="dpmsolver").sample(x, steps=8)
 
 
+@pytest.mark.parametrize("method,order", [("dpmsolver++", 2), ("dpmsolver++", 3), ("unipc", 2), ("unipc", 3),
+                                          ("sde-dpmsolver++", 2), ("ddim", 1)])
+def test_flow_sampling_to_sigma_zero_is_exact(method, order):
+    """t_end=0 on a flow schedule (σ = 0): the last step is first order and lands exactly on the data
+    prediction of the last model call, x₀ = x − σ·v, with no NaN (diffusers' UniPC bh1 gives NaN there)."""
+    ns = NoiseScheduleFlow(dtype=torch.float64)
+    calls = []
+
+    def velocity(x, t):
+        calls.append((x.clone(), t.clone()))
+        return torch.tanh(x) - 0.2 * t.reshape(-1, 1, 1, 1)
+    mf = model_wrapper(velocity, ns, model_type="flow")
+    solver = {"dpmsolver++": lambda: DPMSolver(mf, ns), "unipc": lambda: UniPC(mf, ns, variant="bh1"),
+              "sde-dpmsolver++": lambda: SDEDPMSolverPP(mf, ns), "ddim": lambda: DDIM(mf, ns)}[method]()
+    y = solver.sample(start(), steps=6, t_start=0.99, t_end=0.0, **({} if method == "ddim" else dict(order=order)))
+    assert torch.isfinite(y).all()
+    x_last, t_last = calls[-1]                          # the input of the last model call
+    expect = x_last - t_last.reshape(-1, 1, 1, 1) * (torch.tanh(x_last) - 0.2 * t_last.reshape(-1, 1, 1, 1))
+    assert rel(y, expect) < 1e-12
+
+
+def test_sigma_zero_end_refused_where_it_cannot_be_exact():
+    ns = NoiseScheduleFlow(dtype=torch.float64)
+    mf = model_wrapper(lambda x, t: x, ns, model_type="flow")
+    for call, match in [(lambda: DPMSolver(mf, ns).sample(start(), steps=4, t_start=0.9, t_end=0.0, method="singlestep"),
+                         "t_end=0"),
+                        (lambda: DPMSolver(mf, ns, algorithm_type="dpmsolver").sample(start(), steps=4, t_start=0.9,
+                                                                                        t_end=0.0), "t_end=0"),
+                        (lambda: UniPC(mf, ns).sample(start(), steps=4, t_start=0.9, t_end=0.0, skip_type="logSNR"),
+                         "infinite at t_end=0"),
+                        (lambda: DPMSolver(model_wrapper(lambda x, t: x, schedule()), schedule()).sample(
+                            start(), steps=4, t_end=0.0), "must be > 0")]:
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
 @pytest.mark.parametrize("method", pydpm.samplers.METHODS)
 def test_sample_front_end(method):
     ns = schedule()

@@ -83,6 +83,8 @@ class Solver:
         t_0 = 1.0 / ns.total_N if t_end is None else float(t_end)
         t_T = ns.T if t_start is None else float(t_start)
         for name, v in (("t_end", t_0), ("t_start", t_T)):
+            if name == "t_end" and v == 0 and ns.schedule == "flow":
+                continue  # σ = 0: the data itself; the final step is taken at first order (see zero_end)
             if not v > 0:
                 raise ValueError(f"{name}={v} must be > 0 (the ODE is singular at t = 0); for discrete-time models "
                                  f"use times >= 1/N = {1.0 / ns.total_N}")
@@ -99,7 +101,17 @@ class Solver:
             raise ValueError(f"steps={steps!r} must be a positive int")
 
     def grid(self, skip_type: str, t_T: float, t_0: float, n: int) -> torch.Tensor:
+        if t_0 == 0 and skip_type in ("logSNR", "karras"):
+            raise ValueError(f"skip_type={skip_type!r} spaces the steps in λ, which is infinite at t_end=0; use "
+                             f"'time_uniform' or 'time_quadratic', or t_end > 0")
         return time_steps(self.noise_schedule, skip_type, t_T, t_0, n)
+
+    @staticmethod
+    def zero_end(orders: list[int], t_0: float) -> list[int]:
+        """A step that ends at σ = 0 (t_end = 0 on a flow schedule) is taken at first order: higher-order
+        multistep terms scale with h = λ_t − λ_s = ∞ there (diffusers' final_sigmas_type='zero' does the
+        same). The first-order step lands exactly on the data prediction."""
+        return orders[:-1] + [1] if t_0 == 0 else orders
 
     def run_traced(self, x, key, program, return_intermediate: bool, cuda_graph: bool, progress: bool,
                    seed: int = 0):

@@ -289,6 +289,10 @@ class DPMSolver(Solver):
                 raise ValueError("method='adaptive' chooses its steps at run time: it supports neither "
                                  "return_intermediate, correcting_xt_fn nor cuda_graph")
             return self.run_eager(x, lambda tr, x: dpm_solver_adaptive(tr, x, t_T, t_0, order, solver_type, atol, rtol))
+        if t_0 == 0 and (method != "multistep" or denoise_to_zero or self.predict == "noise"):
+            raise ValueError("t_end=0 (σ = 0) is supported by algorithm_type='dpmsolver++' with method='multistep' "
+                             "and no denoise_to_zero: the singlestep methods place model calls inside the last "
+                             "interval, and the noise-prediction update has σ_t·(e^h − 1) = 0·∞ there")
         if method == "multistep" and steps < order:
             raise ValueError(f"method='multistep' needs steps >= order, got steps={steps}, order={order}")
         if method == "singlestep_fixed" and steps < order:
@@ -302,8 +306,8 @@ class DPMSolver(Solver):
             hooks = after_step(tr, self.correcting_xt_fn, return_intermediate)
             if method == "multistep":
                 ts = tr.points(self.grid(skip_type, t_T, t_0, steps))
-                x = dpm_solver_multistep(tr, x, ts, multistep_orders(steps, order, lower_order_final), solver_type,
-                                         hooks)
+                orders = self.zero_end(multistep_orders(steps, order, lower_order_final), t_0)
+                x = dpm_solver_multistep(tr, x, ts, orders, solver_type, hooks)
                 last_step = steps
             else:
                 if method == "singlestep":
@@ -372,6 +376,7 @@ class SDEDPMSolverPP(Solver):
         def program(tr, x):
             hooks = after_step(tr, self.correcting_xt_fn, return_intermediate)
             ts = tr.points(self.grid(skip_type, t_T, t_0, steps))
-            return sde_dpm_solver_pp(tr, x, ts, multistep_orders(steps, order, lower_order_final), hooks)
+            orders = self.zero_end(multistep_orders(steps, order, lower_order_final), t_0)
+            return sde_dpm_solver_pp(tr, x, ts, orders, hooks)
 
         return self.run_traced(x, key, program, return_intermediate, cuda_graph, progress, seed=seed)

@@ -159,13 +159,17 @@ class UniPC(Solver):
             raise ValueError(f"UniPC needs steps >= order, got steps={steps}, order={order}")
         check_choice("skip_type", skip_type, ("time_uniform", "logSNR", "time_quadratic", "karras"))
         t_T, t_0 = self.time_range(t_start, t_end)
+        if t_0 == 0 and (denoise_to_zero or self.predict == "noise"):
+            raise ValueError("t_end=0 (σ = 0) needs algorithm_type='data_prediction' (the noise-prediction update "
+                             "has σ_t·(e^h − 1) = 0·∞ there) and no denoise_to_zero (it already ends at the data)")
         key = ("unipc", steps, t_T, t_0, order, skip_type, bool(lower_order_final), bool(denoise_to_zero),
                bool(return_intermediate))
 
         def program(tr, x):
             hooks = after_step(tr, self.correcting_xt_fn, return_intermediate)
             x = unipc_multistep(tr, x, tr.points(self.grid(skip_type, t_T, t_0, steps)),
-                                unipc_orders(steps, order, lower_order_final), [s < steps for s in range(1, steps + 1)],
+                                self.zero_end(unipc_orders(steps, order, lower_order_final), t_0),
+                                [s < steps for s in range(1, steps + 1)],
                                 self.variant, hooks)
             if denoise_to_zero:
                 p = tr.point(t_0)
