@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from . import solver_step
+from . import samplers, solver_step
 from .harness import check, first_output, synchronizer
 
 pytest.importorskip("pytest_benchmark")
@@ -20,12 +20,27 @@ pytest.importorskip("pytest_benchmark")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CASES = [case for case in solver_step.cases(DEVICE, quick=True)
          if case.dtype == solver_step.dtypes(DEVICE)[0] and math.prod(case.shape) <= math.prod(solver_step.MEDIUM)]
-PARAMS = [pytest.param(case, impl, id=f"{case.label}-{impl.name}".replace(" ", "-"))
-          for case in CASES for impl in case.impls]
+SAMPLER_CASES = [case for case in samplers.cases(DEVICE, quick=True)
+                 if case.dtype == samplers.dtypes(DEVICE)[0] and case.shape == samplers.SMALL]
 
 
-@pytest.mark.parametrize(("case", "impl"), PARAMS)
+def params(cases):
+    return [pytest.param(case, impl, id=f"{case.label}-{impl.name}".replace(" ", "-"))
+            for case in cases for impl in case.impls]
+
+
+@pytest.mark.parametrize(("case", "impl"), params(CASES))
 def test_solver_step(benchmark, case, impl):
+    run(benchmark, case, impl)
+
+
+@pytest.mark.parametrize(("case", "impl"), params(SAMPLER_CASES))
+def test_samplers(benchmark, case, impl):
+    """A whole 20-step sampling loop with the identity model (bench/samplers.py)."""
+    run(benchmark, case, impl)
+
+
+def run(benchmark, case, impl):
     inputs = case.inputs()
     reasons = impl.reasons(inputs)
     if reasons:
