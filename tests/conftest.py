@@ -18,3 +18,12 @@ def _no_forced_backend(monkeypatch):
     monkeypatch.delenv("PYDPM_BACKEND", raising=False)
     with use_backend(None):
         yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and steadier on a loaded CI machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -233,20 +233,28 @@ def _vec(tr: Tracer, s: int) -> dict[int, float]:
 
 
 def _decompose(tr: Tracer, target: dict[int, float], cur: int) -> tuple[float, dict[int, float]]:
-    """target = a·cur + residual, with a chosen so that cur's dominant root cancels."""
+    """target = a·cur + residual, with a chosen so that cur's dominant unstorable part cancels: its root
+    (the starting sample or a correcting_xt_fn result), or, where the root's weight is zero (a step from
+    α = 0), the noise it took in. Non-finite coefficients are kept so that the caller refuses them."""
     cv = _vec(tr, cur)
-    roots = [s for s in cv if tr.kind[s] == "root" and cv[s] != 0.0]
+    pivots = [s for s in cv if tr.kind[s] in ("root", "z") and cv[s] != 0.0 and math.isfinite(cv[s])]
+    roots = [s for s in pivots if tr.kind[s] == "root"]
     a = 0.0
-    if roots:
-        r = max(roots, key=lambda s: abs(cv[s]))
-        a = target.get(r, 0.0) / cv[r]
+    if pivots:
+        p = max(roots or pivots, key=lambda s: abs(cv[s]))
+        a = target.get(p, 0.0) / cv[p]
     res = {}
     for s in set(target) | set(cv):
         t, c = target.get(s, 0.0), a * cv.get(s, 0.0)
         v = t - c
-        if v != 0.0 and abs(v) > _CANCEL_RTOL * max(abs(t), abs(c)):
+        if not math.isfinite(v) or (v != 0.0 and abs(v) > _CANCEL_RTOL * max(abs(t), abs(c))):
             res[s] = v
     return a, res
+
+
+_NOT_FINITE = ("the sampler's update is not finite on this time grid (e.g. a noise-prediction update or UniPC's "
+               "B(h) = h at α = 0, the start of a flow schedule): use a data-prediction solver (UniPC: "
+               "variant='bh2'), or t_start/t_end inside the schedule's open interval")
 
 
 def compile_plan(tr: Tracer) -> Plan:
@@ -265,6 +273,8 @@ def compile_plan(tr: Tracer) -> Plan:
             pending = None
         elif kind == "launch":
             buf = ev[1]
+            if not all(map(math.isfinite, tr.defn[buf].values())):
+                raise ValueError(_NOT_FINITE)
             a, res = _decompose(tr, tr.defn[buf], cur)
             coefs, models, noise = [a], [], None
             if pending is not None:
@@ -285,9 +295,7 @@ def compile_plan(tr: Tracer) -> Plan:
                 raise RuntimeError(f"a launch reads {len(models)} stored tensors; the fused step takes at most "
                                    f"{MAX_MODELS}")
             if not all(map(math.isfinite, coefs)):
-                raise ValueError("the sampler's coefficients are not finite at this time grid (e.g. a "
-                                 "noise-prediction solver started at α = 0): choose t_start/t_end inside the "
-                                 "schedule's open interval")
+                raise ValueError(_NOT_FINITE)
             events.append(("launch", Launch(x=cur, out=buf, call=pending, models=models, coefs=coefs, noise=noise)))
             cur, pending = buf, None
         elif kind == "hook":
@@ -666,6 +674,10 @@ class Stepper:
     written). History slots persist between steps; `start` resets them."""
 
     def __init__(self, plan: Plan, opts: Options):
+        if any(kind == "hook" for kind, _ in plan.events) or any(
+                plan.kind_of(s) != "d" for kind, e in plan.events if kind == "launch" for s in e.models):
+            raise ValueError("a Stepper drives plans whose launches read only the caller's sample and stored "
+                             "predictions (no correcting_xt_fn or intermediates)")
         self.plan, self.opts = plan, opts
         self.segments: list[list[Any]] = []     # events after call k, up to the next call
         for kind, e in plan.events:
@@ -715,7 +727,7 @@ class Stepper:
                     save = store[i] if store[i] is not None else torch.empty_like(sample)
                     store[i] = save
                 has_d = e.call is not None
-                thr = self.opts.threshold if has_d and e.call.predict == "data" else None
+                thr = _threshold(self.opts, e.call)
                 _step(tensor(e.x), [tensor(s) for s in e.models], b.rows[li], model_output if has_d else None,
                       b.convs[li] if has_d else None, guidance_scale if has_d else None, thr, save,
                       PhiloxNoise(self.opts.seed, e.noise) if e.noise is not None else None, out)

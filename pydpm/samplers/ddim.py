@@ -8,11 +8,13 @@ from pydpm.samplers._program import Point
 
 
 def ddim_update(tr, x, s: Point, t: Point, eta: float):
-    """One DDIM step from s to t: x_t = α_t·x̂₀ + √(σ_t² − σ̃²)·ε̂ + σ̃·z, σ̃ = η·√(σ_t²/σ_s²·(1 − α_s²/α_t²))."""
-    eps = tr.model(x, s, predict="noise")
-    x0 = (x - s.sigma * eps) / s.alpha
-    sig = eta * math.sqrt(max(t.sigma ** 2 / s.sigma ** 2 * (1.0 - (s.alpha / t.alpha) ** 2), 0.0))
-    x_t = t.alpha * x0 + math.sqrt(max(t.sigma ** 2 - sig ** 2, 0.0)) * eps
+    """One DDIM step from s to t: x_t = α_t·x̂₀ + √(σ_t² − σ̃²)·ε̂ + σ̃·z with σ̃ = η·σ_t·√(1 − e^{−2h}),
+    h = λ_t − λ_s (on VP schedules this is DDIM's η·√(σ_t²/σ_s²·(1 − α_s²/α_t²)); η = 1 is the posterior
+    q(x_t | x_s, x̂₀) on any Gaussian path). ε̂ is taken from x̂₀, so a start at α = 0 is exact."""
+    x0 = tr.model(x, s, predict="data")
+    eps = (x - s.alpha * x0) / s.sigma
+    sig = eta * t.sigma * math.sqrt(-math.expm1(-2.0 * (t.lam - s.lam)))
+    x_t = t.alpha * x0 + math.sqrt(max(t.sigma ** 2 - sig ** 2, 0.0)) * eps  # max(): rounding only (η <= 1)
     return x_t + sig * tr.noise() if sig > 0 else x_t
 
 
@@ -26,12 +28,12 @@ def ddim(tr, x, ts: list[Point], eta: float, hooks):
 class DDIM(Solver):
     """DDIM sampler; `eta` = 0 deterministic, 1 = DDPM ancestral. Noise: in-kernel Philox from `seed`."""
 
-    algorithm_types = {"noise_prediction": "noise"}
+    algorithm_types = {"data_prediction": "data"}
 
     def __init__(self, model_fn, noise_schedule, eta: float = 0.0, correcting_xt_fn=None):
-        if not (isinstance(eta, (int, float)) and eta >= 0 and math.isfinite(eta)):
-            raise ValueError(f"eta={eta!r} must be a finite number >= 0")
-        super().__init__(model_fn, noise_schedule, "noise_prediction", None, correcting_xt_fn, 1.0, 0.995)
+        if not (isinstance(eta, (int, float)) and 0 <= eta <= 1):
+            raise ValueError(f"eta={eta!r} must lie in [0, 1] (0: deterministic DDIM, 1: DDPM's posterior noise)")
+        super().__init__(model_fn, noise_schedule, "data_prediction", None, correcting_xt_fn, 1.0, 0.995)
         self.eta = float(eta)
 
     def sample(self, x, steps=20, t_start=None, t_end=None, skip_type="time_uniform", seed=0,

@@ -1,0 +1,507 @@
+"""diffusers schedulers whose `step()` is one fused `pydpm.ops.solver_step` launch.
+
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+
+Each class subclasses the diffusers scheduler of the same name, so the configuration, `set_timesteps`
+(spacings, Karras / exponential / beta / flow sigmas, custom timesteps), `scale_model_input`,
+`add_noise`, `init_noise_sigma`, `order` and the step-index bookkeeping (`step_index`, `begin_index`,
+`set_begin_index`) are diffusers' own. Only `step()` changes:
+
+* DPM-Solver(++) and UniPC: at the first `step()` after `set_timesteps` (when the start index is known:
+  img2img pipelines start mid-schedule) the rest of the schedule is traced once with pydpm's sampler
+  programs (`dpm_solver_multistep`, `unipc_multistep`) at the orders diffusers' `step()` would pick,
+  compiled to float64 coefficients, and driven one model call at a time by a `Stepper`. Each `step()`
+  is then one fused launch: model-output conversion, thresholding and the multistep update together;
+  UniPC's corrector and the next predictor share that launch.
+* DDIM: one `solver_step` per call, its coefficients read from a per-timestep table (per eta).
+
+Differences from diffusers are listed in docs/diffusers.md.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import diffusers
+import numpy as np
+import torch
+from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+from diffusers.schedulers.scheduling_utils import SchedulerOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from pydpm.ops import PhiloxNoise, Threshold, solver_step
+from pydpm.samplers._program import Options, Point, Stepper, Tracer, compile_plan
+from pydpm.samplers.dpm_solver import dpm_solver_multistep
+from pydpm.samplers.unipc import unipc_multistep
+from pydpm.schedules import conversion
+
+# diffusers' prediction_type -> pydpm's model type (pydpm.schedules.conversion)
+MODEL_TYPES = {"epsilon": "noise", "sample": "x_start", "v_prediction": "v", "flow_prediction": "flow"}
+# diffusers' DPM-Solver solver_type -> pydpm's
+_DPM_SOLVER_TYPES = {"midpoint": "dpmsolver", "heun": "taylor"}
+# A noise-prediction update to σ = 0 is 0·∞ in closed form; its limit is taken at λ_prev + this (e^-60 ≈ 1e-26).
+_LIMIT_DLAM = 60.0
+_MAX_PLANS = 8
+
+
+def _no_hooks(x, point, step):
+    return x
+
+
+class _StepTimes:
+    """The Stepper's schedule: the caller evaluates the model, so model times are never read."""
+
+    dtype = torch.float32
+
+    @staticmethod
+    def model_time(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
+def _points(scheduler) -> list[Point]:
+    """Points of diffusers' `sigmas` in float64 through the scheduler's own `_sigma_to_alpha_sigma_t`
+    (σ_d = σ/α for VP schedules, σ itself with flow sigmas). σ_d = 0 gives α = 1, σ = 0, λ = +∞."""
+    alpha, sigma = scheduler._sigma_to_alpha_sigma_t(scheduler.sigmas.detach().to("cpu", torch.float64))
+    pts = []
+    for i, (a, s) in enumerate(zip(alpha.tolist(), sigma.tolist())):
+        log_alpha = math.log(a) if a > 0 else -math.inf
+        pts.append(Point(float(i), log_alpha, s, log_alpha - math.log(s) if s > 0 else math.inf))
+    return pts
+
+
+def _threshold(config) -> Threshold | None:
+    """diffusers' dynamic thresholding: s = clamp(quantile(|x̂₀|, ratio), min=1, max=sample_max_value)
+    (torch.clamp lets max win when sample_max_value < 1)."""
+    if not config.thresholding:
+        return None
+    top = float(config.sample_max_value)
+    return Threshold(float(config.dynamic_thresholding_ratio), min(1.0, top), top)
+
+
+def _check_common(name: str, config) -> None:
+    if config.prediction_type not in MODEL_TYPES:
+        raise ValueError(f"{name}: prediction_type={config.prediction_type!r}; use one of "
+                         f"{', '.join(map(repr, MODEL_TYPES))}")
+    if config.thresholding:
+        if not 0.0 <= config.dynamic_thresholding_ratio <= 1.0:
+            raise ValueError(f"{name}: dynamic_thresholding_ratio={config.dynamic_thresholding_ratio} must lie in "
+                             f"[0, 1]")
+        if not config.sample_max_value > 0:
+            raise ValueError(f"{name}: sample_max_value={config.sample_max_value} must be positive")
+    if getattr(config, "use_flow_sigmas", False) and config.prediction_type == "v_prediction":
+        raise NotImplementedError(f"{name}: prediction_type='v_prediction' with use_flow_sigmas=True is not "
+                                  f"supported: pydpm's v conversion assumes α² + σ² = 1, which flow sigmas break")
+
+
+def _check_tensors(model_output, sample) -> None:
+    for arg, t in (("model_output", model_output), ("sample", sample)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
+    if model_output.device != sample.device:
+        raise ValueError(f"model_output is on {model_output.device} but sample is on {sample.device}")
+
+
+class _FusedMultistep:
+    """What the DPM-Solver and UniPC schedulers share: a plan per (schedule, start index), traced and
+    compiled at the first step() and driven one model call per step() by a `Stepper`."""
+
+    def _fused_init(self) -> None:
+        self._fused_plans: dict = {}
+        self._fused_run = None
+        self._fused_check_config()
+
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        self._fused_check_config()
+        self._fused_run = None
+
+    # Subclasses define these.
+    def _fused_check_config(self) -> None:
+        raise NotImplementedError
+
+    def _fused_predict(self) -> str:
+        raise NotImplementedError
+
+    def _fused_program(self, tr: Tracer, start: int):
+        raise NotImplementedError
+
+    def _fused_stepper(self, start: int) -> Stepper:
+        key = (start, len(self.timesteps), self.sigmas.detach().cpu().numpy().tobytes())
+        stepper = self._fused_plans.get(key)
+        if stepper is None:
+            tr = Tracer(self._fused_predict(), None)
+            tr.output(self._fused_program(tr, start))
+            opts = Options(None, _StepTimes(), threshold=_threshold(self.config),
+                           model_type=MODEL_TYPES[self.config.prediction_type])
+            stepper = Stepper(compile_plan(tr), opts)
+            if len(self._fused_plans) >= _MAX_PLANS:
+                self._fused_plans.clear()
+            self._fused_plans[key] = stepper
+        return stepper
+
+    def _model_mean(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        return model_output
+
+    def _fused_points(self, start: int) -> tuple[list[Point], bool]:
+        """The schedule's points from `start` on, and whether the last step has zero length (Karras or
+        flow sigmas with final_sigmas_type='sigma_min' repeat the last σ: diffusers' step there is the
+        identity, up to UniPC's corrector of the step before)."""
+        pts = _points(self)[start:]
+        for i in range(len(pts) - 2):
+            if pts[i + 1].lam == pts[i].lam:
+                raise ValueError(f"{type(self).__name__}: σ repeats at step index {start + i} of the schedule; a "
+                                 f"zero-length step is supported only as the last one")
+        return pts, len(pts) >= 2 and pts[-1].lam == pts[-2].lam
+
+    def _fused_step(self, model_output, timestep, sample) -> torch.Tensor:
+        if self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating "
+                             "the scheduler")
+        _check_tensors(model_output, sample)
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        if self._fused_run is None:
+            stepper = self._fused_stepper(self.step_index)
+            stepper.start()
+            self._fused_run = (self.step_index, stepper)
+        start, stepper = self._fused_run
+        if stepper.done:
+            raise ValueError(f"all {len(self.timesteps) - start} steps from step index {start} have run; call "
+                             f"set_timesteps before sampling again")
+        if self.step_index - start != stepper.k:
+            raise RuntimeError(f"step_index is {self.step_index}, but the fused run that started at step index {start} "
+                               f"has made {stepper.k} steps: the index was changed outside step(); call "
+                               f"set_timesteps (and set_begin_index) again to restart")
+        model_output = self._model_mean(model_output, sample)
+        dtype = model_output.dtype  # diffusers returns the model output's dtype
+        common = torch.promote_types(dtype, sample.dtype)
+        prev = stepper.step(sample.to(common), model_output.to(common))
+        if prev is sample:  # a lone zero-length step: no launch, but the caller gets a new tensor
+            prev = sample.clone()
+        if self.lower_order_nums < self.config.solver_order:
+            self.lower_order_nums += 1
+        self._step_index += 1
+        return prev if prev.dtype == dtype else prev.to(dtype)
+
+
+class DPMSolverMultistepScheduler(_FusedMultistep, diffusers.DPMSolverMultistepScheduler):
+    """diffusers' `DPMSolverMultistepScheduler` with each `step()` one fused launch (pydpm's multistep
+    DPM-Solver(++) program at diffusers' per-step orders).
+
+    Supported: algorithm_type 'dpmsolver++' / 'dpmsolver'; solver_order 1-3; solver_type 'midpoint' /
+    'heun'; every prediction_type; every sigma option of `set_timesteps`; thresholding; lower_order_final,
+    euler_at_final, final_sigmas_type; variance_type 'learned'/'learned_range' (the first half of the
+    channels is used). Not supported: 'sde-dpmsolver(++)' (NotImplementedError, see docs/diffusers.md).
+    """
+
+    @functools.wraps(diffusers.DPMSolverMultistepScheduler.__init__)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._fused_init()
+
+    def _fused_check_config(self) -> None:
+        cfg, name = self.config, type(self).__name__
+        if cfg.algorithm_type not in ("dpmsolver++", "dpmsolver"):
+            raise NotImplementedError(
+                f"{name}: algorithm_type={cfg.algorithm_type!r} is not supported. pydpm draws SDE noise inside the "
+                f"fused kernel (Philox), so it cannot reproduce the noise of a torch `generator` that diffusers' "
+                f"step() receives; use algorithm_type 'dpmsolver++' or 'dpmsolver', diffusers' own scheduler, or "
+                f"pydpm.samplers.SDEDPMSolverPP")
+        if cfg.solver_type not in _DPM_SOLVER_TYPES:
+            raise ValueError(f"{name}: solver_type={cfg.solver_type!r}; use 'midpoint' or 'heun'")
+        if cfg.algorithm_type == "dpmsolver" and cfg.prediction_type == "flow_prediction":
+            raise ValueError(f"{name}: prediction_type='flow_prediction' needs algorithm_type='dpmsolver++' (as in "
+                             f"diffusers)")
+        if cfg.algorithm_type == "dpmsolver" and cfg.thresholding:
+            raise NotImplementedError(
+                f"{name}: thresholding with algorithm_type='dpmsolver' is not supported. diffusers thresholds x̂₀ and "
+                f"keeps ε = (x − α·x̂₀)/σ as history, a per-step mix of the sample and the thresholded prediction that "
+                f"the fused step cannot store (it saves the thresholded x̂₀ only); use algorithm_type='dpmsolver++', "
+                f"where thresholding is part of the fused step")
+        _check_common(name, cfg)
+
+    def _fused_predict(self) -> str:
+        return "data" if self.config.algorithm_type == "dpmsolver++" else "noise"
+
+    def _orders(self, start: int) -> list[int]:
+        """The order diffusers' step() uses at each step index from `start` on."""
+        cfg, n = self.config, len(self.timesteps)
+        orders = []
+        for k in range(start, n):
+            warm = min(k - start, cfg.solver_order)  # diffusers' lower_order_nums
+            final = k == n - 1 and (cfg.euler_at_final or (cfg.lower_order_final and n < 15)
+                                    or cfg.final_sigmas_type == "zero")
+            second = k == n - 2 and cfg.lower_order_final and n < 15
+            if cfg.solver_order == 1 or warm < 1 or final:
+                orders.append(1)
+            elif cfg.solver_order == 2 or warm < 2 or second:
+                orders.append(2)
+            else:
+                orders.append(3)
+        return orders
+
+    def _fused_program(self, tr: Tracer, start: int):
+        pts, zero_last = self._fused_points(start)
+        orders, solver_type = self._orders(start), _DPM_SOLVER_TYPES[self.config.solver_type]
+        if not zero_last:
+            return dpm_solver_multistep(tr, tr.x, pts, orders, solver_type, _no_hooks)
+        x = dpm_solver_multistep(tr, tr.x, pts[:-1], orders[:-1], solver_type, _no_hooks) if len(pts) > 2 else tr.x
+        tr.model(x, pts[-2])  # the pipeline evaluates the model at the last step; a zero-length step ignores it
+        return x
+
+    def _model_mean(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        channels = sample.shape[1] if sample.dim() > 1 else None
+        if (self.config.variance_type in ("learned", "learned_range") and channels is not None
+                and model_output.dim() > 1 and model_output.shape[1] == 2 * channels):
+            return model_output[:, :channels]
+        return model_output
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
+             variance_noise=None, return_dict: bool = True):
+        """One multistep DPM-Solver(++) step: one fused launch. `generator` and `variance_noise` are
+        accepted for signature compatibility and unused (as in diffusers for the ODE solvers)."""
+        prev = self._fused_step(model_output, timestep, sample)
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+
+class UniPCMultistepScheduler(_FusedMultistep, diffusers.UniPCMultistepScheduler):
+    """diffusers' `UniPCMultistepScheduler` with each `step()` one fused launch: the corrector of the
+    previous step and the predictor of this one are one linear combination (the corrected sample is never
+    materialised).
+
+    Supported: solver_type 'bh1' / 'bh2'; solver_order 1-3; predict_x0 True / False; every
+    prediction_type; disable_corrector; lower_order_final; every sigma option; thresholding. Not
+    supported: solver_p. Differences: the corrector folds into the launch, so an edit of `sample` between
+    steps is scaled into the result rather than ignored (docs/diffusers.md); the final step to σ = 0
+    is finite where diffusers' bh1 and noise-prediction variants return NaN.
+    """
+
+    @functools.wraps(diffusers.UniPCMultistepScheduler.__init__)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._fused_init()
+
+    def _fused_check_config(self) -> None:
+        cfg, name = self.config, type(self).__name__
+        if self.solver_p is not None:
+            raise NotImplementedError(f"{name}: solver_p (another scheduler as predictor) is not supported by the "
+                                      f"fused step")
+        if cfg.solver_type not in ("bh1", "bh2"):
+            raise ValueError(f"{name}: solver_type={cfg.solver_type!r}; use 'bh1' or 'bh2'")
+        if not cfg.predict_x0 and cfg.prediction_type == "flow_prediction":
+            raise ValueError(f"{name}: prediction_type='flow_prediction' needs predict_x0=True (as in diffusers)")
+        if not isinstance(cfg.solver_order, int) or cfg.solver_order < 1:
+            raise ValueError(f"{name}: solver_order={cfg.solver_order!r} must be a positive int")
+        _check_common(name, cfg)
+
+    def _fused_predict(self) -> str:
+        return "data" if self.config.predict_x0 else "noise"
+
+    def _fused_program(self, tr: Tracer, start: int):
+        cfg, n = self.config, len(self.timesteps)
+        disabled = set(cfg.disable_corrector or ())
+        orders, correctors = [], []
+        for k in range(start, n):
+            order = min(cfg.solver_order, n - k) if cfg.lower_order_final else cfg.solver_order
+            orders.append(min(order, min(k - start, cfg.solver_order) + 1))
+            # diffusers corrects at step k + 1 the prediction made at step k, unless k is disabled
+            correctors.append(k + 1 < n and k not in disabled)
+        pts, zero_last = self._fused_points(start)
+        if zero_last:
+            # The last predictor has zero length (the identity); the model call of the last step still feeds
+            # the corrector of the step before, unless that is disabled.
+            if len(pts) == 2:
+                tr.model(tr.x, pts[0])
+                return tr.x
+            x = unipc_multistep(tr, tr.x, pts[:-1], orders[:-1], correctors[:-1], cfg.solver_type, _no_hooks)
+            if not correctors[-2]:
+                tr.model(x, pts[-2])
+            return x
+        last = pts[-1]
+        if last.sigma == 0.0:
+            if orders[-1] > 1:
+                raise ValueError(
+                    f"{type(self).__name__}: lower_order_final=False with final_sigmas_type='zero' makes the last "
+                    f"step (to σ = 0) of order {orders[-1]}, whose coefficients diverge (diffusers returns inf/NaN "
+                    f"there); use lower_order_final=True or final_sigmas_type='sigma_min'")
+            if tr.predict == "noise":
+                # The ε-form of the first-order step to σ = 0 is 0·∞ in closed form; at λ_prev + 60 it equals
+                # its limit, x̂₀ = (x − σ_s·ε)/α_s, to float64 precision.
+                lam = pts[-2].lam + _LIMIT_DLAM
+                pts[-1] = Point(last.t, 0.0, math.exp(-lam), lam)
+        return unipc_multistep(tr, tr.x, pts, orders, correctors, cfg.solver_type, _no_hooks)
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
+        """One UniPC step (corrector of the previous step + predictor): one fused launch."""
+        prev = self._fused_step(model_output, timestep, sample)
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+
+class _DDIMTable:
+    """DDIM coefficients for every training timestep t (rows), for one (eta, use_clipped, noisy) choice:
+    [coefficients of solver_step..., convert[0], convert[1]]; `width` coefficients, then convert."""
+
+    def __init__(self, rows: np.ndarray, width: int, mixed: bool):
+        self.rows, self.width, self.mixed = rows, width, mixed
+        self.on_device: dict[torch.device, torch.Tensor] = {}
+
+    def device_rows(self, device: torch.device) -> torch.Tensor:
+        table = self.on_device.get(device)
+        if table is None:
+            table = self.on_device[device] = torch.from_numpy(self.rows).to(device)
+        return table
+
+
+class DDIMScheduler(diffusers.DDIMScheduler):
+    """diffusers' `DDIMScheduler` with each `step()` one fused launch (plus a row gather when the timestep
+    is a device tensor):
+
+        x_prev = √ᾱ'·x̂₀ + √(1 − ᾱ' − σ̃²)·ε̂ + σ̃·z
+
+    with x̂₀ converted from the model output, clipped (clip_sample) or thresholded inside the launch and
+    written to `pred_original_sample`. With clipping and use_clipped_model_output=False, ε̂ is the raw
+    model's ε (the raw output is a second operand). Noise for eta > 0: `variance_noise` as given, or drawn
+    with `generator` exactly as diffusers does; with neither, in-kernel Philox normals (not torch's RNG).
+    """
+
+    @functools.wraps(diffusers.DDIMScheduler.__init__)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._check_config()
+        self._tables: dict = {}
+        self._philox_seed: int | None = None
+        self._philox_offset = 0
+        self._used_timesteps = None
+
+    def _check_config(self) -> None:
+        cfg, name = self.config, type(self).__name__
+        if cfg.prediction_type not in ("epsilon", "sample", "v_prediction"):
+            raise ValueError(f"{name}: prediction_type={cfg.prediction_type!r}; use 'epsilon', 'sample' or "
+                             f"'v_prediction'")
+        _check_common(name, cfg)
+        if cfg.clip_sample and not cfg.thresholding and not cfg.clip_sample_range > 0:
+            raise ValueError(f"{name}: clip_sample_range={cfg.clip_sample_range} must be positive")
+
+    def set_timesteps(self, num_inference_steps: int, device=None):
+        super().set_timesteps(num_inference_steps, device)
+        self._check_config()
+        self._tables = {}
+        self._philox_seed, self._philox_offset = None, 0
+        self._used_timesteps = self.timesteps.detach().cpu().numpy()
+
+    def _clip_scale(self) -> float:
+        """x̂₀ = scale·d: clipping runs as Threshold(1, r, r), which divides by r."""
+        cfg = self.config
+        return float(cfg.clip_sample_range) if cfg.clip_sample and not cfg.thresholding else 1.0
+
+    def _table(self, eta: float, use_clipped: bool, noisy: bool) -> _DDIMTable:
+        key = (eta, use_clipped, noisy)
+        table = self._tables.get(key)
+        if table is not None:
+            return table
+        cfg = self.config
+        n_train, model_type = cfg.num_train_timesteps, MODEL_TYPES[cfg.prediction_type]
+        ac = self.alphas_cumprod.detach().to("cpu", torch.float64).numpy()
+        final = float(self.final_alpha_cumprod)
+        scale = self._clip_scale()
+        mixed = (cfg.thresholding or cfg.clip_sample) and not use_clipped
+        width = 2 + mixed + noisy
+        rows = np.full((n_train, width + 2), np.nan)
+        stride = n_train // self.num_inference_steps
+        for t in range(n_train):
+            a_t = ac[t]
+            a_p = ac[t - stride] if t - stride >= 0 else final
+            std = eta * math.sqrt((1 - a_p) / (1 - a_t) * (1 - a_t / a_p))
+            rest = 1 - a_p - std * std
+            if rest < 0:
+                continue  # eta too large here: the row stays NaN
+            alpha, sigma = math.sqrt(a_t), math.sqrt(1 - a_t)
+            direction = math.sqrt(rest)
+            if mixed:  # x_prev = √ᾱ'·r·d + direction·ε_raw,  ε_raw = e_x·x + e_m·raw
+                e_x, e_m = conversion(model_type, alpha, sigma, "noise")
+                coefs = [direction * e_x, math.sqrt(a_p) * scale, direction * e_m]
+            else:      # ε = (x − α·x̂₀)/σ with x̂₀ = r·d
+                coefs = [direction / sigma, (math.sqrt(a_p) - direction * alpha / sigma) * scale]
+            if noisy:
+                coefs.append(std)
+            rows[t] = coefs + list(conversion(model_type, alpha, sigma, "data"))
+        used = self._used_timesteps if self._used_timesteps is not None else ()
+        bad = [int(t) for t in used if 0 <= t < n_train and not np.isfinite(rows[t]).all()]
+        if bad:
+            raise ValueError(f"eta={eta} makes 1 − ᾱ_prev − σ_t² negative at timesteps {bad[:5]} (diffusers returns "
+                             f"NaN there); use 0 <= eta <= 1")
+        table = self._tables[key] = _DDIMTable(rows, width, mixed)
+        return table
+
+    def _coefficients(self, table: _DDIMTable, timestep, device: torch.device):
+        """(coeffs, convert) for `timestep`: a row gathered from the table on the sample's device when the
+        timestep is a tensor there (no host synchronisation), host values for an int."""
+        if isinstance(timestep, torch.Tensor) and timestep.device == device:
+            if timestep.numel() != 1:
+                raise ValueError(f"timestep must be a single value, got shape {tuple(timestep.shape)}")
+            row = table.device_rows(device).index_select(0, timestep.reshape(1).long())[0]
+            return row[:table.width], row[table.width:]
+        t = int(timestep)
+        if not 0 <= t < self.config.num_train_timesteps:
+            raise ValueError(f"timestep={t} lies outside [0, {self.config.num_train_timesteps})")
+        row = table.rows[t]
+        if not np.isfinite(row).all():
+            raise ValueError(f"eta makes 1 − ᾱ_prev − σ_t² negative at timestep {t} (diffusers returns NaN there); "
+                             f"use 0 <= eta <= 1")
+        return row[:table.width].tolist(), row[table.width:].tolist()
+
+    def _threshold(self) -> Threshold | None:
+        cfg = self.config
+        if cfg.thresholding:
+            return _threshold(cfg)
+        if cfg.clip_sample:
+            r = float(cfg.clip_sample_range)
+            return Threshold(1.0, r, r)  # s = clamp(max|x̂₀|, r, r) = r: clamp to [−r, r], then divide by r
+        return None
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 0.0,
+             use_clipped_model_output: bool = False, generator=None, variance_noise=None, return_dict: bool = True):
+        """One DDIM step: one fused launch. Returns prev_sample and pred_original_sample as diffusers."""
+        if self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating "
+                             "the scheduler")
+        _check_tensors(model_output, sample)
+        try:
+            eta = float(eta)
+        except (TypeError, ValueError):
+            raise ValueError(f"eta={eta!r} must be a finite number >= 0") from None
+        if not (math.isfinite(eta) and eta >= 0):
+            raise ValueError(f"eta={eta!r} must be a finite number >= 0")
+        common = torch.promote_types(model_output.dtype, sample.dtype)
+        model_output, sample = model_output.to(common), sample.to(common)
+        noise = None
+        if eta > 0:
+            if variance_noise is not None and generator is not None:
+                raise ValueError("Cannot pass both generator and variance_noise. Please make sure that either "
+                                 "`generator` or `variance_noise` stays `None`.")
+            if variance_noise is not None:
+                if not isinstance(variance_noise, torch.Tensor) or variance_noise.shape != sample.shape:
+                    raise ValueError(f"variance_noise must be a tensor shaped like sample {tuple(sample.shape)}")
+                noise = variance_noise.to(device=sample.device, dtype=sample.dtype)
+            elif generator is not None:
+                noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                                     dtype=model_output.dtype)
+            else:
+                if self._philox_seed is None:  # drawn once per set_timesteps from torch's CPU RNG (no sync)
+                    self._philox_seed = int(torch.randint(0, 2 ** 62, (1,)).item())
+                noise = PhiloxNoise(self._philox_seed, self._philox_offset)
+                self._philox_offset += 1
+        table = self._table(eta, bool(use_clipped_model_output), noise is not None)
+        coeffs, convert = self._coefficients(table, timestep, sample.device)
+        x0 = torch.empty_like(sample)
+        prev = solver_step(sample, [model_output] if table.mixed else [], coeffs, model_output=model_output,
+                           convert=convert, threshold=self._threshold(), save=x0, noise=noise)
+        scale = self._clip_scale()
+        if scale != 1.0:
+            x0.mul_(scale)
+        if not return_dict:
+            return prev, x0
+        return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+
+__all__ = ["DDIMScheduler", "DPMSolverMultistepScheduler", "MODEL_TYPES", "UniPCMultistepScheduler"]
