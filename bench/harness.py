@@ -408,6 +408,10 @@ def _pydpm_version() -> str:
 
 
 def _git_head() -> str:
+    """The commit benchmarked: PYDPM_BENCH_COMMIT when the caller knows better than the checkout (a copy of
+    the working tree sent to a GPU machine carries a stale .git), else the checkout's HEAD."""
+    if os.environ.get("PYDPM_BENCH_COMMIT"):
+        return os.environ["PYDPM_BENCH_COMMIT"]
     root = Path(__file__).resolve().parent.parent
     if not (root / ".git").exists():
         return "unknown (not a git checkout)"

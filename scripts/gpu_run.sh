@@ -3,7 +3,8 @@
 # run the whole test suite (GPU tests included) and the benchmark suite, write everything under $1
 # (default $OUT), and print a short table last.
 #   local:  pip download the wheels into .whl/ (see README, "Benchmarks on a GPU machine")
-#   remote: bash scripts/gpu_run.sh "$OUT" [--no-bench]
+#   remote: PYDPM_BENCH_COMMIT=<local git rev-parse --short HEAD> bash scripts/gpu_run.sh "$OUT" [--no-bench]
+#           (the copy of the tree sent there carries a stale .git: name the commit benchmarked)
 set -uo pipefail
 out="${1:-${OUT:?give an output folder}}"
 bench=1
