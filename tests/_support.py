@@ -43,6 +43,8 @@ def to_float64_cpu(obj):
     def up(t):
         if not t.is_floating_point():
             return t.cpu()
+        if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):  # expanded: no strided copy target
+            return t.cpu().double()
         out = torch.empty_strided(t.shape, t.stride(), dtype=torch.float64)
         return out.copy_(t.cpu())
     return map_tensors(obj, up)

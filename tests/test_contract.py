@@ -34,7 +34,10 @@ def _draw(op, case, device, dtype, seed):
 
 
 def _outputs(op, kwargs, result):
-    outs = {"result": result}
+    if isinstance(result, (tuple, list)):
+        outs = {f"result{i}": r for i, r in enumerate(result)}
+    else:
+        outs = {"result": result}
     outs.update({name: kwargs[name] for name in op.mutated if kwargs.get(name) is not None})
     return outs
 
@@ -49,13 +52,15 @@ def _run_oracle(op, kwargs, fn):
 @pytest.mark.parametrize("op_name, case", list(_cases()))
 def test_backend_matches_float64_reference(op_name, case, backend, dtype):
     op, dtype = REGISTRY[op_name], DTYPES[dtype]
+    if backend not in {b.name for b in op.backends}:
+        pytest.skip(f"{op_name} has no {backend} backend")
     device = backend_device(backend)
     seed = zlib.crc32(f"{op_name}/{case}/{backend}/{dtype}".encode())
     kwargs = _draw(op, case, device, dtype, seed)
     for name in op.mutated:
         if kwargs.get(name) is not None:
             poison(kwargs[name])
-    out = poison(torch.empty_like(kwargs["x"]))
+    out = map_tensors(op.make_out(kwargs) if op.make_out else torch.empty_like(kwargs["x"]), poison)
     args = op.check(**kwargs)
     with use_backend(backend):
         reasons = op.backend(backend).reasons(args)
@@ -141,7 +146,7 @@ def test_torch_compile_fullgraph_matches_eager(op_name, case):
     eager_kwargs = map_tensors(kwargs, lambda t: t.clone())
 
     def run(**kw):
-        return op.fn(**kw) * 1.0  # an op after ours: the graph must carry our result on
+        return map_tensors(op.fn(**kw), lambda t: t * 1.0)  # an op after ours: the graph must carry our result on
 
     expected = _outputs(op, eager_kwargs, run(**eager_kwargs))
     got = _outputs(op, kwargs, torch.compile(run, fullgraph=True)(**kwargs))

@@ -64,6 +64,8 @@ class Op:
     # torch.library registration: the op overload and fn's keyword arguments -> its arguments (opcheck).
     library_op: Any = None
     library_args: Callable[..., tuple] | None = None
+    # fn's keyword arguments -> the output(s) fn accepts as out= (None: one tensor like kwargs["x"]).
+    make_out: Callable[[dict], Any] | None = None
     _chosen: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
     def backend(self, name: str) -> Backend:
@@ -88,6 +90,10 @@ class Op:
 
     def _select(self, args: Any, forced: str | None) -> Backend:
         if forced is not None:
+            if forced not in {b.name for b in self.backends}:
+                raise BackendUnavailable(
+                    f"{self.name}: backend {forced!r} was forced (PYDPM_BACKEND or pydpm.ops.use_backend) but this op "
+                    f"has no {forced} backend; it has {[b.name for b in self.backends]}")
             backend = self.backend(forced)
             reasons = backend.reasons(args)
             if reasons:
