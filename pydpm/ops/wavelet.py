@@ -124,15 +124,16 @@ def _check_gates(op: str, gates, batch: int, channels: int, x: torch.Tensor) -> 
         _fail(op, f"gates is on {gates.device} but x is on {x.device}; move it with .to(x.device)")
 
 
-def _check_out(op: str, out, like: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+def _check_out(op: str, out, x: torch.Tensor, shapes: Sequence[tuple[int, ...]]) -> tuple[torch.Tensor, ...]:
+    """The output tensors: allocated like x with these shapes, or the caller's `out`, checked."""
     if out is None:
-        return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in like)
+        return tuple(torch.empty(shape, dtype=x.dtype, device=x.device) for shape in shapes)
     outs = out if isinstance(out, (tuple, list)) else (out,)
-    if len(outs) != len(like):
-        _fail(op, f"out must hold {len(like)} tensor(s)")
-    for i, (o, t) in enumerate(zip(outs, like)):
-        if not isinstance(o, torch.Tensor) or o.shape != t.shape or o.dtype != t.dtype or o.device != t.device:
-            _fail(op, f"out[{i}] must be a {t.dtype} tensor of shape {tuple(t.shape)} on {t.device}")
+    if len(outs) != len(shapes):
+        _fail(op, f"out must hold {len(shapes)} tensor(s)")
+    for i, (o, shape) in enumerate(zip(outs, shapes)):
+        if not isinstance(o, torch.Tensor) or o.shape != shape or o.dtype != x.dtype or o.device != x.device:
+            _fail(op, f"out[{i}] must be a {x.dtype} tensor of shape {shape} on {x.device}")
     return tuple(outs)
 
 
@@ -140,8 +141,7 @@ def check_dwt(x, out=None) -> WaveletArgs:
     _check_tensor("haar_dwt2", "x", x, 4)
     _check_even("haar_dwt2", "x", x)
     B, C, H, W = x.shape
-    like = (x.new_empty((B, C, H // 2, W // 2)), x.new_empty((B, C, 3, H // 2, W // 2)))
-    return WaveletArgs("dwt", x, out=_check_out("haar_dwt2", out, like))
+    return WaveletArgs("dwt", x, out=_check_out("haar_dwt2", out, x, ((B, C, H // 2, W // 2), (B, C, 3, H // 2, W // 2))))
 
 
 def check_idwt(ll, high, out=None) -> WaveletArgs:
@@ -154,7 +154,7 @@ def check_idwt(ll, high, out=None) -> WaveletArgs:
         _fail("haar_idwt2", f"high is {high.dtype} on {high.device} but ll is {ll.dtype} on {ll.device}")
     if h == 0 or w == 0:
         _fail("haar_idwt2", "ll has an empty spatial size")
-    return WaveletArgs("idwt", ll, high=high, out=_check_out("haar_idwt2", out, (ll.new_empty((B, C, 2 * h, 2 * w)),)))
+    return WaveletArgs("idwt", ll, high=high, out=_check_out("haar_idwt2", out, ll, ((B, C, 2 * h, 2 * w),)))
 
 
 def check_down(x, gates, out=None) -> WaveletArgs:
@@ -163,7 +163,7 @@ def check_down(x, gates, out=None) -> WaveletArgs:
     B, C, H, W = x.shape
     _check_gates("wavelet_gate_down", gates, B, C, x)
     return WaveletArgs("down", x, gates=gates,
-                       out=_check_out("wavelet_gate_down", out, (x.new_empty((B, C, H // 2, W // 2)),)))
+                       out=_check_out("wavelet_gate_down", out, x, ((B, C, H // 2, W // 2),)))
 
 
 def check_up(x, gates, out=None) -> WaveletArgs:
@@ -175,7 +175,7 @@ def check_up(x, gates, out=None) -> WaveletArgs:
         _fail("wavelet_gate_up", "x has an empty spatial size")
     _check_gates("wavelet_gate_up", gates, B, C4 // 4, x)
     return WaveletArgs("up", x, gates=gates,
-                       out=_check_out("wavelet_gate_up", out, (x.new_empty((B, C4 // 4, 2 * h, 2 * w)),)))
+                       out=_check_out("wavelet_gate_up", out, x, ((B, C4 // 4, 2 * h, 2 * w),)))
 
 
 # --------------------------------------------------------------------------------------------------
