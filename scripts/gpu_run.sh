@@ -33,7 +33,8 @@ tail -15 "$out/tests.log"
 
 bench_rc=0
 if [ "$bench" = 1 ]; then
-  python3 -m pydpm bench --out "$out/bench" >"$out/bench.log" 2>&1
+  # from outside the checkout: a source tree on sys.path would shadow the installed package (no pydpm.kernels)
+  (cd "$out" && python3 -m pydpm bench --out "$out/bench") >"$out/bench.log" 2>&1
   bench_rc=$?
   tail -60 "$out/bench.log"
 fi
