@@ -175,3 +175,24 @@ def test_wavelet_gate_modules(temb):
             assert p.grad is not None and torch.isfinite(p.grad).all(), name
     with pytest.raises(ValueError, match="even H, W"):
         down(torch.zeros(1, 8, 5, 4))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA backwards run on autograd's device thread only on a GPU")
+def test_forced_backend_reaches_the_cuda_backward(monkeypatch):
+    """use_backend is a ContextVar, which autograd's CUDA device thread does not see: the backward must
+    re-enter the backend forced at the forward (here: reference; the Triton path is made to fail)."""
+    import pydpm.ops.wavelet as W
+    from pydpm.ops._registry import Backend
+
+    def fail(args):
+        raise AssertionError(f"the triton backend ran {args.kind} although reference was forced")
+    for op in W.REGISTRY_OPS.values():
+        monkeypatch.setattr(op, "backends", (Backend("triton", fail, W._triton_reasons), W.BACKENDS[1]))
+        monkeypatch.setattr(op, "_chosen", {})
+    x = rand(2, 3, 8, 8, dtype=torch.float32, device="cuda").requires_grad_()
+    gates = rand(2, 4, 3, dtype=torch.float32, device="cuda").requires_grad_()
+    with use_backend("reference"):
+        y = wavelet_gate_down(x, gates)
+        ll, high = haar_dwt2(y)
+        (ll.sum() + high.square().sum()).backward()
+    assert x.grad is not None and gates.grad is not None

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 
 from pydpm import _backend
-from pydpm.ops._registry import Backend, Op, Tolerance, forced_backend, register
+from pydpm.ops._registry import Backend, Op, Tolerance, _forced, forced_backend, register, use_backend
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -291,24 +291,33 @@ def _(ll, high):
     return ll.new_empty((B, C, 2 * h, 2 * w))
 
 
+# Autograd runs CUDA backwards on its own device thread, which does not see the ContextVar that
+# `use_backend` sets: every backward re-enters the backend forced when its forward ran (ctx.backend).
+
 def _dwt_backward(ctx, d_ll, d_high):
     if d_ll is None:
         d_ll = d_high.new_zeros(ctx.ll_shape)
     if d_high is None:
         d_high = d_ll.new_zeros(ctx.high_shape)
-    return torch.ops.pydpm.haar_idwt2(d_ll.contiguous(), d_high.contiguous())
+    with use_backend(ctx.backend):
+        return torch.ops.pydpm.haar_idwt2(d_ll.contiguous(), d_high.contiguous())
 
 
 def _dwt_setup(ctx, inputs, output):
-    ctx.ll_shape, ctx.high_shape = output[0].shape, output[1].shape
+    ctx.ll_shape, ctx.high_shape, ctx.backend = output[0].shape, output[1].shape, _forced.get()
 
 
 def _idwt_backward(ctx, dy):
-    return torch.ops.pydpm.haar_dwt2(dy.contiguous())
+    with use_backend(ctx.backend):
+        return torch.ops.pydpm.haar_dwt2(dy.contiguous())
+
+
+def _idwt_setup(ctx, inputs, output):
+    ctx.backend = _forced.get()
 
 
 _dwt_op.register_autograd(_dwt_backward, setup_context=_dwt_setup)
-_idwt_op.register_autograd(_idwt_backward, setup_context=lambda ctx, inputs, output: None)
+_idwt_op.register_autograd(_idwt_backward, setup_context=_idwt_setup)
 
 
 @torch.library.custom_op("pydpm::wavelet_gate_down", mutates_args=())
@@ -365,18 +374,19 @@ def _(dy, x, gates):
 
 def _save_inputs(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
+    ctx.backend = _forced.get()
 
 
 def _down_backward(ctx, dy):
     x, gates = ctx.saved_tensors
-    dx, dg = torch.ops.pydpm.wavelet_gate_down_backward(dy.contiguous(), x, gates)
-    return dx, dg
+    with use_backend(ctx.backend):
+        return torch.ops.pydpm.wavelet_gate_down_backward(dy.contiguous(), x, gates)
 
 
 def _up_backward(ctx, dy):
     x, gates = ctx.saved_tensors
-    dx, dg = torch.ops.pydpm.wavelet_gate_up_backward(dy.contiguous(), x, gates)
-    return dx, dg
+    with use_backend(ctx.backend):
+        return torch.ops.pydpm.wavelet_gate_up_backward(dy.contiguous(), x, gates)
 
 
 _down_op.register_autograd(_down_backward, setup_context=_save_inputs)
