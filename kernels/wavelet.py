@@ -25,6 +25,7 @@ reading full-resolution rows contiguously (2·BW elements) and splitting even/od
 Planes must be contiguous (row stride = width); batch and channel strides are free. Partial dot products
 go to a [tiles, B·C, 4] buffer that the launcher sums: deterministic, no atomics.
 """
+import torch
 import triton
 import triton.language as tl
 
@@ -37,11 +38,43 @@ def _haar_analysis_kernel(src, s_sb, s_sc,
                           out0, out1, out2, out3, o0_sb, o0_sc, o1_sb, o1_sc,
                           gate, g_sb, g_si, g_sc,
                           ref0, ref1, ref2, ref3, r0_sb, r0_sc, r1_sb, r1_sc,
-                          dot, C, h, w, n_tw, n_planes,
+                          dot, B, C, h, w, n_tw, n_tiles,
                           MODE: tl.constexpr, GATED: tl.constexpr, DOT: tl.constexpr,
                           BH: tl.constexpr, BW: tl.constexpr):
-    plane, tile = tl.program_id(0), tl.program_id(1)
+    plane, split, n_splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
     b, c = plane // C, plane % C
+    if GATED:
+        gbase = gate + b * g_sb + c * g_sc
+        g0 = tl.load(gbase).to(tl.float32)
+        g1 = tl.load(gbase + g_si).to(tl.float32)
+        g2 = tl.load(gbase + 2 * g_si).to(tl.float32)
+        g3 = tl.load(gbase + 3 * g_si).to(tl.float32)
+    else:
+        g0, g1, g2, g3 = 1.0, 1.0, 1.0, 1.0
+    s0, s1, s2, s3 = 0.0, 0.0, 0.0, 0.0
+    for tile in range(split, n_tiles, n_splits):
+        s0, s1, s2, s3 = _analysis_tile(
+            src, s_sb, s_sc, out0, out1, out2, out3, o0_sb, o0_sc, o1_sb, o1_sc, g0, g1, g2, g3,
+            ref0, ref1, ref2, ref3, r0_sb, r0_sc, r1_sb, r1_sc, s0, s1, s2, s3, b, c, tile, h, w, n_tw,
+            MODE, DOT, BH, BW)
+    if DOT:
+        _store_dot(dot, split, B, C, b, c, s0, s1, s2, s3)
+
+
+@triton.jit
+def _store_dot(dot, split, B, C, b, c, s0, s1, s2, s3):
+    """Partial gate gradients of one (split, b, c) into dot [splits, B, 4, C]."""
+    slot = dot + ((split.to(tl.int64) * B + b) * 4) * C + c
+    tl.store(slot, s0)
+    tl.store(slot + C, s1)
+    tl.store(slot + 2 * C, s2)
+    tl.store(slot + 3 * C, s3)
+
+
+@triton.jit
+def _analysis_tile(src, s_sb, s_sc, out0, out1, out2, out3, o0_sb, o0_sc, o1_sb, o1_sc, g0, g1, g2, g3,
+                   ref0, ref1, ref2, ref3, r0_sb, r0_sc, r1_sb, r1_sc, s0, s1, s2, s3, b, c, tile, h, w, n_tw,
+                   MODE: tl.constexpr, DOT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
     rows = (tile // n_tw) * BH + tl.arange(0, BH)[:, None]
     cols = (tile % n_tw) * BW + tl.arange(0, BW)[None, :]
     full = (tile % n_tw) * 2 * BW + tl.arange(0, 2 * BW)[None, :]
@@ -57,14 +90,6 @@ def _haar_analysis_kernel(src, s_sb, s_sc,
     dd = (a - bb - cc + d) * 0.5
     m = (rows < h) & (cols < w)
     off = rows * w + cols
-    if GATED:
-        gbase = gate + b * g_sb + c * g_sc
-        g0 = tl.load(gbase).to(tl.float32)
-        g1 = tl.load(gbase + g_si).to(tl.float32)
-        g2 = tl.load(gbase + 2 * g_si).to(tl.float32)
-        g3 = tl.load(gbase + 3 * g_si).to(tl.float32)
-    else:
-        g0, g1, g2, g3 = 1.0, 1.0, 1.0, 1.0
     o0 = out0 + b.to(tl.int64) * o0_sb + c.to(tl.int64) * o0_sc + off
     o1 = b.to(tl.int64) * o1_sb + c.to(tl.int64) * o1_sc + off
     if MODE == WRITE_BANDS:
@@ -78,11 +103,11 @@ def _haar_analysis_kernel(src, s_sb, s_sc,
     if DOT:
         r0 = ref0 + b.to(tl.int64) * r0_sb + c.to(tl.int64) * r0_sc + off
         r1 = b.to(tl.int64) * r1_sb + c.to(tl.int64) * r1_sc + off
-        slot = dot + (tile.to(tl.int64) * n_planes + plane) * 4
-        tl.store(slot, tl.sum(tl.sum(ll * tl.load(r0, mask=m, other=0.0).to(tl.float32), 1), 0))
-        tl.store(slot + 1, tl.sum(tl.sum(hh * tl.load(ref1 + r1, mask=m, other=0.0).to(tl.float32), 1), 0))
-        tl.store(slot + 2, tl.sum(tl.sum(vv * tl.load(ref2 + r1, mask=m, other=0.0).to(tl.float32), 1), 0))
-        tl.store(slot + 3, tl.sum(tl.sum(dd * tl.load(ref3 + r1, mask=m, other=0.0).to(tl.float32), 1), 0))
+        s0 += tl.sum(tl.sum(ll * tl.load(r0, mask=m, other=0.0).to(tl.float32), 1), 0)
+        s1 += tl.sum(tl.sum(hh * tl.load(ref1 + r1, mask=m, other=0.0).to(tl.float32), 1), 0)
+        s2 += tl.sum(tl.sum(vv * tl.load(ref2 + r1, mask=m, other=0.0).to(tl.float32), 1), 0)
+        s3 += tl.sum(tl.sum(dd * tl.load(ref3 + r1, mask=m, other=0.0).to(tl.float32), 1), 0)
+    return s0, s1, s2, s3
 
 
 @triton.jit
@@ -90,10 +115,31 @@ def _haar_synthesis_kernel(in0, in1, in2, in3, i0_sb, i0_sc, i1_sb, i1_sc,
                            gate, g_sb, g_si, g_sc,
                            dst, d_sb, d_sc,
                            xs, x_sb, x_sc,
-                           dot, C, h, w, n_tw, n_planes,
+                           dot, B, C, h, w, n_tw, n_tiles,
                            GATED: tl.constexpr, DOT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
-    plane, tile = tl.program_id(0), tl.program_id(1)
+    plane, split, n_splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
     b, c = plane // C, plane % C
+    if GATED:
+        gbase = gate + b * g_sb + c * g_sc
+        g0 = tl.load(gbase).to(tl.float32)
+        g1 = tl.load(gbase + g_si).to(tl.float32)
+        g2 = tl.load(gbase + 2 * g_si).to(tl.float32)
+        g3 = tl.load(gbase + 3 * g_si).to(tl.float32)
+    else:
+        g0, g1, g2, g3 = 1.0, 1.0, 1.0, 1.0
+    s0, s1, s2, s3 = 0.0, 0.0, 0.0, 0.0
+    for tile in range(split, n_tiles, n_splits):
+        s0, s1, s2, s3 = _synthesis_tile(in0, in1, in2, in3, i0_sb, i0_sc, i1_sb, i1_sc, g0, g1, g2, g3,
+                                         dst, d_sb, d_sc, xs, x_sb, x_sc, s0, s1, s2, s3, b, c, tile, h, w, n_tw,
+                                         DOT, BH, BW)
+    if DOT:
+        _store_dot(dot, split, B, C, b, c, s0, s1, s2, s3)
+
+
+@triton.jit
+def _synthesis_tile(in0, in1, in2, in3, i0_sb, i0_sc, i1_sb, i1_sc, g0, g1, g2, g3, dst, d_sb, d_sc,
+                    xs, x_sb, x_sc, s0, s1, s2, s3, b, c, tile, h, w, n_tw,
+                    DOT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
     rows = (tile // n_tw) * BH + tl.arange(0, BH)[:, None]
     cols = (tile % n_tw) * BW + tl.arange(0, BW)[None, :]
     full = (tile % n_tw) * 2 * BW + tl.arange(0, 2 * BW)[None, :]
@@ -106,14 +152,7 @@ def _haar_synthesis_kernel(in0, in1, in2, in3, i0_sb, i0_sc, i1_sb, i1_sc,
     hh = tl.load(in1 + p1, mask=m, other=0.0).to(tl.float32)
     vv = tl.load(in2 + p1, mask=m, other=0.0).to(tl.float32)
     dd = tl.load(in3 + p1, mask=m, other=0.0).to(tl.float32)
-    if GATED:
-        gbase = gate + b * g_sb + c * g_sc
-        gl = ll * tl.load(gbase).to(tl.float32)
-        gh = hh * tl.load(gbase + g_si).to(tl.float32)
-        gv = vv * tl.load(gbase + 2 * g_si).to(tl.float32)
-        gd = dd * tl.load(gbase + 3 * g_si).to(tl.float32)
-    else:
-        gl, gh, gv, gd = ll, hh, vv, dd
+    gl, gh, gv, gd = ll * g0, hh * g1, vv * g2, dd * g3
     a = (gl + gh + gv + gd) * 0.5
     bb = (gl + gh - gv - gd) * 0.5
     cc = (gl - gh + gv - gd) * 0.5
@@ -128,19 +167,28 @@ def _haar_synthesis_kernel(in0, in1, in2, in3, i0_sb, i0_sc, i1_sb, i1_sc,
         bot = tl.load(xb + (2 * rows + 1) * (2 * w) + full, mask=m_full, other=0.0).to(tl.float32)
         xa, xbb = tl.split(tl.reshape(top, (BH, BW, 2)))
         xc, xd = tl.split(tl.reshape(bot, (BH, BW, 2)))
-        slot = dot + (tile.to(tl.int64) * n_planes + plane) * 4
-        tl.store(slot, tl.sum(tl.sum((xa + xbb + xc + xd) * 0.5 * ll, 1), 0))
-        tl.store(slot + 1, tl.sum(tl.sum((xa + xbb - xc - xd) * 0.5 * hh, 1), 0))
-        tl.store(slot + 2, tl.sum(tl.sum((xa - xbb + xc - xd) * 0.5 * vv, 1), 0))
-        tl.store(slot + 3, tl.sum(tl.sum((xa - xbb - xc + xd) * 0.5 * dd, 1), 0))
+        s0 += tl.sum(tl.sum((xa + xbb + xc + xd) * 0.5 * ll, 1), 0)
+        s1 += tl.sum(tl.sum((xa + xbb - xc - xd) * 0.5 * hh, 1), 0)
+        s2 += tl.sum(tl.sum((xa - xbb + xc - xd) * 0.5 * vv, 1), 0)
+        s3 += tl.sum(tl.sum((xa - xbb - xc + xd) * 0.5 * dd, 1), 0)
+    return s0, s1, s2, s3
 
 
 def _tiles(h: int, w: int) -> tuple[int, int, int, int]:
-    """(BH, BW, tiles along w, tiles in total): ~1024 half-resolution pixels per program."""
+    """(BH, BW, tiles along w, tiles in total): ~1024 half-resolution pixels per tile."""
     bw = min(64, triton.next_power_of_2(w))
     bh = min(max(1024 // bw, 1), triton.next_power_of_2(h))
     n_tw = triton.cdiv(w, bw)
     return bh, bw, n_tw, triton.cdiv(h, bh) * n_tw
+
+
+# A gate-gradient launch walks several tiles per program so that each (b, c) sums in registers; it
+# keeps this many programs in flight (the H200 has 132 SMs) and splits planes only when there are few.
+_DOT_PROGRAMS = 1024
+
+
+def _splits(planes: int, n_tiles: int, dot: bool) -> int:
+    return min(n_tiles, max(1, _DOT_PROGRAMS // planes)) if dot else n_tiles
 
 
 def _bc(t):
@@ -148,49 +196,47 @@ def _bc(t):
     return t.stride(0), t.stride(1)
 
 
-def haar_analysis(src, outs, *, gates=None, write_sum=False, refs=None):
-    """Launch the analysis kernel. src [B, C, 2h, 2w]; outs: 4 band views [B, C, h, w] (the last three
-    sharing strides), or one [B, C, h, w] with write_sum, or None; gates [B, 4, C]; refs: 4 band views to
-    dot with. Returns the dot products [B, 4, C] (fp32) when refs is given."""
-    import torch
+def _dot_buffer(splits: int, B: int, C: int, dot_out):
+    """Where the kernel writes [splits, B, 4, C] partial sums: dot_out itself when there is one split."""
+    return dot_out if splits == 1 else torch.empty((splits, B, 4, C), dtype=torch.float32, device=dot_out.device)
 
+
+def haar_analysis(src, outs, *, gates=None, write_sum=False, refs=None, dot_out=None):
+    """Launch the analysis kernel. src [B, C, 2h, 2w]; outs: 4 band views [B, C, h, w] (the last three
+    sharing strides), or one [B, C, h, w] with write_sum, or None; gates [B, 4, C]; refs: 4 band views
+    to dot with, the sums going to dot_out [B, 4, C] (float32, contiguous)."""
     B, C, H2, W2 = src.shape
     h, w = H2 // 2, W2 // 2
     bh, bw, n_tw, n_tiles = _tiles(h, w)
-    planes = B * C
-    dummy = src
-    outs = list(outs) if outs is not None else [dummy] * 4
+    splits = _splits(B * C, n_tiles, refs is not None)
+    outs = list(outs) if outs is not None else [src] * 4
     outs += [outs[0]] * (4 - len(outs))
-    refs_ = list(refs) if refs is not None else [dummy] * 4
-    dot = torch.empty((n_tiles, planes, 4), dtype=torch.float32, device=src.device) if refs is not None else src
+    refs_ = list(refs) if refs is not None else [src] * 4
+    dot = _dot_buffer(splits, B, C, dot_out) if refs is not None else src
     g = gates if gates is not None else src
     gs = gates.stride() if gates is not None else (0, 0, 0)
-    mode = WRITE_SUM if write_sum else (WRITE_BANDS if outs[0] is not dummy else 2)
-    _haar_analysis_kernel[(planes, n_tiles)](
+    mode = WRITE_SUM if write_sum else (WRITE_BANDS if outs[0] is not src else 2)
+    _haar_analysis_kernel[(B * C, splits)](
         src, *_bc(src), *outs, *_bc(outs[0]), *_bc(outs[1]), g, gs[0], gs[1], gs[2],
-        *refs_, *_bc(refs_[0]), *_bc(refs_[1]), dot, C, h, w, n_tw, planes,
+        *refs_, *_bc(refs_[0]), *_bc(refs_[1]), dot, B, C, h, w, n_tw, n_tiles,
         MODE=mode, GATED=gates is not None, DOT=refs is not None, BH=bh, BW=bw, num_warps=4)
-    if refs is None:
-        return None
-    return dot.sum(0).reshape(B, C, 4).transpose(1, 2)
+    if refs is not None and splits > 1:
+        torch.sum(dot, 0, out=dot_out)
 
 
-def haar_synthesis(ins, dst, *, gates=None, xs=None):
+def haar_synthesis(ins, dst, *, gates=None, xs=None, dot_out=None):
     """Launch the synthesis kernel. ins: 4 band views [B, C, h, w] (the last three sharing strides);
-    dst [B, C, 2h, 2w]; gates [B, 4, C]; xs: a space tensor like dst whose bands are dotted with `ins`.
-    Returns the dot products [B, 4, C] (fp32) when xs is given."""
-    import torch
-
+    dst [B, C, 2h, 2w]; gates [B, 4, C]; xs: a space tensor like dst whose bands are dotted with `ins`,
+    the sums going to dot_out [B, 4, C] (float32, contiguous)."""
     B, C, h, w = ins[0].shape
     bh, bw, n_tw, n_tiles = _tiles(h, w)
-    planes = B * C
-    dot = torch.empty((n_tiles, planes, 4), dtype=torch.float32, device=dst.device) if xs is not None else dst
+    splits = _splits(B * C, n_tiles, xs is not None)
+    dot = _dot_buffer(splits, B, C, dot_out) if xs is not None else dst
     g = gates if gates is not None else dst
     gs = gates.stride() if gates is not None else (0, 0, 0)
     x = xs if xs is not None else dst
-    _haar_synthesis_kernel[(planes, n_tiles)](
+    _haar_synthesis_kernel[(B * C, splits)](
         *ins, *_bc(ins[0]), *_bc(ins[1]), g, gs[0], gs[1], gs[2], dst, *_bc(dst), x, *_bc(x),
-        dot, C, h, w, n_tw, planes, GATED=gates is not None, DOT=xs is not None, BH=bh, BW=bw, num_warps=4)
-    if xs is None:
-        return None
-    return dot.sum(0).reshape(B, C, 4).transpose(1, 2)
+        dot, B, C, h, w, n_tw, n_tiles, GATED=gates is not None, DOT=xs is not None, BH=bh, BW=bw, num_warps=4)
+    if xs is not None and splits > 1:
+        torch.sum(dot, 0, out=dot_out)

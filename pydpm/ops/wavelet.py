@@ -211,11 +211,10 @@ def _run_triton(args: WaveletArgs) -> None:
     elif args.kind == "up":
         haar_synthesis(list(x.chunk(4, dim=1)), outs[0], gates=g)
     elif args.kind == "down_bwd":      # dx = synthesis of (g_i·dy), dg_i = Σ band_i(x)·dy
-        dy = _plane_contiguous(args.dy)
-        outs[1].copy_(haar_synthesis([dy] * 4, outs[0], gates=g, xs=x))
+        haar_synthesis([_plane_contiguous(args.dy)] * 4, outs[0], gates=g, xs=x, dot_out=outs[1])
     else:                              # up_bwd: dx_i = g_i·band_i(dy), dg_i = Σ band_i(dy)·x_i
-        dy = _plane_contiguous(args.dy)
-        outs[1].copy_(haar_analysis(dy, list(outs[0].chunk(4, dim=1)), gates=g, refs=list(x.chunk(4, dim=1))))
+        haar_analysis(_plane_contiguous(args.dy), list(outs[0].chunk(4, dim=1)), gates=g,
+                      refs=list(x.chunk(4, dim=1)), dot_out=outs[1])
     for user, tmp in zip(args.out, outs):
         if tmp is not user:
             user.copy_(tmp)
