@@ -24,7 +24,7 @@ import subprocess
 import time
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, ContextManager, Iterable
+from typing import Any, Callable, ContextManager, Iterable, Sequence
 
 import torch
 
@@ -536,3 +536,23 @@ def run_suite(ops: dict[str, ModuleType], device: torch.device, quick: bool, out
     write_results(out, meta, ceilings, rows, report, footer)
     print(f"\nresults: {out / 'results.json'}, {out / 'results.md'}")
     return 1 if report.failed else 0
+
+
+class Outputs:
+    """Every output of one call. `check` compares `first_output(y).double()` with the oracle;
+    this holder's `double()` flattens all its parts into one float64 vector in the oracle's layout (a part
+    given as a sequence of bands is stacked on dim 2: high's [B, C, 3, h, w]; a part with a scale is
+    multiplied by it). The timed call only builds the holder; stacking and conversion happen when checked."""
+
+    __slots__ = ("parts", "scales")
+
+    def __init__(self, *parts, scales: Sequence[float] | None = None):
+        self.parts = parts
+        self.scales = scales or (1.0,) * len(parts)
+
+    def double(self) -> torch.Tensor:
+        flat = []
+        for part, scale in zip(self.parts, self.scales):
+            t = part if isinstance(part, torch.Tensor) else torch.stack(list(part), dim=2)
+            flat.append(t.detach().double().flatten() * scale)
+        return torch.cat(flat)

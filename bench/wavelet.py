@@ -79,7 +79,7 @@ from pydpm.ops import haar_dwt2, haar_idwt2, use_backend, wavelet_gate_down, wav
 from pydpm.ops.wavelet import (REGISTRY_OPS, check_down, check_dwt, check_idwt, check_up, haar_dwt2_reference,
                                haar_idwt2_reference, wavelet_gate_down_reference, wavelet_gate_up_reference)
 
-from .harness import Case, Impl, Inputs, Row, backend_impls, dtype_str, shape_str
+from .harness import Case, Impl, Inputs, Outputs, Row, backend_impls, dtype_str, shape_str
 
 HEADLINE = (16, 256, 64, 64)  # the issue's shape
 SHAPES = (HEADLINE, (8, 640, 64, 64), (2, 320, 128, 128), (64, 64, 32, 32))
@@ -105,28 +105,8 @@ def shapes(device: torch.device, quick: bool) -> list[tuple[int, ...]]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Outputs: every output of a call, for the harness's check
+# Outputs of forward and forward+backward calls (harness.Outputs holds several for the check)
 # --------------------------------------------------------------------------------------------------
-
-class Outputs:
-    """Every output of one call. The harness checks `first_output(y)` by `y.double()` against the oracle;
-    this holder's `double()` flattens all its parts into one float64 vector in the oracle's layout (a part
-    given as a sequence of bands is stacked on dim 2: high's [B, C, 3, h, w]; a part with a scale is
-    multiplied by it). The timed call only builds the holder; stacking and conversion happen when checked."""
-
-    __slots__ = ("parts", "scales")
-
-    def __init__(self, *parts, scales: Sequence[float] | None = None):
-        self.parts = parts
-        self.scales = scales or (1.0,) * len(parts)
-
-    def double(self) -> torch.Tensor:
-        flat = []
-        for part, scale in zip(self.parts, self.scales):
-            t = part if isinstance(part, torch.Tensor) else torch.stack(list(part), dim=2)
-            flat.append(t.detach().double().flatten() * scale)
-        return torch.cat(flat)
-
 
 @dataclasses.dataclass(frozen=True)
 class Grad:
