@@ -249,9 +249,13 @@ def naf_case(shape, dtype, device, backward: bool) -> Case:
         Impl(COMPILED, lambda: make(block, naf_block_reference, compiled=True)),
     ]
     n = math.prod(shape) * dtype.itemsize
+    # The block's 1×1 and depthwise convolutions go through cuDNN, which by torch's default
+    # (torch.backends.cudnn.allow_tf32) computes fp32 convolutions in TF32: every implementation, peers
+    # included, lands ~3e-4 from the float64 oracle, above the fp32 default of 1e-4.
+    tf32 = device.type == "cuda" and dtype == torch.float32 and torch.backends.cudnn.allow_tf32
     return Case("frequency", "naf+bwd" if backward else "naf", shape, dtype, device, inputs,
                 oracle_of(lambda t: naf_block_reference(block64, t["x"]), wrt, 1, scales), impls,
-                nbytes=4 * n if backward else 2 * n)
+                nbytes=4 * n if backward else 2 * n, tolerance=1e-3 if tf32 else None)
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:

@@ -454,13 +454,16 @@ def test_empty_batch(backend):
 
 
 def test_out_is_written_and_returned(gen):
-    x = _randn(2, 4, 3, 5, gen=gen)
-    w = _randn(2, 2, gen=gen)
+    x64 = _randn(2, 4, 3, 5, gen=gen)
+    w64 = _randn(2, 2, gen=gen)
     for backend in BACKENDS:
+        dev = DEVICE if backend == "triton" else torch.device("cpu")
+        x, w = x64.to(dev), w64.to(dev)
         with use_backend(backend):
-            out = torch.full((2, 2, 5, 3), math.nan, dtype=torch.float64).transpose(2, 3)  # not [B, C, S]-viewable
+            out = torch.full((2, 2, 5, 3), math.nan, dtype=torch.float64, device=dev).transpose(2, 3)  # not [B, C, S]-viewable
             assert simple_gate(x, out=out) is out
             torch.testing.assert_close(out, eager_simple_gate(x))
-            pair = (torch.empty(2, 2, 3, 5, dtype=torch.float64), torch.empty(2, 2, dtype=torch.float64))
+            pair = (torch.empty(2, 2, 3, 5, dtype=torch.float64, device=dev),
+                    torch.empty(2, 2, dtype=torch.float64, device=dev))
             assert simple_gate_sca(x, w, out=pair) is pair
             torch.testing.assert_close(pair[1], eager_simple_gate(x).mean((2, 3)) @ w.t())
