@@ -1,5 +1,6 @@
 """Fused ops. Each family module owns its reference, backends, tolerances and torch.library registration."""
 from pydpm.ops._registry import REGISTRY, BackendUnavailable, forced_backend, use_backend
+from pydpm.ops.attention import attention, attention_reference
 from pydpm.ops.solver_step import PhiloxNoise, Threshold, philox_normal, solver_step, solver_step_reference
 from pydpm.ops.frequency import ff_parser, simple_gate, simple_gate_sca, simplified_channel_attention
 from pydpm.ops.wavelet import (haar_dwt2, haar_idwt2, haar_waverec2, haar_wavedec2, wavelet_gate_down,
@@ -9,5 +10,5 @@ __all__ = [
     "REGISTRY", "BackendUnavailable", "PhiloxNoise", "Threshold", "forced_backend", "philox_normal", "solver_step",
     "solver_step_reference", "use_backend", "haar_dwt2", "haar_idwt2", "haar_wavedec2", "haar_waverec2",
     "wavelet_gate_down", "wavelet_gate_up", "ff_parser", "simple_gate", "simple_gate_sca",
-    "simplified_channel_attention",
+    "simplified_channel_attention", "attention", "attention_reference",
 ]

@@ -1,0 +1,78 @@
+"""attention beyond the registry contract: outputs and gradients against float64 SDPA on awkward shapes
+(N = 1, 17, 33; D = 16, 40, 72; cross-attention with NK = 1), both layouts, both backends (Triton through
+the interpreter without a GPU), argument errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pydpm.ops import attention, use_backend
+from _support import HAS_CUDA
+
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")  # triton: the GPU, or the interpreter (forced) on CPU
+CASES = [(1, 1, 1, 1, 16), (2, 3, 17, 17, 40), (1, 2, 33, 9, 72), (2, 1, 5, 1, 16), (1, 2, 20, 37, 24)]
+
+
+def rand(*shape, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def sdpa64(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("B,H,NQ,NK,D", CASES, ids=str)
+def test_forward_and_gradients_equal_float64_sdpa(B, H, NQ, NK, D, backend, layout):
+    q64, k64, v64 = rand(B, H, NQ, D, seed=1), rand(B, H, NK, D, seed=2), rand(B, H, NK, D, seed=3)
+    do64 = rand(B, H, NQ, D, seed=4)
+    refs = [t.clone().requires_grad_() for t in (q64, k64, v64)]
+    o_ref = sdpa64(*refs)
+    o_ref.backward(do64)
+    dev, dtype = (DEVICE, torch.float32) if backend == "triton" else (torch.device("cpu"), torch.float64)
+
+    def lay(t):
+        t = t.to(dev, dtype)
+        return t if layout == "bhnd" else t.transpose(1, 2).contiguous()
+    q, k, v = (lay(t).requires_grad_() for t in (q64, k64, v64))
+    with use_backend(backend):
+        o = attention(q, k, v, layout=layout, precision="ieee")
+        o.backward(lay(do64))
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+
+    def back(t):
+        return (t if layout == "bhnd" else t.transpose(1, 2)).cpu().double()
+    torch.testing.assert_close(back(o.detach()), o_ref.detach(), atol=tol, rtol=tol)
+    for got, ref in zip((q.grad, k.grad, v.grad), refs):
+        torch.testing.assert_close(back(got), ref.grad, atol=tol * 10, rtol=tol * 10)
+
+
+def test_reference_chunks_long_sequences():
+    """The reference walks queries in chunks of 1024: a 2500-token self-attention equals SDPA."""
+    q, k, v = rand(1, 1, 2500, 16, seed=5), rand(1, 1, 2500, 16, seed=6), rand(1, 1, 2500, 16, seed=7)
+    with use_backend("reference"):
+        torch.testing.assert_close(attention(q, k, v), sdpa64(q, k, v), atol=1e-10, rtol=1e-10)
+
+
+def test_gradcheck_reference_float64():
+    q, k, v = (rand(1, 2, 5, 8, seed=s).requires_grad_() for s in (8, 9, 10))
+    torch.autograd.gradcheck(lambda q, k, v: attention(q, k, v, scale=0.7), (q, k, v))
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: attention(torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 6)), "same shape"),
+    (lambda: attention(torch.zeros(1, 2, 3, 8), torch.zeros(1, 3, 4, 8), torch.zeros(1, 3, 4, 8)), "share q's"),
+    (lambda: attention(torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 0, 8), torch.zeros(1, 2, 0, 8)), "no tokens"),
+    (lambda: attention(torch.zeros(2, 3, 8), torch.zeros(2, 3, 8), torch.zeros(2, 3, 8)), "4 dims"),
+    (lambda: attention(torch.zeros(1, 1, 2, 8), torch.zeros(1, 1, 2, 8), torch.zeros(1, 1, 2, 8), layout="nhd"),
+     "layout='nhd'"),
+    (lambda: attention(torch.zeros(1, 1, 2, 8), torch.zeros(1, 1, 2, 8).half(), torch.zeros(1, 1, 2, 8)),
+     "k is torch.float16"),
+    (lambda: attention(torch.zeros(1, 1, 2, 300), torch.zeros(1, 1, 2, 300), torch.zeros(1, 1, 2, 300)),
+     "head dim 300"),
+])
+def test_errors_name_the_argument(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
