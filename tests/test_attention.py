@@ -76,3 +76,36 @@ def test_gradcheck_reference_float64():
 def test_errors_name_the_argument(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_attention_module_equals_the_composition():
+    from pydpm.nn import Attention
+    torch.manual_seed(0)
+    m = Attention(32, heads=4, context_dim=24).double()
+    x, ctx = rand(2, 7, 32, seed=11), rand(2, 5, 24, seed=12)
+    q = m.to_q(x).view(2, 7, 4, 8).transpose(1, 2)
+    k = m.to_k(ctx).view(2, 5, 4, 8).transpose(1, 2)
+    v = m.to_v(ctx).view(2, 5, 4, 8).transpose(1, 2)
+    expected = m.to_out(sdpa64(q, k, v).transpose(1, 2).reshape(2, 7, 32))
+    torch.testing.assert_close(m(x, ctx), expected, atol=1e-10, rtol=1e-10)
+    m(x, ctx).sum().backward()
+    assert all(p.grad is not None for p in m.parameters())
+
+
+def test_diffusers_attention_processor_matches_sdpa_processor():
+    """A diffusers UNet with pydpm's processor gives the outputs of diffusers' AttnProcessor2_0 (one call
+    swaps every attention block: self- and cross-attention)."""
+    diffusers = pytest.importorskip("diffusers")
+    from pydpm.integrations.diffusers import use_pydpm_attention
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24, attention_head_dim=8, norm_num_groups=8).eval()
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 24)
+    with torch.no_grad():
+        expected = unet(x, 10, ctx).sample
+        processor = use_pydpm_attention(unet)
+        got = unet(x, 10, ctx).sample
+    assert processor.fallbacks == 0
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)

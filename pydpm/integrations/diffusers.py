@@ -504,4 +504,70 @@ class DDIMScheduler(diffusers.DDIMScheduler):
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 
 
-__all__ = ["DDIMScheduler", "DPMSolverMultistepScheduler", "MODEL_TYPES", "UniPCMultistepScheduler"]
+class AttnProcessor:
+    """A diffusers attention processor running `pydpm.ops.attention`: the steps of diffusers'
+    `AttnProcessor2_0` (spatial/group norms, q/k/v projections, q/k norms, output projection, residual,
+    rescale) with the heads read in place as [B, N, H, D] views instead of transposed copies. Calls with
+    an attention mask go to torch's scaled_dot_product_attention (pydpm's op has no mask); `fallbacks`
+    counts them."""
+
+    def __init__(self):
+        self.fallbacks = 0
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
+                 **kwargs):
+        from pydpm.ops.attention import attention
+
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        batch, n_keys = context.shape[:2]
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, n_keys, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        key, value = attn.to_k(context), attn.to_v(context)
+        head_dim = key.shape[-1] // attn.heads
+        q = query.view(batch, -1, attn.heads, head_dim)
+        k = key.view(batch, -1, attn.heads, head_dim)
+        v = value.view(batch, -1, attn.heads, head_dim)
+        if attn.norm_q is not None:   # diffusers normalises the [B, H, N, D] view over D: the same per head
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        if attention_mask is not None:
+            self.fallbacks += 1
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attention_mask).transpose(1, 2)
+        else:
+            out = attention(q, k, v, layout="bnhd")
+        hidden_states = out.reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def use_pydpm_attention(model) -> AttnProcessor:
+    """Route every attention block of a diffusers model (UNet, DiT, ...) through pydpm's attention with one
+    call; returns the processor (its `fallbacks` counts masked calls sent to SDPA)."""
+    if not hasattr(model, "set_attn_processor"):
+        raise TypeError(f"{type(model).__name__} has no set_attn_processor; pass a diffusers model")
+    processor = AttnProcessor()
+    model.set_attn_processor(processor)
+    return processor
+
+
+__all__ = ["AttnProcessor", "DDIMScheduler", "DPMSolverMultistepScheduler", "MODEL_TYPES", "UniPCMultistepScheduler",
+           "use_pydpm_attention"]
