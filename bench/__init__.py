@@ -14,7 +14,7 @@ import torch
 
 from . import harness
 
-OPS = ("solver_step", "samplers", "wavelet", "frequency")  # one module of this package per op family
+OPS = ("solver_step", "samplers", "wavelet", "frequency", "attention")  # one module of this package per op family
 
 
 def _parser() -> argparse.ArgumentParser:

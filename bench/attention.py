@@ -1,0 +1,126 @@
+"""Benchmark cases of `pydpm.ops.attention` (issue 5): forward and forward+backward on diffusion shapes,
+every SDPA backend side by side in the same run.
+
+Shapes (B, H, N, D): (2,8,4096,40), (2,8,4096,64), (2,10,1024,64), (32,16,256,72), (1,24,4608,128),
+(64,4,256,32), and a cross-attention (2,8,4096,64) × 77 keys; fp16, bf16, fp32. `--quick`: the first
+two and the cross-attention. On the CPU: one small shape, fp32.
+
+Implementations: pydpm[triton] and pydpm[reference] (forced), and torch's scaled_dot_product_attention
+under each backend (`torch.nn.attention.sdpa_kernel`: FLASH_ATTENTION, CUDNN_ATTENTION,
+EFFICIENT_ATTENTION, MATH), each skipped with torch's reason where it cannot run the case (e.g. flash and
+cuDNN take no fp32, some head dims are refused). Flops: 4·B·H·NQ·NK·D forward (two matmuls), 2.5× that
+for forward+backward (FlashAttention's convention: the backward recomputes the scores). Every output
+(forward+backward: o and dq, dk, dv) is checked against float64 SDPA on the same inputs.
+
+Targets (issue 5): fp16/bf16 forward ≥ the SDPA flash backend on every shape and ≥ 0.75× the best SDPA
+backend on D = 64 and D = 128; fp32 forward+backward ≥ 2× SDPA's best fp32 backend; backward ≥ flash.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from pydpm.ops import attention
+from pydpm.ops.attention import OP, check_args
+
+from .harness import Case, Impl, Inputs, Outputs, Row, backend_impls, dtype_str, shape_str
+
+SHAPES = [((2, 8, 4096, 40), 4096), ((2, 8, 4096, 64), 4096), ((2, 10, 1024, 64), 1024), ((32, 16, 256, 72), 256),
+          ((1, 24, 4608, 128), 4608), ((64, 4, 256, 32), 256), ((2, 8, 4096, 64), 77)]
+CPU_SHAPE = ((1, 2, 256, 64), 256)
+SDPA_BACKENDS = ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+
+
+def dtypes(device: torch.device) -> list[torch.dtype]:
+    return [torch.float16, torch.bfloat16, torch.float32] if device.type == "cuda" else [torch.float32]
+
+
+def shapes(device: torch.device, quick: bool):
+    if device.type != "cuda":
+        return [CPU_SHAPE]
+    return [SHAPES[0], SHAPES[1], SHAPES[-1]] if quick else SHAPES
+
+
+def _sdpa_context(name: str) -> Callable[[], contextlib.AbstractContextManager]:
+    def context():
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        return sdpa_kernel(getattr(SDPBackend, name))
+    return context
+
+
+def _grads(fn, backward: bool):
+    """The timed callable: fn(q, k, v) only, or with the backward of a fixed cotangent (outputs o, dq, dk, dv)."""
+    def call(t: Inputs):
+        if not backward:
+            with torch.no_grad():
+                return fn(t["q"], t["k"], t["v"])
+        q, k, v = (t[n].detach().requires_grad_() for n in ("q", "k", "v"))
+        o = fn(q, k, v)
+        dq, dk, dv = torch.autograd.grad(o, (q, k, v), t["do"])
+        return Outputs(o, dq, dk, dv)
+    return call
+
+
+def attention_case(shape, nk: int, dtype, device, backward: bool) -> Case:
+    B, H, NQ, D = shape
+
+    def inputs() -> Inputs:
+        t = {"q": torch.randn(B, H, NQ, D, dtype=dtype, device=device),
+             "k": torch.randn(B, H, nk, D, dtype=dtype, device=device),
+             "v": torch.randn(B, H, nk, D, dtype=dtype, device=device)}
+        if backward:
+            t["do"] = torch.randn(B, H, NQ, D, dtype=dtype, device=device)
+        return t
+
+    def oracle(t: Inputs):
+        q, k, v = (t[n].double().requires_grad_(backward) for n in ("q", "k", "v"))
+        with torch.enable_grad():
+            o = F.scaled_dot_product_attention(q, k, v)
+            if not backward:
+                return o.detach()
+            dq, dk, dv = torch.autograd.grad(o, (q, k, v), t["do"].double())
+        return Outputs(o.detach(), dq, dk, dv).double()
+
+    def ours(t: Inputs):
+        return _grads(lambda q, k, v: attention(q, k, v), backward)(t)
+
+    impls = backend_impls(OP, lambda t: check_args(t["q"], t["k"], t["v"]), ours)
+    for name in SDPA_BACKENDS:
+        impls.append(Impl(f"sdpa[{name.split('_')[0].lower()}]",
+                          make=lambda: _grads(F.scaled_dot_product_attention, backward),
+                          context=_sdpa_context(name)))
+    flops = 4 * B * H * NQ * nk * D * (2.5 if backward else 1)
+    tag = f"x{nk}" if nk != NQ else ""
+    return Case("attention", ("attn+bwd" if backward else "attn") + tag, shape, dtype, device, inputs, oracle, impls,
+                flops=int(flops), tolerance=5e-3 if dtype == torch.float32 and device.type == "cuda" else None)
+
+
+def cases(device: torch.device, quick: bool) -> list[Case]:
+    return [attention_case(shape, nk, dtype, device, backward) for dtype in dtypes(device)
+            for shape, nk in shapes(device, quick) for backward in (False, True)]
+
+
+def _best(rows: list[Row], prefix: str) -> Row | None:
+    ok = [r for r in rows if r.impl.startswith(prefix) and r.median_ms and not r.note]
+    return min(ok, key=lambda r: r.median_ms) if ok else None
+
+
+def footer(results: list[tuple[Case, list[Row]]]) -> list[str]:
+    """Per case: pydpm[triton] TFLOP/s against SDPA flash and the best SDPA backend."""
+    lines = []
+    for case, rows in results:
+        ours = next((r for r in rows if r.impl == "pydpm[triton]" and r.median_ms and not r.note), None)
+        best = _best(rows, "sdpa[")
+        flash = next((r for r in rows if r.impl == "sdpa[flash]" and r.median_ms and not r.note), None)
+        if ours is None or best is None:
+            continue
+        line = (f"{case.name} {shape_str(case.shape)} {dtype_str(case.dtype)}: pydpm {ours.throughput:.0f} TFLOP/s, "
+                f"best SDPA ({best.impl}) {best.throughput:.0f} ({ours.throughput / best.throughput:.2f}x)")
+        if flash is not None:
+            line += f", flash {flash.throughput:.0f} ({ours.throughput / flash.throughput:.2f}x)"
+        lines.append(line)
+    return lines or ["attention targets: not measured in this run (pydpm[triton] needs CUDA)"]
