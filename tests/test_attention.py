@@ -109,3 +109,15 @@ def test_diffusers_attention_processor_matches_sdpa_processor():
         got = unet(x, 10, ctx).sample
     assert processor.fallbacks == 0
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("backend,NQ,NK,D", [("triton", 77, 97, 80), ("triton", 97, 77, 72),
+                                               ("reference", 1025, 1025, 80), ("reference", 1, 77, 40)], ids=str)
+def test_issue_shapes(backend, NQ, NK, D):
+    """The issue's awkward sizes: N = 77, 97, 1025 (B·H = 1), D = 40, 72, 80."""
+    q, k, v = rand(1, 1, NQ, D, seed=13), rand(1, 1, NK, D, seed=14), rand(1, 1, NK, D, seed=15)
+    dev, dtype = (DEVICE, torch.float32) if backend == "triton" else (torch.device("cpu"), torch.float64)
+    with use_backend(backend):
+        o = attention(*(t.to(dev, dtype) for t in (q, k, v)), precision="ieee")
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(o.cpu().double(), sdpa64(q, k, v), atol=tol, rtol=tol)
