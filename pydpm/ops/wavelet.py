@@ -396,14 +396,17 @@ _up_op.register_autograd(_up_backward, setup_context=_save_inputs)
 # Public ops
 # --------------------------------------------------------------------------------------------------
 
-def _needs_graph(*ts) -> bool:
-    return torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in ts))
-
-
-def _no_grad_out(op: str, out, *ts) -> None:
-    if out is not None and _needs_graph(*ts) and not torch.compiler.is_compiling():
-        _fail(op, "out= is not differentiable (like torch's out= arguments); drop out= to get gradients")
+def _apply(name: str, graph_op, checker, inputs: tuple, out):
+    """Run a public op: through its torch.library op (autograd, torch.compile) when a graph is being
+    recorded, else checked and dispatched straight to a backend, writing `out` when given."""
+    graph = torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in inputs))
+    if out is not None and graph and not torch.compiler.is_compiling():
+        _fail(name, "out= is not differentiable (like torch's out= arguments); drop out= to get gradients")
+    if out is None and graph:
+        return graph_op(*inputs)
+    args = checker(*inputs, out=out)
+    _run(args)
+    return out if out is not None else _unpack(args.out)
 
 
 def haar_dwt2(x: torch.Tensor, *, out=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -411,47 +414,27 @@ def haar_dwt2(x: torch.Tensor, *, out=None) -> tuple[torch.Tensor, torch.Tensor]
     even): (ll [B, C, H/2, W/2], high [B, C, 3, H/2, W/2]) with high = (horizontal, vertical, diagonal),
     equal to pywt.dwt2(x, 'haar'). Differentiable (the backward is `haar_idwt2`). One read of x, one write
     of the bands. Unfused equivalent: `haar_dwt2_reference`."""
-    _no_grad_out("haar_dwt2", out, x)
-    if out is None and _needs_graph(x):
-        return _dwt_op(x)
-    args = check_dwt(x, out)
-    _run(args)
-    return args.out if out is None else out
+    return _apply("haar_dwt2", _dwt_op, check_dwt, (x,), out)
 
 
 def haar_idwt2(ll: torch.Tensor, high: torch.Tensor, *, out=None) -> torch.Tensor:
     """The exact inverse of `haar_dwt2`: x [B, C, 2h, 2w] from ll [B, C, h, w] and high [B, C, 3, h, w]
     (pywt.idwt2). Differentiable (the backward is `haar_dwt2`)."""
-    _no_grad_out("haar_idwt2", out, ll, high)
-    if out is None and _needs_graph(ll, high):
-        return _idwt_op(ll, high)
-    args = check_idwt(ll, high, out)
-    _run(args)
-    return args.out[0]
+    return _apply("haar_idwt2", _idwt_op, check_idwt, (ll, high), out)
 
 
 def wavelet_gate_down(x: torch.Tensor, gates: torch.Tensor, *, out=None) -> torch.Tensor:
     """WG-Down: y = Σᵢ gates[:, i, :, None, None] · bandᵢ(x), bands (ll, h, v, d) of the Haar transform of
     x [B, C, H, W]; gates [B, 4, C]; y [B, C, H/2, W/2]. One read of x, one write of y; the backward
     (x and gates) is one pass too. fp32 accumulation. Unfused equivalent: `wavelet_gate_down_reference`."""
-    _no_grad_out("wavelet_gate_down", out, x, gates)
-    if out is None and _needs_graph(x, gates):
-        return _down_op(x, gates)
-    args = check_down(x, gates, out)
-    _run(args)
-    return args.out[0]
+    return _apply("wavelet_gate_down", _down_op, check_down, (x, gates), out)
 
 
 def wavelet_gate_up(x: torch.Tensor, gates: torch.Tensor, *, out=None) -> torch.Tensor:
     """WG-Up: x [B, 4C, H, W] holds the four bands (ll, h, v, d) as channel chunks; each chunk is gated by
     gates[:, i, :] and the inverse Haar transform gives y [B, C, 2H, 2W]. One read of x, one write of y;
     the backward (x and gates) is one pass. Unfused equivalent: `wavelet_gate_up_reference`."""
-    _no_grad_out("wavelet_gate_up", out, x, gates)
-    if out is None and _needs_graph(x, gates):
-        return _up_op(x, gates)
-    args = check_up(x, gates, out)
-    _run(args)
-    return args.out[0]
+    return _apply("wavelet_gate_up", _up_op, check_up, (x, gates), out)
 
 
 def haar_wavedec2(x: torch.Tensor, levels: int) -> list:
