@@ -159,7 +159,6 @@ class Tracer(_Times):
         self.x = Lin({0: 1.0})
         self.cur = 0
         self.pending: Call | None = None
-        self.n_noise = 0
 
     def _new(self, kind: str) -> int:
         self.kind.append(kind)
@@ -425,8 +424,8 @@ class _Workspace:
         for kind, e in plan.events:
             if kind != "launch":
                 continue
-            out = self.slot(plan, e.out, x)
-            save = self.slot(plan, e.call.sym, x) if e.save else None
+            out = _slot(self.store, plan.storage[e.out], x)
+            save = _slot(self.store, plan.storage[e.call.sym], x) if e.save else None
             if all(plan.kind_of(s) == "d" for s in e.models):  # every operand but x stays put between runs
                 has_d = e.call is not None
                 pair = has_d and _pair(opts, b.wrapped, e.call)
@@ -441,11 +440,22 @@ class _Workspace:
                 self.steps.append(None)
             li += 1
 
-    def slot(self, plan: Plan, sym: int, x: torch.Tensor) -> torch.Tensor:
-        i = plan.storage[sym]
-        if self.store[i] is None:
-            self.store[i] = torch.empty_like(x)
-        return self.store[i]
+
+def _slot(store: list, i: int, like: torch.Tensor) -> torch.Tensor:
+    """The tensor of storage index i, allocated like `like` on first use."""
+    if store[i] is None:
+        store[i] = torch.empty_like(like)
+    return store[i]
+
+
+def _launch(e: Launch, tensor, b: _Bound, li: int, opts: Options, model_output, guidance, save, out) -> None:
+    """Launch e through the checked op (the path for launches a PlannedStep does not take). model_output
+    is a tensor or a (cond, uncond) pair with its guidance scale."""
+    has_d = e.call is not None
+    solver_step(tensor(e.x), [tensor(s) for s in e.models], b.rows[li],
+                model_output=model_output if has_d else None, convert=b.convs[li] if has_d else None,
+                guidance_scale=guidance if has_d else None, threshold=_threshold(opts, e.call), save=save,
+                noise=PhiloxNoise(opts.seed, e.noise) if e.noise is not None else None, out=out)
 
 
 def _pair(opts: Options, wrapped: bool, call: Call) -> bool:
@@ -543,12 +553,7 @@ class Runner:
                                                            uncond if has_d else None, out):
                     if has_d:
                         _check_model_output(raw, tensor(e.call.x))
-                    solver_step(tensor(e.x), [tensor(s) for s in e.models], b.rows[li],
-                                model_output=(cond if uncond is None else (cond, uncond)) if has_d else None,
-                                convert=b.convs[li] if has_d else None,
-                                guidance_scale=guidance if has_d and uncond is not None else None,
-                                threshold=_threshold(opts, e.call), save=tensor(e.call.sym) if e.save else None,
-                                noise=PhiloxNoise(opts.seed, e.noise) if e.noise is not None else None, out=out)
+                    _launch(e, tensor, b, li, opts, raw, guidance, tensor(e.call.sym) if e.save else None, out)
                 if e.out == ws.output:
                     result = out
                 li += 1
@@ -623,14 +628,6 @@ class EagerTracer(_Times):
         thr = opts.threshold if call.predict == "data" and not corrected else None
         return solver_step(x, [], [0.0, 1.0], model_output=raw, convert=list(_convert(mt, point, call.predict)),
                            guidance_scale=g, threshold=thr)
-
-
-def _step(x, models, coeffs, model_output, convert, guidance, threshold, save, noise, out) -> None:
-    """One launch. Pairs come as (cond, uncond) with their guidance scale."""
-    if isinstance(model_output, tuple) and guidance is None:
-        raise RuntimeError("internal: a (cond, uncond) pair without a guidance scale")
-    solver_step(x, models, coeffs, model_output=model_output, convert=convert, guidance_scale=guidance,
-                threshold=threshold, save=save, noise=noise, out=out)
 
 
 def _check_model_output(out, x: torch.Tensor, what: str = "the model") -> None:
@@ -716,21 +713,10 @@ class Stepper:
         li, result = self.first_launch[self.k], None
         for kind, e in self.segments[self.k]:
             if kind == "launch":
-                out = torch.empty_like(sample) if plan.kind_of(e.out) == "buf" else None
-                if out is None:
-                    i = plan.storage[e.out]
-                    out = store[i] if store[i] is not None else torch.empty_like(sample)
-                    store[i] = out
-                save = None
-                if e.save:
-                    i = plan.storage[e.call.sym]
-                    save = store[i] if store[i] is not None else torch.empty_like(sample)
-                    store[i] = save
-                has_d = e.call is not None
-                thr = _threshold(self.opts, e.call)
-                _step(tensor(e.x), [tensor(s) for s in e.models], b.rows[li], model_output if has_d else None,
-                      b.convs[li] if has_d else None, guidance_scale if has_d else None, thr, save,
-                      PhiloxNoise(self.opts.seed, e.noise) if e.noise is not None else None, out)
+                out = (torch.empty_like(sample) if plan.kind_of(e.out) == "buf"
+                       else _slot(store, plan.storage[e.out], sample))
+                save = _slot(store, plan.storage[e.call.sym], sample) if e.save else None
+                _launch(e, tensor, b, li, self.opts, model_output, guidance_scale, save, out)
                 given[e.out] = result = out
                 li += 1
             elif kind == "output":
