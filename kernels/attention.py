@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pydpm.ops.attention import dims
+
 _LOG2E = tl.constexpr(1.4426950408889634)
 
 
@@ -29,6 +31,15 @@ def _dot(a, b, IEEE: tl.constexpr):
     if IEEE:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b)
+
+
+@triton.jit
+def _probs_and_dscores(q, k, v, do, lse, delta, valid, qk_scale, IEEE: tl.constexpr):
+    """The backward's recomputed probabilities p = exp2(s − lse₂) (zero outside `valid`) and the score
+    gradients ds = p·(do·vᵀ − δ) of one [M, N] block."""
+    s = _dot(q, tl.trans(k), IEEE) * qk_scale
+    p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
+    return p, p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
 
 
 @triton.jit
@@ -107,12 +118,9 @@ def _attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, scale,
         do = _load_rows(dob, rows, NQ, s_dn, offs_d, D, s_dd)
         lse = tl.load(LSE + bh.to(tl.int64) * NQ + rows, mask=rows < NQ, other=0.0)
         delta = tl.load(DELTA + bh.to(tl.int64) * NQ + rows, mask=rows < NQ, other=0.0)
-        s = _dot(q, tl.trans(k), IEEE) * qk_scale                       # [M, N]
         valid = (rows[:, None] < NQ) & (offs_n[None, :] < NK)
-        p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
+        p, ds = _probs_and_dscores(q, k, v, do, lse, delta, valid, qk_scale, IEEE)
         dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
-        dp = _dot(do, tl.trans(v), IEEE)
-        ds = p * (dp - delta[:, None])
         dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
     out = (bh.to(tl.int64) * NK + offs_n[:, None]) * D + offs_d[None, :]
     mask = (offs_n[:, None] < NK) & (offs_d[None, :] < D)
@@ -144,11 +152,8 @@ def _attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, scale,
         cols = start + offs_n
         k = _load_rows(kb, cols, NK, s_kn, offs_d, D, s_kd)
         v = _load_rows(vb, cols, NK, s_vn, offs_d, D, s_vd)
-        s = _dot(q, tl.trans(k), IEEE) * qk_scale
         valid = (offs_m[:, None] < NQ) & (cols[None, :] < NK)
-        p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v), IEEE)
-        ds = p * (dp - delta[:, None])
+        _, ds = _probs_and_dscores(q, k, v, do, lse, delta, valid, qk_scale, IEEE)
         dq += _dot(ds.to(k.dtype), k, IEEE)
     out = (bh.to(tl.int64) * NQ + offs_m[:, None]) * D + offs_d[None, :]
     tl.store(DQ + out, (dq * scale).to(DQ.dtype.element_ty), mask=(offs_m[:, None] < NQ) & (offs_d[None, :] < D))
@@ -174,12 +179,7 @@ def _bhnd_strides(t: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
 
 def attention_fwd(q, k, v, o, lse, scale: float, layout: str, ieee: bool, interpreting: bool) -> None:
     """o (layout like q) and lse [B, H, NQ] (fp32, base 2) from q [.., NQ, ..], k and v [.., NK, ..]."""
-    if layout == "bhnd":
-        B, H, NQ, D = q.shape
-        NK = k.shape[2]
-    else:
-        B, NQ, H, D = q.shape
-        NK = k.shape[1]
+    B, H, NQ, NK, D = dims(q, k, layout)
     bm, bn, bd = _blocks(D, interpreting)
     ieee = ieee or interpreting
     _attention_fwd_kernel[(triton.cdiv(NQ, bm), B * H)](
@@ -190,12 +190,7 @@ def attention_fwd(q, k, v, o, lse, scale: float, layout: str, ieee: bool, interp
 
 def attention_bwd(do, q, k, v, o, lse, scale: float, layout: str, ieee: bool, interpreting: bool):
     """(dq, dk, dv), each contiguous [B, H, N, D] (the caller views them in its layout)."""
-    if layout == "bhnd":
-        B, H, NQ, D = q.shape
-        NK = k.shape[2]
-    else:
-        B, NQ, H, D = q.shape
-        NK = k.shape[1]
+    B, H, NQ, NK, D = dims(q, k, layout)
     bm, bn, bd = _blocks(D, interpreting)
     ieee = ieee or interpreting
     delta = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)

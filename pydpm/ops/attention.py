@@ -34,23 +34,16 @@ def _to_bhnd(t: torch.Tensor, layout: str) -> torch.Tensor:
 # Reference
 # --------------------------------------------------------------------------------------------------
 
-def attention_reference(q, k, v, *, scale=None, layout="bhnd", precision="tf32", compute_dtype=None):
-    """softmax(q·kᵀ·scale)·v in `compute_dtype` (default float32, float64 for float64 inputs), query rows
-    in chunks of 1024. Returns o in q's dtype and layout."""
-    acc = compute_dtype or (torch.float64 if q.dtype == torch.float64 else torch.float32)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    qb, kb, vb = (_to_bhnd(t, layout).to(acc) for t in (q, k, v))
-    out = torch.empty(qb.shape, dtype=acc, device=q.device)
-    for start in range(0, qb.shape[2], _CHUNK):
-        s = qb[:, :, start:start + _CHUNK] @ kb.transpose(-1, -2) * scale
-        out[:, :, start:start + _CHUNK] = torch.softmax(s, dim=-1) @ vb
-    o = out.to(q.dtype)
-    return o if layout == "bhnd" else o.transpose(1, 2)
+def dims(q: torch.Tensor, k: torch.Tensor, layout: str) -> tuple[int, int, int, int, int]:
+    """(B, H, NQ, NK, D) of a call in `layout`."""
+    if layout == "bhnd":
+        return q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3]
+    return q.shape[0], q.shape[2], q.shape[1], k.shape[1], q.shape[3]
 
 
-def _reference_forward(q, k, v, scale, layout):
-    """(o, lse₂) of the reference, lse₂ [B, H, NQ] in float32 (base 2, as the Triton kernel saves it)."""
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+def _reference_forward(q, k, v, scale, layout, acc):
+    """(o [B, H, NQ, D] in `acc`, lse₂ [B, H, NQ] float32 in base 2, as the Triton kernel saves it), query
+    rows in chunks of 1024 so that memory stays CHUNK × NK per head."""
     qb, kb, vb = (_to_bhnd(t, layout).to(acc) for t in (q, k, v))
     o = torch.empty(qb.shape, dtype=acc, device=q.device)
     lse = torch.empty(qb.shape[:3], dtype=torch.float32, device=q.device)
@@ -59,6 +52,15 @@ def _reference_forward(q, k, v, scale, layout):
         lse[:, :, start:start + _CHUNK] = (torch.logsumexp(s, dim=-1) / math.log(2)).float()
         o[:, :, start:start + _CHUNK] = torch.softmax(s, dim=-1) @ vb
     return o, lse
+
+
+def attention_reference(q, k, v, *, scale=None, layout="bhnd", precision="tf32", compute_dtype=None):
+    """softmax(q·kᵀ·scale)·v in `compute_dtype` (default float32, float64 for float64 inputs), query rows
+    in chunks of 1024. Returns o in q's dtype and layout."""
+    acc = compute_dtype or (torch.float64 if q.dtype == torch.float64 else torch.float32)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    o = _reference_forward(q, k, v, scale, layout, acc)[0].to(q.dtype)
+    return o if layout == "bhnd" else o.transpose(1, 2)
 
 
 def _reference_backward(do, q, k, v, scale, layout):
@@ -92,10 +94,6 @@ class AttentionArgs:
     layout: str
     precision: str
     out: torch.Tensor | None = None
-
-    @property
-    def x(self) -> torch.Tensor:  # what dispatch keys and reasons read
-        return self.q
 
 
 def _fail(msg: str) -> None:
@@ -160,14 +158,15 @@ def _run_triton(args: AttentionArgs):
 
     q = args.q
     o = args.out if args.out is not None else torch.empty_like(q)
-    B, H, NQ = (q.shape[0], q.shape[1], q.shape[2]) if args.layout == "bhnd" else (q.shape[0], q.shape[2], q.shape[1])
+    B, H, NQ, _, _ = dims(q, args.k, args.layout)
     lse = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
     attention_fwd(q, args.k, args.v, o, lse, args.scale, args.layout, args.precision == "ieee", _interpreting(q))
     return o, lse
 
 
 def _run_reference(args: AttentionArgs):
-    o, lse = _reference_forward(args.q, args.k, args.v, args.scale, args.layout)
+    acc = torch.float64 if args.q.dtype == torch.float64 else torch.float32
+    o, lse = _reference_forward(args.q, args.k, args.v, args.scale, args.layout, acc)
     o = o.to(args.q.dtype)
     o = o if args.layout == "bhnd" else o.transpose(1, 2)
     if args.out is not None:
@@ -204,7 +203,7 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
 
 @_attention_op.register_fake
 def _(q, k, v, scale, layout, precision):
-    B, H, NQ = (q.shape[0], q.shape[1], q.shape[2]) if layout == "bhnd" else (q.shape[0], q.shape[2], q.shape[1])
+    B, H, NQ, _, _ = dims(q, k, layout)
     return q.new_empty(q.shape), q.new_empty((B, H, NQ), dtype=torch.float32)
 
 
