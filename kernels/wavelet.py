@@ -34,6 +34,16 @@ WRITE_SUM = tl.constexpr(1)
 
 
 @triton.jit
+def _gates(gate, g_sb, g_si, g_sc, b, c, GATED: tl.constexpr):
+    """The four band gates of plane (b, c) in fp32 (ones when ungated)."""
+    if GATED:
+        gbase = gate + b * g_sb + c * g_sc
+        return (tl.load(gbase).to(tl.float32), tl.load(gbase + g_si).to(tl.float32),
+                tl.load(gbase + 2 * g_si).to(tl.float32), tl.load(gbase + 3 * g_si).to(tl.float32))
+    return 1.0, 1.0, 1.0, 1.0
+
+
+@triton.jit
 def _haar_analysis_kernel(src, s_sb, s_sc,
                           out0, out1, out2, out3, o0_sb, o0_sc, o1_sb, o1_sc,
                           gate, g_sb, g_si, g_sc,
@@ -43,14 +53,7 @@ def _haar_analysis_kernel(src, s_sb, s_sc,
                           BH: tl.constexpr, BW: tl.constexpr):
     plane, split, n_splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
     b, c = plane // C, plane % C
-    if GATED:
-        gbase = gate + b * g_sb + c * g_sc
-        g0 = tl.load(gbase).to(tl.float32)
-        g1 = tl.load(gbase + g_si).to(tl.float32)
-        g2 = tl.load(gbase + 2 * g_si).to(tl.float32)
-        g3 = tl.load(gbase + 3 * g_si).to(tl.float32)
-    else:
-        g0, g1, g2, g3 = 1.0, 1.0, 1.0, 1.0
+    g0, g1, g2, g3 = _gates(gate, g_sb, g_si, g_sc, b, c, GATED)
     s0, s1, s2, s3 = 0.0, 0.0, 0.0, 0.0
     for tile in range(split, n_tiles, n_splits):
         s0, s1, s2, s3 = _analysis_tile(
@@ -119,14 +122,7 @@ def _haar_synthesis_kernel(in0, in1, in2, in3, i0_sb, i0_sc, i1_sb, i1_sc,
                            GATED: tl.constexpr, DOT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
     plane, split, n_splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
     b, c = plane // C, plane % C
-    if GATED:
-        gbase = gate + b * g_sb + c * g_sc
-        g0 = tl.load(gbase).to(tl.float32)
-        g1 = tl.load(gbase + g_si).to(tl.float32)
-        g2 = tl.load(gbase + 2 * g_si).to(tl.float32)
-        g3 = tl.load(gbase + 3 * g_si).to(tl.float32)
-    else:
-        g0, g1, g2, g3 = 1.0, 1.0, 1.0, 1.0
+    g0, g1, g2, g3 = _gates(gate, g_sb, g_si, g_sc, b, c, GATED)
     s0, s1, s2, s3 = 0.0, 0.0, 0.0, 0.0
     for tile in range(split, n_tiles, n_splits):
         s0, s1, s2, s3 = _synthesis_tile(in0, in1, in2, in3, i0_sb, i0_sc, i1_sb, i1_sc, g0, g1, g2, g3,
