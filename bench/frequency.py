@@ -49,22 +49,10 @@ from pydpm.ops import ff_parser, simple_gate, simple_gate_sca, simplified_channe
 from pydpm.ops.frequency import FF_OP, GATE_SCA_OP, check_ff_parser, check_simple_gate_sca
 
 from .harness import Case, Impl, Inputs, Outputs, Row, backend_impls, dtype_str, shape_str
+from .wavelet import dtypes, shapes  # issue 4's shape grid, shared with the wavelet cases
 
-HEADLINE = (16, 256, 64, 64)
-SHAPES = (HEADLINE, (8, 640, 64, 64), (2, 320, 128, 128), (64, 64, 32, 32))
-CPU_SHAPE = (2, 16, 32, 32)
 FF_TARGET = 1.5  # issue 4: FF-Parser >= 1.5x eager
 EAGER, COMPILED = "eager", "torch.compile(eager)"
-
-
-def dtypes(device: torch.device) -> list[torch.dtype]:
-    return [torch.float32, torch.bfloat16] if device.type == "cuda" else [torch.float32]
-
-
-def shapes(device: torch.device, quick: bool) -> list[tuple[int, ...]]:
-    if device.type != "cuda":
-        return [CPU_SHAPE]
-    return [SHAPES[0], SHAPES[-1]] if quick else list(SHAPES)
 
 
 # --------------------------------------------------------------------------------------------------
