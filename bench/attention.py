@@ -8,8 +8,8 @@ two and the cross-attention. On the CPU: one small shape, fp32.
 Implementations: pydpm[triton] and pydpm[reference] (forced), and torch's scaled_dot_product_attention
 under each backend (`torch.nn.attention.sdpa_kernel`: FLASH_ATTENTION, CUDNN_ATTENTION,
 EFFICIENT_ATTENTION, MATH), each skipped with torch's reason where it cannot run the case (e.g. flash and
-cuDNN take no fp32, some head dims are refused). Flops: 4·B·H·NQ·NK·D forward (two matmuls), 2.5× that
-for forward+backward (FlashAttention's convention: the backward recomputes the scores). Every output
+cuDNN take no fp32, some head dims are refused). Flops: 4·B·H·NQ·NK·D forward (two matmuls), 3.5× that
+for forward+backward (FlashAttention's convention: the backward's five matmuls count 2.5× the forward). Every output
 (forward+backward: o and dq, dk, dv) is checked against float64 SDPA on the same inputs.
 
 Targets (issue 5): fp16/bf16 forward ≥ the SDPA flash backend on every shape and ≥ 0.75× the best SDPA
@@ -93,7 +93,7 @@ def attention_case(shape, nk: int, dtype, device, backward: bool) -> Case:
         impls.append(Impl(f"sdpa[{name.split('_')[0].lower()}]",
                           make=lambda: _grads(F.scaled_dot_product_attention, backward),
                           context=_sdpa_context(name)))
-    flops = 4 * B * H * NQ * nk * D * (2.5 if backward else 1)
+    flops = 4 * B * H * NQ * nk * D * (3.5 if backward else 1)
     tag = f"x{nk}" if nk != NQ else ""
     return Case("attention", ("attn+bwd" if backward else "attn") + tag, shape, dtype, device, inputs, oracle, impls,
                 flops=int(flops), tolerance=5e-3 if dtype == torch.float32 and device.type == "cuda" else None)

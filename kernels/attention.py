@@ -1,5 +1,5 @@
 """Triton backend of `pydpm.ops.attention`: non-causal flash attention, forward and backward, any head
-dimension (padded to a power of two inside the kernel, masked), any sequence lengths, strided layouts.
+dimension (padded to a power of two inside the kernel), any sequence lengths, strided layouts.
 
 Forward (`_attention_fwd_kernel`, one program per (query block, batch·head)): one pass over K/V with an
 online softmax in base 2 (s = q·kᵀ·scale·log2 e), saving lse₂ = m + log2 l per query for the backward.
@@ -7,7 +7,19 @@ Backward (FlashAttention-2's split): `_attention_bwd_delta_kernel` δ = rowsum(o
 `_attention_bwd_dkdv_kernel` (one program per key block) walks the query blocks for dk and dv;
 `_attention_bwd_dq_kernel` (one program per query block) walks the key blocks for dq. No atomics.
 fp32 inputs multiply in TF32 unless `IEEE` (exact fp32 products); accumulation is fp32 throughout.
+
+Loads: where every row stride is 16-byte aligned and the head dim is contiguous (`tma_ok`), q, k, v and
+do are read as tiles of 4-D [B, H, N, D] tensor descriptors (Hopper's copy engine on the GPU; rows and
+head dims past the end read as zero), otherwise by masked pointer loads. Either way the loops run
+unmasked over whole blocks and mask only the last, partial one (`TAIL`). Where the padding is harmless
+the math is unmasked too: zero rows of q and do (and δ = lse₂ = 0 there) add nothing to dk and dv, and
+zero rows of k and v add nothing to dq; only the softmax of the forward and the dq kernel's last key
+block mask their scores (exp2 of an unmasked padded score could overflow).
 """
+from __future__ import annotations
+
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -17,11 +29,57 @@ from pydpm.ops.attention import dims
 _LOG2E = tl.constexpr(1.4426950408889634)
 
 
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    """One kernel's launch configuration: block rows (queries) and columns (keys), warps, pipeline depth."""
+    m: int
+    n: int
+    warps: int
+    stages: int
+
+
+# Per head-dim class (BLOCK_D) and element size: forward, dk/dv and dq launch configurations.
+CONFIGS: dict[tuple[int, int], tuple[Blocks, Blocks, Blocks]] = {
+    (32, 2): (Blocks(128, 64, 4, 3), Blocks(32, 128, 4, 3), Blocks(128, 32, 4, 3)),
+    (64, 2): (Blocks(128, 64, 4, 3), Blocks(32, 128, 4, 3), Blocks(128, 32, 4, 3)),
+    (128, 2): (Blocks(128, 64, 8, 3), Blocks(32, 128, 8, 2), Blocks(128, 32, 8, 2)),
+    (256, 2): (Blocks(64, 32, 8, 2), Blocks(32, 64, 8, 2), Blocks(64, 32, 8, 2)),
+    (32, 4): (Blocks(64, 64, 4, 3), Blocks(32, 64, 4, 3), Blocks(64, 32, 4, 3)),
+    (64, 4): (Blocks(64, 64, 4, 3), Blocks(32, 64, 4, 3), Blocks(64, 32, 4, 3)),
+    (128, 4): (Blocks(64, 32, 8, 2), Blocks(32, 64, 8, 2), Blocks(64, 32, 8, 2)),
+    (256, 4): (Blocks(32, 32, 8, 2), Blocks(32, 32, 8, 2), Blocks(32, 32, 8, 2)),
+}
+_INTERPRETER = Blocks(16, 16, 1, 1)  # the interpreter's speed is set by the element count, not by warps
+
+
 @triton.jit
-def _load_rows(base, offs, n, s_n, offs_d, D, s_d):
-    """rows offs (< n) × head dims offs_d (< D) of one (batch, head), as [len(offs), BLOCK_D]."""
-    return tl.load(base + offs[:, None] * s_n + offs_d[None, :] * s_d,
-                   mask=(offs[:, None] < n) & (offs_d[None, :] < D), other=0.0)
+def _tile(X, b, h, s_b, s_h, s_n, s_d, start, n, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+          TMA: tl.constexpr, MASK_R: tl.constexpr, MASK_D: tl.constexpr):
+    """Rows start .. start + BLOCK_R (those < n) × head dims (< D) of (batch b, head h), [BLOCK_R, BLOCK_D],
+    zero outside: a tile of the 4-D descriptor X (TMA) or masked loads from the pointer X."""
+    if TMA:
+        tile = X.load([b, h, start, 0]).reshape(BLOCK_R, BLOCK_D)
+    else:
+        rows = start + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_D)
+        ptrs = X + b.to(tl.int64) * s_b + h.to(tl.int64) * s_h + rows[:, None] * s_n + cols[None, :] * s_d
+        if MASK_R and MASK_D:
+            tile = tl.load(ptrs, mask=(rows[:, None] < n) & (cols[None, :] < D), other=0.0)
+        elif MASK_R:
+            tile = tl.load(ptrs, mask=rows[:, None] < n, other=0.0)
+        elif MASK_D:
+            tile = tl.load(ptrs, mask=cols[None, :] < D, other=0.0)
+        else:
+            tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _store(X, b, h, s_b, s_h, s_n, s_d, start, n, D, value, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = start + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    ptrs = X + b.to(tl.int64) * s_b + h.to(tl.int64) * s_h + rows[:, None] * s_n + cols[None, :] * s_d
+    tl.store(ptrs, value.to(X.dtype.element_ty), mask=(rows[:, None] < n) & (cols[None, :] < D))
 
 
 @triton.jit
@@ -29,17 +87,27 @@ def _dot(a, b, IEEE: tl.constexpr):
     """a·b with fp32 accumulation. IEEE: exact fp32 products (also what the launcher asks for under the
     interpreter, whose dot mishandles bf16 operands: they are widened to fp32 first)."""
     if IEEE:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b)
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
+    return out
 
 
 @triton.jit
-def _probs_and_dscores(q, k, v, do, lse, delta, valid, qk_scale, IEEE: tl.constexpr):
-    """The backward's recomputed probabilities p = exp2(s − lse₂) (zero outside `valid`) and the score
-    gradients ds = p·(do·vᵀ − δ) of one [M, N] block."""
-    s = _dot(q, tl.trans(k), IEEE) * qk_scale
-    p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
-    return p, p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
+def _fwd_block(acc, l_i, m_i, q, K, V, b, h, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, start, NK, D,
+               qk_scale, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr, TAIL: tl.constexpr,
+               MASK_D: tl.constexpr, IEEE: tl.constexpr):
+    """One key block of the online softmax: (acc, l, m) updated by keys start .. start + BLOCK_N."""
+    k = _tile(K, b, h, s_kb, s_kh, s_kn, s_kd, start, NK, D, BLOCK_N, BLOCK_D, TMA, TAIL, MASK_D)
+    s = _dot(q, tl.trans(k), IEEE)
+    if TAIL:
+        s = tl.where((start + tl.arange(0, BLOCK_N))[None, :] < NK, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    p = tl.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    v = _tile(V, b, h, s_vb, s_vh, s_vn, s_vd, start, NK, D, BLOCK_N, BLOCK_D, TMA, TAIL, MASK_D)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+    return acc, l_i * alpha + tl.sum(p, 1), m_new
 
 
 @triton.jit
@@ -48,35 +116,24 @@ def _attention_fwd_kernel(Q, K, V, O, LSE, scale,
                           s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_on, s_od,
                           H, NQ, NK, D,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                          IEEE: tl.constexpr):
+                          TMA: tl.constexpr, MASK_D: tl.constexpr, IEEE: tl.constexpr):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q + b.to(tl.int64) * s_qb + h * s_qh, offs_m, NQ, s_qn, offs_d, D, s_qd)
-    kb = K + b.to(tl.int64) * s_kb + h * s_kh
-    vb = V + b.to(tl.int64) * s_vb + h * s_vh
+    start_m = pid_m * BLOCK_M
+    q = _tile(Q, b, h, s_qb, s_qh, s_qn, s_qd, start_m, NQ, D, BLOCK_M, BLOCK_D, TMA, True, MASK_D)
     qk_scale = scale * _LOG2E
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range(0, NK, BLOCK_N):
-        cols = start + offs_n
-        k = _load_rows(kb, cols, NK, s_kn, offs_d, D, s_kd)
-        s = _dot(q, tl.trans(k), IEEE) * qk_scale
-        s = tl.where(cols[None, :] < NK, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(vb, cols, NK, s_vn, offs_d, D, s_vd)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
-        m_i = m_new
-    acc = acc / l_i[:, None]
-    ob = O + b.to(tl.int64) * s_ob + h * s_oh
-    tl.store(ob + offs_m[:, None] * s_on + offs_d[None, :] * s_od, acc.to(O.dtype.element_ty),
-             mask=(offs_m[:, None] < NQ) & (offs_d[None, :] < D))
+    whole = NK // BLOCK_N * BLOCK_N
+    for start in range(0, whole, BLOCK_N):
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K, V, b, h, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
+                                   start, NK, D, qk_scale, BLOCK_N, BLOCK_D, TMA, False, MASK_D, IEEE)
+    if whole < NK:
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K, V, b, h, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
+                                   whole, NK, D, qk_scale, BLOCK_N, BLOCK_D, TMA, True, MASK_D, IEEE)
+    _store(O, b, h, s_ob, s_oh, s_on, s_od, start_m, NQ, D, acc / l_i[:, None], BLOCK_M, BLOCK_D)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     tl.store(LSE + bh.to(tl.int64) * NQ + offs_m, m_i + tl.log2(l_i), mask=offs_m < NQ)
 
 
@@ -85,11 +142,32 @@ def _attention_bwd_delta_kernel(O, DO, DELTA, s_ob, s_oh, s_on, s_od, s_db, s_dh
                                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
+    o = _tile(O, b, h, s_ob, s_oh, s_on, s_od, pid_m * BLOCK_M, NQ, D, BLOCK_M, BLOCK_D, False, True, True)
+    do = _tile(DO, b, h, s_db, s_dh, s_dn, s_dd, pid_m * BLOCK_M, NQ, D, BLOCK_M, BLOCK_D, False, True, True)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    o = _load_rows(O + b.to(tl.int64) * s_ob + h * s_oh, offs_m, NQ, s_on, offs_d, D, s_od).to(tl.float32)
-    do = _load_rows(DO + b.to(tl.int64) * s_db + h * s_dh, offs_m, NQ, s_dn, offs_d, D, s_dd).to(tl.float32)
-    tl.store(DELTA + bh.to(tl.int64) * NQ + offs_m, tl.sum(o * do, 1), mask=offs_m < NQ)
+    tl.store(DELTA + bh.to(tl.int64) * NQ + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1),
+             mask=offs_m < NQ)
+
+
+@triton.jit
+def _dkdv_block(dk, dv, k, v, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qn, s_qd, s_db, s_dh, s_dn, s_dd,
+                start, NQ, D, qk_scale, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr,
+                TAIL: tl.constexpr, MASK_D: tl.constexpr, IEEE: tl.constexpr):
+    """dv += pᵀ·do, dk += dsᵀ·q over queries start .. start + BLOCK_M (padded rows add zero)."""
+    q = _tile(Q, b, h, s_qb, s_qh, s_qn, s_qd, start, NQ, D, BLOCK_M, BLOCK_D, TMA, TAIL, MASK_D)
+    do = _tile(DO, b, h, s_db, s_dh, s_dn, s_dd, start, NQ, D, BLOCK_M, BLOCK_D, TMA, TAIL, MASK_D)
+    rows = start + tl.arange(0, BLOCK_M)
+    if TAIL:
+        lse = tl.load(LSE + bh.to(tl.int64) * NQ + rows, mask=rows < NQ, other=0.0)
+        delta = tl.load(DELTA + bh.to(tl.int64) * NQ + rows, mask=rows < NQ, other=0.0)
+    else:
+        lse = tl.load(LSE + bh.to(tl.int64) * NQ + rows)
+        delta = tl.load(DELTA + bh.to(tl.int64) * NQ + rows)
+    p = tl.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse[:, None])
+    ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
+    dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
+    dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+    return dk, dv
 
 
 @triton.jit
@@ -97,35 +175,42 @@ def _attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, scale,
                                s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
                                s_db, s_dh, s_dn, s_dd, H, NQ, NK, D,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                               IEEE: tl.constexpr):
+                               TMA: tl.constexpr, MASK_D: tl.constexpr, IEEE: tl.constexpr):
     """dv = Σ_m pᵀ·do, dk = scale·Σ_m dsᵀ·q with ds = p·(do·vᵀ − δ), for one block of keys.
     DK and DV are contiguous [B, H, NK, D]."""
     pid_n, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K + b.to(tl.int64) * s_kb + h * s_kh, offs_n, NK, s_kn, offs_d, D, s_kd)
-    v = _load_rows(V + b.to(tl.int64) * s_vb + h * s_vh, offs_n, NK, s_vn, offs_d, D, s_vd)
-    qb = Q + b.to(tl.int64) * s_qb + h * s_qh
-    dob = DO + b.to(tl.int64) * s_db + h * s_dh
+    start_n = pid_n * BLOCK_N
+    k = _tile(K, b, h, s_kb, s_kh, s_kn, s_kd, start_n, NK, D, BLOCK_N, BLOCK_D, TMA, True, MASK_D)
+    v = _tile(V, b, h, s_vb, s_vh, s_vn, s_vd, start_n, NK, D, BLOCK_N, BLOCK_D, TMA, True, MASK_D)
     qk_scale = scale * _LOG2E
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for start in range(0, NQ, BLOCK_M):
-        rows = start + offs_m
-        q = _load_rows(qb, rows, NQ, s_qn, offs_d, D, s_qd)
-        do = _load_rows(dob, rows, NQ, s_dn, offs_d, D, s_dd)
-        lse = tl.load(LSE + bh.to(tl.int64) * NQ + rows, mask=rows < NQ, other=0.0)
-        delta = tl.load(DELTA + bh.to(tl.int64) * NQ + rows, mask=rows < NQ, other=0.0)
-        valid = (rows[:, None] < NQ) & (offs_n[None, :] < NK)
-        p, ds = _probs_and_dscores(q, k, v, do, lse, delta, valid, qk_scale, IEEE)
-        dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
-        dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
-    out = (bh.to(tl.int64) * NK + offs_n[:, None]) * D + offs_d[None, :]
-    mask = (offs_n[:, None] < NK) & (offs_d[None, :] < D)
-    tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=mask)
-    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=mask)
+    whole = NQ // BLOCK_M * BLOCK_M
+    for start in range(0, whole, BLOCK_M):
+        dk, dv = _dkdv_block(dk, dv, k, v, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qn, s_qd, s_db, s_dh, s_dn,
+                             s_dd, start, NQ, D, qk_scale, BLOCK_M, BLOCK_D, TMA, False, MASK_D, IEEE)
+    if whole < NQ:
+        dk, dv = _dkdv_block(dk, dv, k, v, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qn, s_qd, s_db, s_dh, s_dn,
+                             s_dd, whole, NQ, D, qk_scale, BLOCK_M, BLOCK_D, TMA, True, MASK_D, IEEE)
+    s_b, s_h = H * NK * D, NK * D
+    _store(DK, b, h, s_b, s_h, D, 1, start_n, NK, D, dk * scale, BLOCK_N, BLOCK_D)
+    _store(DV, b, h, s_b, s_h, D, 1, start_n, NK, D, dv, BLOCK_N, BLOCK_D)
+
+
+@triton.jit
+def _dq_block(dq, q, do, lse, delta, K, V, b, h, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, start, NK, D,
+              qk_scale, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr, TAIL: tl.constexpr,
+              MASK_D: tl.constexpr, IEEE: tl.constexpr):
+    """dq += ds·k over keys start .. start + BLOCK_N."""
+    k = _tile(K, b, h, s_kb, s_kh, s_kn, s_kd, start, NK, D, BLOCK_N, BLOCK_D, TMA, TAIL, MASK_D)
+    v = _tile(V, b, h, s_vb, s_vh, s_vn, s_vd, start, NK, D, BLOCK_N, BLOCK_D, TMA, TAIL, MASK_D)
+    s = _dot(q, tl.trans(k), IEEE) * qk_scale - lse[:, None]
+    if TAIL:
+        s = tl.where((start + tl.arange(0, BLOCK_N))[None, :] < NK, s, float("-inf"))
+    p = tl.exp2(s)
+    ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
+    return dq + _dot(ds.to(k.dtype), k, IEEE)
 
 
 @triton.jit
@@ -133,42 +218,37 @@ def _attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, scale,
                              s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
                              s_db, s_dh, s_dn, s_dd, H, NQ, NK, D,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                             IEEE: tl.constexpr):
+                             TMA: tl.constexpr, MASK_D: tl.constexpr, IEEE: tl.constexpr):
     """dq = scale·Σ_n ds·k for one block of queries. DQ is contiguous [B, H, NQ, D]."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q + b.to(tl.int64) * s_qb + h * s_qh, offs_m, NQ, s_qn, offs_d, D, s_qd)
-    do = _load_rows(DO + b.to(tl.int64) * s_db + h * s_dh, offs_m, NQ, s_dn, offs_d, D, s_dd)
-    lse = tl.load(LSE + bh.to(tl.int64) * NQ + offs_m, mask=offs_m < NQ, other=0.0)
-    delta = tl.load(DELTA + bh.to(tl.int64) * NQ + offs_m, mask=offs_m < NQ, other=0.0)
-    kb = K + b.to(tl.int64) * s_kb + h * s_kh
-    vb = V + b.to(tl.int64) * s_vb + h * s_vh
+    start_m = pid_m * BLOCK_M
+    q = _tile(Q, b, h, s_qb, s_qh, s_qn, s_qd, start_m, NQ, D, BLOCK_M, BLOCK_D, TMA, True, MASK_D)
+    do = _tile(DO, b, h, s_db, s_dh, s_dn, s_dd, start_m, NQ, D, BLOCK_M, BLOCK_D, TMA, True, MASK_D)
+    rows = start_m + tl.arange(0, BLOCK_M)
+    lse = tl.load(LSE + bh.to(tl.int64) * NQ + rows, mask=rows < NQ, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * NQ + rows, mask=rows < NQ, other=0.0)
     qk_scale = scale * _LOG2E
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range(0, NK, BLOCK_N):
-        cols = start + offs_n
-        k = _load_rows(kb, cols, NK, s_kn, offs_d, D, s_kd)
-        v = _load_rows(vb, cols, NK, s_vn, offs_d, D, s_vd)
-        valid = (offs_m[:, None] < NQ) & (cols[None, :] < NK)
-        _, ds = _probs_and_dscores(q, k, v, do, lse, delta, valid, qk_scale, IEEE)
-        dq += _dot(ds.to(k.dtype), k, IEEE)
-    out = (bh.to(tl.int64) * NQ + offs_m[:, None]) * D + offs_d[None, :]
-    tl.store(DQ + out, (dq * scale).to(DQ.dtype.element_ty), mask=(offs_m[:, None] < NQ) & (offs_d[None, :] < D))
+    whole = NK // BLOCK_N * BLOCK_N
+    for start in range(0, whole, BLOCK_N):
+        dq = _dq_block(dq, q, do, lse, delta, K, V, b, h, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, start,
+                       NK, D, qk_scale, BLOCK_N, BLOCK_D, TMA, False, MASK_D, IEEE)
+    if whole < NK:
+        dq = _dq_block(dq, q, do, lse, delta, K, V, b, h, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, whole,
+                       NK, D, qk_scale, BLOCK_N, BLOCK_D, TMA, True, MASK_D, IEEE)
+    _store(DQ, b, h, H * NQ * D, NQ * D, D, 1, start_m, NQ, D, dq * scale, BLOCK_M, BLOCK_D)
 
 
-def _blocks(D: int, interpreting: bool) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D): 16 under the interpreter (speed), else by head dim (registers)."""
-    block_d = max(16, triton.next_power_of_2(D))
-    if interpreting:
-        return 16, 16, block_d
-    if block_d <= 64:
-        return 64, 64, block_d
-    if block_d <= 128:
-        return 64, 32, block_d
-    return 32, 32, block_d
+TMA_LOADS = True  # tensor-descriptor loads where the strides allow (False: pointer loads everywhere)
+
+
+def tma_ok(*ts: torch.Tensor) -> bool:
+    """Whether every tensor can back a tensor descriptor: contiguous head dim, 16-byte aligned base and
+    strides (the copy engine's rule)."""
+    return TMA_LOADS and all(
+        t.stride(3) == 1 and t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:3])
+        for t in ts)
 
 
 def _bhnd_strides(t: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
@@ -177,35 +257,64 @@ def _bhnd_strides(t: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
     return (s[0], s[1], s[2], s[3]) if layout == "bhnd" else (s[0], s[2], s[1], s[3])
 
 
-def attention_fwd(q, k, v, o, lse, scale: float, layout: str, ieee: bool, interpreting: bool) -> None:
+def _operand(t: torch.Tensor, layout: str, rows: int, block_d: int, tma: bool):
+    """The kernel argument for q, k, v or do: a [B, H, N, D] descriptor with [1, 1, rows, block_d] tiles, or
+    the tensor itself (pointer loads with the strides passed beside it)."""
+    if not tma:
+        return t
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    B, H, N, D = (t.shape[0], t.shape[1], t.shape[2], t.shape[3]) if layout == "bhnd" else \
+        (t.shape[0], t.shape[2], t.shape[1], t.shape[3])
+    return TensorDescriptor(t, [B, H, N, D], list(_bhnd_strides(t, layout)), [1, 1, rows, block_d])
+
+
+def configs(D: int, dtype: torch.dtype, interpreting: bool) -> tuple[int, Blocks, Blocks, Blocks]:
+    """(BLOCK_D, forward, dk/dv, dq blocks) for a head dim and dtype."""
+    block_d = max(16, triton.next_power_of_2(D))
+    if interpreting:
+        return block_d, _INTERPRETER, _INTERPRETER, _INTERPRETER
+    return (block_d, *CONFIGS[block_d, 4 if dtype == torch.float32 else 2])
+
+
+def attention_fwd(q, k, v, o, lse, scale: float, layout: str, ieee: bool, interpreting: bool,
+                  blocks: Blocks | None = None) -> None:
     """o (layout like q) and lse [B, H, NQ] (fp32, base 2) from q [.., NQ, ..], k and v [.., NK, ..]."""
     B, H, NQ, NK, D = dims(q, k, layout)
-    bm, bn, bd = _blocks(D, interpreting)
-    ieee = ieee or interpreting
-    _attention_fwd_kernel[(triton.cdiv(NQ, bm), B * H)](
-        q, k, v, o, lse, scale, *_bhnd_strides(q, layout), *_bhnd_strides(k, layout), *_bhnd_strides(v, layout),
-        *_bhnd_strides(o, layout), H, NQ, NK, D, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IEEE=ieee,
-        num_warps=4 if bd <= 64 else 8)
+    if o.numel() == 0:
+        return
+    bd, fwd, _, _ = configs(D, q.dtype, interpreting)
+    fwd = blocks or fwd
+    tma = tma_ok(q, k, v)
+    _attention_fwd_kernel[(triton.cdiv(NQ, fwd.m), B * H)](
+        _operand(q, layout, fwd.m, bd, tma), _operand(k, layout, fwd.n, bd, tma), _operand(v, layout, fwd.n, bd, tma),
+        o, lse, scale, *_bhnd_strides(q, layout), *_bhnd_strides(k, layout), *_bhnd_strides(v, layout),
+        *_bhnd_strides(o, layout), H, NQ, NK, D, BLOCK_M=fwd.m, BLOCK_N=fwd.n, BLOCK_D=bd, TMA=tma,
+        MASK_D=not tma and D < bd, IEEE=ieee or interpreting, num_warps=fwd.warps, num_stages=fwd.stages)
 
 
-def attention_bwd(do, q, k, v, o, lse, scale: float, layout: str, ieee: bool, interpreting: bool):
+def attention_bwd(do, q, k, v, o, lse, scale: float, layout: str, ieee: bool, interpreting: bool,
+                  blocks: tuple[Blocks, Blocks] | None = None):
     """(dq, dk, dv), each contiguous [B, H, N, D] (the caller views them in its layout)."""
     B, H, NQ, NK, D = dims(q, k, layout)
-    bm, bn, bd = _blocks(D, interpreting)
-    ieee = ieee or interpreting
-    delta = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
-    _attention_bwd_delta_kernel[(triton.cdiv(NQ, bm), B * H)](
-        o, do, delta, *_bhnd_strides(o, layout), *_bhnd_strides(do, layout), H, NQ, D, BLOCK_M=bm, BLOCK_D=bd)
+    bd, _, dkdv, dq_blocks = configs(D, q.dtype, interpreting)
+    dkdv, dq_blocks = blocks or (dkdv, dq_blocks)
     dq = torch.empty((B, H, NQ, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, H, NK, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, H, NK, D), dtype=v.dtype, device=v.device)
+    if dq.numel() == 0:
+        return dq, dk.zero_(), dv.zero_()
+    delta = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
+    _attention_bwd_delta_kernel[(triton.cdiv(NQ, 64), B * H)](
+        o, do, delta, *_bhnd_strides(o, layout), *_bhnd_strides(do, layout), H, NQ, D, BLOCK_M=64, BLOCK_D=bd)
+    tma = tma_ok(q, k, v, do)
     strides = (*_bhnd_strides(q, layout), *_bhnd_strides(k, layout), *_bhnd_strides(v, layout),
                *_bhnd_strides(do, layout))
-    warps = 4 if bd <= 64 else 8
-    _attention_bwd_dkdv_kernel[(triton.cdiv(NK, bn), B * H)](
-        q, k, v, do, lse, delta, dk, dv, scale, *strides, H, NQ, NK, D,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IEEE=ieee, num_warps=warps)
-    _attention_bwd_dq_kernel[(triton.cdiv(NQ, bm), B * H)](
-        q, k, v, do, lse, delta, dq, scale, *strides, H, NQ, NK, D,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IEEE=ieee, num_warps=warps)
+    for kernel, blk, grid, outs in ((_attention_bwd_dkdv_kernel, dkdv, triton.cdiv(NK, dkdv.n), (dk, dv)),
+                                    (_attention_bwd_dq_kernel, dq_blocks, triton.cdiv(NQ, dq_blocks.m), (dq,))):
+        kernel[(grid, B * H)](
+            _operand(q, layout, blk.m, bd, tma), _operand(k, layout, blk.n, bd, tma),
+            _operand(v, layout, blk.n, bd, tma), _operand(do, layout, blk.m, bd, tma), lse, delta, *outs, scale,
+            *strides, H, NQ, NK, D, BLOCK_M=blk.m, BLOCK_N=blk.n, BLOCK_D=bd, TMA=tma, MASK_D=not tma and D < bd,
+            IEEE=ieee or interpreting, num_warps=blk.warps, num_stages=blk.stages)
     return dq, dk, dv

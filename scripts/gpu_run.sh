@@ -3,12 +3,24 @@
 # run the whole test suite (GPU tests included) and the benchmark suite, write everything under $1
 # (default $OUT), and print a short table last.
 #   local:  pip download the wheels into .whl/ (see README, "Benchmarks on a GPU machine")
-#   remote: PYDPM_BENCH_COMMIT=<local git rev-parse --short HEAD> bash scripts/gpu_run.sh "$OUT" [--no-bench]
+#   remote: PYDPM_BENCH_COMMIT=<local git rev-parse --short HEAD> bash scripts/gpu_run.sh "$OUT" [options]
 #           (the copy of the tree sent there carries a stale .git: name the commit benchmarked)
+#   options: --no-bench | --bench "ARGS" (pydpm bench arguments, default: the whole suite)
+#            --tests "ARGS" (pytest arguments, default: tests)   --tune (attention launch-configuration sweep)
 set -uo pipefail
 out="${1:-${OUT:?give an output folder}}"
-bench=1
-[ "${2:-}" = "--no-bench" ] && bench=0
+shift || true
+bench=1 bench_args="" test_args="tests" tune=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --no-bench) bench=0 ;;
+    --bench) bench_args="$2"; shift ;;
+    --tests) test_args="$2"; shift ;;
+    --tune) tune=1 ;;
+    *) echo "unknown option $1"; exit 2 ;;
+  esac
+  shift
+done
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 
@@ -27,16 +39,24 @@ echo "build: $(( $(date +%s) - start )) s"
 grep -E "ptxas info|registers|spill" "$out/build.log" | sort -u | head -40 >"$out/ptxas.txt"
 python3 -m pydpm info | tee "$out/info.txt"
 
-python3 -m pytest tests -q -p no:cacheprovider -x -rs >"$out/tests.log" 2>&1
+# shellcheck disable=SC2086
+python3 -m pytest $test_args -q -p no:cacheprovider -x -rs >"$out/tests.log" 2>&1
 tests_rc=$?
 tail -15 "$out/tests.log"
 
+# from outside the checkout below: a source tree on sys.path would shadow the installed package
+tune_rc=0
+if [ "$tune" = 1 ]; then
+  (cd "$out" && python3 -m pydpm.bench.attention_tune --out "$out") >"$out/tune.log" 2>&1
+  tune_rc=$?
+  tail -45 "$out/tune.log"
+fi
 bench_rc=0
 if [ "$bench" = 1 ]; then
-  # from outside the checkout: a source tree on sys.path would shadow the installed package (no pydpm.kernels)
-  (cd "$out" && python3 -m pydpm bench --out "$out/bench") >"$out/bench.log" 2>&1
+  # shellcheck disable=SC2086
+  (cd "$out" && python3 -m pydpm bench --out "$out/bench" $bench_args) >"$out/bench.log" 2>&1
   bench_rc=$?
   tail -60 "$out/bench.log"
 fi
-echo "tests rc=$tests_rc bench rc=$bench_rc"
-exit $(( tests_rc != 0 || bench_rc != 0 ))
+echo "tests rc=$tests_rc tune rc=$tune_rc bench rc=$bench_rc"
+exit $(( tests_rc != 0 || tune_rc != 0 || bench_rc != 0 ))
