@@ -3,7 +3,8 @@
 
 For each benchmark shape (bench/attention.py) and dtype (fp16, fp32; bf16 takes fp16's table), every
 candidate (BLOCK_M, BLOCK_N, warps, stages) × (tensor-descriptor or pointer loads) of the forward, the dk/dv
-and the dq kernel is timed (median of `triton.testing.do_bench`) and checked against SDPA's outputs in the
+and the dq kernel is timed (median device time, the harness's `measure`: launches queued behind a blocking
+kernel, so the host's launch cost stays out of it) and checked against SDPA's outputs in the
 same dtype; a configuration that does not fit the chip (shared memory) is listed as such. Compilation runs
 first in parallel processes (Triton's disk cache), then one process times everything.
 
@@ -24,7 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from .attention import SHAPES
+from .harness import Timing, measure
 
+TIMING = Timing(warmup_ms=5, rep_ms=25, host_calls=0)
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 WARPS_STAGES = {"fp16": [(4, 2), (4, 3), (4, 4), (8, 2), (8, 3)], "fp32": [(4, 2), (4, 3), (8, 2)]}
 BLOCKS = {
@@ -105,7 +108,6 @@ def _expected(kind, q, k, v, do):
 
 
 def main(argv=None) -> int:
-    import triton.testing
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--jobs", type=int, default=16)
@@ -132,8 +134,7 @@ def main(argv=None) -> int:
                 err = max(((g.float() - e.float()).abs().max() / e.float().abs().max()).item()
                           for g, e in zip(got, expected))
                 row["rel_err"] = err
-                ms = triton.testing.do_bench(lambda: run(kind, blocks, tma, q, k, v, do, o, lse), warmup=5, rep=25,
-                                             return_mode="median")
+                ms = measure(lambda: run(kind, blocks, tma, q, k, v, do, o, lse), q.device, TIMING)[0]
                 row["ms"], row["tflops"] = ms, flops / ms / 1e9
                 key = (dt, tuple(shape), nk, kind)
                 if err < 5e-2 and (key not in best or ms < best[key]["ms"]):

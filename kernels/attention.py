@@ -40,13 +40,13 @@ class Blocks:
 
 # Per head-dim class (BLOCK_D) and element size: forward, dk/dv and dq launch configurations.
 CONFIGS: dict[tuple[int, int], tuple[Blocks, Blocks, Blocks]] = {
-    (32, 2): (Blocks(128, 64, 4, 3), Blocks(32, 128, 4, 3), Blocks(128, 32, 4, 3)),
-    (64, 2): (Blocks(128, 64, 4, 3), Blocks(32, 128, 4, 3), Blocks(128, 32, 4, 3)),
-    (128, 2): (Blocks(128, 64, 8, 3), Blocks(32, 128, 8, 2), Blocks(128, 32, 8, 2)),
+    (32, 2): (Blocks(64, 64, 4, 3), Blocks(64, 64, 4, 2), Blocks(64, 32, 4, 3)),
+    (64, 2): (Blocks(128, 64, 4, 3), Blocks(64, 64, 4, 3), Blocks(128, 64, 8, 3)),
+    (128, 2): (Blocks(128, 128, 8, 3), Blocks(64, 64, 4, 2), Blocks(128, 64, 8, 3)),
     (256, 2): (Blocks(64, 32, 8, 2), Blocks(32, 64, 8, 2), Blocks(64, 32, 8, 2)),
-    (32, 4): (Blocks(64, 64, 4, 3), Blocks(32, 64, 4, 3), Blocks(64, 32, 4, 3)),
-    (64, 4): (Blocks(64, 64, 4, 3), Blocks(32, 64, 4, 3), Blocks(64, 32, 4, 3)),
-    (128, 4): (Blocks(64, 32, 8, 2), Blocks(32, 64, 8, 2), Blocks(64, 32, 8, 2)),
+    (32, 4): (Blocks(128, 64, 8, 2), Blocks(64, 64, 4, 2), Blocks(64, 64, 4, 2)),
+    (64, 4): (Blocks(128, 64, 4, 2), Blocks(64, 32, 4, 2), Blocks(64, 64, 4, 2)),
+    (128, 4): (Blocks(128, 32, 4, 3), Blocks(64, 32, 4, 2), Blocks(128, 16, 4, 3)),
     (256, 4): (Blocks(32, 32, 8, 2), Blocks(32, 32, 8, 2), Blocks(32, 32, 8, 2)),
 }
 _INTERPRETER = Blocks(16, 16, 1, 1)  # the interpreter's speed is set by the element count, not by warps
@@ -83,6 +83,13 @@ def _store(X, b, h, s_b, s_h, s_n, s_d, start, n, D, value, BLOCK_R: tl.constexp
 
 
 @triton.jit
+def _hint(s_b, s_h, s_n, ALIGN: tl.constexpr):
+    """The strides, which the launcher found to be multiples of ALIGN elements, written so that the compiler
+    sees it (tl.multiple_of does not reach scalars) and vectorises the pointer loads."""
+    return s_b // ALIGN * ALIGN, s_h // ALIGN * ALIGN, s_n // ALIGN * ALIGN
+
+
+@triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
     """a·b with fp32 accumulation. IEEE: exact fp32 products (also what the launcher asks for under the
     interpreter, whose dot mishandles bf16 operands: they are widened to fp32 first)."""
@@ -114,11 +121,14 @@ def _fwd_block(acc, l_i, m_i, q, K, V, b, h, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh,
 def _attention_fwd_kernel(Q, K, V, O, LSE, scale,
                           s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd,
                           s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_on, s_od,
-                          H, NQ, NK, D,
+                          H, NQ, NK, D: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                          TMA: tl.constexpr, MASK_D: tl.constexpr, IEEE: tl.constexpr):
+                          TMA: tl.constexpr, MASK_D: tl.constexpr, ALIGN: tl.constexpr, IEEE: tl.constexpr):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
+    s_qb, s_qh, s_qn = _hint(s_qb, s_qh, s_qn, ALIGN)
+    s_kb, s_kh, s_kn = _hint(s_kb, s_kh, s_kn, ALIGN)
+    s_vb, s_vh, s_vn = _hint(s_vb, s_vh, s_vn, ALIGN)
     start_m = pid_m * BLOCK_M
     q = _tile(Q, b, h, s_qb, s_qh, s_qn, s_qd, start_m, NQ, D, BLOCK_M, BLOCK_D, TMA, True, MASK_D)
     qk_scale = scale * _LOG2E
@@ -153,7 +163,8 @@ def _attention_bwd_delta_kernel(O, DO, DELTA, s_ob, s_oh, s_on, s_od, s_db, s_dh
 def _dkdv_block(dk, dv, k, v, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qn, s_qd, s_db, s_dh, s_dn, s_dd,
                 start, NQ, D, qk_scale, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr,
                 TAIL: tl.constexpr, MASK_D: tl.constexpr, IEEE: tl.constexpr):
-    """dv += pᵀ·do, dk += dsᵀ·q over queries start .. start + BLOCK_M (padded rows add zero)."""
+    """dv += pᵀ·do, dk += dsᵀ·q over queries start .. start + BLOCK_M (padded rows add zero), computed
+    transposed ([keys, queries]) so that only loaded tiles are transposed."""
     q = _tile(Q, b, h, s_qb, s_qh, s_qn, s_qd, start, NQ, D, BLOCK_M, BLOCK_D, TMA, TAIL, MASK_D)
     do = _tile(DO, b, h, s_db, s_dh, s_dn, s_dd, start, NQ, D, BLOCK_M, BLOCK_D, TMA, TAIL, MASK_D)
     rows = start + tl.arange(0, BLOCK_M)
@@ -163,23 +174,27 @@ def _dkdv_block(dk, dv, k, v, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qn, s_q
     else:
         lse = tl.load(LSE + bh.to(tl.int64) * NQ + rows)
         delta = tl.load(DELTA + bh.to(tl.int64) * NQ + rows)
-    p = tl.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse[:, None])
-    ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
-    dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
-    dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+    p_t = tl.exp2(_dot(k, tl.trans(q), IEEE) * qk_scale - lse[None, :])
+    ds_t = p_t * (_dot(v, tl.trans(do), IEEE) - delta[None, :])
+    dv += _dot(p_t.to(do.dtype), do, IEEE)
+    dk += _dot(ds_t.to(q.dtype), q, IEEE)
     return dk, dv
 
 
 @triton.jit
 def _attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, scale,
                                s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
-                               s_db, s_dh, s_dn, s_dd, H, NQ, NK, D,
+                               s_db, s_dh, s_dn, s_dd, H, NQ, NK, D: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                               TMA: tl.constexpr, MASK_D: tl.constexpr, IEEE: tl.constexpr):
+                               TMA: tl.constexpr, MASK_D: tl.constexpr, ALIGN: tl.constexpr, IEEE: tl.constexpr):
     """dv = Σ_m pᵀ·do, dk = scale·Σ_m dsᵀ·q with ds = p·(do·vᵀ − δ), for one block of keys.
     DK and DV are contiguous [B, H, NK, D]."""
     pid_n, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
+    s_qb, s_qh, s_qn = _hint(s_qb, s_qh, s_qn, ALIGN)
+    s_kb, s_kh, s_kn = _hint(s_kb, s_kh, s_kn, ALIGN)
+    s_vb, s_vh, s_vn = _hint(s_vb, s_vh, s_vn, ALIGN)
+    s_db, s_dh, s_dn = _hint(s_db, s_dh, s_dn, ALIGN)
     start_n = pid_n * BLOCK_N
     k = _tile(K, b, h, s_kb, s_kh, s_kn, s_kd, start_n, NK, D, BLOCK_N, BLOCK_D, TMA, True, MASK_D)
     v = _tile(V, b, h, s_vb, s_vh, s_vn, s_vd, start_n, NK, D, BLOCK_N, BLOCK_D, TMA, True, MASK_D)
@@ -216,12 +231,16 @@ def _dq_block(dq, q, do, lse, delta, K, V, b, h, s_kb, s_kh, s_kn, s_kd, s_vb, s
 @triton.jit
 def _attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, scale,
                              s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
-                             s_db, s_dh, s_dn, s_dd, H, NQ, NK, D,
+                             s_db, s_dh, s_dn, s_dd, H, NQ, NK, D: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                             TMA: tl.constexpr, MASK_D: tl.constexpr, IEEE: tl.constexpr):
+                             TMA: tl.constexpr, MASK_D: tl.constexpr, ALIGN: tl.constexpr, IEEE: tl.constexpr):
     """dq = scale·Σ_n ds·k for one block of queries. DQ is contiguous [B, H, NQ, D]."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
+    s_qb, s_qh, s_qn = _hint(s_qb, s_qh, s_qn, ALIGN)
+    s_kb, s_kh, s_kn = _hint(s_kb, s_kh, s_kn, ALIGN)
+    s_vb, s_vh, s_vn = _hint(s_vb, s_vh, s_vn, ALIGN)
+    s_db, s_dh, s_dn = _hint(s_db, s_dh, s_dn, ALIGN)
     start_m = pid_m * BLOCK_M
     q = _tile(Q, b, h, s_qb, s_qh, s_qn, s_qd, start_m, NQ, D, BLOCK_M, BLOCK_D, TMA, True, MASK_D)
     do = _tile(DO, b, h, s_db, s_dh, s_dn, s_dd, start_m, NQ, D, BLOCK_M, BLOCK_D, TMA, True, MASK_D)
@@ -251,6 +270,14 @@ def tma_ok(*ts: torch.Tensor) -> bool:
         for t in ts)
 
 
+def _align(*ts: torch.Tensor) -> int:
+    """The largest power of two (≤ 16) dividing every batch, head and token stride, in elements."""
+    align = 16
+    while any(s % align for t in ts for s in t.stride()[:3]):
+        align //= 2
+    return align
+
+
 def _bhnd_strides(t: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
     """(batch, head, token, dim) strides of a [B, H, N, D] ('bhnd') or [B, N, H, D] ('bnhd') tensor."""
     s = t.stride()
@@ -274,7 +301,7 @@ def configs(D: int, dtype: torch.dtype, interpreting: bool) -> tuple[int, Blocks
     block_d = max(16, triton.next_power_of_2(D))
     if interpreting:
         return block_d, _INTERPRETER, _INTERPRETER, _INTERPRETER
-    return (block_d, *CONFIGS[block_d, 4 if dtype == torch.float32 else 2])
+    return (block_d, *CONFIGS[max(block_d, 32), 4 if dtype == torch.float32 else 2])
 
 
 def attention_fwd(q, k, v, o, lse, scale: float, layout: str, ieee: bool, interpreting: bool,
@@ -290,7 +317,8 @@ def attention_fwd(q, k, v, o, lse, scale: float, layout: str, ieee: bool, interp
         _operand(q, layout, fwd.m, bd, tma), _operand(k, layout, fwd.n, bd, tma), _operand(v, layout, fwd.n, bd, tma),
         o, lse, scale, *_bhnd_strides(q, layout), *_bhnd_strides(k, layout), *_bhnd_strides(v, layout),
         *_bhnd_strides(o, layout), H, NQ, NK, D, BLOCK_M=fwd.m, BLOCK_N=fwd.n, BLOCK_D=bd, TMA=tma,
-        MASK_D=not tma and D < bd, IEEE=ieee or interpreting, num_warps=fwd.warps, num_stages=fwd.stages)
+        MASK_D=not tma and D < bd, ALIGN=_align(q, k, v), IEEE=ieee or interpreting,
+        num_warps=fwd.warps, num_stages=fwd.stages)
 
 
 def attention_bwd(do, q, k, v, o, lse, scale: float, layout: str, ieee: bool, interpreting: bool,
@@ -307,7 +335,7 @@ def attention_bwd(do, q, k, v, o, lse, scale: float, layout: str, ieee: bool, in
     delta = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
     _attention_bwd_delta_kernel[(triton.cdiv(NQ, 64), B * H)](
         o, do, delta, *_bhnd_strides(o, layout), *_bhnd_strides(do, layout), H, NQ, D, BLOCK_M=64, BLOCK_D=bd)
-    tma = tma_ok(q, k, v, do)
+    tma, align = tma_ok(q, k, v, do), _align(q, k, v, do)
     strides = (*_bhnd_strides(q, layout), *_bhnd_strides(k, layout), *_bhnd_strides(v, layout),
                *_bhnd_strides(do, layout))
     for kernel, blk, grid, outs in ((_attention_bwd_dkdv_kernel, dkdv, triton.cdiv(NK, dkdv.n), (dk, dv)),
@@ -316,5 +344,5 @@ def attention_bwd(do, q, k, v, o, lse, scale: float, layout: str, ieee: bool, in
             _operand(q, layout, blk.m, bd, tma), _operand(k, layout, blk.n, bd, tma),
             _operand(v, layout, blk.n, bd, tma), _operand(do, layout, blk.m, bd, tma), lse, delta, *outs, scale,
             *strides, H, NQ, NK, D, BLOCK_M=blk.m, BLOCK_N=blk.n, BLOCK_D=bd, TMA=tma, MASK_D=not tma and D < bd,
-            IEEE=ieee or interpreting, num_warps=blk.warps, num_stages=blk.stages)
+            ALIGN=align, IEEE=ieee or interpreting, num_warps=blk.warps, num_stages=blk.stages)
     return dq, dk, dv
