@@ -40,7 +40,7 @@ grep -E "ptxas info|registers|spill" "$out/build.log" | sort -u | head -40 >"$ou
 python3 -m pydpm info | tee "$out/info.txt"
 
 # shellcheck disable=SC2086
-python3 -m pytest $test_args -q -p no:cacheprovider -x -rs >"$out/tests.log" 2>&1
+python3 -m pytest -q -p no:cacheprovider -x -rs $test_args >"$out/tests.log" 2>&1
 tests_rc=$?
 tail -15 "$out/tests.log"
 
