@@ -8,9 +8,10 @@ kernel, so the host's launch cost stays out of it) and checked against SDPA's ou
 same dtype; a configuration that does not fit the chip (shared memory) is listed as such. Compilation runs
 first in parallel processes (Triton's disk cache), then one process times everything.
 
-    python -m pydpm.bench.attention_tune --out DIR [--jobs 16]
+    python -m pydpm.bench.attention_tune --out DIR [--jobs 16] [--configured]
 
-Writes DIR/attention_tune.json (every timing) and prints the best configuration per kernel, shape and dtype.
+Writes DIR/attention_tune.json (every timing) and prints the best configuration per kernel, shape and dtype
+(--configured: the table's entries only, each with both load paths, printed side by side).
 """
 from __future__ import annotations
 
@@ -40,8 +41,13 @@ BLOCKS = {
 }
 
 
-def candidates(kind: str, dt: str):
-    from pydpm.kernels.attention import Blocks
+def candidates(kind: str, dt: str, D: int, configured: bool):
+    """(blocks, tma) pairs: the whole grid, or (configured) the table's entry with either load path."""
+    from pydpm.kernels.attention import Blocks, configs
+    if configured:
+        entry = configs(D, DTYPES[dt], False)[1 + ("fwd", "dkdv", "dq").index(kind)]
+        yield from ((entry, True), (entry, False))
+        return
     for (m, n), (w, s), tma in itertools.product(BLOCKS[kind, dt], WARPS_STAGES[dt], (True, False)):
         yield Blocks(m, n, w, s), tma
 
@@ -57,22 +63,21 @@ def inputs(shape, nk, dtype, seed=0):
 def run(kind, blocks, tma, q, k, v, do, o=None, lse=None):
     """One launch of the kernel `kind` ('fwd', or the backward with one of its kernels set by `blocks`)."""
     import pydpm.kernels.attention as ka
-    ka.TMA_LOADS = tma
     scale = q.shape[-1] ** -0.5
     if kind == "fwd":
         o = torch.empty_like(q)
         lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
-        ka.attention_fwd(q, k, v, o, lse, scale, "bhnd", False, False, blocks)
+        ka.attention_fwd(q, k, v, o, lse, scale, "bhnd", False, False, blocks, tma)
         return (o,)
     _, _, dkdv, dq = ka.configs(q.shape[-1], q.dtype, False)
     pair = (blocks, dq) if kind == "dkdv" else (dkdv, blocks)
-    dq_, dk_, dv_ = ka.attention_bwd(do, q, k, v, o, lse, scale, "bhnd", False, False, pair)
+    dq_, dk_, dv_ = ka.attention_bwd(do, q, k, v, o, lse, scale, "bhnd", False, False, pair, tma)
     return (dk_, dv_) if kind == "dkdv" else (dq_,)
 
 
-def jobs():
+def jobs(configured: bool = False):
     for dt, (shape, nk), kind in itertools.product(DTYPES, SHAPES, ("fwd", "dkdv", "dq")):
-        for blocks, tma in candidates(kind, dt):
+        for blocks, tma in candidates(kind, dt, shape[3], configured):
             yield dt, shape, nk, kind, blocks, tma
 
 
@@ -92,7 +97,6 @@ def _forward(q, k, v):
     import pydpm.kernels.attention as ka
     o = torch.empty_like(q)
     lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
-    ka.TMA_LOADS = True
     ka.attention_fwd(q, k, v, o, lse, q.shape[-1] ** -0.5, "bhnd", False, False)
     return o, lse
 
@@ -111,9 +115,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--jobs", type=int, default=16)
+    ap.add_argument("--configured", action="store_true",
+                    help="time only the CONFIGS entries, with descriptor and with pointer loads")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    todo = list(jobs())
+    todo = list(jobs(args.configured))
     t0 = time.time()
     with mp.get_context("spawn").Pool(args.jobs) as pool:
         errors = dict(zip(map(str, todo), pool.map(_compile, todo, chunksize=4)))
@@ -141,6 +147,14 @@ def main(argv=None) -> int:
                     best[key] = row
             rows.append(row)
     (args.out / "attention_tune.json").write_text(json.dumps(rows, indent=1))
+    if args.configured:
+        print("configured launches: descriptor loads vs pointer loads (µs; the backward rows time the whole backward)")
+        for (dt, shape, nk, kind), group in itertools.groupby(rows, key=lambda r: (r["dtype"], tuple(r["shape"]),
+                                                                                     r["nk"], r["kernel"])):
+            cells = {r["tma"]: (f"{r['ms'] * 1e3:.1f} (err {r['rel_err']:.0e})" if r.get("ms") else r["error"])
+                     for r in group}
+            print(f"{dt} {shape} nk={nk} {kind}: tma {cells.get(True)} | pointer {cells.get(False)}")
+        return 0
     print("best per kernel (the time of the forward, or of the whole backward: δ, dk/dv and dq, the other kernel "
           "at its current CONFIGS entry)")
     for (dt, shape, nk, kind), r in sorted(best.items()):

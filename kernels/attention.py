@@ -8,9 +8,9 @@ Backward (FlashAttention-2's split): `_attention_bwd_delta_kernel` δ = rowsum(o
 `_attention_bwd_dq_kernel` (one program per query block) walks the key blocks for dq. No atomics.
 fp32 inputs multiply in TF32 unless `IEEE` (exact fp32 products); accumulation is fp32 throughout.
 
-Loads: where every row stride is 16-byte aligned and the head dim is contiguous (`tma_ok`), q, k, v and
-do are read as tiles of 4-D [B, H, N, D] tensor descriptors (Hopper's copy engine on the GPU; rows and
-head dims past the end read as zero), otherwise by masked pointer loads. Either way the loops run
+Loads: for padded head dims (D < BLOCK_D) with 16-byte aligned strides (`tma_ok`), q, k, v and do are
+read as tiles of 4-D [B, H, N, D] tensor descriptors (Hopper's copy engine on the GPU; rows and head dims
+past the end read as zero), otherwise by pointer loads, vectorised through the strides' alignment (ALIGN). Either way the loops run
 unmasked over whole blocks and mask only the last, partial one (`TAIL`). Where the padding is harmless
 the math is unmasked too: zero rows of q and do (and δ = lse₂ = 0 there) add nothing to dk and dv, and
 zero rows of k and v add nothing to dq; only the softmax of the forward and the dq kernel's last key
@@ -259,13 +259,12 @@ def _attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, scale,
     _store(DQ, b, h, H * NQ * D, NQ * D, D, 1, start_m, NQ, D, dq * scale, BLOCK_M, BLOCK_D)
 
 
-TMA_LOADS = True  # tensor-descriptor loads where the strides allow (False: pointer loads everywhere)
-
-
-def tma_ok(*ts: torch.Tensor) -> bool:
-    """Whether every tensor can back a tensor descriptor: contiguous head dim, 16-byte aligned base and
-    strides (the copy engine's rule)."""
-    return TMA_LOADS and all(
+def tma_ok(D: int, block_d: int, *ts: torch.Tensor) -> bool:
+    """Whether to read through tensor descriptors: only for padded head dims (D < BLOCK_D: 40, 72, ...),
+    where they were 2.1-2.2x faster than the pointer loads on the H200 (bench/NOTES.md), and only where
+    every tensor can back one (contiguous head dim, 16-byte aligned base and strides: the copy engine's
+    rule). Elsewhere pointer loads matched them or won (a descriptor costs host time at every launch)."""
+    return D < block_d and all(
         t.stride(3) == 1 and t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:3])
         for t in ts)
 
@@ -305,14 +304,15 @@ def configs(D: int, dtype: torch.dtype, interpreting: bool) -> tuple[int, Blocks
 
 
 def attention_fwd(q, k, v, o, lse, scale: float, layout: str, ieee: bool, interpreting: bool,
-                  blocks: Blocks | None = None) -> None:
-    """o (layout like q) and lse [B, H, NQ] (fp32, base 2) from q [.., NQ, ..], k and v [.., NK, ..]."""
+                  blocks: Blocks | None = None, tma: bool | None = None) -> None:
+    """o (layout like q) and lse [B, H, NQ] (fp32, base 2) from q [.., NQ, ..], k and v [.., NK, ..].
+    `blocks` and `tma` override the launch configuration and the load path (bench/attention_tune.py)."""
     B, H, NQ, NK, D = dims(q, k, layout)
     if o.numel() == 0:
         return
     bd, fwd, _, _ = configs(D, q.dtype, interpreting)
     fwd = blocks or fwd
-    tma = tma_ok(q, k, v)
+    tma = tma_ok(D, bd, q, k, v) if tma is None else tma
     _attention_fwd_kernel[(triton.cdiv(NQ, fwd.m), B * H)](
         _operand(q, layout, fwd.m, bd, tma), _operand(k, layout, fwd.n, bd, tma), _operand(v, layout, fwd.n, bd, tma),
         o, lse, scale, *_bhnd_strides(q, layout), *_bhnd_strides(k, layout), *_bhnd_strides(v, layout),
@@ -322,7 +322,7 @@ def attention_fwd(q, k, v, o, lse, scale: float, layout: str, ieee: bool, interp
 
 
 def attention_bwd(do, q, k, v, o, lse, scale: float, layout: str, ieee: bool, interpreting: bool,
-                  blocks: tuple[Blocks, Blocks] | None = None):
+                  blocks: tuple[Blocks, Blocks] | None = None, tma: bool | None = None):
     """(dq, dk, dv), each contiguous [B, H, N, D] (the caller views them in its layout)."""
     B, H, NQ, NK, D = dims(q, k, layout)
     bd, _, dkdv, dq_blocks = configs(D, q.dtype, interpreting)
@@ -335,7 +335,8 @@ def attention_bwd(do, q, k, v, o, lse, scale: float, layout: str, ieee: bool, in
     delta = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
     _attention_bwd_delta_kernel[(triton.cdiv(NQ, 64), B * H)](
         o, do, delta, *_bhnd_strides(o, layout), *_bhnd_strides(do, layout), H, NQ, D, BLOCK_M=64, BLOCK_D=bd)
-    tma, align = tma_ok(q, k, v, do), _align(q, k, v, do)
+    tma = tma_ok(D, bd, q, k, v, do) if tma is None else tma
+    align = _align(q, k, v, do)
     strides = (*_bhnd_strides(q, layout), *_bhnd_strides(k, layout), *_bhnd_strides(v, layout),
                *_bhnd_strides(do, layout))
     for kernel, blk, grid, outs in ((_attention_bwd_dkdv_kernel, dkdv, triton.cdiv(NK, dkdv.n), (dk, dv)),

@@ -6,17 +6,18 @@
 #   remote: PYDPM_BENCH_COMMIT=<local git rev-parse --short HEAD> bash scripts/gpu_run.sh "$OUT" [options]
 #           (the copy of the tree sent there carries a stale .git: name the commit benchmarked)
 #   options: --no-bench | --bench "ARGS" (pydpm bench arguments, default: the whole suite)
-#            --tests "ARGS" (pytest arguments, default: tests)   --tune (attention launch-configuration sweep)
+#            --tests "ARGS" (pytest arguments, default: tests; "-n 8" runs 8 workers: pytest-xdist is carried)
+#            --tune "ARGS" (the attention launch-configuration sweep, bench/attention_tune.py, with ARGS)
 set -uo pipefail
 out="${1:-${OUT:?give an output folder}}"
 shift || true
-bench=1 bench_args="" test_args="tests" tune=0
+bench=1 bench_args="" test_args="tests" tune=0 tune_args=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --no-bench) bench=0 ;;
     --bench) bench_args="$2"; shift ;;
     --tests) test_args="$2"; shift ;;
-    --tune) tune=1 ;;
+    --tune) tune=1; tune_args="$2"; shift ;;
     *) echo "unknown option $1"; exit 2 ;;
   esac
   shift
@@ -47,7 +48,8 @@ tail -15 "$out/tests.log"
 # from outside the checkout below: a source tree on sys.path would shadow the installed package
 tune_rc=0
 if [ "$tune" = 1 ]; then
-  (cd "$out" && python3 -m pydpm.bench.attention_tune --out "$out") >"$out/tune.log" 2>&1
+  # shellcheck disable=SC2086
+  (cd "$out" && python3 -m pydpm.bench.attention_tune --out "$out" $tune_args) >"$out/tune.log" 2>&1
   tune_rc=$?
   tail -45 "$out/tune.log"
 fi
