@@ -16,6 +16,7 @@ Writes DIR/attention_tune.json (every timing) and prints the best configuration 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import multiprocessing as mp
@@ -41,15 +42,15 @@ BLOCKS = {
 }
 
 
-def candidates(kind: str, dt: str, D: int, configured: bool):
-    """(blocks, tma) pairs: the whole grid, or (configured) the table's entry with either load path."""
+def candidates(kind: str, dt: str, D: int, NK: int, configured: bool):
+    """Launch configurations: the whole grid, or (configured) the table's entry with either load path."""
     from pydpm.kernels.attention import Blocks, configs
     if configured:
-        entry = configs(D, DTYPES[dt], False)[1 + ("fwd", "dkdv", "dq").index(kind)]
-        yield from ((entry, True), (entry, False))
+        entry = configs(D, NK, DTYPES[dt], False)[1 + ("fwd", "dkdv", "dq").index(kind)]
+        yield from (dataclasses.replace(entry, tma=True), dataclasses.replace(entry, tma=False))
         return
     for (m, n), (w, s), tma in itertools.product(BLOCKS[kind, dt], WARPS_STAGES[dt], (True, False)):
-        yield Blocks(m, n, w, s), tma
+        yield Blocks(m, n, w, s, tma)
 
 
 def inputs(shape, nk, dtype, seed=0):
@@ -60,33 +61,33 @@ def inputs(shape, nk, dtype, seed=0):
     return q, k, v, do
 
 
-def run(kind, blocks, tma, q, k, v, do, o=None, lse=None):
+def run(kind, blocks, q, k, v, do, o=None, lse=None):
     """One launch of the kernel `kind` ('fwd', or the backward with one of its kernels set by `blocks`)."""
     import pydpm.kernels.attention as ka
     scale = q.shape[-1] ** -0.5
     if kind == "fwd":
         o = torch.empty_like(q)
         lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
-        ka.attention_fwd(q, k, v, o, lse, scale, "bhnd", False, False, blocks, tma)
+        ka.attention_fwd(q, k, v, o, lse, scale, "bhnd", False, False, blocks)
         return (o,)
-    _, _, dkdv, dq = ka.configs(q.shape[-1], q.dtype, False)
+    _, _, dkdv, dq = ka.configs(q.shape[-1], k.shape[2], q.dtype, False)
     pair = (blocks, dq) if kind == "dkdv" else (dkdv, blocks)
-    dq_, dk_, dv_ = ka.attention_bwd(do, q, k, v, o, lse, scale, "bhnd", False, False, pair, tma)
+    dq_, dk_, dv_ = ka.attention_bwd(do, q, k, v, o, lse, scale, "bhnd", False, False, pair)
     return (dk_, dv_) if kind == "dkdv" else (dq_,)
 
 
 def jobs(configured: bool = False):
     for dt, (shape, nk), kind in itertools.product(DTYPES, SHAPES, ("fwd", "dkdv", "dq")):
-        for blocks, tma in candidates(kind, dt, shape[3], configured):
-            yield dt, shape, nk, kind, blocks, tma
+        for blocks in candidates(kind, dt, shape[3], nk, configured):
+            yield dt, shape, nk, kind, blocks
 
 
 def _compile(job):
-    dt, shape, nk, kind, blocks, tma = job
+    dt, shape, nk, kind, blocks = job
     q, k, v, do = inputs(shape, nk, DTYPES[dt])
     o, lse = _forward(q, k, v)
     try:
-        run(kind, blocks, tma, q, k, v, do, o, lse)
+        run(kind, blocks, q, k, v, do, o, lse)
         torch.cuda.synchronize()
         return None
     except Exception as exc:  # noqa: BLE001 - out of resources etc.: recorded, timed as missing
@@ -132,15 +133,15 @@ def main(argv=None) -> int:
         B, H, NQ, D = shape
         flops = 4 * B * H * NQ * nk * D * (1 if kind == "fwd" else 2.5)  # the backward: 5 matmuls to 2
         for job in group:
-            blocks, tma = job[4:]
+            blocks = job[4]
             row = {"dtype": dt, "shape": shape, "nk": nk, "kernel": kind, "blocks": [blocks.m, blocks.n],
-                   "warps": blocks.warps, "stages": blocks.stages, "tma": tma, "error": errors[str(job)]}
+                   "warps": blocks.warps, "stages": blocks.stages, "tma": blocks.tma, "error": errors[str(job)]}
             if row["error"] is None:
-                got = run(kind, blocks, tma, q, k, v, do, o, lse)
+                got = run(kind, blocks, q, k, v, do, o, lse)
                 err = max(((g.float() - e.float()).abs().max() / e.float().abs().max()).item()
                           for g, e in zip(got, expected))
                 row["rel_err"] = err
-                ms = measure(lambda: run(kind, blocks, tma, q, k, v, do, o, lse), q.device, TIMING)[0]
+                ms = measure(lambda: run(kind, blocks, q, k, v, do, o, lse), q.device, TIMING)[0]
                 row["ms"], row["tflops"] = ms, flops / ms / 1e9
                 key = (dt, tuple(shape), nk, kind)
                 if err < 5e-2 and (key not in best or ms < best[key]["ms"]):

@@ -512,9 +512,11 @@ def write_results(out: Path, meta: dict[str, str], ceilings: Ceilings, rows: lis
     (out / "results.md").write_text("\n".join(md))
 
 
-def run_suite(ops: dict[str, ModuleType], device: torch.device, quick: bool, out: Path | None) -> int:
-    """Run every case of the op files `ops`, print the table, write results.json and results.md to `out`.
-    Returns 1 when an implementation of ours failed or disagreed with the oracle, else 0."""
+def run_suite(ops: dict[str, ModuleType], device: torch.device, quick: bool, out: Path | None,
+              cases: str | None = None) -> int:
+    """Run every case of the op files `ops` (those whose label matches the regex `cases`, when given), print
+    the table, write results.json and results.md to `out`. Returns 1 when an implementation of ours failed
+    or disagreed with the oracle, else 0."""
     now = datetime.datetime.now(datetime.timezone.utc)
     meta = environment(device, now)
     out = out or Path("bench-results") / f"{slug(meta['card'])}-{now:%Y-%m-%d}"
@@ -526,6 +528,8 @@ def run_suite(ops: dict[str, ModuleType], device: torch.device, quick: bool, out
     for module in ops.values():
         results = []
         for case in module.cases(device, quick):
+            if cases is not None and not re.search(cases, case.label):
+                continue
             case_rows = run_case(case, ceilings, timing, report)
             for line in table_lines(case_rows):
                 print(line, flush=True)

@@ -8,9 +8,10 @@ Backward (FlashAttention-2's split): `_attention_bwd_delta_kernel` δ = rowsum(o
 `_attention_bwd_dq_kernel` (one program per query block) walks the key blocks for dq. No atomics.
 fp32 inputs multiply in TF32 unless `IEEE` (exact fp32 products); accumulation is fp32 throughout.
 
-Loads: for padded head dims (D < BLOCK_D) with 16-byte aligned strides (`tma_ok`), q, k, v and do are
-read as tiles of 4-D [B, H, N, D] tensor descriptors (Hopper's copy engine on the GPU; rows and head dims
-past the end read as zero), otherwise by pointer loads, vectorised through the strides' alignment (ALIGN). Either way the loops run
+Loads: where the launch configuration asks for it (CONFIGS) and the strides are 16-byte aligned, q, k, v
+and do are read as tiles of 4-D [B, H, N, D] tensor descriptors (Hopper's copy engine on the GPU; rows and
+head dims past the end read as zero), otherwise by pointer loads, vectorised through the strides'
+alignment (ALIGN). Either way the loops run
 unmasked over whole blocks and mask only the last, partial one (`TAIL`). Where the padding is harmless
 the math is unmasked too: zero rows of q and do (and δ = lse₂ = 0 there) add nothing to dk and dv, and
 zero rows of k and v add nothing to dq; only the softmax of the forward and the dq kernel's last key
@@ -31,25 +32,32 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 
 @dataclasses.dataclass(frozen=True)
 class Blocks:
-    """One kernel's launch configuration: block rows (queries) and columns (keys), warps, pipeline depth."""
+    """One kernel's launch configuration: block rows (queries) and columns (keys), warps, pipeline depth,
+    and whether q, k, v, do are read through tensor descriptors (where the strides allow)."""
     m: int
     n: int
     warps: int
     stages: int
+    tma: bool = False
 
 
-# Per head-dim class (BLOCK_D) and element size: forward, dk/dv and dq launch configurations.
+# Per head-dim class (BLOCK_D) and element size: forward, dk/dv and dq launch configurations, from the
+# sweeps of bench/attention_tune.py on an H200 (bench/NOTES.md, "Attention"). Descriptor loads where they
+# won there: the fp32 64-wide class (20-25% faster) and the fp16 backward at 128 (5-9%); elsewhere pointer
+# loads matched or won, and the fp32 backward at 128 ran 7-9x slower through descriptors.
 CONFIGS: dict[tuple[int, int], tuple[Blocks, Blocks, Blocks]] = {
     (32, 2): (Blocks(64, 64, 4, 3), Blocks(64, 64, 4, 2), Blocks(64, 32, 4, 3)),
     (64, 2): (Blocks(128, 64, 4, 3), Blocks(64, 64, 4, 3), Blocks(128, 64, 8, 3)),
-    (128, 2): (Blocks(128, 128, 8, 3), Blocks(64, 64, 4, 2), Blocks(128, 64, 8, 3)),
+    (128, 2): (Blocks(128, 128, 8, 3), Blocks(64, 64, 4, 2, True), Blocks(128, 64, 8, 3, True)),
     (256, 2): (Blocks(64, 32, 8, 2), Blocks(32, 64, 8, 2), Blocks(64, 32, 8, 2)),
-    (32, 4): (Blocks(128, 64, 8, 2), Blocks(64, 64, 4, 2), Blocks(64, 64, 4, 2)),
-    (64, 4): (Blocks(128, 64, 4, 2), Blocks(64, 32, 4, 2), Blocks(64, 64, 4, 2)),
+    (32, 4): (Blocks(128, 64, 8, 2), Blocks(64, 64, 4, 2, True), Blocks(64, 64, 4, 2, True)),
+    (64, 4): (Blocks(128, 64, 4, 2, True), Blocks(64, 32, 4, 2, True), Blocks(64, 64, 4, 2, True)),
     (128, 4): (Blocks(128, 32, 4, 3), Blocks(64, 32, 4, 2), Blocks(128, 16, 4, 3)),
     (256, 4): (Blocks(32, 32, 8, 2), Blocks(32, 32, 8, 2), Blocks(32, 32, 8, 2)),
 }
-_INTERPRETER = Blocks(16, 16, 1, 1)  # the interpreter's speed is set by the element count, not by warps
+# The forward over short key sequences (NK ≤ 256), where the long-sequence entry's blocks leave the chip
+# idle: (32, 16, 256, 72) fp16 in 62 µs instead of 76 µs.
+SHORT_FWD: dict[tuple[int, int], Blocks] = {(128, 2): Blocks(128, 64, 4, 2, True)}
 
 
 @triton.jit
@@ -259,14 +267,11 @@ def _attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, scale,
     _store(DQ, b, h, H * NQ * D, NQ * D, D, 1, start_m, NQ, D, dq * scale, BLOCK_M, BLOCK_D)
 
 
-def tma_ok(D: int, block_d: int, *ts: torch.Tensor) -> bool:
-    """Whether to read through tensor descriptors: only for padded head dims (D < BLOCK_D: 40, 72, ...),
-    where they were 2.1-2.2x faster than the pointer loads on the H200 (bench/NOTES.md), and only where
-    every tensor can back one (contiguous head dim, 16-byte aligned base and strides: the copy engine's
-    rule). Elsewhere pointer loads matched them or won (a descriptor costs host time at every launch)."""
-    return D < block_d and all(
-        t.stride(3) == 1 and t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:3])
-        for t in ts)
+def _tma_ok(*ts: torch.Tensor) -> bool:
+    """Whether every tensor can back a tensor descriptor: contiguous head dim, 16-byte aligned base and
+    strides (the copy engine's rule); otherwise the kernels read through pointers."""
+    return all(t.stride(3) == 1 and t.data_ptr() % 16 == 0
+               and all(s * t.element_size() % 16 == 0 for s in t.stride()[:3]) for t in ts)
 
 
 def _align(*ts: torch.Tensor) -> int:
@@ -295,24 +300,29 @@ def _operand(t: torch.Tensor, layout: str, rows: int, block_d: int, tma: bool):
     return TensorDescriptor(t, [B, H, N, D], list(_bhnd_strides(t, layout)), [1, 1, rows, block_d])
 
 
-def configs(D: int, dtype: torch.dtype, interpreting: bool) -> tuple[int, Blocks, Blocks, Blocks]:
-    """(BLOCK_D, forward, dk/dv, dq blocks) for a head dim and dtype."""
+def configs(D: int, NK: int, dtype: torch.dtype, interpreting: bool) -> tuple[int, Blocks, Blocks, Blocks]:
+    """(BLOCK_D, forward, dk/dv, dq launch configurations) for a head dim, key count and dtype; under the
+    interpreter 16×16 blocks with the same load paths (the tests cover both)."""
     block_d = max(16, triton.next_power_of_2(D))
+    key = (max(block_d, 32), 4 if dtype == torch.float32 else 2)
+    fwd, dkdv, dq = CONFIGS[key]
+    if NK <= 256:
+        fwd = SHORT_FWD.get(key, fwd)
     if interpreting:
-        return block_d, _INTERPRETER, _INTERPRETER, _INTERPRETER
-    return (block_d, *CONFIGS[max(block_d, 32), 4 if dtype == torch.float32 else 2])
+        return (block_d, *(dataclasses.replace(b, m=16, n=16, warps=1, stages=1) for b in (fwd, dkdv, dq)))
+    return block_d, fwd, dkdv, dq
 
 
 def attention_fwd(q, k, v, o, lse, scale: float, layout: str, ieee: bool, interpreting: bool,
-                  blocks: Blocks | None = None, tma: bool | None = None) -> None:
+                  blocks: Blocks | None = None) -> None:
     """o (layout like q) and lse [B, H, NQ] (fp32, base 2) from q [.., NQ, ..], k and v [.., NK, ..].
-    `blocks` and `tma` override the launch configuration and the load path (bench/attention_tune.py)."""
+    `blocks` overrides the launch configuration (bench/attention_tune.py)."""
     B, H, NQ, NK, D = dims(q, k, layout)
     if o.numel() == 0:
         return
-    bd, fwd, _, _ = configs(D, q.dtype, interpreting)
+    bd, fwd, _, _ = configs(D, NK, q.dtype, interpreting)
     fwd = blocks or fwd
-    tma = tma_ok(D, bd, q, k, v) if tma is None else tma
+    tma = fwd.tma and _tma_ok(q, k, v)
     _attention_fwd_kernel[(triton.cdiv(NQ, fwd.m), B * H)](
         _operand(q, layout, fwd.m, bd, tma), _operand(k, layout, fwd.n, bd, tma), _operand(v, layout, fwd.n, bd, tma),
         o, lse, scale, *_bhnd_strides(q, layout), *_bhnd_strides(k, layout), *_bhnd_strides(v, layout),
@@ -322,10 +332,11 @@ def attention_fwd(q, k, v, o, lse, scale: float, layout: str, ieee: bool, interp
 
 
 def attention_bwd(do, q, k, v, o, lse, scale: float, layout: str, ieee: bool, interpreting: bool,
-                  blocks: tuple[Blocks, Blocks] | None = None, tma: bool | None = None):
-    """(dq, dk, dv), each contiguous [B, H, N, D] (the caller views them in its layout)."""
+                  blocks: tuple[Blocks, Blocks] | None = None):
+    """(dq, dk, dv), each contiguous [B, H, N, D] (the caller views them in its layout). `blocks` overrides
+    the (dk/dv, dq) launch configurations (bench/attention_tune.py)."""
     B, H, NQ, NK, D = dims(q, k, layout)
-    bd, _, dkdv, dq_blocks = configs(D, q.dtype, interpreting)
+    bd, _, dkdv, dq_blocks = configs(D, NK, q.dtype, interpreting)
     dkdv, dq_blocks = blocks or (dkdv, dq_blocks)
     dq = torch.empty((B, H, NQ, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, H, NK, D), dtype=k.dtype, device=k.device)
@@ -335,12 +346,12 @@ def attention_bwd(do, q, k, v, o, lse, scale: float, layout: str, ieee: bool, in
     delta = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
     _attention_bwd_delta_kernel[(triton.cdiv(NQ, 64), B * H)](
         o, do, delta, *_bhnd_strides(o, layout), *_bhnd_strides(do, layout), H, NQ, D, BLOCK_M=64, BLOCK_D=bd)
-    tma = tma_ok(D, bd, q, k, v, do) if tma is None else tma
-    align = _align(q, k, v, do)
+    aligned, align = _tma_ok(q, k, v, do), _align(q, k, v, do)
     strides = (*_bhnd_strides(q, layout), *_bhnd_strides(k, layout), *_bhnd_strides(v, layout),
                *_bhnd_strides(do, layout))
     for kernel, blk, grid, outs in ((_attention_bwd_dkdv_kernel, dkdv, triton.cdiv(NK, dkdv.n), (dk, dv)),
                                     (_attention_bwd_dq_kernel, dq_blocks, triton.cdiv(NQ, dq_blocks.m), (dq,))):
+        tma = blk.tma and aligned
         kernel[(grid, B * H)](
             _operand(q, layout, blk.m, bd, tma), _operand(k, layout, blk.n, bd, tma),
             _operand(v, layout, blk.n, bd, tma), _operand(do, layout, blk.m, bd, tma), lse, delta, *outs, scale,

@@ -126,9 +126,9 @@ def test_issue_shapes(backend, NQ, NK, D):
     torch.testing.assert_close(o.cpu().double(), sdpa64(q, k, v), atol=tol, rtol=tol)
 
 
-def _errors(dtype, B, H, NQ, NK, D, seed):
-    """Relative errors (o, dq, dk, dv) against float64 of pydpm's Triton kernels and of the eager
-    composition (softmax(q·kᵀ·scale)·v in `dtype`, autograd through it), on the same inputs."""
+def _errors(dtype, eager_dtype, B, H, NQ, NK, D, seed):
+    """Relative errors (o, dq, dk, dv) against float64 of pydpm's Triton kernels in `dtype` and of the eager
+    composition (softmax(q·kᵀ·scale)·v in `eager_dtype`, autograd through it), on the same inputs."""
     q64, do64 = rand(B, H, NQ, D, seed=seed), rand(B, H, NQ, D, seed=seed + 1)
     k64, v64 = rand(B, H, NK, D, seed=seed + 2), rand(B, H, NK, D, seed=seed + 3)
 
@@ -144,7 +144,7 @@ def _errors(dtype, B, H, NQ, NK, D, seed):
     expected = grads(eager, torch.float64, "cpu")
     with use_backend("triton"):
         ours = grads(attention, dtype, DEVICE)
-    theirs = grads(eager, dtype, DEVICE)
+    theirs = grads(eager, eager_dtype, DEVICE)
 
     def rel(got):
         return [((g - e).norm() / e.norm()).item() for g, e in zip(got, expected)]
