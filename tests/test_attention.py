@@ -114,6 +114,27 @@ def test_diffusers_attention_processor_matches_sdpa_processor():
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
 
 
+def test_diffusers_dit_runs_through_pydpm_attention():
+    """A DiT (no set_attn_processor in diffusers 0.42) takes the processor on every Attention block and
+    gives diffusers' outputs; a model without attention blocks is refused by name."""
+    diffusers = pytest.importorskip("diffusers")
+    from pydpm.integrations.diffusers import AttnProcessor, use_pydpm_attention
+    torch.manual_seed(0)
+    dit = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=8,
+                                          num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 7]), torch.tensor([1, 4])
+    with torch.no_grad():
+        expected = dit(x, timestep=t, class_labels=y).sample
+        processor = use_pydpm_attention(dit)
+        got = dit(x, timestep=t, class_labels=y).sample
+    blocks = [m for m in dit.modules() if isinstance(m, diffusers.models.attention_processor.Attention)]
+    assert len(blocks) == 2 and all(isinstance(b.processor, AttnProcessor) for b in blocks)
+    assert processor.fallbacks == 0
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
+    with pytest.raises(TypeError, match="no diffusers Attention blocks"):
+        use_pydpm_attention(torch.nn.Linear(2, 2))
+
+
 @pytest.mark.parametrize("backend,NQ,NK,D", [("triton", 77, 97, 80), ("triton", 97, 77, 72),
                                                ("reference", 1025, 1025, 80), ("reference", 1, 77, 40)], ids=str)
 def test_issue_shapes(backend, NQ, NK, D):
@@ -126,9 +147,10 @@ def test_issue_shapes(backend, NQ, NK, D):
     torch.testing.assert_close(o.cpu().double(), sdpa64(q, k, v), atol=tol, rtol=tol)
 
 
-def _errors(dtype, eager_dtype, B, H, NQ, NK, D, seed):
-    """Relative errors (o, dq, dk, dv) against float64 of pydpm's Triton kernels in `dtype` and of the eager
-    composition (softmax(q·kᵀ·scale)·v in `eager_dtype`, autograd through it), on the same inputs."""
+def _errors(dtype, B, H, NQ, NK, D, seed):
+    """Relative errors (o, dq, dk, dv) against float64 of pydpm's Triton kernels and of the eager
+    composition (softmax(q·kᵀ·scale)·v in `dtype`, autograd through it; fp32 matmuls in TF32 like ours),
+    on the same inputs."""
     q64, do64 = rand(B, H, NQ, D, seed=seed), rand(B, H, NQ, D, seed=seed + 1)
     k64, v64 = rand(B, H, NK, D, seed=seed + 2), rand(B, H, NK, D, seed=seed + 3)
 
@@ -144,7 +166,12 @@ def _errors(dtype, eager_dtype, B, H, NQ, NK, D, seed):
     expected = grads(eager, torch.float64, "cpu")
     with use_backend("triton"):
         ours = grads(attention, dtype, DEVICE)
-    theirs = grads(eager, eager_dtype, DEVICE)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        theirs = grads(eager, dtype, DEVICE)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
 
     def rel(got):
         return [((g - e).norm() / e.norm()).item() for g, e in zip(got, expected)]
@@ -156,11 +183,11 @@ def _errors(dtype, eager_dtype, B, H, NQ, NK, D, seed):
 @pytest.mark.parametrize("D", [32, 40, 59, 64, 72, 128, 160])
 @pytest.mark.parametrize("NQ,NK", [(1031, 1031), (2048, 77)], ids=str)
 def test_gpu_shapes_within_twice_the_eager_error(NQ, NK, D, dtype):
-    """Every head-dim class with its own launch configuration (59: unaligned strides, pointer loads; 40,
-    72, 160: padded, descriptors), sequences with and without a partial last block: o and the three gradients within 2× the eager composition's error in the same dtype (DESIGN §3;
-    fp32 runs TF32 products against an exact eager fp32, so its bound is TF32's own error after the
-    backward's chained products, 2e-3)."""
+    """Every head-dim class with its own launch configuration and load path (59: unaligned strides, pointer
+    loads), sequences with and without a partial last block: o and the three gradients within 2× the eager
+    composition's error in the same dtype (DESIGN §3); fp32 against the eager composition with TF32 matmuls,
+    the products ours use (against exact fp32, ~1e-7, dq measured 2.0-2.3e-3 on an H200: its
+    ds = p·(dp − δ) cancels)."""
     ours, eager = _errors(dtype, 2, 3, NQ, NK, D, seed=20)
-    floor = 2e-3 if dtype == torch.float32 else 0.0
     for name, got, bound in zip(("o", "dq", "dk", "dv"), ours, eager):
-        assert got <= max(2 * bound, floor), f"{name}: {got:.2e} vs eager {bound:.2e}"
+        assert got <= 2 * bound, f"{name}: {got:.2e} vs eager {bound:.2e}"

@@ -561,11 +561,21 @@ class AttnProcessor:
 
 def use_pydpm_attention(model) -> AttnProcessor:
     """Route every attention block of a diffusers model (UNet, DiT, ...) through pydpm's attention with one
-    call; returns the processor (its `fallbacks` counts masked calls sent to SDPA)."""
-    if not hasattr(model, "set_attn_processor"):
-        raise TypeError(f"{type(model).__name__} has no set_attn_processor; pass a diffusers model")
+    call; returns the processor (its `fallbacks` counts masked calls sent to SDPA). Every
+    `diffusers.models.attention_processor.Attention` module of `model` gets the processor (models such as
+    DiTTransformer2DModel have no `set_attn_processor`); attention classes of diffusers' newer
+    AttentionModuleMixin family (Flux, ...) take other processors and are left as they are."""
+    from diffusers.models.attention_processor import Attention
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"use_pydpm_attention: model is a {type(model).__name__}; pass a diffusers model")
+    blocks = [m for m in model.modules() if isinstance(m, Attention)]
+    if not blocks:
+        raise TypeError(f"use_pydpm_attention: {type(model).__name__} has no diffusers Attention blocks "
+                        f"(diffusers.models.attention_processor.Attention)")
     processor = AttnProcessor()
-    model.set_attn_processor(processor)
+    for block in blocks:
+        block.set_processor(processor)
     return processor
 
 

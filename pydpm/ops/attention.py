@@ -239,6 +239,25 @@ def _attention_backward(ctx, do, _dlse):
 _attention_op.register_autograd(_attention_backward, setup_context=_setup)
 
 
+class _Attention(torch.autograd.Function):
+    """Eager autograd over the same forward and backward as the custom ops, without torch.library's
+    dispatch (on the CPU of this project's H200 machine that dispatch cost more host time per training
+    step than the kernels themselves); torch.compile traces the custom ops instead."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, args):
+        o, lse = OP(args)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.scale, ctx.layout, ctx.precision, ctx.backend = args.scale, args.layout, args.precision, _forced.get()
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        with use_backend(ctx.backend):  # autograd's CUDA thread does not see use_backend's ContextVar
+            return (*_backward(do.contiguous(), q, k, v, o, lse, ctx.scale, ctx.layout, ctx.precision), None)
+
+
 # --------------------------------------------------------------------------------------------------
 # Public op
 # --------------------------------------------------------------------------------------------------
@@ -258,8 +277,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
         if grad:
             _fail("out= is not differentiable; drop out= to get gradients")
         return OP(args)[0]
-    if grad or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         return _attention_op(q, k, v, args.scale, layout, precision)[0]
+    if grad:
+        return _Attention.apply(q, k, v, args)
     return OP(args)[0]
 
 
