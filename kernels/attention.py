@@ -43,7 +43,7 @@ class Blocks:
 
 # Per head-dim class (BLOCK_D) and element size: forward, dk/dv and dq launch configurations, from the
 # sweeps of bench/attention_tune.py on an H200 (bench/NOTES.md, "Attention"). Descriptor loads where they
-# won there: the fp32 64-wide class (20-25% faster) and the fp16 backward at 128 (5-9%); elsewhere pointer
+# won there: the fp32 64-wide class (16-25% faster) and the fp16 backward at 128 (5-9%); elsewhere pointer
 # loads matched or won, and the fp32 backward at 128 ran 7-9x slower through descriptors.
 CONFIGS: dict[tuple[int, int], tuple[Blocks, Blocks, Blocks]] = {
     (32, 2): (Blocks(64, 64, 4, 3), Blocks(64, 64, 4, 2), Blocks(64, 32, 4, 3)),

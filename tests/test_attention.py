@@ -1,6 +1,7 @@
 """attention beyond the registry contract: outputs and gradients against float64 SDPA on awkward shapes
-(N = 1, 17, 33; D = 16, 40, 72; cross-attention with NK = 1), both layouts, both backends (Triton through
-the interpreter without a GPU), argument errors."""
+(N = 1, 17, 33, 77, 97, 1025; D = 16, 24, 40, 72, 80, 160, 256; cross-attention with NK = 1), both layouts,
+both backends (Triton through the interpreter without a GPU), argument errors, the module and the diffusers
+processor (UNet, DiT); on the GPU, every head-dim class at real sequence lengths within 2× the eager error."""
 from __future__ import annotations
 
 import pytest
