@@ -66,10 +66,7 @@ def run(kind, blocks, q, k, v, do, o=None, lse=None):
     import pydpm.kernels.attention as ka
     scale = q.shape[-1] ** -0.5
     if kind == "fwd":
-        o = torch.empty_like(q)
-        lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
-        ka.attention_fwd(q, k, v, o, lse, scale, "bhnd", False, False, blocks)
-        return (o,)
+        return _forward(q, k, v, blocks)[:1]
     _, _, dkdv, dq = ka.configs(q.shape[-1], k.shape[2], q.dtype, False)
     pair = (blocks, dq) if kind == "dkdv" else (dkdv, blocks)
     dq_, dk_, dv_ = ka.attention_bwd(do, q, k, v, o, lse, scale, "bhnd", False, False, pair)
@@ -94,11 +91,12 @@ def _compile(job):
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
 
 
-def _forward(q, k, v):
+def _forward(q, k, v, blocks=None):
+    """(o, lse) of the forward kernel, at `blocks` or the table's configuration."""
     import pydpm.kernels.attention as ka
     o = torch.empty_like(q)
     lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
-    ka.attention_fwd(q, k, v, o, lse, q.shape[-1] ** -0.5, "bhnd", False, False)
+    ka.attention_fwd(q, k, v, o, lse, q.shape[-1] ** -0.5, "bhnd", False, False, blocks)
     return o, lse
 
 
