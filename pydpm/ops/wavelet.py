@@ -333,20 +333,22 @@ def _up_op(x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
     return args.out[0]
 
 
-@torch.library.custom_op("pydpm::wavelet_gate_down_backward", mutates_args=())
-def _down_bwd_op(dy: torch.Tensor, x: torch.Tensor, gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    args = WaveletArgs("down_bwd", x, gates=gates, dy=dy,
+def _gate_backward(mode: str, dy: torch.Tensor, x: torch.Tensor, gates: torch.Tensor):
+    """(dx, dgates) of a gate op: one pass, the gate gradient reduced in float32."""
+    args = WaveletArgs(mode, x, gates=gates, dy=dy,
                        out=(torch.empty_like(x), torch.empty(gates.shape, dtype=torch.float32, device=x.device)))
     _run(args)
     return args.out[0], args.out[1].to(gates.dtype)
+
+
+@torch.library.custom_op("pydpm::wavelet_gate_down_backward", mutates_args=())
+def _down_bwd_op(dy: torch.Tensor, x: torch.Tensor, gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _gate_backward("down_bwd", dy, x, gates)
 
 
 @torch.library.custom_op("pydpm::wavelet_gate_up_backward", mutates_args=())
 def _up_bwd_op(dy: torch.Tensor, x: torch.Tensor, gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    args = WaveletArgs("up_bwd", x, gates=gates, dy=dy,
-                       out=(torch.empty_like(x), torch.empty(gates.shape, dtype=torch.float32, device=x.device)))
-    _run(args)
-    return args.out[0], args.out[1].to(gates.dtype)
+    return _gate_backward("up_bwd", dy, x, gates)
 
 
 @_down_op.register_fake
