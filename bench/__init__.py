@@ -14,7 +14,8 @@ import torch
 
 from . import harness
 
-OPS = ("solver_step", "samplers", "wavelet", "frequency", "attention")  # one module of this package per op family
+# One module of this package per op family, and `models`: pydpm inside real diffusers models.
+OPS = ("solver_step", "samplers", "wavelet", "frequency", "attention", "models")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -46,7 +46,8 @@ import torch.nn.functional as F
 
 from pydpm.nn import NAFBlock, naf_block_reference
 from pydpm.ops import ff_parser, simple_gate, simple_gate_sca, simplified_channel_attention
-from pydpm.ops.frequency import FF_OP, GATE_SCA_OP, check_ff_parser, check_simple_gate_sca
+from pydpm.ops.ff_parser import OP as FF_OP, check_ff_parser
+from pydpm.ops.naf import GATE_SCA_OP, check_simple_gate_sca
 
 from .harness import Case, Impl, Inputs, Outputs, Row, backend_impls, dtype_str, shape_str
 from .wavelet import dtypes, shapes  # issue 4's shape grid, shared with the wavelet cases

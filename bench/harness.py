@@ -94,10 +94,11 @@ class Row:
     throughput: float | None = None  # in `unit`, from the bytes (or flops) the case declares
     unit: str = "GB/s"
     of_ceiling: float | None = None  # throughput / the measured ceiling (copy bandwidth or matmul peak)
-    vs_best_peer: float | None = None  # best peer median / this median (> 1: faster than every peer)
+    vs_best_peer: float | None = None  # best peer median / this median: device time (> 1: faster than every peer)
     host_us: float | None = None  # back-to-back calls, no sync: host cost per call
     host_device_us: float | None = None  # a sync after every call: host + device per call
-    loop_us: float | None = None  # back-to-back calls, one sync at the end: per call in a loop
+    loop_us: float | None = None  # back-to-back calls, one sync at the end: per call as a model sees it
+    vs_best_peer_eager: float | None = None  # best peer loop_us / this loop_us: what users pay (the headline)
     note: str = ""
 
 
@@ -143,19 +144,24 @@ def dtype_str(dtype: torch.dtype) -> str:
 # Implementations of pydpm ops
 # --------------------------------------------------------------------------------------------------
 
-def backend_impls(op, check: Callable[[Inputs], Any], call: Callable[[Inputs], Any]) -> list[Impl]:
-    """One Impl per backend of the pydpm op `op`, forced with `use_backend`.
+def backend_impls(op, check: Callable[[Inputs], Any], call: Callable[[Inputs], Any], auto: bool = False
+                  ) -> list[Impl]:
+    """One Impl per backend of the pydpm op `op`, forced with `use_backend`, and with `auto` first the
+    automatic choice (`pydpm[auto]`), for ops whose dispatch picks among kernels by a measured table.
 
     `check(inputs)` gives the checked call `op` dispatches on, `call(inputs)` runs the public op. A backend
     is skipped with `op.not_supported_reasons`; Triton also while TRITON_INTERPRET=1 (far too slow to time).
+    Backends that wrap a torch kernel (`Backend.autograd`) get no row of their own: that kernel is a peer's.
     """
     def reasons(name: str, inputs: Inputs) -> list[str]:
         if name == "triton" and _backend.triton_interpreting():
             return ["TRITON_INTERPRET=1 runs Triton kernels in the interpreter, far too slowly to benchmark"]
         return op.not_supported_reasons(check(inputs))[name]
 
-    return [Impl(f"pydpm[{b.name}]", make=lambda: call, ours=True, context=functools.partial(use_backend, b.name),
-                 reasons=functools.partial(reasons, b.name)) for b in op.backends]
+    impls = [Impl("pydpm[auto]", make=lambda: call, ours=True)] if auto else []
+    return impls + [Impl(f"pydpm[{b.name}]", make=lambda: call, ours=True,
+                         context=functools.partial(use_backend, b.name), reasons=functools.partial(reasons, b.name))
+                    for b in op.backends if not b.autograd]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -359,10 +365,13 @@ def run_case(case: Case, ceilings: Ceilings, timing: Timing, report: Report) -> 
 
 
 def _rate(rows: list[Row], case: Case, ceilings: Ceilings) -> None:
-    """Fill throughput, fraction of the ceiling and the ratio to the best peer."""
+    """Fill throughput, fraction of the ceiling and the ratios to the best peer (eager wall time, device time)."""
     peers = [r.median_ms for r in rows if not r.ours and r.median_ms]
     best_peer = min(peers, default=None)
+    best_eager = min((r.loop_us for r in rows if not r.ours and r.loop_us), default=None)
     for r in rows:
+        if r.loop_us and best_eager:
+            r.vs_best_peer_eager = best_eager / r.loop_us
         if not r.median_ms:
             continue
         if case.flops:
@@ -438,21 +447,29 @@ def environment(device: torch.device, now: datetime.datetime) -> dict[str, str]:
     }
 
 
+# What users pay first: `eager us` is the wall time per call of back-to-back eager calls with one
+# synchronisation at the end (host and device together, as a model sees the op), `vs peer` its ratio to the
+# best peer's (> 1: faster than every peer). Then device time (CUDA events, L2 flushed, launches queued behind
+# a blocking kernel), its ratio to the best peer's device time, the rate it implies and its fraction of the
+# card's measured ceiling, and `host us`, the host's cost of issuing one call.
 COLUMNS = (  # (title, width, Row -> cell)
     ("case", 9, lambda r: r.case),
     ("shape", 16, lambda r: r.shape),
     ("dtype", 5, lambda r: r.dtype),
-    ("impl", 22, lambda r: r.impl),
-    ("median ms", 10, lambda r: _num(r.median_ms, ".4f")),
-    ("p20 ms", 9, lambda r: _num(r.p20_ms, ".4f")),
-    ("p80 ms", 9, lambda r: _num(r.p80_ms, ".4f")),
-    ("rate", 13, lambda r: f"{_num(r.throughput, '.1f')} {r.unit}" if r.throughput else "-"),
+    ("impl", 24, lambda r: r.impl),
+    ("eager us", 9, lambda r: _num(r.loop_us, ".1f")),
+    ("vs peer", 8, lambda r: _num(r.vs_best_peer_eager, ".2f", "x")),
+    ("device us", 10, lambda r: _num(r.median_ms and 1e3 * r.median_ms, ".1f")),
+    ("dev vs peer", 11, lambda r: _num(r.vs_best_peer, ".2f", "x")),
+    ("rate", 14, lambda r: f"{_num(r.throughput, '.1f')} {r.unit}" if r.throughput else "-"),
     ("%ceil", 6, lambda r: _num(r.of_ceiling and 100 * r.of_ceiling, ".1f")),
-    ("vs peer", 8, lambda r: _num(r.vs_best_peer, ".2f", "x")),
     ("host us", 8, lambda r: _num(r.host_us, ".1f")),
-    ("loop us", 8, lambda r: _num(r.loop_us, ".1f")),
-    ("h+dev us", 8, lambda r: _num(r.host_device_us, ".1f")),
 )
+LEGEND = ("eager us: wall time per call of back-to-back eager calls, one synchronisation at the end (what a "
+          "model pays); vs peer: the best peer's eager us over this row's (> 1: faster); device us: device time, "
+          "L2 flushed; dev vs peer: the same ratio on device time; rate and %ceil: throughput from the bytes or "
+          "flops a call must move, and its fraction of the measured ceiling; host us: the host's cost of issuing "
+          "a call")
 
 
 def _num(value: float | None, fmt: str, suffix: str = "") -> str:
@@ -505,6 +522,7 @@ def write_results(out: Path, meta: dict[str, str], ceilings: Ceilings, rows: lis
     md = [f"# pydpm benchmarks: {meta['card']}", ""] + [f"- {line}" for line in summary_lines(meta, ceilings)]
     md += ["", "Missing peers:", "", *_listing(report.missing, "-"), "", "Skipped backends:", "",
            *_listing(report.skipped, "-"), ""]
+    md += [f"Columns: {LEGEND}.", ""]
     md += ["| " + " | ".join(title for title, _, _ in COLUMNS) + " | note |",
            "|" + "---|" * (len(COLUMNS) + 1)]
     md += ["| " + " | ".join(cell(r) for _, _, cell in COLUMNS) + f" | {r.note} |" for r in rows]
@@ -523,6 +541,7 @@ def run_suite(ops: dict[str, ModuleType], device: torch.device, quick: bool, out
     timing = timing_for(device, quick)
     ceilings = measure_ceilings(device, timing)
     print("\n".join(summary_lines(meta, ceilings)), end="\n\n", flush=True)
+    print(f"columns: {LEGEND}\n", flush=True)
     print(*table_header(), sep="\n", flush=True)
     report, rows, footer = Report(), [], []
     for module in ops.values():

@@ -75,9 +75,9 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from pydpm.ops import haar_dwt2, haar_idwt2, use_backend, wavelet_gate_down, wavelet_gate_up
-from pydpm.ops.wavelet import (REGISTRY_OPS, check_down, check_dwt, check_idwt, check_up, haar_dwt2_reference,
-                               haar_idwt2_reference, wavelet_gate_down_reference, wavelet_gate_up_reference)
+from pydpm.ops import REGISTRY, haar_dwt2, haar_idwt2, use_backend, wavelet_gate_down, wavelet_gate_up
+from pydpm.ops.wavelet import (check_down, check_dwt, check_idwt, check_up, haar_dwt2_reference, haar_idwt2_reference,
+                               wavelet_gate_down_reference, wavelet_gate_up_reference)
 
 from .harness import Case, Impl, Inputs, Outputs, Row, backend_impls, dtype_str, shape_str
 
@@ -348,9 +348,9 @@ def make_case(kind: Kind, backward: bool, shape, dtype, device) -> Case:
     def check_args(t: Inputs):
         return kind.check_args(*(t[k].detach() for k in kind.keys))
 
-    ours = backend_impls(REGISTRY_OPS[kind.op], check_args, timed_call(kind.ours, kind.keys, grad))
+    ours = backend_impls(REGISTRY[kind.op], check_args, timed_call(kind.ours, kind.keys, grad))
     if backward:
-        for impl, backend in zip(ours, REGISTRY_OPS[kind.op].backends):
+        for impl, backend in zip(ours, REGISTRY[kind.op].backends):
             impl.context = lambda name=backend.name: use_backend(name)
 
     def peer(name: str, family: Callable[[torch.device, torch.dtype], Family], compiled: bool = False,

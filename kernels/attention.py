@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pydpm.ops.attention import dims
+from ._launch import Kernel
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -125,7 +125,13 @@ def _fwd_block(acc, l_i, m_i, q, K, V, b, h, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh,
     return acc, l_i * alpha + tl.sum(p, 1), m_new
 
 
-@triton.jit
+# Batch, head and token strides reach the kernels through ALIGN (`_hint`) and the sequence lengths only mask
+# rows: unspecialised. The head-dim strides (1 for every layout the kernels vectorise) stay specialised.
+_STRIDES_BHN = ["s_qb", "s_qh", "s_qn", "s_kb", "s_kh", "s_kn", "s_vb", "s_vh", "s_vn", "s_db", "s_dh", "s_dn",
+                "s_ob", "s_oh", "s_on", "H", "NQ", "NK"]
+
+
+@triton.jit(do_not_specialize=_STRIDES_BHN)
 def _attention_fwd_kernel(Q, K, V, O, LSE, scale,
                           s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd,
                           s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_on, s_od,
@@ -155,7 +161,7 @@ def _attention_fwd_kernel(Q, K, V, O, LSE, scale,
     tl.store(LSE + bh.to(tl.int64) * NQ + offs_m, m_i + tl.log2(l_i), mask=offs_m < NQ)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_STRIDES_BHN)
 def _attention_bwd_delta_kernel(O, DO, DELTA, s_ob, s_oh, s_on, s_od, s_db, s_dh, s_dn, s_dd, H, NQ, D,
                                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
@@ -189,7 +195,7 @@ def _dkdv_block(dk, dv, k, v, Q, DO, LSE, DELTA, b, h, bh, s_qb, s_qh, s_qn, s_q
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_STRIDES_BHN)
 def _attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, scale,
                                s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
                                s_db, s_dh, s_dn, s_dd, H, NQ, NK, D: tl.constexpr,
@@ -236,7 +242,7 @@ def _dq_block(dq, q, do, lse, delta, K, V, b, h, s_kb, s_kh, s_kn, s_kd, s_vb, s
     return dq + _dot(ds.to(k.dtype), k, IEEE)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_STRIDES_BHN)
 def _attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, scale,
                              s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
                              s_db, s_dh, s_dn, s_dd, H, NQ, NK, D: tl.constexpr,
@@ -275,16 +281,24 @@ def _tma_ok(*ts: torch.Tensor) -> bool:
 
 
 def _align(*ts: torch.Tensor) -> int:
-    """The largest power of two (≤ 16) dividing every batch, head and token stride, in elements."""
-    align = 16
-    while any(s % align for t in ts for s in t.stride()[:3]):
-        align //= 2
-    return align
+    """The largest power of two (≤ 16) dividing every batch, head and token stride, in elements (the lowest
+    set bit of their OR)."""
+    v = 16
+    for t in ts:
+        s = t.stride()
+        v |= s[0] | s[1] | s[2]
+    return v & -v
 
 
 def _bhnd_strides(t: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
     """(batch, head, token, dim) strides of a [B, H, N, D] ('bhnd') or [B, N, H, D] ('bnhd') tensor."""
     s = t.stride()
+    return (s[0], s[1], s[2], s[3]) if layout == "bhnd" else (s[0], s[2], s[1], s[3])
+
+
+def _bhnd(t: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
+    """(B, H, N, D) of a tensor in `layout`."""
+    s = t.shape
     return (s[0], s[1], s[2], s[3]) if layout == "bhnd" else (s[0], s[2], s[1], s[3])
 
 
@@ -295,9 +309,7 @@ def _operand(t: torch.Tensor, layout: str, rows: int, block_d: int, tma: bool):
         return t
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    B, H, N, D = (t.shape[0], t.shape[1], t.shape[2], t.shape[3]) if layout == "bhnd" else \
-        (t.shape[0], t.shape[2], t.shape[1], t.shape[3])
-    return TensorDescriptor(t, [B, H, N, D], list(_bhnd_strides(t, layout)), [1, 1, rows, block_d])
+    return TensorDescriptor(t, list(_bhnd(t, layout)), list(_bhnd_strides(t, layout)), [1, 1, rows, block_d])
 
 
 def configs(D: int, NK: int, dtype: torch.dtype, interpreting: bool) -> tuple[int, Blocks, Blocks, Blocks]:
@@ -313,29 +325,39 @@ def configs(D: int, NK: int, dtype: torch.dtype, interpreting: bool) -> tuple[in
     return block_d, fwd, dkdv, dq
 
 
+_D_STRIDES = ("s_qd", "s_kd", "s_vd", "s_dd")
+_FWD = Kernel(_attention_fwd_kernel, specialized=("s_qd", "s_kd", "s_vd", "s_od"))
+_DELTA = Kernel(_attention_bwd_delta_kernel, specialized=("s_od", "s_dd", "D"))
+_DKDV = Kernel(_attention_bwd_dkdv_kernel, specialized=_D_STRIDES)
+_DQ = Kernel(_attention_bwd_dq_kernel, specialized=_D_STRIDES)
+
+
 def attention_fwd(q, k, v, o, lse, scale: float, layout: str, ieee: bool, interpreting: bool,
                   blocks: Blocks | None = None) -> None:
     """o (layout like q) and lse [B, H, NQ] (fp32, base 2) from q [.., NQ, ..], k and v [.., NK, ..].
     `blocks` overrides the launch configuration (bench/attention_tune.py)."""
-    B, H, NQ, NK, D = dims(q, k, layout)
+    B, H, NQ, D = _bhnd(q, layout)
+    NK = _bhnd(k, layout)[2]
     if o.numel() == 0:
         return
     bd, fwd, _, _ = configs(D, NK, q.dtype, interpreting)
     fwd = blocks or fwd
     tma = fwd.tma and _tma_ok(q, k, v)
-    _attention_fwd_kernel[(triton.cdiv(NQ, fwd.m), B * H)](
+    align, ieee = _align(q, k, v), ieee or interpreting
+    _FWD((triton.cdiv(NQ, fwd.m), B * H), [
         _operand(q, layout, fwd.m, bd, tma), _operand(k, layout, fwd.n, bd, tma), _operand(v, layout, fwd.n, bd, tma),
         o, lse, scale, *_bhnd_strides(q, layout), *_bhnd_strides(k, layout), *_bhnd_strides(v, layout),
-        *_bhnd_strides(o, layout), H, NQ, NK, D, BLOCK_M=fwd.m, BLOCK_N=fwd.n, BLOCK_D=bd, TMA=tma,
-        MASK_D=not tma and D < bd, ALIGN=_align(q, k, v), IEEE=ieee or interpreting,
-        num_warps=fwd.warps, num_stages=fwd.stages)
+        *_bhnd_strides(o, layout), H, NQ, NK], (q.dtype, D, fwd, bd, tma, align, ieee),
+        dict(D=D, BLOCK_M=fwd.m, BLOCK_N=fwd.n, BLOCK_D=bd, TMA=tma, MASK_D=not tma and D < bd, ALIGN=align,
+             IEEE=ieee), num_warps=fwd.warps, num_stages=fwd.stages)
 
 
 def attention_bwd(do, q, k, v, o, lse, scale: float, layout: str, ieee: bool, interpreting: bool,
                   blocks: tuple[Blocks, Blocks] | None = None):
     """(dq, dk, dv), each contiguous [B, H, N, D] (the caller views them in its layout). `blocks` overrides
     the (dk/dv, dq) launch configurations (bench/attention_tune.py)."""
-    B, H, NQ, NK, D = dims(q, k, layout)
+    B, H, NQ, D = _bhnd(q, layout)
+    NK = _bhnd(k, layout)[2]
     bd, _, dkdv, dq_blocks = configs(D, NK, q.dtype, interpreting)
     dkdv, dq_blocks = blocks or (dkdv, dq_blocks)
     dq = torch.empty((B, H, NQ, D), dtype=q.dtype, device=q.device)
@@ -344,17 +366,18 @@ def attention_bwd(do, q, k, v, o, lse, scale: float, layout: str, ieee: bool, in
     if dq.numel() == 0:
         return dq, dk.zero_(), dv.zero_()
     delta = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
-    _attention_bwd_delta_kernel[(triton.cdiv(NQ, 64), B * H)](
-        o, do, delta, *_bhnd_strides(o, layout), *_bhnd_strides(do, layout), H, NQ, D, BLOCK_M=64, BLOCK_D=bd)
-    aligned, align = _tma_ok(q, k, v, do), _align(q, k, v, do)
+    _DELTA((triton.cdiv(NQ, 64), B * H), [o, do, delta, *_bhnd_strides(o, layout), *_bhnd_strides(do, layout), H, NQ,
+                                          D], (q.dtype, bd), dict(BLOCK_M=64, BLOCK_D=bd))
+    aligned, align, ieee = _tma_ok(q, k, v, do), _align(q, k, v, do), ieee or interpreting
     strides = (*_bhnd_strides(q, layout), *_bhnd_strides(k, layout), *_bhnd_strides(v, layout),
                *_bhnd_strides(do, layout))
-    for kernel, blk, grid, outs in ((_attention_bwd_dkdv_kernel, dkdv, triton.cdiv(NK, dkdv.n), (dk, dv)),
-                                    (_attention_bwd_dq_kernel, dq_blocks, triton.cdiv(NQ, dq_blocks.m), (dq,))):
+    for kernel, blk, grid, outs in ((_DKDV, dkdv, triton.cdiv(NK, dkdv.n), (dk, dv)),
+                                    (_DQ, dq_blocks, triton.cdiv(NQ, dq_blocks.m), (dq,))):
         tma = blk.tma and aligned
-        kernel[(grid, B * H)](
+        kernel((grid, B * H), [
             _operand(q, layout, blk.m, bd, tma), _operand(k, layout, blk.n, bd, tma),
             _operand(v, layout, blk.n, bd, tma), _operand(do, layout, blk.m, bd, tma), lse, delta, *outs, scale,
-            *strides, H, NQ, NK, D, BLOCK_M=blk.m, BLOCK_N=blk.n, BLOCK_D=bd, TMA=tma, MASK_D=not tma and D < bd,
-            ALIGN=align, IEEE=ieee or interpreting, num_warps=blk.warps, num_stages=blk.stages)
+            *strides, H, NQ, NK], (q.dtype, D, blk, bd, tma, align, ieee),
+            dict(D=D, BLOCK_M=blk.m, BLOCK_N=blk.n, BLOCK_D=bd, TMA=tma, MASK_D=not tma and D < bd, ALIGN=align,
+                 IEEE=ieee), num_warps=blk.warps, num_stages=blk.stages)
     return dq, dk, dv

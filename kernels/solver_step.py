@@ -6,17 +6,16 @@ Per element e of x's dense layout (memory order), belonging to sample b = e // p
     d   = conv[b, 0]·x + conv[b, 1]·m        (when the step has a model output; save ← d)
     out = c[b, 0]·x + [c[b, 1]·d] + Σₖ c[b, ·]·models[k] + [c[b, −1]·z]
 
-in fp32, z being a noise tensor or Philox4x32-10 normals (csrc/common/philox.h's recipe). Dynamic
-thresholding is not implemented here (the dispatcher sends it to the cuda and cpu backends).
-Naming chain: `_solver_step_fwd_kernel` (the kernel) → `solver_step_triton` (the launcher).
+in fp32, z being a noise tensor or Philox4x32-10 normals (csrc/common/philox.h's recipe). A constant clamp
+of d (CLAMP: d = clamp(d, −s, s)/s, diffusers' clip_sample) is fused; dynamic thresholding (a per-sample
+quantile) is not implemented here (the dispatcher sends it to the cuda and cpu backends).
+Naming chain: `_solver_step_fwd_kernel` (the kernel) → `solver_step_fwd` (the launcher).
 """
-from typing import TYPE_CHECKING
-
+import torch
 import triton
 import triton.language as tl
 
-if TYPE_CHECKING:
-    from pydpm.ops.solver_step import StepArgs
+from ._launch import Kernel
 
 _MAX_MODELS = 6  # pydpm.ops.solver_step.MAX_MODELS: the kernel has a pointer and a value slot for each
 
@@ -119,14 +118,15 @@ def _coef(table, value, I: tl.constexpr, N: tl.constexpr, SRC: tl.constexpr, b_l
 def _solver_step_fwd_kernel(
     x, m0, m1, m2, m3, m4, m5, out,       # tensors shaped like x; unused model slots are x
     cond, uncond, save, noise,            # each x when unused
-    coefs, c_x, c_d, c_m0, c_m1, c_m2, c_m3, c_m4, c_m5, c_z,  # table (x when unused) or host values
-    conv, k_x, k_m,                       # the same for the two conversion coefficients
-    guidance,
+    coefs, conv,                          # coefficient tables (x when unused)
+    c_x, c_d, c_m0, c_m1, c_m2, c_m3, c_m4, c_m5, c_z,  # host values (when no table)
+    k_x, k_m,                             # the same for the two conversion coefficients
+    guidance, clamp,
     seed: tl.uint64, offset: tl.uint64,   # PhiloxNoise
     numel, per_sample,
     N_MODELS: tl.constexpr, HAS_D: tl.constexpr, GUIDED: tl.constexpr, SAVE: tl.constexpr,
     NOISE: tl.constexpr, COEF_SRC: tl.constexpr, CONV_SRC: tl.constexpr, SAMPLE_MAP: tl.constexpr,
-    INT64: tl.constexpr, BLOCK: tl.constexpr,
+    CLAMP: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     N_COEFS: tl.constexpr = 1 + HAS_D + N_MODELS + (NOISE != 0)
     FIRST_MODEL: tl.constexpr = 1 + HAS_D  # coefficient index of models[0]
@@ -162,6 +162,8 @@ def _solver_step_fwd_kernel(
             m = u + guidance * (m - u)
         d = (_coef(conv, k_x, 0, 2, CONV_SRC, b_lo, b_hi, in_hi) * xv
              + _coef(conv, k_m, 1, 2, CONV_SRC, b_lo, b_hi, in_hi) * m)
+        if CLAMP:  # clamp(d, −s, s)/s with NaN kept (comparisons with NaN are false), as the CUDA kernel
+            d = tl.where(d > clamp, clamp, tl.where(d < -clamp, -clamp, d)) / clamp
         acc += _coef(coefs, c_d, 1, N_COEFS, COEF_SRC, b_lo, b_hi, in_hi) * d
     if N_MODELS > 0:
         acc += _coef(coefs, c_m0, FIRST_MODEL + 0, N_COEFS, COEF_SRC, b_lo, b_hi, in_hi) * \
@@ -202,46 +204,42 @@ _BLOCK_BY_SIZE = {4: 512, 2: 1024}  # element size (float32; float16, bfloat16) 
 def _source(table, values, n: int) -> tuple[int, object, tuple[float, ...]]:
     """(COEF_SRC or CONV_SRC, the table or None, the n host values or zeros when the table is read)."""
     if table is None:
-        return _HOST_VALUES.value, None, values
+        return _HOST_VALUES.value, None, tuple(values)
     return (_SHARED_ROW.value if table.dim() == 1 else _SAMPLE_ROWS.value), table, (0.0,) * n
 
 
-def solver_step_triton(args: "StepArgs") -> None:
-    """Run the fused step of a checked call (`pydpm.ops.solver_step.check_args`): writes `args.out`, and
-    `args.save` when set, in one launch on torch's current stream. Every tensor shares x's dense layout."""
-    assert args.threshold is None, "the Triton solver_step does not implement dynamic thresholding"
-    x = args.x
+_KERNEL = Kernel(_solver_step_fwd_kernel, specialized=("numel",))
+
+
+def solver_step_fwd(x: torch.Tensor, models, out: torch.Tensor, *, coefs=None, coef_values=None, cond=None,
+                    uncond=None, guidance: float = 1.0, conv=None, conv_values=None, save=None, noise=None,
+                    philox: tuple[int, int] | None = None, clamp: float = 0.0) -> None:
+    """out (and save: d) of the fused step in one launch on torch's current stream. Every tensor shares x's
+    dense layout and dtype; coefficients: a table `coefs` ([n] or [B, n], on x's device) or the n host
+    `coef_values` in the order x, d, models, noise; `conv` / `conv_values` likewise for d = k_x·x + k_m·m;
+    `philox`: (seed, offset) of in-kernel noise; `clamp` > 0: d = clamp(d, −clamp, clamp)/clamp."""
     numel = x.numel()
-    if numel == 0:
-        return
     per_sample = numel // x.shape[0]
     block = _BLOCK_BY_SIZE[x.element_size()]
-
-    n_models = len(args.models)
-    coef_src, coefs, coef_values = _source(args.coeffs, args.coef_values, args.n_coefs)
+    n_models, has_d = len(models), cond is not None
+    noise_mode = 1 if noise is not None else 2 if philox is not None else 0
+    n_coefs = 1 + has_d + n_models + (noise_mode != 0)
+    coef_src, coefs, values = _source(coefs, coef_values, n_coefs)
     # Host values by role: x, d, models[0..5], noise (absent terms get 0.0 and are never read).
-    c_x, c_d, c_z = coef_values[0], 0.0, 0.0
-    if args.has_d:
-        c_d = coef_values[1]
-    c_models = coef_values[1 + args.has_d:1 + args.has_d + n_models] + (0.0,) * (_MAX_MODELS - n_models)
-    if args.noise_mode:
-        c_z = coef_values[-1]
-    conv_src, conv, conv_values = _source(args.convert, args.convert_values or (0.0, 0.0), 2)
-
+    c_models = values[1 + has_d:1 + has_d + n_models] + (0.0,) * (_MAX_MODELS - n_models)
+    conv_src, conv, k = _source(conv, conv_values or (0.0, 0.0), 2)
     sample_map = _NO_SAMPLES.value
     if _SAMPLE_ROWS.value in (coef_src, conv_src):
         sample_map = _TWO_SAMPLES.value if per_sample >= block else _PER_ELEMENT.value
-    philox = args.philox
-    _solver_step_fwd_kernel[(triton.cdiv(numel, block),)](
-        x, *args.models, *(x,) * (_MAX_MODELS - n_models), args.out,
-        x if args.cond is None else args.cond, x if args.uncond is None else args.uncond,
-        x if args.save is None else args.save, x if args.noise is None else args.noise,
-        x if coefs is None else coefs, c_x, c_d, *c_models, c_z,
-        x if conv is None else conv, *conv_values,
-        args.guidance,
-        philox.seed if philox else 0, philox.offset if philox else 0,
-        numel, per_sample,
-        N_MODELS=n_models, HAS_D=args.has_d, GUIDED=args.uncond is not None, SAVE=args.save is not None,
-        NOISE=args.noise_mode, COEF_SRC=coef_src, CONV_SRC=conv_src, SAMPLE_MAP=sample_map,
-        INT64=numel > 2**31 - 1, BLOCK=block, num_warps=_NUM_WARPS,
-    )
+    int64 = numel > 2**31 - 1
+    guided, saved = uncond is not None, save is not None
+    key = (n_models, has_d, guided, saved, noise_mode, coef_src, conv_src, sample_map, clamp > 0, int64, block,
+           x.dtype, None if coefs is None else coefs.dtype, None if conv is None else conv.dtype)
+    _KERNEL((triton.cdiv(numel, block),), [
+        x, *models, *(x,) * (_MAX_MODELS - n_models), out,
+        x if cond is None else cond, x if uncond is None else uncond, x if save is None else save,
+        x if noise is None else noise, x if coefs is None else coefs, x if conv is None else conv,
+        values[0], values[1] if has_d else 0.0, *c_models, values[-1] if noise_mode else 0.0, k[0], k[1],
+        guidance, clamp, philox[0] if philox else 0, philox[1] if philox else 0, numel, per_sample], key, dict(
+        N_MODELS=n_models, HAS_D=has_d, GUIDED=guided, SAVE=saved, NOISE=noise_mode, COEF_SRC=coef_src,
+        CONV_SRC=conv_src, SAMPLE_MAP=sample_map, CLAMP=clamp > 0, INT64=int64, BLOCK=block), num_warps=_NUM_WARPS)

@@ -5,6 +5,7 @@ Nothing here raises at import: a failure to load `_C` or Triton is captured and 
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import importlib.util
 import os
@@ -27,6 +28,42 @@ except Exception as exc:  # noqa: BLE001 - any load failure is reported, never r
 def build_info() -> dict:
     """`_C.build_info()`, or an empty dict when `_C` did not load."""
     return dict(_C.build_info()) if _C is not None else {}
+
+
+_CTYPES = {"i32": ctypes.c_int32, "i64": ctypes.c_int64, "u64": ctypes.c_uint64, "f32": ctypes.c_float,
+           "f64": ctypes.c_double, "ptr": ctypes.c_uint64}
+
+
+@functools.lru_cache(maxsize=None)
+def c_struct(name: str) -> type[ctypes.Structure]:
+    """A ctypes view of the C++ parameter struct `name` of `_C`, built from the layout `_C` reports (every
+    field's name, offset, kind, count and size), so fields are read and written by name and the view cannot
+    drift from the C++ definition: an offset, size or total the view does not reproduce raises here."""
+    layouts = _C.struct_layouts()
+    layout = layouts[name]
+    fields, end = [], 0
+    for field, offset, kind, count, nbytes in sorted(layout["fields"], key=lambda f: f[1]):
+        ctype = _CTYPES[kind] if kind in _CTYPES else c_struct(kind)
+        if count > 1:
+            ctype = ctype * count
+        if offset > end:
+            fields.append((f"_pad{end}", ctypes.c_uint8 * (offset - end)))
+        fields.append((field, ctype))
+        end = offset + ctypes.sizeof(ctype)
+        if ctypes.sizeof(ctype) != nbytes:
+            raise RuntimeError(f"pydpm._C struct {name}.{field}: {nbytes} bytes in C++, {ctypes.sizeof(ctype)} in "
+                               f"the ctypes view; rebuild pydpm")
+    if layout["size"] > end:
+        fields.append((f"_pad{end}", ctypes.c_uint8 * (layout["size"] - end)))
+    view = type(name, (ctypes.Structure,), {"_fields_": fields})
+    for field, offset, *_ in layout["fields"]:
+        if getattr(view, field).offset != offset:
+            raise RuntimeError(f"pydpm._C struct {name}.{field}: offset {offset} in C++, "
+                               f"{getattr(view, field).offset} in the ctypes view; rebuild pydpm")
+    if ctypes.sizeof(view) != layout["size"]:
+        raise RuntimeError(f"pydpm._C struct {name}: {layout['size']} bytes in C++, {ctypes.sizeof(view)} in the "
+                           f"ctypes view; rebuild pydpm")
+    return view
 
 
 def c_cpu_reason() -> str | None:
@@ -84,9 +121,15 @@ def triton_reason(device: torch.device, forced: bool) -> str | None:
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
-def cuda_stream(device: torch.device) -> int:
-    """The raw handle of the current CUDA stream of `device` (the fast private getter where torch has it)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
+def cuda_stream(index: int) -> int:
+    """The raw handle of the current CUDA stream of device `index` (the fast private getter where torch has it)."""
     if _raw_stream is not None:
         return _raw_stream(index)
     return torch.cuda.current_stream(index).cuda_stream
+
+
+@functools.lru_cache(maxsize=None)
+def kernels(family: str):
+    """The Triton launchers of an op family, `pydpm.kernels.<family>` (imported on first use: Triton is
+    optional, and its import costs seconds)."""
+    return importlib.import_module(f"pydpm.kernels.{family}")

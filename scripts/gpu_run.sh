@@ -1,28 +1,37 @@
 #!/usr/bin/env bash
-# One call on the GPU machine (no network): install the carried wheels, build pydpm with its CUDA kernels,
-# run the whole test suite (GPU tests included) and the benchmark suite, write everything under $1
-# (default $OUT), and print a short table last.
-#   local:  pip download the wheels into .whl/ (see README, "Benchmarks on a GPU machine")
-#   remote: PYDPM_BENCH_COMMIT=<local git rev-parse --short HEAD> bash scripts/gpu_run.sh "$OUT" [options]
+# One call on the GPU machine (no network): install the carried wheels, build pydpm with its CUDA kernels, then
+# run the phases asked for, each under its own time limit; everything lands in $1/run.tar.gz (default $OUT:
+# the device tool returns few files, so one archive) beside summary.txt, the short summary printed last.
+#   local:  pip download the wheels into .whl/ (README, "Benchmarks on a GPU machine")
+#   remote: PYDPM_BENCH_COMMIT=<local git rev-parse --short HEAD> bash scripts/gpu_run.sh "$OUT" [phases]
 #           (the copy of the tree sent there carries a stale .git: name the commit benchmarked)
-#   options: --no-bench | --bench "ARGS" (pydpm bench arguments, default: the whole suite)
-#            --tests "ARGS" (pytest arguments, default: tests; "-n 8" runs 8 workers: pytest-xdist is carried)
-#            --tune "ARGS" (the attention launch-configuration sweep, bench/attention_tune.py, with ARGS)
+#   phases (in this order; default: --tests tests --host-cost --bench ""):
+#     --tests "ARGS"      pytest ARGS (GPU tests included; "-n 8" runs 8 workers), every Triton launch checked
+#                         against Triton's own dispatch (PYDPM_VERIFY_LAUNCHES=1)
+#     --host-cost         python -m pydpm.bench.host_cost: the host time of one eager call, op by op
+#     --bench "ARGS"      pydpm bench ARGS (repeatable: one run per --bench, results in bench-1/, bench-2/, ...)
+#     --tune "ARGS"       the attention launch-configuration sweep, bench/attention_tune.py, with ARGS
+#   limits: PYDPM_TEST_TIMEOUT (default 420 s), PYDPM_BENCH_TIMEOUT (default 540 s per bench run)
 set -uo pipefail
 out="${1:-${OUT:?give an output folder}}"
 shift || true
-bench=1 bench_args="" test_args="tests" tune=0 tune_args=""
+tests="" host_cost=0 tune="" benches=() explicit=0
 while [ $# -gt 0 ]; do
+  explicit=1
   case "$1" in
-    --no-bench) bench=0 ;;
-    --bench) bench_args="$2"; shift ;;
-    --tests) test_args="$2"; shift ;;
-    --tune) tune=1; tune_args="$2"; shift ;;
+    --tests) tests="$2"; shift ;;
+    --host-cost) host_cost=1 ;;
+    --bench) benches+=("$2"); shift ;;
+    --tune) tune="$2"; shift ;;
     *) echo "unknown option $1"; exit 2 ;;
   esac
   shift
 done
-mkdir -p "$out"
+if [ "$explicit" = 0 ]; then tests="tests"; host_cost=1; benches=(""); fi
+final="$out"
+out=/tmp/gpu-run
+rm -rf "$out"
+mkdir -p "$out" "$final"
 cd "$(dirname "$0")/.."
 
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -38,27 +47,44 @@ python3 -m pip install --no-build-isolation --no-deps --no-index -v -e . >"$out/
   || { tail -50 "$out/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - start )) s"
 grep -E "ptxas info|registers|spill" "$out/build.log" | sort -u | head -40 >"$out/ptxas.txt"
-python3 -m pydpm info | tee "$out/info.txt"
+python3 -m pydpm info >"$out/info.txt" 2>&1
 
-# shellcheck disable=SC2086
-python3 -m pytest -q -p no:cacheprovider -x -rs $test_args >"$out/tests.log" 2>&1
-tests_rc=$?
-tail -15 "$out/tests.log"
-
-# from outside the checkout below: a source tree on sys.path would shadow the installed package
-tune_rc=0
-if [ "$tune" = 1 ]; then
+summary=()
+rc=0
+if [ -n "$tests" ]; then
+  start=$(date +%s)
   # shellcheck disable=SC2086
-  (cd "$out" && python3 -m pydpm.bench.attention_tune --out "$out" $tune_args) >"$out/tune.log" 2>&1
-  tune_rc=$?
-  tail -45 "$out/tune.log"
+  PYDPM_VERIFY_LAUNCHES=1 timeout "${PYDPM_TEST_TIMEOUT:-420}" python3 -m pytest -q -p no:cacheprovider -rs $tests \
+    >"$out/tests.log" 2>&1
+  t_rc=$?
+  tail -25 "$out/tests.log"
+  summary+=("tests (rc $t_rc, $(( $(date +%s) - start )) s): $(tail -1 "$out/tests.log")")
+  rc=$(( rc || t_rc ))
 fi
-bench_rc=0
-if [ "$bench" = 1 ]; then
+# From outside the checkout below: a source tree on sys.path would shadow the installed package.
+if [ "$host_cost" = 1 ]; then
+  (cd "$out" && timeout 240 python3 -m pydpm.bench.host_cost --out "$out/host_cost.json") >"$out/host_cost.log" 2>&1
+  h_rc=$?
+  summary+=("host cost (rc $h_rc):" "$(grep -vE '^    (launch|split)' "$out/host_cost.log")")
+  rc=$(( rc || h_rc ))
+fi
+if [ -n "$tune" ]; then
   # shellcheck disable=SC2086
-  (cd "$out" && python3 -m pydpm bench --out "$out/bench" $bench_args) >"$out/bench.log" 2>&1
-  bench_rc=$?
-  tail -60 "$out/bench.log"
+  (cd "$out" && timeout 540 python3 -m pydpm.bench.attention_tune --out "$out" $tune) >"$out/tune.log" 2>&1
+  u_rc=$?
+  summary+=("tune (rc $u_rc): $(tail -45 "$out/tune.log")")
+  rc=$(( rc || u_rc ))
 fi
-echo "tests rc=$tests_rc tune rc=$tune_rc bench rc=$bench_rc"
-exit $(( tests_rc != 0 || tune_rc != 0 || bench_rc != 0 ))
+i=0
+for args in "${benches[@]}"; do
+  i=$((i + 1))
+  # shellcheck disable=SC2086
+  (cd "$out" && timeout "${PYDPM_BENCH_TIMEOUT:-540}" python3 -m pydpm bench --out "$out/bench-$i" $args) \
+    >"$out/bench-$i.log" 2>&1
+  b_rc=$?
+  summary+=("bench $i [$args] (rc $b_rc):" "$(sed -n '/^targets/,/^results/p' "$out/bench-$i.log")")
+  rc=$(( rc || b_rc ))
+done
+printf '%s\n' "----- summary -----" "${summary[@]}" | tee "$final/summary.txt"
+tar czf "$final/run.tar.gz" -C /tmp gpu-run
+exit "$rc"

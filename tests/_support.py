@@ -4,15 +4,19 @@ from __future__ import annotations
 import pytest
 import torch
 
+import pydpm.ops  # noqa: F401  (registers every op family, and with them every backend name)
+from pydpm.ops._framework import BACKEND_NAMES
+
 HAS_CUDA = torch.cuda.is_available()
-BACKENDS = ("cuda", "triton", "cpu", "reference")
+BACKENDS = tuple(BACKEND_NAMES)  # cuda, triton, cpu, reference, and the wrapped torch kernels (sdpa-*)
 
 
 def backend_device(backend: str) -> torch.device:
-    """Where a backend's tensors live: cuda for cuda (and for triton when a GPU is present), else cpu."""
-    if backend == "cuda" or (backend == "triton" and HAS_CUDA):
-        return torch.device("cuda")
-    return torch.device("cpu")
+    """Where a backend's tensors live: cpu for the cpu and reference backends (and for triton without a GPU:
+    the interpreter), else cuda."""
+    if backend in ("cpu", "reference") or (backend == "triton" and not HAS_CUDA):
+        return torch.device("cpu")
+    return torch.device("cuda")
 
 
 def backend_params():

@@ -111,16 +111,33 @@ def test_automatic_dispatch_explains_itself(op_name):
 
 @pytest.mark.parametrize("op_name", list(REGISTRY))
 def test_forced_backend_env_var(op_name, monkeypatch):
+    """PYDPM_BACKEND, as read when pydpm was imported (pydpm.ops._framework._ENV_BACKEND), forces a backend."""
+    from pydpm.ops import _framework
+
     op = REGISTRY[op_name]
     _, kwargs = next(iter(op.sample_inputs("cpu", torch.float32, small=True)))
-    monkeypatch.setenv("PYDPM_BACKEND", "cuda")
+    monkeypatch.setattr(_framework, "_ENV_BACKEND", "cuda")
     with pytest.raises(BackendUnavailable, match="forced"):
         op.fn(**kwargs)
-    monkeypatch.setenv("PYDPM_BACKEND", "nonsense")
+    monkeypatch.setattr(_framework, "_ENV_BACKEND", "nonsense")
     with pytest.raises(BackendUnavailable, match="not a backend"):
         op.fn(**kwargs)
-    monkeypatch.setenv("PYDPM_BACKEND", "reference")
+    monkeypatch.setattr(_framework, "_ENV_BACKEND", "reference")
     assert op.select(op.check(**kwargs)).name == "reference"
+
+
+def test_env_var_is_read_at_import():
+    """The environment variable itself, in a fresh interpreter (read once: a lookup per call costs µs)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch, pydpm; from pydpm.ops import solver_step, BackendUnavailable\n"
+            "try:\n    solver_step(torch.ones(2, 3), [], [1.0])\nexcept BackendUnavailable as e:\n"
+            "    print('refused:', e)\n")
+    done = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYDPM_BACKEND="cuda"),
+                          capture_output=True, text=True, timeout=300)
+    assert "refused: solver_step: backend 'cuda' was forced" in done.stdout, done.stdout + done.stderr
 
 
 def _spread(every):

@@ -1,4 +1,4 @@
-"""FF-Parser, SimpleGate, SCA and the NAF block (pydpm.ops.frequency, pydpm.nn.frequency).
+"""FF-Parser, SimpleGate, SCA and the NAF block (pydpm.ops.ff_parser, pydpm.ops.naf, pydpm.nn.frequency).
 
 The registry's contract tests (test_contract.py) cover forward values on every backend and dtype, opcheck and
 torch.compile. Here: gradients against autograd through the eager definitions in float64, gradcheck on both
@@ -7,6 +7,7 @@ batch 1), low-precision gradients, the modules against the papers' definitions, 
 """
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -16,8 +17,9 @@ import torch.nn.functional as F
 from pydpm import nn as pnn
 from pydpm.ops import (BackendUnavailable, ff_parser, simple_gate, simple_gate_sca, simplified_channel_attention,
                        use_backend)
-from pydpm.ops import frequency as freq
 from _support import HAS_CUDA
+
+ffp = importlib.import_module("pydpm.ops.ff_parser")  # the module (pydpm.ops.ff_parser is also the op's name)
 
 BACKENDS = ["reference", "triton"]
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")  # triton runs on CUDA, or on the CPU through the interpreter
@@ -99,13 +101,13 @@ def test_ff_parser_gradient_of_one_input(backend, wants, gen, monkeypatch):
     w = _randn(3, 5, 4, 2, device=device, gen=gen).requires_grad_(wants == "weight")
     dy = _randn(2, 3, 5, 6, device=device, gen=gen)
     seen = []
-    original = freq._ff_run
+    original = ffp._ff_run
 
     def spy(args, *rest, **kw):
         seen.append((args.backward, args.keep_spectrum, args.need_dx, args.spectrum is not None))
         return original(args, *rest, **kw)
 
-    monkeypatch.setattr(freq, "_ff_run", spy)
+    monkeypatch.setattr(ffp, "_ff_run", spy)
     y_ref, g_ref = _grads(eager_ff_parser, (x, w), dy)
     with use_backend(backend):
         y, g = _grads(ff_parser, (x, w), dy)
@@ -321,10 +323,10 @@ def test_opcheck_layout_cases(op_name):
 
 def test_forced_backend_reaches_the_backward(gen, monkeypatch):
     """The backward runs the backend that was forced for the forward (autograd may run it on another thread)."""
-    from pydpm.kernels import frequency as kernels
+    from pydpm.kernels import ff_parser as ff_kernels, naf as naf_kernels
 
     calls = []
-    for name in ("ff_parser_bwd", "simple_gate_bwd"):
+    for kernels, name in ((ff_kernels, "ff_parser_bwd"), (naf_kernels, "simple_gate_bwd")):
         original = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, _f=original, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
     x = _randn(1, 2, 3, 4, device=DEVICE, gen=gen).requires_grad_()

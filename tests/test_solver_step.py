@@ -255,7 +255,7 @@ def test_planned_step_equals_checked_call(backend, case):
                                save=torch.empty(shape, device=dev))}[case]
     placeholder = kw.get("model_output")
     planned = PlannedStep(check_args(torch.empty(shape, device=dev), out=torch.empty(shape, device=dev), **kw))
-    assert planned.packed is not None
+    assert planned.params is not None
     for trial in range(3):
         x = r()
         mo = None if placeholder is None else ((r(), r()) if isinstance(placeholder, tuple) else r())

@@ -4,8 +4,9 @@
 //       m = cond                                   (uncond == nullptr)
 //       m = uncond + guidance * (cond - uncond)    (classifier-free guidance)
 //       d = conv[0] * x + conv[1] * m              (e.g. the x0 prediction (x - sigma*eps) / alpha)
-//       d = clamp(d, -s_b, s_b) / s_b,             when threshold: s_b = clamp(quantile(|d_b|, ratio),
-//                                                   min_scale, max_scale) for each sample b
+//       d = clamp(d, -s_b, s_b) / s_b,             threshold kThresholdQuantile: s_b = clamp(quantile(|d_b|,
+//                                                   ratio), min_scale, max_scale) for each sample b;
+//                                                   kThresholdClamp: s_b = min_scale (a constant: no quantile)
 //       save <- d                                  (when save != nullptr)
 //   combination:
 //       out = c[0]*x + [c[1]*d] + sum_k c[.]*models[k] + [c[-1]*z]
@@ -28,6 +29,7 @@ constexpr int kThresholdDigitBits = 11;    // radix-select digits: 11 + 11 + 10 
 constexpr int kThresholdBins = 1 << kThresholdDigitBits;
 
 enum NoiseMode : int32_t { kNoNoise = 0, kNoiseTensor = 1, kNoisePhilox = 2 };
+enum ThresholdMode : int32_t { kNoThreshold = 0, kThresholdQuantile = 1, kThresholdClamp = 2 };
 
 struct CoefRow {
   const void* ptr = nullptr;   // table on the kernel's device, or nullptr: use values
@@ -60,11 +62,11 @@ struct SolverStepParams {
   CoefRow conv;                // two values per row
   void* save = nullptr;
 
-  int32_t threshold = 0;
+  int32_t threshold = kNoThreshold;  // ThresholdMode
   double ratio = 0.995;
   double min_scale = 1.0;
   double max_scale = 1.0;
-  void* workspace = nullptr;   // CUDA only: solver_step_cuda_workspace_bytes() bytes
+  void* workspace = nullptr;   // CUDA, kThresholdQuantile: solver_step_cuda_workspace_bytes() bytes
   void* stream = nullptr;      // CUDA only: cudaStream_t
   int32_t device = 0;          // CUDA only: the tensors' device (made current for the launch)
 };

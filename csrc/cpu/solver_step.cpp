@@ -52,7 +52,8 @@ class Step {
     const bool parallel = p_.numel >= kParallelGrain;
     (void)parallel;  // unused without OpenMP
     std::vector<A> scale;
-    if (p_.threshold) {
+    const bool quantile = p_.threshold == kThresholdQuantile;
+    if (quantile) {
       d_all_.resize(size_t(p_.numel));
 #pragma omp parallel for schedule(static) if (parallel)
       for (int64_t j = 0; j < n_chunks; ++j) {
@@ -66,7 +67,7 @@ class Step {
 #pragma omp parallel for schedule(static) if (parallel)
     for (int64_t j = 0; j < n_chunks; ++j) {
       const int64_t b = j / chunks_per_sample, begin = b * per + (j % chunks_per_sample) * kChunk;
-      combine(b, begin, std::min(kChunk, (b + 1) * per - begin), p_.threshold ? scale[size_t(b)] : A(1));
+      combine(b, begin, std::min(kChunk, (b + 1) * per - begin), quantile ? scale[size_t(b)] : A(p_.min_scale));
     }
   }
 
@@ -110,11 +111,13 @@ class Step {
     const A cx = A(coef(p_.coefs, b, c++));
     for (int64_t i = 0; i < n; ++i) acc[i] = cx * A(S::load(p_.x, begin + i));
     if (p_.has_d) {
-      if (p_.threshold) {
+      if (p_.threshold == kThresholdQuantile) {
         const A* src = d_all_.data() + begin;
         for (int64_t i = 0; i < n; ++i) d[i] = std::min(std::max(src[i], -scale), scale) / scale;
       } else {
         model_stage(b, begin, n, d);
+        if (p_.threshold == kThresholdClamp)  // a constant scale (min_scale): clamp without a quantile
+          for (int64_t i = 0; i < n; ++i) d[i] = std::min(std::max(d[i], -scale), scale) / scale;
       }
       const A cd = A(coef(p_.coefs, b, c++));
       for (int64_t i = 0; i < n; ++i) acc[i] += cd * d[i];
@@ -152,6 +155,8 @@ const char* solver_step_cpu(const SolverStepParams& p) {
   if (p.batch <= 0 || p.per_sample * p.batch != p.numel) return "numel must equal batch * per_sample";
   if (p.n_models < 0 || p.n_models > kMaxModels) return "n_models out of range";
   if (p.n_coefs != 1 + p.has_d + p.n_models + (p.noise_mode != kNoNoise)) return "n_coefs does not match the terms";
+  if (p.threshold < kNoThreshold || p.threshold > kThresholdClamp) return "threshold mode must be 0, 1 or 2";
+  if (p.threshold != kNoThreshold && !p.has_d) return "threshold needs has_d";
   switch (p.dtype) {
     case kFloat32: Step<float, float>(p).run(); return "";
     case kFloat64: Step<double, double>(p).run(); return "";

@@ -2,7 +2,7 @@
 // solver_step_reference in pydpm/ops/solver_step.py).
 //
 // Launches, all on p.stream, no host synchronisation, no allocation (CUDA-graph capturable):
-//   plain / fused step (no threshold): 1 kernel, step_kernel.
+//   plain / fused step (no threshold, or a constant clamp): 1 kernel, step_kernel.
 //   dynamic thresholding:              1 cudaMemsetAsync (histograms, NaN flags) + 7 kernels:
 //       threshold_d_kernel       pass 0: d -> fp32 scratch, histogram of |d|'s top digit, NaN flags
 //       threshold_pick_kernel    top digit of the values at ranks lo and hi
@@ -153,6 +153,7 @@ struct StepArgs {
   void* save;              // nullptr: d is not saved
   int64_t per_sample;      // elements per sample
   float guidance;
+  float clamp;             // > 0: d = clamp(d, -clamp, clamp) / clamp (kThresholdClamp); 0: none
   CoefTable coefs;         // slots x, d, in[...], z
   CoefTable conv;          // slots 0 and 1: the two conversion coefficients
   uint64_t seed;
@@ -313,6 +314,10 @@ struct StepBody {
 #pragma unroll
           for (int j = 0; j < kVec; ++j)
             d[j] = convert(xf[j], guided ? guide(cf[j], uf[j], a.guidance) : cf[j], conv[0], conv[1]);
+          if (a.clamp > 0.0f) {  // a uniform branch: clip_sample's constant clamp
+#pragma unroll
+            for (int j = 0; j < kVec; ++j) d[j] = apply_threshold(d[j], a.clamp);
+          }
         } else {
           unpack(sr[u], d);
 #pragma unroll
@@ -777,7 +782,7 @@ const char* run(const SolverStepParams& p, StepArgs a, RuntimeShape shape) {
   if (p.has_d) vector = vector && aligned16(p.cond) && (p.uncond == nullptr || aligned16(p.uncond));
   if (p.save != nullptr) vector = vector && aligned16(p.save);
 
-  if (p.threshold) {
+  if (p.threshold == kThresholdQuantile) {
     const WorkspaceLayout l = workspace_layout(p.numel, p.batch);
     char* base = static_cast<char*>(p.workspace);
     const ThresholdWork w{reinterpret_cast<float*>(base), reinterpret_cast<uint32_t*>(base + l.hist),
@@ -819,8 +824,10 @@ const char* solver_step_cuda(const SolverStepParams& p) {
     if (row->ptr != nullptr && row->dtype != kFloat32 && row->dtype != kFloat64)
       return "coefficient tables must be float32 or float64";
   if (p.has_d && p.cond == nullptr) return "has_d needs cond";
-  if (p.threshold) {
-    if (!p.has_d) return "threshold needs has_d";
+  if (p.threshold < kNoThreshold || p.threshold > kThresholdClamp) return "threshold mode must be 0, 1 or 2";
+  if (p.threshold != kNoThreshold && !p.has_d) return "threshold needs has_d";
+  if (p.threshold == kThresholdClamp && !(p.min_scale > 0)) return "a clamp threshold needs min_scale > 0";
+  if (p.threshold == kThresholdQuantile) {
     if (p.workspace == nullptr || !aligned16(p.workspace))
       return "threshold needs a 16-byte aligned workspace of solver_step_cuda_workspace_bytes() bytes";
     if (p.per_sample > int64_t(UINT32_MAX)) return "threshold supports at most 2^32 - 1 elements per sample";
@@ -836,11 +843,12 @@ const char* solver_step_cuda(const SolverStepParams& p) {
   a.save = p.has_d ? p.save : nullptr;
   a.per_sample = p.per_sample;
   a.guidance = p.guidance;
+  a.clamp = p.threshold == kThresholdClamp ? float(p.min_scale) : 0.0f;
   a.seed = p.seed;
   a.offset = p.offset;
   const RuntimeShape shape{p.n_models + (p.noise_mode == kNoiseTensor ? 1 : 0),
                            !p.has_d ? kNoD : p.uncond == nullptr ? kDModel : kDGuided, p.noise_mode == kNoisePhilox};
-  // Row order (pack() in pydpm/ops/solver_step.py): x, [d], models..., [noise tensor or Philox noise].
+  // Row order (solver_step_reference's terms): x, [d], models..., [noise tensor or Philox noise].
   int columns[kSlots], conv_columns[kSlots];
   for (int slot = 0; slot < kSlots; ++slot) columns[slot] = conv_columns[slot] = -1;
   int column = 0;

@@ -154,34 +154,43 @@ class _FusedMultistep:
         return pts, len(pts) >= 2 and pts[-1].lam == pts[-2].lam
 
     def _fused_step(self, model_output, timestep, sample) -> torch.Tensor:
-        if self.num_inference_steps is None:
-            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating "
-                             "the scheduler")
-        _check_tensors(model_output, sample)
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        if self._fused_run is None:
-            stepper = self._fused_stepper(self.step_index)
-            stepper.start()
-            self._fused_run = (self.step_index, stepper)
-        start, stepper = self._fused_run
+        run = self._fused_run
+        if not (isinstance(model_output, torch.Tensor) and isinstance(sample, torch.Tensor)):
+            _check_tensors(model_output, sample)
+        if run is None or self._step_index is None:
+            if self.num_inference_steps is None:
+                raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after "
+                                 "creating the scheduler")
+            _check_tensors(model_output, sample)
+            if self._step_index is None:
+                self._init_step_index(timestep)
+            if run is None:
+                stepper = self._fused_stepper(self._step_index)
+                stepper.start()
+                # The run computes in one dtype (its history slots hold it): the first step's promotion.
+                run = self._fused_run = (self._step_index, stepper, torch.promote_types(model_output.dtype,
+                                                                                       sample.dtype))
+        start, stepper, common = run
         if stepper.done:
             raise ValueError(f"all {len(self.timesteps) - start} steps from step index {start} have run; call "
                              f"set_timesteps before sampling again")
-        if self.step_index - start != stepper.k:
-            raise RuntimeError(f"step_index is {self.step_index}, but the fused run that started at step index {start} "
-                               f"has made {stepper.k} steps: the index was changed outside step(); call "
+        if self._step_index - start != stepper.k:
+            raise RuntimeError(f"step_index is {self._step_index}, but the fused run that started at step index "
+                               f"{start} has made {stepper.k} steps: the index was changed outside step(); call "
                                f"set_timesteps (and set_begin_index) again to restart")
         model_output = self._model_mean(model_output, sample)
         dtype = model_output.dtype  # diffusers returns the model output's dtype
-        common = torch.promote_types(dtype, sample.dtype)
-        prev = stepper.step(sample.to(common), model_output.to(common))
+        if dtype is common and sample.dtype is common:
+            prev = stepper.step(sample, model_output)
+        else:
+            _check_tensors(model_output, sample)
+            prev = stepper.step(sample.to(common), model_output.to(common)).to(dtype)
         if prev is sample:  # a lone zero-length step: no launch, but the caller gets a new tensor
             prev = sample.clone()
         if self.lower_order_nums < self.config.solver_order:
             self.lower_order_nums += 1
         self._step_index += 1
-        return prev if prev.dtype == dtype else prev.to(dtype)
+        return prev
 
 
 class DPMSolverMultistepScheduler(_FusedMultistep, diffusers.DPMSolverMultistepScheduler):

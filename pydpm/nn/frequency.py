@@ -1,6 +1,6 @@
 """Frequency-domain and NAF-block modules: FFParser (MedSegDiff), and NAFNet's LayerNorm2d, SimpleGate,
 simplified channel attention and block (the EANet block of EDiffSR), over the fused ops of
-`pydpm.ops.frequency`.
+`pydpm.ops.ff_parser` and `pydpm.ops.naf`.
 
 Parameter names follow the papers' reference code, so their checkpoints load as they are: NAFBlock holds
 norm1, conv1, conv2, sca.1 (the 1×1 convolution after the pooling), conv3, norm2, conv4, conv5, beta and
@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pydpm.ops.frequency import ff_parser, simple_gate, simple_gate_sca, simplified_channel_attention
+from pydpm.ops.ff_parser import ff_parser
+from pydpm.ops.naf import simple_gate, simple_gate_sca, simplified_channel_attention
 
 
 class FFParser(nn.Module):

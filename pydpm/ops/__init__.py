@@ -1,8 +1,10 @@
-"""Fused ops. Each family module owns its reference, backends, tolerances and torch.library registration."""
-from pydpm.ops._registry import REGISTRY, BackendUnavailable, forced_backend, use_backend
+"""Fused ops. Each family module (one per family, on the skeleton of `_framework.py`) owns its reference,
+backends, tolerances and torch.library registration; importing it here registers the family."""
+from pydpm.ops._framework import REGISTRY, BackendUnavailable, forced_backend, use_backend
 from pydpm.ops.attention import attention, attention_reference
 from pydpm.ops.solver_step import PhiloxNoise, Threshold, philox_normal, solver_step, solver_step_reference
-from pydpm.ops.frequency import ff_parser, simple_gate, simple_gate_sca, simplified_channel_attention
+from pydpm.ops.ff_parser import ff_parser
+from pydpm.ops.naf import simple_gate, simple_gate_sca, simplified_channel_attention
 from pydpm.ops.wavelet import (haar_dwt2, haar_idwt2, haar_waverec2, haar_wavedec2, wavelet_gate_down,
                                wavelet_gate_up)
 

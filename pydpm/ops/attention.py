@@ -3,21 +3,30 @@ torch.nn.functional.scaled_dot_product_attention), forward and backward, self- a
 head dimension, layouts [B, H, N, D] ('bhnd') and [B, N, H, D] ('bnhd', diffusers' processors) without
 copies.
 
-Backends: `triton` (flash attention: one pass over K/V with an online softmax, lse saved for the backward;
-kernels/attention.py) and `reference` (PyTorch, in query chunks so that N×N is never materialised for
-long sequences: the CPU path and the oracle). fp32 inputs multiply in TF32 on the GPU unless
-precision='ieee'. Module layout: reference → checks → backends → torch.library ops with autograd →
-public op → registry entry.
+Backends:
+- `triton`: flash attention (one pass over K/V with an online softmax, lse saved for the backward;
+  kernels/attention.py); fp32 inputs multiply in TF32 unless precision='ieee'.
+- `sdpa-cudnn`, `sdpa-flash`: torch's scaled-dot-product kernels (cuDNN's and FlashAttention-2's), called
+  directly (no SDPA selection on the host), fp16/bf16 on CUDA, head dims a multiple of 8; they carry torch's
+  own autograd, so a training call that dispatch sends there runs torch's backward too.
+- `reference`: PyTorch in query chunks, so that N×N is never materialised for long sequences: the CPU path and
+  the oracle.
+
+The automatic choice between them comes from a measured table (`DISPATCH_TABLE`): per head-dim class, dtype
+class, key-length class and direction (inference, or training: forward and backward), the backend that was
+fastest on an H200. Where our kernel wins (fp32, head dims ≤ 32, short-key training, odd head dims) it
+runs; elsewhere cuDNN's does. Module layout (the op framework's skeleton, pydpm/ops/_framework.py):
+reference → argument check → backends and the dispatch table → registration (the differentiable op, the
+public op) → sample inputs and the registry entry.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
 
 from pydpm import _backend
-from pydpm.ops._registry import Backend, Op, Tolerance, _forced, forced_backend, register, use_backend
+from pydpm.ops._framework import Backend, Differentiable, Entry, Op, Tolerance, fail, forced_backend, register
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 LAYOUTS = ("bhnd", "bnhd")
@@ -26,13 +35,14 @@ MAX_HEAD_DIM = 256
 _CHUNK = 1024  # query rows per step of the reference (bounds its memory to CHUNK × NK per head)
 
 
-def _to_bhnd(t: torch.Tensor, layout: str) -> torch.Tensor:
-    return t if layout == "bhnd" else t.transpose(1, 2)
-
-
 # --------------------------------------------------------------------------------------------------
 # Reference
 # --------------------------------------------------------------------------------------------------
+
+def _to_bhnd(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """[B, H, N, D] view of a tensor in `layout` (the same view maps it back)."""
+    return t if layout == "bhnd" else t.transpose(1, 2)
+
 
 def dims(q: torch.Tensor, k: torch.Tensor, layout: str) -> tuple[int, int, int, int, int]:
     """(B, H, NQ, NK, D) of a call in `layout`."""
@@ -82,85 +92,104 @@ def _reference_backward(do, q, k, v, scale, layout):
 
 
 # --------------------------------------------------------------------------------------------------
-# Arguments
+# Argument check
 # --------------------------------------------------------------------------------------------------
 
-@dataclasses.dataclass
 class AttentionArgs:
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    scale: float
-    layout: str
-    precision: str
-    out: torch.Tensor | None = None
+    """A checked call. `train`: autograd records it (the dispatch table's direction); `own`: it runs inside
+    pydpm's autograd function or custom op, whose backward is pydpm's, so torch's kernels (which carry their own
+    autograd) are not eligible."""
+
+    __slots__ = ("q", "k", "v", "scale", "layout", "precision", "out", "train", "own")
+
+    def __init__(self, q, k, v, scale, layout, precision, out=None, train=False, own=False):
+        self.q, self.k, self.v, self.scale, self.layout, self.precision = q, k, v, scale, layout, precision
+        self.out, self.train, self.own = out, train, own
 
 
-def _fail(msg: str) -> None:
-    raise ValueError(f"attention: {msg}")
+_DTYPES = frozenset(SUPPORTED_DTYPES)
 
 
-def check_args(q, k, v, *, scale=None, layout="bhnd", precision="tf32", out=None) -> AttentionArgs:
+def _explain(q, k, v, scale, layout, precision, out) -> None:
+    """Raise the message naming the argument (and the fix) that check_args' fast test rejected."""
+    op = "attention"
     if layout not in LAYOUTS:
-        _fail(f"layout={layout!r}; use 'bhnd' ([B, H, N, D]) or 'bnhd' ([B, N, H, D], diffusers' layout)")
+        fail(op, f"layout={layout!r}; use 'bhnd' ([B, H, N, D]) or 'bnhd' ([B, N, H, D], diffusers' layout)")
     if precision not in PRECISIONS:
-        _fail(f"precision={precision!r}; use 'tf32' (tensor cores for fp32 inputs) or 'ieee' (exact fp32)")
+        fail(op, f"precision={precision!r}; use 'tf32' (tensor cores for fp32 inputs) or 'ieee' (exact fp32)")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
-            _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            fail(op, f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            _fail(f"{name} has shape {tuple(t.shape)}; expected 4 dims in layout {layout!r}")
+            fail(op, f"{name} has shape {tuple(t.shape)}; expected 4 dims in layout {layout!r}")
         if t.dtype not in SUPPORTED_DTYPES:
-            _fail(f"{name} has dtype {t.dtype}; use float32, float16, bfloat16 (or float64 on the reference)")
+            fail(op, f"{name} has dtype {t.dtype}; use float32, float16, bfloat16 (or float64 on the reference)")
         if t.dtype != q.dtype or t.device != q.device:
-            _fail(f"{name} is {t.dtype} on {t.device} but q is {q.dtype} on {q.device}")
+            fail(op, f"{name} is {t.dtype} on {t.device} but q is {q.dtype} on {q.device}")
     h_dim = 1 if layout == "bhnd" else 2
     n_dim = 3 - h_dim
     B, H, D = q.shape[0], q.shape[h_dim], q.shape[3]
     if k.shape != v.shape:
-        _fail(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+        fail(op, f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
     if k.shape[0] != B or k.shape[h_dim] != H or k.shape[3] != D:
-        _fail(f"k has shape {tuple(k.shape)}; it must share q's batch, heads and head dim ({B}, {H}, {D}) in "
-              f"layout {layout!r}")
+        fail(op, f"k has shape {tuple(k.shape)}; it must share q's batch, heads and head dim ({B}, {H}, {D}) in "
+                 f"layout {layout!r}")
     if not 1 <= D <= MAX_HEAD_DIM:
-        _fail(f"head dim {D}; supported 1..{MAX_HEAD_DIM}")
+        fail(op, f"head dim {D}; supported 1..{MAX_HEAD_DIM}")
     if k.shape[n_dim] == 0:
-        _fail("k and v have no tokens: softmax over an empty set is undefined")
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    if not math.isfinite(scale):
-        _fail(f"scale={scale} must be finite")
-    if out is not None and (not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype
-                            or out.device != q.device):
-        _fail(f"out must be a {q.dtype} tensor shaped like q {tuple(q.shape)} on {q.device}")
-    return AttentionArgs(q, k, v, scale, layout, precision, out)
+        fail(op, "k and v have no tokens: softmax over an empty set is undefined")
+    if scale is not None and not math.isfinite(float(scale)):
+        fail(op, f"scale={scale} must be finite")
+    fail(op, f"out must be a {q.dtype} tensor shaped like q {tuple(q.shape)} on {q.device}")
+
+
+def check_args(q, k, v, scale=None, layout="bhnd", precision="tf32", out=None) -> AttentionArgs:
+    """Validate a call of `attention`: a fast test of every condition first; `_explain` names what failed."""
+    try:
+        dtype, shape = q.dtype, q.shape
+        ks = k.shape
+        h_dim = 1 if layout == "bhnd" else 2
+        ok = (dtype in _DTYPES and len(shape) == 4 and k.dtype is dtype and v.dtype is dtype and ks == v.shape
+              and len(ks) == 4 and ks[0] == shape[0] and ks[h_dim] == shape[h_dim] and ks[3] == shape[3]
+              and ks[3 - h_dim] > 0 and 1 <= shape[3] <= MAX_HEAD_DIM and (layout == "bhnd" or layout == "bnhd")
+              and (precision == "tf32" or precision == "ieee") and k.device == q.device and v.device == q.device)
+        if ok:
+            scale = 1.0 / math.sqrt(shape[3]) if scale is None else float(scale)
+            ok = math.isfinite(scale) and (out is None or (isinstance(out, torch.Tensor) and out.shape == shape
+                                                          and out.dtype is dtype and out.device == q.device))
+    except (AttributeError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        _explain(q, k, v, scale, layout, precision, out)
+    train = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return AttentionArgs(q, k, v, scale, layout, precision, out, train)
 
 
 # --------------------------------------------------------------------------------------------------
-# Backends: run(args) -> (o, lse₂); the backward goes through _backward below
+# Backends: run(args) -> (o, lse₂ or None); the backward goes through _backward below
 # --------------------------------------------------------------------------------------------------
+
+def _interpreting(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu"
+
 
 def _triton_reasons(args) -> list[str]:
     reason = _backend.triton_reason(args.q.device, forced=forced_backend() == "triton")
     reasons = [reason] if reason else []
     if args.q.dtype == torch.float64:
         reasons.append("float64 runs on the reference backend")
-    if args.q.shape[3] < 16 and args.q.device.type == "cuda":
+    if args.q.shape[3] < 16 and args.q.is_cuda:
         reasons.append("head dims below 16 run on the reference backend (tl.dot needs 16)")
     return reasons
 
 
-def _interpreting(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu"
-
-
 def _run_triton(args: AttentionArgs):
-    from pydpm.kernels.attention import attention_fwd
-
     q = args.q
     o = args.out if args.out is not None else torch.empty_like(q)
     B, H, NQ, _, _ = dims(q, args.k, args.layout)
     lse = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
-    attention_fwd(q, args.k, args.v, o, lse, args.scale, args.layout, args.precision == "ieee", _interpreting(q))
+    _backend.kernels("attention").attention_fwd(q, args.k, args.v, o, lse, args.scale, args.layout,
+                                                args.precision == "ieee", _interpreting(q))
     return o, lse
 
 
@@ -174,15 +203,102 @@ def _run_reference(args: AttentionArgs):
     return o.contiguous() if args.layout == "bhnd" else o, lse
 
 
-BACKENDS = (Backend("triton", _run_triton, _triton_reasons), Backend("reference", _run_reference, lambda a: []))
+def _sdpa_reasons(kernel: str):
+    """Why torch's `kernel` ('cudnn' or 'flash' scaled-dot-product attention) cannot run a call."""
+    fn = getattr(torch, f"_scaled_dot_product_{kernel}_attention", None)
+
+    def reasons(args: AttentionArgs) -> list[str]:
+        q = args.q
+        r = []
+        if fn is None:
+            r.append(f"this torch ({torch.__version__}) has no torch._scaled_dot_product_{kernel}_attention")
+        if not q.is_cuda:
+            r.append(f"torch's {kernel} attention runs on CUDA tensors")
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            r.append(f"torch's {kernel} attention runs float16 and bfloat16 (pydpm's triton backend runs {q.dtype})")
+        if q.shape[3] % 8:
+            r.append(f"head dim {q.shape[3]} is not a multiple of 8, which torch's {kernel} attention needs")
+        if q.stride(3) != 1 or args.k.stride(3) != 1 or args.v.stride(3) != 1:
+            r.append(f"torch's {kernel} attention needs a contiguous head dim")
+        if args.own:
+            r.append("a call inside pydpm's autograd function or custom op, whose backward is pydpm's")
+        return r
+    return reasons
+
+
+def _sdpa_run(kernel: str):
+    """Run torch's `kernel` attention on [B, H, N, D] views; it records its own autograd graph."""
+    def run(args: AttentionArgs):
+        to = _to_bhnd
+        q, k, v = to(args.q, args.layout), to(args.k, args.layout), to(args.v, args.layout)
+        if kernel == "cudnn":
+            o = torch._scaled_dot_product_cudnn_attention(q, k, v, None, args.train, 0.0, False, False,
+                                                          scale=args.scale)[0]
+        else:
+            o = torch._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=args.scale)[0]
+        o = to(o, args.layout)
+        if args.out is not None:
+            return args.out.copy_(o), None
+        return o, None
+    return run
+
+
+BACKENDS = (Backend("triton", _run_triton, _triton_reasons),
+            Backend("sdpa-cudnn", _sdpa_run("cudnn"), _sdpa_reasons("cudnn"), autograd=True),
+            Backend("sdpa-flash", _sdpa_run("flash"), _sdpa_reasons("flash"), autograd=True),
+            Backend("reference", _run_reference, lambda a: []))
+
+# The automatic choice, from device time measured on an H200 (torch 2.11, triton 3.6; bench/results/
+# h200-2026-11-26-401fe33-attention.md and ...-a228c06-attention-fp32-d72-d128.md; pydpm's host cost per call is
+# below SDPA's, so device time decides): (head-dim class, dtype class, keys, direction) -> the faster backend.
+# Head-dim classes: 32 (D ≤ 32), 64, 128, 256; dtype class: "16" (fp16, bf16) or "32"; keys: "short" (NK ≤ 128:
+# text conditioning) or "long"; direction: "infer" (forward) or "train" (forward and backward).
+#   fp32: ours 1.5-4x SDPA's best (efficient / math) everywhere.
+#   fp16/bf16, D ≤ 32 ((64,4,256,32)): ours 1.21x cuDNN forward, 1.18x training.
+#   fp16/bf16, D = 40/64/72/128, long keys: cuDNN 1.02-1.67x ours forward, 1.02-1.39x training.
+#   fp16/bf16, D = 64 × 77 keys: cuDNN 1.13x ours forward; ours 1.56x cuDNN training.
+# Classes not measured (the 256 class) keep pydpm's kernel. Flash never won against both.
+DISPATCH_TABLE = {
+    (32, "16", "short", "infer"): "triton", (32, "16", "short", "train"): "triton",
+    (32, "16", "long", "infer"): "triton", (32, "16", "long", "train"): "triton",
+    (64, "16", "short", "infer"): "sdpa-cudnn", (64, "16", "short", "train"): "triton",
+    (64, "16", "long", "infer"): "sdpa-cudnn", (64, "16", "long", "train"): "sdpa-cudnn",
+    (128, "16", "short", "infer"): "sdpa-cudnn", (128, "16", "short", "train"): "triton",
+    (128, "16", "long", "infer"): "sdpa-cudnn", (128, "16", "long", "train"): "sdpa-cudnn",
+}
+SHORT_KEYS = 128
+_ORDERS: dict[str, tuple[str, ...]] = {
+    "triton": ("triton", "sdpa-cudnn", "sdpa-flash", "reference"),
+    "sdpa-cudnn": ("sdpa-cudnn", "triton", "sdpa-flash", "reference"),
+}
+
+
+def dispatch_class(args: AttentionArgs) -> tuple:
+    """(head-dim class, dtype class, keys, direction) of a call: the key of DISPATCH_TABLE."""
+    q = args.q
+    D = q.shape[3]
+    d_class = 32 if D <= 32 else 64 if D <= 64 else 128 if D <= 128 else 256
+    NK = args.k.shape[2 if args.layout == "bhnd" else 1]
+    return (d_class, "32" if q.dtype in (torch.float32, torch.float64) else "16",
+            "short" if NK <= SHORT_KEYS else "long", "train" if args.train else "infer")
+
+
+def _priority(args: AttentionArgs):
+    return _ORDERS[DISPATCH_TABLE.get(dispatch_class(args), "triton")]
+
+
+def _dispatch_key(args: AttentionArgs):
+    q = args.q
+    return (q.is_cuda, q.is_cpu, q.dtype, dispatch_class(args), q.shape[3] % 8 == 0, q.shape[3] < 16, args.own,
+            q.stride(3) == 1 and args.k.stride(3) == 1 and args.v.stride(3) == 1)
 
 
 def _backward(do, q, k, v, o, lse, scale, layout, precision):
-    args = AttentionArgs(q, k, v, scale, layout, precision)
+    """(dq, dk, dv) in q's layout: pydpm's Triton backward, or the reference's."""
+    args = AttentionArgs(q, k, v, scale, layout, precision, own=True)
     if OP.select(args).name == "triton":
-        from pydpm.kernels.attention import attention_bwd
-
-        dq, dk, dv = attention_bwd(do, q, k, v, o, lse, scale, layout, precision == "ieee", _interpreting(q))
+        dq, dk, dv = _backend.kernels("attention").attention_bwd(do, q, k, v, o, lse, scale, layout,
+                                                                 precision == "ieee", _interpreting(q))
     else:
         dq, dk, dv = _reference_backward(do, q, k, v, scale, layout)
     if layout == "bnhd":
@@ -191,76 +307,51 @@ def _backward(do, q, k, v, o, lse, scale, layout, precision):
 
 
 # --------------------------------------------------------------------------------------------------
-# torch.library ops with autograd
+# Registration: the differentiable op and the public op
 # --------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("pydpm::attention", mutates_args=())
-def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, layout: str,
-                  precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    o, lse = OP(check_args(q, k, v, scale=scale, layout=layout, precision=precision))
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, layout: str,
+             precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    args = check_args(q, k, v, scale, layout, precision)
+    args.own = True
+    o, lse = OP(args)
     return o.contiguous(), lse
 
 
-@_attention_op.register_fake
-def _(q, k, v, scale, layout, precision):
+def _forward_fake(q, k, v, scale, layout, precision):
     B, H, NQ, _, _ = dims(q, k, layout)
     return q.new_empty(q.shape), q.new_empty((B, H, NQ), dtype=torch.float32)
 
 
-@torch.library.custom_op("pydpm::attention_backward", mutates_args=())
-def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                      lse: torch.Tensor, scale: float, layout: str,
-                      precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv = _backward(do, q, k, v, o, lse, scale, layout, precision)
+def _backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                 lse: torch.Tensor, scale: float | None, layout: str,
+                 precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    dq, dk, dv = _backward(do.contiguous(), q, k, v, o, lse, scale, layout, precision)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
-@_attention_bwd_op.register_fake
-def _(do, q, k, v, o, lse, scale, layout, precision):
+def _backward_fake(do, q, k, v, o, lse, scale, layout, precision):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _setup(ctx, inputs, output):
+def _save(ctx, inputs, output) -> None:
     q, k, v, scale, layout, precision = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse)
-    ctx.scale, ctx.layout, ctx.precision, ctx.backend = scale, layout, precision, _forced.get()
+    ctx.scale, ctx.layout, ctx.precision = scale, layout, precision
     ctx.mark_non_differentiable(lse)
 
 
-def _attention_backward(ctx, do, _dlse):
+def _grads(ctx, backward, do, _dlse):
     q, k, v, o, lse = ctx.saved_tensors
-    with use_backend(ctx.backend):  # autograd's CUDA thread does not see use_backend's ContextVar
-        dq, dk, dv = torch.ops.pydpm.attention_backward(do.contiguous(), q, k, v, o, lse, ctx.scale, ctx.layout,
-                                                        ctx.precision)
+    dq, dk, dv = backward(do, q, k, v, o, lse, ctx.scale, ctx.layout, ctx.precision)
     return dq, dk, dv, None, None, None
 
 
-_attention_op.register_autograd(_attention_backward, setup_context=_setup)
+GRAD = Differentiable("attention", forward=_forward, forward_fake=_forward_fake, backward=_backward_op,
+                      backward_fake=_backward_fake, save=_save, grads=_grads)
 
-
-class _Attention(torch.autograd.Function):
-    """Eager autograd over the same forward and backward as the custom ops, without torch.library's
-    dispatch (on the CPU of this project's H200 machine that dispatch cost more host time per training
-    step than the kernels themselves); torch.compile traces the custom ops instead."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, args):
-        o, lse = OP(args)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.scale, ctx.layout, ctx.precision, ctx.backend = args.scale, args.layout, args.precision, _forced.get()
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        with use_backend(ctx.backend):  # autograd's CUDA thread does not see use_backend's ContextVar
-            return (*_backward(do.contiguous(), q, k, v, o, lse, ctx.scale, ctx.layout, ctx.precision), None)
-
-
-# --------------------------------------------------------------------------------------------------
-# Public op
-# --------------------------------------------------------------------------------------------------
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
               layout: str = "bhnd", precision: str = "tf32", out: torch.Tensor | None = None) -> torch.Tensor:
@@ -269,19 +360,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     q [B, H, NQ, D] and k, v [B, H, NK, D] for layout 'bhnd', or [B, N, H, D] for 'bnhd' (read and
     written in place, no copies); NQ ≠ NK for cross-attention; D up to 256 (any value: 40, 72, 80, 160...);
     scale defaults to 1/√D. fp32/fp16/bf16 with fp32 accumulation; fp32 products in TF32 on the GPU
-    unless precision='ieee'. Differentiable (flash-attention backward). Unfused equivalent:
-    `attention_reference`."""
-    args = check_args(q, k, v, scale=scale, layout=layout, precision=precision, out=out)
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if out is not None:
-        if grad:
-            _fail("out= is not differentiable; drop out= to get gradients")
-        return OP(args)[0]
-    if torch.compiler.is_compiling():
-        return _attention_op(q, k, v, args.scale, layout, precision)[0]
-    if grad:
-        return _Attention.apply(q, k, v, args)
-    return OP(args)[0]
+    unless precision='ieee'. Differentiable. Dispatch runs pydpm's flash-attention kernels or torch's cuDNN
+    attention, whichever was measured faster for the call's class (`DISPATCH_TABLE`; `pydpm info` lists it).
+    Unfused equivalent: `attention_reference`."""
+    return _ENTRY(q, k, v, scale, layout, precision, out=out)
 
 
 def sample_inputs(device="cpu", dtype=torch.float32, *, small=False, seed=0):
@@ -302,13 +384,12 @@ def sample_inputs(device="cpu", dtype=torch.float32, *, small=False, seed=0):
 
 OP = register(Op(
     name="attention", fn=attention, backends=BACKENDS, reference=attention_reference, check=check_args,
-    # fp32 multiplies in TF32 on the GPU (≈ 1e-3 relative); fp16/bf16: DESIGN §3's 2×-eager rule applies.
+    # fp32 multiplies in TF32 on the GPU (≈ 1e-3 relative); fp16/bf16: the 2×-eager rule applies.
     tolerances={torch.float64: Tolerance(1e-10, 1e-10), torch.float32: Tolerance(5e-3, 5e-3),
                 torch.float16: Tolerance(5e-3, 5e-3), torch.bfloat16: Tolerance(3e-2, 3e-2)},
-    sample_inputs=sample_inputs,
-    dispatch_key=lambda a: (a.q.device.type, a.q.dtype, a.q.shape[3] < 16),
-    library_op=torch.ops.pydpm.attention.default,
-    library_args=lambda q, k, v, scale=None, layout="bhnd", precision="tf32": (
-        q, k, v, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale, layout, precision),
+    sample_inputs=sample_inputs, dispatch_key=_dispatch_key, priority=_priority,
+    library_op=GRAD.overload,
+    library_args=lambda q, k, v, scale=None, layout="bhnd", precision="tf32": (q, k, v, scale, layout, precision),
     eager=lambda **kw: attention_reference(**kw, compute_dtype=kw["q"].dtype),
     make_out=lambda kw: torch.empty_like(kw["q"])))
+_ENTRY = Entry(OP, grad=GRAD, visible=lambda result: result[0])

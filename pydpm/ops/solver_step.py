@@ -7,23 +7,25 @@ optionally preceded, in the same launch, by the model-output stage of the curren
     m   = model_output                                  (one tensor)
     m   = uncond + guidance_scale·(cond − uncond)        (model_output = (cond, uncond))
     d   = convert[0]·x + convert[1]·m                    (e.g. x₀ = (x − σ·ε)/α, or ε itself: [0, 1])
-    d   = clamp(d, −s, s)/s,  s = clamp(quantile(|d_b|, ratio), min_scale, max_scale)   (threshold)
+    d   = clamp(d, −s, s)/s,  s = clamp(quantile(|d_b|, ratio), min_scale, max_scale)   (threshold; a
+          constant s = min_scale when min_scale == max_scale: diffusers' clip_sample, no quantile)
     save ← d                                             (the history slot the next step reads)
     out = c[0]·x + c[1]·d + Σₖ c[k+2]·models[k] (+ c[-1]·z)
 
 `z` is a `noise` tensor or normals drawn inside the kernel from `PhiloxNoise(seed, offset)`.
-Module layout: reference → argument checks → backends → torch.library registration → public op.
+Module layout (the op framework's skeleton, pydpm/ops/_framework.py): reference → argument check →
+backends → planned launches → registration and the public op → sample inputs.
 """
 from __future__ import annotations
 
+import ctypes
 import math
-import dataclasses
 from typing import NamedTuple, Sequence
 
 import torch
 
 from pydpm import _backend
-from pydpm.ops._registry import Backend, Op, Tolerance, forced_backend, register
+from pydpm.ops._framework import ELEMENTWISE_TOLERANCES, Backend, Entry, Op, forced_backend, register
 
 MAX_MODELS = 6  # csrc/common/solver_step.h kMaxModels
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -49,6 +51,10 @@ class Threshold(NamedTuple):
     diffusers: `Threshold(dynamic_thresholding_ratio, 1.0, sample_max_value)`; the DPM-Solver reference
     code: `Threshold(dynamic_thresholding_ratio, thresholding_max_val, math.inf)`. The quantile is
     torch.quantile's linear interpolation. A sample whose d holds a NaN gets s_b = NaN.
+
+    With min_scale == max_scale the scale is that constant and no quantile is computed: d ← clamp(d, −r, r)/r
+    with r = min_scale (diffusers' clip_sample is `Threshold(1.0, r, r)`, times r afterwards); a NaN element
+    stays NaN and the rest of its sample is clamped. The kernels then fold the clamp into the one launch.
     """
 
     ratio: float = 0.995
@@ -138,7 +144,10 @@ def solver_step_reference(x, models, coeffs, *, model_output=None, convert=None,
             m = model_output.to(acc)
         k = rows(convert, 2)
         d = k[0] * terms[0] + k[1] * m
-        if threshold is not None:
+        if threshold is not None and threshold.min_scale == threshold.max_scale:
+            s = threshold.min_scale  # a constant scale: clamp, no quantile (NaN elements stay NaN)
+            d = torch.where(d > s, s, torch.where(d < -s, -s, d)) / s
+        elif threshold is not None:
             s = _quantile_rows(d.abs().reshape(batch, -1), threshold.ratio)
             s = s.clamp(threshold.min_scale, threshold.max_scale).reshape(k[0].shape)
             d = torch.maximum(torch.minimum(d, s), -s) / s
@@ -158,28 +167,28 @@ def solver_step_reference(x, models, coeffs, *, model_output=None, convert=None,
 
 
 # --------------------------------------------------------------------------------------------------
-# Arguments: checked once at the boundary, then handed to a backend as one StepArgs
+# Argument check: once at the boundary; the hot path is a few attribute reads per tensor
 # --------------------------------------------------------------------------------------------------
 
-@dataclasses.dataclass(slots=True)
-class StepArgs:
-    """A checked call. Coefficients come as a table on x's device (`coeffs`, `convert`) or as host
-    values (`coef_values`, `convert_values`); exactly one of each pair is set (convert only with d)."""
+# csrc/common/solver_step.h ThresholdMode
+NO_THRESHOLD, THRESHOLD_QUANTILE, THRESHOLD_CLAMP = 0, 1, 2
+_DTYPES = frozenset(SUPPORTED_DTYPES)
 
-    x: torch.Tensor
-    models: tuple[torch.Tensor, ...]
-    out: torch.Tensor
-    coeffs: torch.Tensor | None = None
-    coef_values: tuple[float, ...] | None = None
-    cond: torch.Tensor | None = None
-    uncond: torch.Tensor | None = None
-    guidance: float = 1.0
-    convert: torch.Tensor | None = None
-    convert_values: tuple[float, ...] | None = None
-    threshold: Threshold | None = None
-    save: torch.Tensor | None = None
-    noise: torch.Tensor | None = None
-    philox: PhiloxNoise | None = None
+
+class StepArgs:
+    """A checked call. Coefficients come as a table on x's device (`coeffs`, `convert`) or as host values
+    (`coef_values`, `convert_values`); exactly one of each pair is set (convert only with d). `result` is
+    what the op returns: the caller's `out`, or the tensor allocated for it; `dense`: every tensor is
+    contiguous (else the backends first give them x's dense layout)."""
+
+    __slots__ = ("x", "models", "out", "coeffs", "coef_values", "cond", "uncond", "guidance", "convert",
+                 "convert_values", "threshold", "save", "noise", "philox", "result", "dense")
+
+    def __init__(self, x, models, out, cond, uncond, guidance, threshold, save, noise, philox, dense=False):
+        self.x, self.models, self.out, self.result = x, models, out, out
+        self.cond, self.uncond, self.guidance, self.threshold = cond, uncond, guidance, threshold
+        self.save, self.noise, self.philox, self.dense = save, noise, philox, dense
+        self.coeffs = self.coef_values = self.convert = self.convert_values = None
 
     @property
     def has_d(self) -> bool:
@@ -191,7 +200,14 @@ class StepArgs:
 
     @property
     def n_coefs(self) -> int:
-        return 1 + self.has_d + len(self.models) + (self.noise_mode != 0)
+        return 1 + (self.cond is not None) + len(self.models) + (self.noise is not None or self.philox is not None)
+
+    @property
+    def threshold_mode(self) -> int:
+        t = self.threshold
+        if t is None:
+            return NO_THRESHOLD
+        return THRESHOLD_CLAMP if t.min_scale == t.max_scale else THRESHOLD_QUANTILE
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the kernels read or write elementwise (they share x's layout)."""
@@ -203,12 +219,8 @@ def _fail(msg: str) -> None:
     raise ValueError(f"solver_step: {msg}")
 
 
-def _check_like(name, t, x: torch.Tensor) -> None:
-    """t must be a tensor with x's device, dtype and shape. `name` is a string or a callable making it
-    (so the hot path formats no strings)."""
-    if isinstance(t, torch.Tensor) and t.shape == x.shape and t.dtype == x.dtype and t.device == x.device:
-        return
-    name = name() if callable(name) else name
+def _check_like(name: str, t, x: torch.Tensor) -> None:
+    """Raise the message for a tensor `name` that does not share x's device, dtype and shape."""
     if not isinstance(t, torch.Tensor):
         _fail(f"{name} must be a torch.Tensor shaped like x, got {type(t).__name__}")
     if t.device != x.device:
@@ -220,17 +232,28 @@ def _check_like(name, t, x: torch.Tensor) -> None:
               f"match x")
 
 
+def _like_x(t, shape, dtype, device: int, cpu: bool) -> bool:
+    """A tensor with x's shape, dtype and device (`device` is x's get_device(): the CUDA index, or -1 for the
+    CPU and other devices, told apart by `cpu`: x.is_cpu)."""
+    return (isinstance(t, torch.Tensor) and t.dtype is dtype and t.shape == shape and t.get_device() == device
+            and t.is_cpu is cpu)
+
+
+def _term_names(n_models: int, has_d: bool, noise: bool) -> str:
+    terms = ["x"] + (["d"] if has_d else []) + [f"models[{i}]" for i in range(n_models)]
+    return ", ".join(terms + (["noise"] if noise else []))
+
+
 def _coef_table(name: str, c, n: int, x: torch.Tensor, what: str, compiling: bool):
-    """-> (device table or None, host values or None). `what()` names the entries for the message."""
-    batch = x.shape[0]
+    """-> (device table or None, host values or None); `what` names the n entries for a message."""
     if isinstance(c, torch.Tensor):
+        batch = x.shape[0]
         if c.dtype not in (torch.float32, torch.float64):
             _fail(f"{name} has dtype {c.dtype}; pass float32 or float64 coefficients")
         if c.dim() not in (1, 2) or c.shape[-1] != n or (c.dim() == 2 and c.shape[0] != batch):
-            _fail(f"{name} has shape {tuple(c.shape)}; this call needs [{n}] or per-sample [{batch}, {n}] "
-                  f"({what()})")
+            _fail(f"{name} has shape {tuple(c.shape)}; this call needs [{n}] or per-sample [{batch}, {n}] ({what})")
         if c.device == x.device or compiling:
-            return c.contiguous(), None
+            return (c if c.is_contiguous() else c.contiguous()), None
         if c.device.type != "cpu" or c.dim() == 2:
             _fail(f"{name} is on {c.device} but x is on {x.device}; keep coefficient tables on x's device "
                   f"(move them once, before the sampling loop) or pass a 1-D CPU tensor or a list of floats")
@@ -240,8 +263,8 @@ def _coef_table(name: str, c, n: int, x: torch.Tensor, what: str, compiling: boo
     except (TypeError, ValueError):
         _fail(f"{name} must be a float tensor or a sequence of floats, got {type(c).__name__}")
     if len(values) != n:
-        _fail(f"{name} has {len(values)} entries; this call needs {n} ({what()})")
-    if not all(map(math.isfinite, values)):
+        _fail(f"{name} has {len(values)} entries; this call needs {n} ({what})")
+    if not math.isfinite(sum(values)) and not all(map(math.isfinite, values)):
         i, v = next((i, v) for i, v in enumerate(values) if not math.isfinite(v))
         _fail(f"{name}[{i}] is {v}; coefficients must be finite")
     if compiling:
@@ -249,35 +272,30 @@ def _coef_table(name: str, c, n: int, x: torch.Tensor, what: str, compiling: boo
     return None, values
 
 
-def check_args(x, models, coeffs, *, model_output=None, convert=None, guidance_scale=None, threshold=None,
-               save=None, noise=None, out=None, compiling=False) -> StepArgs:
-    """Validate a call of `solver_step` and normalise it. Messages name the argument and the fix."""
+def _explain(x, models, model_output, convert, guidance_scale, threshold, save, noise, out) -> None:
+    """Raise the message naming the argument (and the fix) that check_args' fast test rejected."""
     if not isinstance(x, torch.Tensor):
         _fail(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in SUPPORTED_DTYPES:
         _fail(f"x has dtype {x.dtype}; pass float32, float16 or bfloat16 (float64 runs on the CPU backends)")
     if x.dim() == 0:
         _fail("x is a scalar; it needs a leading batch dimension")
-    if isinstance(models, torch.Tensor):
-        _fail("models must be a sequence of tensors (wrap a single tensor as [t])")
-    models = tuple(models)
+    if isinstance(models, torch.Tensor) or not isinstance(models, (list, tuple)):
+        _fail(f"models must be a list or tuple of tensors (wrap a single tensor as [t]), got {type(models).__name__}")
     if len(models) > MAX_MODELS:
         _fail(f"{len(models)} models given; at most {MAX_MODELS} are supported per step")
     for i, m in enumerate(models):
-        _check_like(lambda: f"models[{i}]", m, x)
-    cond = uncond = None
+        _check_like(f"models[{i}]", m, x)
     if model_output is not None:
         if isinstance(model_output, (tuple, list)):
             if len(model_output) != 2:
                 _fail("model_output must be one tensor or a (cond, uncond) pair")
-            cond, uncond = model_output
-            _check_like("model_output[0] (cond)", cond, x)
-            _check_like("model_output[1] (uncond)", uncond, x)
+            _check_like("model_output[0] (cond)", model_output[0], x)
+            _check_like("model_output[1] (uncond)", model_output[1], x)
             if guidance_scale is None:
                 _fail("model_output is a (cond, uncond) pair; pass guidance_scale")
         else:
-            cond = model_output
-            _check_like("model_output", cond, x)
+            _check_like("model_output", model_output, x)
             if guidance_scale is not None:
                 _fail("guidance_scale needs model_output=(cond, uncond)")
         if convert is None:
@@ -296,33 +314,80 @@ def check_args(x, models, coeffs, *, model_output=None, convert=None, guidance_s
             _fail(f"threshold.ratio is {threshold.ratio}; it must lie in [0, 1]")
         if not (threshold.min_scale > 0 and threshold.max_scale >= threshold.min_scale):
             _fail(f"threshold scales ({threshold.min_scale}, {threshold.max_scale}) need 0 < min_scale <= max_scale")
-    if save is not None:
-        _check_like("save", save, x)
-    philox = None
+    for name, t in (("save", save), ("out", out)):
+        if t is not None:
+            _check_like(name, t, x)
     if isinstance(noise, PhiloxNoise):
         if not (0 <= noise.seed < 2 ** 63 and 0 <= noise.offset < 2 ** 63):
             _fail(f"PhiloxNoise{tuple(noise)}: seed and offset must lie in [0, 2**63)")
-        philox, noise = noise, None
     elif noise is not None:
         _check_like("noise", noise, x)
+    _fail("inputs require grad; solver_step is a sampling op without a backward: run it under torch.no_grad() "
+          "(or use solver_step_reference to differentiate through the composition)")
+
+
+def check_args(x, models, coeffs, model_output=None, convert=None, guidance_scale=None, threshold=None, save=None,
+               noise=None, out=None, compiling=False) -> StepArgs:
+    """Validate a call of `solver_step` and normalise it. A fast test of every condition first (a few
+    attribute reads per tensor); when it fails, `_explain` names the argument and the fix."""
+    cond = uncond = philox = None
+    ok = True
+    try:
+        dtype, shape, device, cpu = x.dtype, x.shape, x.get_device(), x.is_cpu
+        if model_output is not None:
+            if type(model_output) is tuple or type(model_output) is list:
+                cond, uncond = model_output
+                ok = guidance_scale is not None
+            else:
+                cond = model_output
+                ok = guidance_scale is None
+            ok = ok and convert is not None
+        else:
+            ok = convert is None and guidance_scale is None and threshold is None and save is None
+        if type(noise) is PhiloxNoise:
+            philox, noise = noise, None
+            ok = ok and 0 <= philox.seed < 2 ** 63 and 0 <= philox.offset < 2 ** 63
+        ok = ok and dtype in _DTYPES and len(shape) > 0 and (type(models) is list or type(models) is tuple) \
+            and len(models) <= MAX_MODELS and (threshold is None or (
+                type(threshold) is Threshold and 0.0 <= threshold.ratio <= 1.0 and threshold.min_scale > 0
+                and threshold.max_scale >= threshold.min_scale))
+        grad = torch.is_grad_enabled()
+        dense = x.is_contiguous()
+        if grad and x.requires_grad:
+            ok = False
+        for t in (*models, cond, uncond, save, noise, out):
+            if t is not None:
+                if not (t.dtype is dtype and t.shape == shape and t.get_device() == device and t.is_cpu is cpu
+                        and not (grad and t.requires_grad)):
+                    ok = False
+                    break
+                dense = dense and t.is_contiguous()
+        guidance = 1.0 if guidance_scale is None else float(guidance_scale)
+        ok = ok and math.isfinite(guidance)
+    except (AttributeError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        _explain(x, models, model_output, convert, guidance_scale, threshold, save, noise if philox is None else
+                 philox, out)
     if out is None:
         out = torch.empty_like(x)
-    else:
-        _check_like("out", out, x)
-    args = StepArgs(x=x, models=models, out=out, cond=cond, uncond=uncond,
-                    guidance=1.0 if guidance_scale is None else float(guidance_scale),
-                    threshold=threshold, save=save, noise=noise, philox=philox)
-    def names():
-        terms = ["x"] + (["d"] if cond is not None else []) + [f"models[{i}]" for i in range(len(models))]
-        return ", ".join(terms + (["noise"] if args.noise_mode else []))
-
-    args.coeffs, args.coef_values = _coef_table("coeffs", coeffs, args.n_coefs, x, names, compiling)
+    args = StepArgs(x, tuple(models), out, cond, uncond, guidance, threshold, save, noise, philox, dense)
+    n = 1 + (cond is not None) + len(models) + (noise is not None or philox is not None)
+    what = None
+    if type(coeffs) is list and len(coeffs) == n and not compiling:
+        values = tuple(map(float, coeffs))
+        if math.isfinite(sum(values)) or all(map(math.isfinite, values)):
+            args.coef_values = values
+    if args.coef_values is None:
+        what = _term_names(len(models), cond is not None, args.noise_mode != 0)
+        args.coeffs, args.coef_values = _coef_table("coeffs", coeffs, n, x, what, compiling)
     if cond is not None:
-        args.convert, args.convert_values = _coef_table("convert", convert, 2, x, lambda: "x, model_output",
-                                                        compiling)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in args.tensors()):
-        _fail("inputs require grad; solver_step is a sampling op without a backward: run it under "
-              "torch.no_grad() (or use solver_step_reference to differentiate through the composition)")
+        if type(convert) is list and len(convert) == 2 and not compiling:
+            k0, k1 = float(convert[0]), float(convert[1])
+            if math.isfinite(k0 + k1) or (math.isfinite(k0) and math.isfinite(k1)):
+                args.convert_values = (k0, k1)
+        if args.convert_values is None:
+            args.convert, args.convert_values = _coef_table("convert", convert, 2, x, "x, model_output", compiling)
     return args
 
 
@@ -358,35 +423,106 @@ def densify(args: StepArgs) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return writeback
 
 
+def _runner(launch):
+    """A backend's run(args): nothing for an empty x, x's dense layout for every tensor, launch, copy back."""
+    def run(args: StepArgs) -> torch.Tensor:
+        if args.dense:
+            if args.x.numel():
+                launch(args)
+            return args.result
+        if args.x.numel() == 0:
+            return args.result
+        writeback = densify(args)
+        launch(args)
+        for user, tmp in writeback:
+            user.copy_(tmp)
+        return args.result
+    return run
+
+
 # --------------------------------------------------------------------------------------------------
 # Backends
 # --------------------------------------------------------------------------------------------------
+
+_C, _cuda_stream = _backend._C, _backend.cuda_stream
+_Params = _backend.c_struct("SolverStepParams") if _C is not None else None
+
 
 def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def pack(args: StepArgs, workspace: int = 0, stream: int = 0, device: int = 0) -> tuple:
-    """The positional arguments of `_C.solver_step_cpu/_cuda` (csrc/bindings.cpp), in that order."""
-    x = args.x
-    batch = x.shape[0]
-    numel = x.numel()
+def _fill_row(row, table: torch.Tensor | None, values: Sequence[float] | None) -> None:
+    """A CoefRow: the device table (shared [n] or per-sample [B, n]) or the host values."""
+    if table is None:
+        row.values[:len(values)] = values
+    else:
+        row.ptr = table.data_ptr()
+        row.dtype = _DTYPE_CODES[table.dtype]
+        row.row_stride = table.shape[1] if table.dim() == 2 else 0
 
-    def row(table, values):
-        if table is None:
-            return 0, 0, 0, list(values)
-        return table.data_ptr(), _backend.DTYPE_CODES[table.dtype], (table.shape[1] if table.dim() == 2 else 0), []
 
-    return (numel, batch, numel // batch if batch else 0, _backend.DTYPE_CODES[x.dtype], x.data_ptr(),
-            [m.data_ptr() for m in args.models], args.out.data_ptr(), args.n_coefs,
-            *row(args.coeffs, args.coef_values),
-            args.noise_mode, _ptr(args.noise), args.philox.seed if args.philox else 0,
-            args.philox.offset if args.philox else 0,
-            args.has_d, _ptr(args.cond), _ptr(args.uncond), args.guidance,
-            *row(args.convert, args.convert_values or ()),
-            _ptr(args.save), args.threshold is not None,
-            *(tuple(args.threshold) if args.threshold is not None else (0.0, 1.0, 1.0)),
-            workspace, stream, device)
+_DTYPE_CODES = _backend.DTYPE_CODES
+
+
+def c_params(args: StepArgs):
+    """The C parameter struct (csrc/common/solver_step.h SolverStepParams, through its ctypes view) of a
+    checked call whose tensors share x's dense layout. Stream, device and workspace are the launcher's."""
+    x, models = args.x, args.models
+    p = _Params()
+    p.numel = numel = x.numel()
+    p.batch = batch = x.shape[0]
+    p.per_sample = numel // batch if batch else 0
+    p.dtype = _DTYPE_CODES[x.dtype]
+    p.x = x.data_ptr()
+    p.out = args.out.data_ptr()
+    n = 1 + len(models)
+    if models:
+        p.n_models = len(models)
+        p.models[:len(models)] = [m.data_ptr() for m in models]
+    if args.cond is not None:
+        n += 1
+        p.has_d, p.cond, p.guidance = 1, args.cond.data_ptr(), args.guidance
+        if args.uncond is not None:
+            p.uncond = args.uncond.data_ptr()
+        if args.save is not None:
+            p.save = args.save.data_ptr()
+        _fill_row(p.conv, args.convert, args.convert_values)
+        t = args.threshold
+        if t is not None:
+            p.threshold = args.threshold_mode
+            p.ratio, p.min_scale, p.max_scale = t.ratio, t.min_scale, t.max_scale
+    if args.noise is not None:
+        n += 1
+        p.noise_mode, p.noise = 1, args.noise.data_ptr()
+    elif args.philox is not None:
+        n += 1
+        p.noise_mode, p.seed, p.offset = 2, args.philox.seed, args.philox.offset
+    p.n_coefs = n
+    _fill_row(p.coefs, args.coeffs, args.coef_values)
+    return p
+
+
+def _workspace(args: StepArgs) -> torch.Tensor | None:
+    """Scratch for the CUDA kernels' per-sample quantile (dynamic thresholding), else None."""
+    if args.threshold is None or args.threshold_mode != THRESHOLD_QUANTILE:
+        return None
+    nbytes = _backend._C.solver_step_cuda_workspace_bytes(args.x.numel(), args.x.shape[0])
+    return torch.empty(nbytes, dtype=torch.uint8, device=args.x.device)
+
+
+def _launch_cuda(args: StepArgs) -> None:
+    p = c_params(args)
+    p.device = device = args.x.get_device()
+    p.stream = _cuda_stream(device)
+    if args.threshold is not None:  # stream-ordered: the caching allocator reuses it only after the kernel
+        p.workspace = _ptr(_workspace(args))
+    _C.solver_step_cuda(ctypes.addressof(p))
+
+
+def _launch_cpu(args: StepArgs) -> None:
+    p = c_params(args)  # held until the call returns: the launcher reads the struct at this address
+    _C.solver_step_cpu(ctypes.addressof(p))
 
 
 def _no_fp64(args: StepArgs) -> list[str]:
@@ -396,33 +532,27 @@ def _no_fp64(args: StepArgs) -> list[str]:
 def _cuda_reasons(args: StepArgs) -> list[str]:
     reason = _backend.c_cuda_reason()
     reasons = [reason] if reason else []
-    if args.x.device.type != "cuda":
+    if not args.x.is_cuda:
         reasons.append(f"tensors are on {args.x.device.type}, not cuda")
     return reasons + _no_fp64(args)
-
-
-def _run_cuda(args: StepArgs) -> None:
-    device = args.x.device
-    workspace = None
-    if args.threshold is not None:
-        nbytes = _backend._C.solver_step_cuda_workspace_bytes(args.x.numel(), args.x.shape[0])
-        workspace = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    _backend._C.solver_step_cuda(*pack(args, _ptr(workspace), _backend.cuda_stream(device), device.index or 0))
 
 
 def _triton_reasons(args: StepArgs) -> list[str]:
     reason = _backend.triton_reason(args.x.device, forced=forced_backend() == "triton")
     reasons = [reason] if reason else []
-    if args.threshold is not None:
+    if args.threshold_mode == THRESHOLD_QUANTILE:
         reasons.append("dynamic thresholding needs a per-sample selection the Triton kernel does not implement; "
                        "the cuda and cpu backends do")
     return reasons + _no_fp64(args)
 
 
-def _run_triton(args: StepArgs) -> None:
-    from pydpm.kernels.solver_step import solver_step_triton
-
-    solver_step_triton(args)
+def _launch_triton(args: StepArgs) -> None:
+    philox = args.philox
+    _backend.kernels("solver_step").solver_step_fwd(
+        args.x, args.models, args.out, coefs=args.coeffs, coef_values=args.coef_values, cond=args.cond,
+        uncond=args.uncond, guidance=args.guidance, conv=args.convert, conv_values=args.convert_values,
+        save=args.save, noise=args.noise, philox=None if philox is None else (philox.seed, philox.offset),
+        clamp=float(args.threshold.min_scale) if args.threshold_mode == THRESHOLD_CLAMP else 0.0)
 
 
 def _cpu_reasons(args: StepArgs) -> list[str]:
@@ -433,16 +563,12 @@ def _cpu_reasons(args: StepArgs) -> list[str]:
     return reasons
 
 
-def _run_cpu(args: StepArgs) -> None:
-    _backend._C.solver_step_cpu(*pack(args))
-
-
 def _model_output(cond: torch.Tensor | None, uncond: torch.Tensor | None):
     """The public `model_output` argument back from its (cond, uncond) halves."""
     return None if cond is None else (cond if uncond is None else (cond, uncond))
 
 
-def _run_reference(args: StepArgs) -> None:
+def _launch_reference(args: StepArgs) -> None:
     solver_step_reference(
         args.x, args.models, args.coeffs if args.coeffs is not None else args.coef_values,
         model_output=_model_output(args.cond, args.uncond),
@@ -451,31 +577,185 @@ def _run_reference(args: StepArgs) -> None:
         noise=args.noise if args.noise is not None else args.philox, out=args.out)
 
 
-def _rand(shape, device, dtype, gen):
-    return torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
-
-
-# Automatic choice between the cuda and triton backends, from bench/results/h200-2026-11-26-*.md: per-call
-# host cost is ~20 µs through the CUDA binding and ~60-90 µs through Triton's launcher, device times are
-# equal up to 16 MB per tensor, and from 268 MB Triton reaches 100% of copy bandwidth against CUDA's 94%;
-# with Philox noise Triton's kernel is ~1.3x faster on the device (10.4 vs 8.0 µs, bench/NOTES.md).
-# So: CUDA first, except where device time dominates (tensors from 128 MB) or the host cost vanishes
-# (Philox noise captured in a CUDA graph).
+# Automatic choice between the cuda and triton backends (bench/results, H200): device times are equal up to
+# 16 MB per tensor and from 268 MB Triton reaches 100% of copy bandwidth against CUDA's 94%; with Philox noise
+# Triton's kernel is ~1.3x faster on the device (10.4 vs 8.0 µs, bench/NOTES.md); the CUDA binding's host
+# cost per call is the lower. So: CUDA first, except where device time dominates (tensors from 128 MB) or
+# the host cost vanishes (Philox noise captured in a CUDA graph).
 TRITON_FIRST_BYTES = 128 << 20
 _CUDA_FIRST = ("cuda", "triton", "cpu", "reference")
 _TRITON_FIRST = ("triton", "cuda", "cpu", "reference")
 
 
 def _triton_first(args: StepArgs) -> bool:
-    if not args.x.is_cuda:
+    x = args.x
+    if not x.is_cuda:
         return False
-    if args.x.numel() * args.x.element_size() >= TRITON_FIRST_BYTES:
+    if x.numel() * x.element_size() >= TRITON_FIRST_BYTES:
         return True
     return args.philox is not None and torch.cuda.is_current_stream_capturing()
 
 
 def _priority(args: StepArgs) -> Sequence[str]:
     return _TRITON_FIRST if _triton_first(args) else _CUDA_FIRST
+
+
+def _dispatch_key(args: StepArgs):
+    x = args.x
+    return x.is_cuda, x.is_cpu, x.dtype, args.threshold_mode, _triton_first(args)
+
+
+BACKENDS = (Backend("cuda", _runner(_launch_cuda), _cuda_reasons),
+            Backend("triton", _runner(_launch_triton), _triton_reasons),
+            Backend("cpu", _runner(_launch_cpu), _cpu_reasons),
+            Backend("reference", _runner(_launch_reference), lambda args: []))
+
+
+# --------------------------------------------------------------------------------------------------
+# Planned launches: a sampler's step, checked once and re-launched with new pointers
+# --------------------------------------------------------------------------------------------------
+
+class PlannedStep:
+    """A checked `solver_step` call re-launched many times with only x, the model output(s) and out
+    changing (a sampler's step): the argument check, dispatch and the C parameter struct are made once,
+    here; a call then writes the changed pointers into the struct by name and enters the C launcher
+    (about 1 µs of host time on the dev VM instead of about 10 through the public op).
+
+    Calls whose tensors do not share x's shape, dtype, device and strides fall back to the checked
+    path, as do backends other than the C ones.
+    """
+
+    def __init__(self, args: StepArgs):
+        self.args, self.params, self.launch, self.meta = args, None, None, None
+        stride = args.x.stride()
+        if args.x.numel() == 0 or not (_dense(args.x) and all(t.stride() == stride for t in args.tensors())):
+            return
+        backend = OP.select(args)
+        if backend.name not in ("cuda", "cpu"):
+            return
+        self.params = p = c_params(args)
+        self.cuda = backend.name == "cuda"
+        if self.cuda:
+            self.device = args.x.get_device()
+            self.workspace = _workspace(args)
+            p.workspace, p.device = _ptr(self.workspace), self.device
+            self.launch = _C.solver_step_cuda
+        else:
+            self.launch = _C.solver_step_cpu
+        self.address = ctypes.addressof(p)
+        self.meta = (args.x.shape, args.x.dtype, args.x.get_device(), args.x.is_cpu, stride)
+
+    def launch_planned(self, x: torch.Tensor, cond: torch.Tensor | None, uncond: torch.Tensor | None,
+                       out: torch.Tensor) -> bool:
+        """Launch with these tensors if x and the model output(s) match the plan (same presence, shape, dtype,
+        device and strides as the planned x); return False, having done nothing, otherwise. `out` is the
+        caller's buffer allocated like x (torch.empty_like(x), or the sampler's own slot)."""
+        a, p = self.args, self.params
+        if p is None or (cond is None) != (a.cond is None) or (uncond is None) != (a.uncond is None):
+            return False
+        shape, dtype, device, cpu, stride = self.meta
+        for t in (x, cond, uncond):
+            if t is not None and not (_like_x(t, shape, dtype, device, cpu) and t.stride() == stride):
+                return False
+        p.x, p.out = x.data_ptr(), out.data_ptr()
+        if cond is not None:
+            p.cond = cond.data_ptr()
+            if uncond is not None:
+                p.uncond = uncond.data_ptr()
+        if self.cuda:
+            p.stream = _cuda_stream(device)
+        self.launch(self.address)
+        return True
+
+    def __call__(self, x: torch.Tensor, cond: torch.Tensor | None, uncond: torch.Tensor | None,
+                 out: torch.Tensor) -> None:
+        if self.launch_planned(x, cond, uncond, out):
+            return
+        a = self.args
+        for name, t in (("model output", cond), ("unconditional model output", uncond)):
+            if t is not None and not _like_x(t, a.x.shape, a.x.dtype, a.x.get_device(), a.x.is_cpu):
+                _check_like(name, t, a.x)
+        args = StepArgs(x, a.models, out, cond, uncond, a.guidance, a.threshold, a.save, a.noise, a.philox)
+        args.coeffs, args.coef_values, args.convert, args.convert_values = (a.coeffs, a.coef_values, a.convert,
+                                                                           a.convert_values)
+        OP(args)
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.library registration (the path torch.compile traces) and the public op
+# --------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("pydpm::solver_step", mutates_args=("out", "save"))
+def _solver_step_op(x: torch.Tensor, models: list[torch.Tensor], coeffs: torch.Tensor, out: torch.Tensor,
+                    cond: torch.Tensor | None, uncond: torch.Tensor | None, convert: torch.Tensor | None,
+                    guidance: float, threshold: list[float] | None, save: torch.Tensor | None,
+                    noise: torch.Tensor | None, philox: list[int] | None) -> None:
+    args = check_args(x, models, coeffs, model_output=_model_output(cond, uncond), convert=convert,
+                      guidance_scale=None if uncond is None else guidance,
+                      threshold=None if threshold is None else Threshold(*threshold), save=save,
+                      noise=PhiloxNoise(*philox) if philox is not None else noise, out=out)
+    OP(args)
+
+
+@_solver_step_op.register_fake
+def _(x, models, coeffs, out, cond, uncond, convert, guidance, threshold, save, noise, philox) -> None:
+    return None
+
+
+def library_args(args: StepArgs) -> tuple:
+    """The arguments of torch.ops.pydpm.solver_step for a call checked with compiling=True."""
+    return (args.x, list(args.models), args.coeffs, args.out, args.cond, args.uncond, args.convert, args.guidance,
+            None if args.threshold is None else list(args.threshold), args.save, args.noise,
+            None if args.philox is None else list(args.philox))
+
+
+def _compiled(*inputs, out=None):
+    """Under torch.compile: the checked call through the torch.library op (which mutates out and save)."""
+    args = check_args(*inputs, out=out, compiling=True)
+    torch.ops.pydpm.solver_step(*library_args(args))
+    return args.result
+
+
+def solver_step(x, models, coeffs, *, model_output=None, convert=None, guidance_scale=None, threshold=None,
+                save=None, noise=None, out=None):
+    """One fused sampler update, one kernel launch (dynamic thresholding: a few, see below).
+
+        out = c[0]·x + Σₖ c[k+1]·models[k] (+ c[-1]·z)
+
+    With `model_output` the step first forms the model's converted output d (module docstring):
+        m = model_output, or uncond + guidance_scale·(cond − uncond) for a (cond, uncond) pair
+        d = convert[0]·x + convert[1]·m;  optionally thresholded;  written to `save` when given
+        out = c[0]·x + c[1]·d + Σₖ c[k+2]·models[k] (+ c[-1]·z)
+
+    Args:
+        x: the current sample [B, ...], float32/float16/bfloat16 (float64 on the CPU).
+        models: up to 6 tensors shaped like x (earlier model outputs / history).
+        coeffs: float32/float64, shape [n] or per-sample [B, n], n = 1 + (model_output given) +
+            len(models) + (noise given). A list of floats or a 1-D CPU tensor is passed by value; a
+            table on x's device is read by the kernel (no host sync: index a precomputed table).
+        model_output, convert, guidance_scale: the fused model-output stage above.
+        threshold: a `Threshold` applied to d. Imagen's dynamic thresholding is a per-sample quantile: on
+            CUDA a radix select, 7 short launches instead of 1 (csrc/cuda/solver_step.cu); a constant
+            clamp (min_scale == max_scale, diffusers' clip_sample) stays one launch.
+        save: receives d (e.g. the history slot the next step reads).
+        noise: a tensor shaped like x, or `PhiloxNoise(seed, offset)` to draw it inside the kernel.
+        out: where to write (may be x for an in-place update); allocated when None.
+
+    Accumulates in float32 (float64 for float64). NaN/Inf in tensors propagate (no checks: they would
+    need a host sync); host coefficients must be finite. Tensors that are neither contiguous nor all
+    channels-last alike are copied first (one extra pass each). Not differentiable.
+    Unfused equivalent: `solver_step_reference` with the same arguments.
+    """
+    return _ENTRY(x, models, coeffs, model_output, convert, guidance_scale, threshold, save, noise, out=out)
+
+
+
+# --------------------------------------------------------------------------------------------------
+# Sample inputs (the contract tests' cases) and the registry entry
+# --------------------------------------------------------------------------------------------------
+
+def _rand(shape, device, dtype, gen):
+    return torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
 def sample_inputs(device="cpu", dtype=torch.float32, *, small=False, seed=0):
@@ -516,6 +796,10 @@ def sample_inputs(device="cpu", dtype=torch.float32, *, small=False, seed=0):
             x=r(shape), models=[r(shape)], coeffs=coefs(4, b, True, "device"), model_output=(r(shape), r(shape)),
             guidance_scale=3.0, convert=coefs(2, b, True, "device"), threshold=Threshold(0.9, 1.0, 2.5),
             save=torch.full(shape, float("nan"), dtype=dtype, device=device), noise=PhiloxNoise(seed=99, offset=3))
+        yield f"clip-sample-{tag}", dict(
+            x=r(shape), models=[], coeffs=coefs(2, b, False, "list"), model_output=r(shape) * 3,
+            convert=coefs(2, b, True, "device"), threshold=Threshold(1.0, 1.5, 1.5),
+            save=torch.full(shape, float("nan"), dtype=dtype, device=device))
         yield f"threshold-dpmsolver-{tag}", dict(
             x=r(shape), models=[], coeffs=coefs(2, b, False, "list"), model_output=r(shape) * 3,
             convert=[0.5, 1.5], threshold=Threshold(0.995, 1.0, math.inf))
@@ -528,162 +812,19 @@ def sample_inputs(device="cpu", dtype=torch.float32, *, small=False, seed=0):
                                 coeffs=coefs(3, 2, False, "list"), noise=PhiloxNoise(5, 1))
 
 
-
-
-# --------------------------------------------------------------------------------------------------
-# torch.library registration (the path torch.compile traces) and the public op
-# --------------------------------------------------------------------------------------------------
-
-@torch.library.custom_op("pydpm::solver_step", mutates_args=("out", "save"))
-def _solver_step_op(x: torch.Tensor, models: list[torch.Tensor], coeffs: torch.Tensor, out: torch.Tensor,
-                    cond: torch.Tensor | None, uncond: torch.Tensor | None, convert: torch.Tensor | None,
-                    guidance: float, threshold: list[float] | None, save: torch.Tensor | None,
-                    noise: torch.Tensor | None, philox: list[int] | None) -> None:
-    _execute(check_args(x, models, coeffs, model_output=_model_output(cond, uncond), convert=convert,
-                        guidance_scale=None if uncond is None else guidance,
-                        threshold=None if threshold is None else Threshold(*threshold), save=save,
-                        noise=PhiloxNoise(*philox) if philox is not None else noise, out=out))
-
-
-@_solver_step_op.register_fake
-def _(x, models, coeffs, out, cond, uncond, convert, guidance, threshold, save, noise, philox) -> None:
-    return None
-
-
-def library_args(args: StepArgs) -> tuple:
-    """The arguments of torch.ops.pydpm.solver_step for a call checked with compiling=True."""
-    return (args.x, list(args.models), args.coeffs, args.out, args.cond, args.uncond, args.convert, args.guidance,
-            None if args.threshold is None else list(args.threshold), args.save, args.noise,
-            None if args.philox is None else list(args.philox))
-
-
-def _execute(args: StepArgs) -> None:
-    if args.x.numel() == 0:
-        return
-    writeback = densify(args)
-    OP(args)
-    for user, tmp in writeback:
-        user.copy_(tmp)
-
-
-# Positions in pack()'s tuple of the pointers a planned step replaces per call.
-_X, _OUT, _COND, _UNCOND, _STREAM = 4, 6, 17, 18, 30
-
-
-class PlannedStep:
-    """A checked `solver_step` call re-launched many times with only x, the model output(s) and out
-    changing (a sampler's step): the argument check, dispatch and packing happen once, here; a call
-    then swaps three pointers and enters the C launcher (~1-2 µs of host time instead of ~15-20).
-
-    Calls whose tensors do not share x's shape, dtype, device and strides fall back to the checked
-    path (`_execute`), as do backends other than the C ones.
-    """
-
-    def __init__(self, args: StepArgs):
-        self.args, self.packed, self.launch = args, None, None
-        stride = args.x.stride()
-        if args.x.numel() == 0 or not (_dense(args.x) and all(t.stride() == stride for t in args.tensors())):
-            return
-        backend = OP.select(args)
-        if backend.name not in ("cuda", "cpu"):
-            return
-        device = args.x.device
-        self.workspace = None
-        if backend.name == "cuda":
-            if args.threshold is not None:
-                nbytes = _backend._C.solver_step_cuda_workspace_bytes(args.x.numel(), args.x.shape[0])
-                self.workspace = torch.empty(nbytes, dtype=torch.uint8, device=device)
-            self.launch = _backend._C.solver_step_cuda
-        else:
-            self.launch = _backend._C.solver_step_cpu
-        self.packed = list(pack(args, _ptr(self.workspace), 0, device.index or 0))
-        self.cuda = backend.name == "cuda"
-        self.meta = (args.x.shape, args.x.dtype, args.x.device, args.x.stride())
-
-    def launch_planned(self, x: torch.Tensor, cond: torch.Tensor | None, uncond: torch.Tensor | None,
-                       out: torch.Tensor) -> bool:
-        """Launch with these tensors if they match the plan (same presence, shape, dtype, device and
-        strides as x); return False, having done nothing, otherwise."""
-        a, meta = self.args, self.meta
-        if self.packed is None or (cond is None) != (a.cond is None) or (uncond is None) != (a.uncond is None):
-            return False
-        for t in (x, cond, uncond, out):
-            if t is not None and (not isinstance(t, torch.Tensor) or t.stride() != meta[3] or t.shape != meta[0]
-                                  or t.dtype != meta[1] or t.device != meta[2]):
-                return False
-        p = self.packed
-        p[_X], p[_OUT], p[_COND], p[_UNCOND] = x.data_ptr(), out.data_ptr(), _ptr(cond), _ptr(uncond)
-        if self.cuda:
-            p[_STREAM] = _backend.cuda_stream(x.device)
-        self.launch(*p)
-        return True
-
-    def __call__(self, x: torch.Tensor, cond: torch.Tensor | None, uncond: torch.Tensor | None,
-                 out: torch.Tensor) -> None:
-        if self.launch_planned(x, cond, uncond, out):
-            return
-        for name, t in (("model output", cond), ("unconditional model output", uncond)):
-            if t is not None:
-                _check_like(name, t, self.args.x)
-        _execute(dataclasses.replace(self.args, x=x, cond=cond, uncond=uncond, out=out))
-
-
-def solver_step(x, models, coeffs, *, model_output=None, convert=None, guidance_scale=None, threshold=None,
-                save=None, noise=None, out=None):
-    """One fused sampler update, one kernel launch (dynamic thresholding: a few, see below).
-
-        out = c[0]·x + Σₖ c[k+1]·models[k] (+ c[-1]·z)
-
-    With `model_output` the step first forms the model's converted output d (module docstring):
-        m = model_output, or uncond + guidance_scale·(cond − uncond) for a (cond, uncond) pair
-        d = convert[0]·x + convert[1]·m;  optionally thresholded;  written to `save` when given
-        out = c[0]·x + c[1]·d + Σₖ c[k+2]·models[k] (+ c[-1]·z)
-
-    Args:
-        x: the current sample [B, ...], float32/float16/bfloat16 (float64 on the CPU).
-        models: up to 6 tensors shaped like x (earlier model outputs / history).
-        coeffs: float32/float64, shape [n] or per-sample [B, n], n = 1 + (model_output given) +
-            len(models) + (noise given). A list of floats or a 1-D CPU tensor is passed by value; a
-            table on x's device is read by the kernel (no host sync: index a precomputed table).
-        model_output, convert, guidance_scale: the fused model-output stage above.
-        threshold: a `Threshold` applied to d (Imagen's dynamic thresholding). On CUDA this is a
-            radix select: 7 short launches instead of 1 (csrc/cuda/solver_step.cu).
-        save: receives d (e.g. the history slot the next step reads).
-        noise: a tensor shaped like x, or `PhiloxNoise(seed, offset)` to draw it inside the kernel.
-        out: where to write (may be x for an in-place update); allocated when None.
-
-    Accumulates in float32 (float64 for float64). NaN/Inf in tensors propagate (no checks: they would
-    need a host sync); host coefficients must be finite. Tensors that are neither contiguous nor all
-    channels-last alike are copied first (one extra pass each). Not differentiable.
-    Unfused equivalent: `solver_step_reference` with the same arguments.
-    """
-    compiling = torch.compiler.is_compiling()
-    args = check_args(x, models, coeffs, model_output=model_output, convert=convert, guidance_scale=guidance_scale,
-                      threshold=threshold, save=save, noise=noise, out=out, compiling=compiling)
-    out = args.out  # densify() may swap args.out for a contiguous temporary
-    if compiling:
-        torch.ops.pydpm.solver_step(*library_args(args))
-    else:
-        _execute(args)
-    return out
-
-
 OP = register(Op(
     name="solver_step",
     fn=solver_step,
-    backends=(Backend("cuda", _run_cuda, _cuda_reasons), Backend("triton", _run_triton, _triton_reasons),
-              Backend("cpu", _run_cpu, _cpu_reasons), Backend("reference", _run_reference, lambda args: [])),
+    backends=BACKENDS,
     reference=solver_step_reference,
     check=check_args,
-    dispatch_key=lambda args: (args.x.device.type, args.x.dtype, args.threshold is None, _triton_first(args)),
+    dispatch_key=_dispatch_key,
     priority=_priority,
     library_op=torch.ops.pydpm.solver_step.default,
     library_args=lambda **kwargs: library_args(check_args(**kwargs, compiling=True)),
-    # Rule of DESIGN.md §3: fused error <= 2x the eager composition's error in the same dtype; these bound
-    # the error against the float64 reference for unit-scale inputs and coefficients.
-    tolerances={torch.float64: Tolerance(1e-12, 1e-12), torch.float32: Tolerance(1e-5, 1e-5),
-                torch.float16: Tolerance(2e-3, 2e-3), torch.bfloat16: Tolerance(1.6e-2, 1.6e-2)},
+    tolerances=ELEMENTWISE_TOLERANCES,
     sample_inputs=sample_inputs,
     mutated=("save",),
     eager=lambda *a, **k: solver_step_reference(*a, compute_dtype=a[0].dtype if a else k["x"].dtype, **k),
 ))
+_ENTRY = Entry(OP, compiled=_compiled)

@@ -13,17 +13,18 @@ for a 2×2 block [a b; c d], ll = (a+b+c+d)/2, h = (a+b−c−d)/2, v = (a−b+c
 transform matrix is symmetric and orthogonal: its adjoint is its inverse, which gives the backward passes
 (∂dwt = idwt, ∂idwt = dwt; the gate gradients are spatial reductions fused into the same kernel).
 
-Module layout: references → argument checks → backends → torch.library ops with autograd → public ops.
+Module layout (the op framework's skeleton, pydpm/ops/_framework.py): references → argument checks →
+backends → registration (differentiable ops, public ops) → sample inputs and registry entries.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Sequence
 
 import torch
 
 from pydpm import _backend
-from pydpm.ops._registry import Backend, Op, Tolerance, _forced, forced_backend, register, use_backend
+from pydpm.ops._framework import (ELEMENTWISE_TOLERANCES, Backend, Differentiable, Entry, Op, forced_backend,
+                                  register)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -83,16 +84,18 @@ def wavelet_gate_up_reference(x, gates, *, compute_dtype=None):
 # Arguments
 # --------------------------------------------------------------------------------------------------
 
-@dataclasses.dataclass
 class WaveletArgs:
-    """A checked call: `kind` is the op; inputs and the output(s) the backend writes."""
+    """A checked call: `kind` is the op (dwt, idwt, down, up, or the gate backwards down_bwd, up_bwd);
+    inputs, the output(s) the backend writes, and `result`, what the call returns."""
 
-    kind: str
-    x: torch.Tensor                      # the first input (x, or ll for idwt)
-    high: torch.Tensor | None = None
-    gates: torch.Tensor | None = None
-    out: tuple[torch.Tensor, ...] = ()
-    dy: torch.Tensor | None = None       # backward kinds: the incoming gradient
+    __slots__ = ("kind", "x", "high", "gates", "dy", "out", "result")
+
+    def __init__(self, kind, x, out, result, high=None, gates=None, dy=None):
+        self.kind, self.x, self.out, self.result = kind, x, out, result
+        self.high, self.gates, self.dy = high, gates, dy
+
+
+_DTYPES = frozenset(SUPPORTED_DTYPES)
 
 
 def _fail(op: str, msg: str) -> None:
@@ -102,7 +105,7 @@ def _fail(op: str, msg: str) -> None:
 def _check_tensor(op: str, name: str, t, dims: int) -> None:
     if not isinstance(t, torch.Tensor):
         _fail(op, f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in SUPPORTED_DTYPES:
+    if t.dtype not in _DTYPES:
         _fail(op, f"{name} has dtype {t.dtype}; pass float32, float16, bfloat16 or float64")
     if t.dim() != dims:
         _fail(op, f"{name} has shape {tuple(t.shape)}; expected {dims} dimensions")
@@ -117,44 +120,48 @@ def _check_even(op: str, name: str, t: torch.Tensor) -> None:
 
 def _check_gates(op: str, gates, batch: int, channels: int, x: torch.Tensor) -> None:
     _check_tensor(op, "gates", gates, 3)
-    if tuple(gates.shape) != (batch, 4, channels):
+    if gates.shape != (batch, 4, channels):
         _fail(op, f"gates has shape {tuple(gates.shape)}; expected [B, 4, C] = {(batch, 4, channels)} "
                   f"(bands ordered ll, h, v, d)")
-    if gates.device != x.device:
+    if gates.get_device() != x.get_device() or gates.is_cpu is not x.is_cpu:
         _fail(op, f"gates is on {gates.device} but x is on {x.device}; move it with .to(x.device)")
 
 
-def _check_out(op: str, out, x: torch.Tensor, shapes: Sequence[tuple[int, ...]]) -> tuple[torch.Tensor, ...]:
-    """The output tensors: allocated like x with these shapes, or the caller's `out`, checked."""
+def _outputs(op: str, out, x: torch.Tensor, shapes: Sequence[tuple[int, ...]]) -> tuple[tuple, object]:
+    """(the tensors to write, what the call returns): allocated like x with these shapes, or the caller's
+    `out`, checked."""
     if out is None:
-        return tuple(torch.empty(shape, dtype=x.dtype, device=x.device) for shape in shapes)
+        outs = tuple(torch.empty(shape, dtype=x.dtype, device=x.device) for shape in shapes)
+        return outs, outs[0] if len(outs) == 1 else outs
     outs = out if isinstance(out, (tuple, list)) else (out,)
     if len(outs) != len(shapes):
         _fail(op, f"out must hold {len(shapes)} tensor(s)")
     for i, (o, shape) in enumerate(zip(outs, shapes)):
         if not isinstance(o, torch.Tensor) or o.shape != shape or o.dtype != x.dtype or o.device != x.device:
             _fail(op, f"out[{i}] must be a {x.dtype} tensor of shape {shape} on {x.device}")
-    return tuple(outs)
+    return tuple(outs), out
 
 
 def check_dwt(x, out=None) -> WaveletArgs:
     _check_tensor("haar_dwt2", "x", x, 4)
     _check_even("haar_dwt2", "x", x)
     B, C, H, W = x.shape
-    return WaveletArgs("dwt", x, out=_check_out("haar_dwt2", out, x, ((B, C, H // 2, W // 2), (B, C, 3, H // 2, W // 2))))
+    outs, result = _outputs("haar_dwt2", out, x, ((B, C, H // 2, W // 2), (B, C, 3, H // 2, W // 2)))
+    return WaveletArgs("dwt", x, outs, result)
 
 
 def check_idwt(ll, high, out=None) -> WaveletArgs:
     _check_tensor("haar_idwt2", "ll", ll, 4)
     _check_tensor("haar_idwt2", "high", high, 5)
     B, C, h, w = ll.shape
-    if tuple(high.shape) != (B, C, 3, h, w):
+    if high.shape != (B, C, 3, h, w):
         _fail("haar_idwt2", f"high has shape {tuple(high.shape)}; expected [B, C, 3, h, w] = {(B, C, 3, h, w)}")
     if high.dtype != ll.dtype or high.device != ll.device:
         _fail("haar_idwt2", f"high is {high.dtype} on {high.device} but ll is {ll.dtype} on {ll.device}")
     if h == 0 or w == 0:
         _fail("haar_idwt2", "ll has an empty spatial size")
-    return WaveletArgs("idwt", ll, high=high, out=_check_out("haar_idwt2", out, ll, ((B, C, 2 * h, 2 * w),)))
+    outs, result = _outputs("haar_idwt2", out, ll, ((B, C, 2 * h, 2 * w),))
+    return WaveletArgs("idwt", ll, outs, result, high=high)
 
 
 def check_down(x, gates, out=None) -> WaveletArgs:
@@ -162,8 +169,8 @@ def check_down(x, gates, out=None) -> WaveletArgs:
     _check_even("wavelet_gate_down", "x", x)
     B, C, H, W = x.shape
     _check_gates("wavelet_gate_down", gates, B, C, x)
-    return WaveletArgs("down", x, gates=gates,
-                       out=_check_out("wavelet_gate_down", out, x, ((B, C, H // 2, W // 2),)))
+    outs, result = _outputs("wavelet_gate_down", out, x, ((B, C, H // 2, W // 2),))
+    return WaveletArgs("down", x, outs, result, gates=gates)
 
 
 def check_up(x, gates, out=None) -> WaveletArgs:
@@ -174,17 +181,28 @@ def check_up(x, gates, out=None) -> WaveletArgs:
     if h == 0 or w == 0:
         _fail("wavelet_gate_up", "x has an empty spatial size")
     _check_gates("wavelet_gate_up", gates, B, C4 // 4, x)
-    return WaveletArgs("up", x, gates=gates,
-                       out=_check_out("wavelet_gate_up", out, x, ((B, C4 // 4, 2 * h, 2 * w),)))
+    outs, result = _outputs("wavelet_gate_up", out, x, ((B, C4 // 4, 2 * h, 2 * w),))
+    return WaveletArgs("up", x, outs, result, gates=gates)
+
+
+def gate_backward_args(kind: str, dy: torch.Tensor, x: torch.Tensor, gates: torch.Tensor) -> WaveletArgs:
+    """The call of a gate op's backward: (dx, dgates), the gate gradient reduced in float32."""
+    outs = (torch.empty_like(x), torch.empty(gates.shape, dtype=torch.float32, device=x.device))
+    return WaveletArgs(kind, x, outs, outs, gates=gates, dy=dy)
 
 
 # --------------------------------------------------------------------------------------------------
-# Backends
+# Backends: run(args) writes args.out and returns args.result
 # --------------------------------------------------------------------------------------------------
 
-def _plane_contiguous(t: torch.Tensor) -> torch.Tensor:
+def _plane_contiguous(t: torch.Tensor) -> bool:
     """The kernels need rows of each plane contiguous (stride(-1) == 1, stride(-2) == width)."""
-    return t if t.stride(-1) == 1 and (t.shape[-2] <= 1 or t.stride(-2) == t.shape[-1]) else t.contiguous()
+    s = t.stride()
+    return s[-1] == 1 and (t.shape[-2] <= 1 or s[-2] == t.shape[-1])
+
+
+def _planes(t: torch.Tensor) -> torch.Tensor:
+    return t if _plane_contiguous(t) else t.contiguous()
 
 
 def _triton_reasons(args: WaveletArgs) -> list[str]:
@@ -195,44 +213,44 @@ def _triton_reasons(args: WaveletArgs) -> list[str]:
     return reasons
 
 
-def _run_triton(args: WaveletArgs) -> None:
-    from pydpm.kernels.wavelet import haar_analysis, haar_synthesis
-
-    x, g = _plane_contiguous(args.x), args.gates
-    outs = [_plane_contiguous(o) for o in args.out]
-    if args.kind == "dwt":
-        ll, high = outs
-        haar_analysis(x, [ll, high[:, :, 0], high[:, :, 1], high[:, :, 2]])
-    elif args.kind == "idwt":
-        high = _plane_contiguous(args.high)
-        haar_synthesis([x, high[:, :, 0], high[:, :, 1], high[:, :, 2]], outs[0])
-    elif args.kind == "down":
-        haar_analysis(x, [outs[0]], gates=g, write_sum=True)
-    elif args.kind == "up":
-        haar_synthesis(list(x.chunk(4, dim=1)), outs[0], gates=g)
-    elif args.kind == "down_bwd":      # dx = synthesis of (g_i·dy), dg_i = Σ band_i(x)·dy
-        haar_synthesis([_plane_contiguous(args.dy)] * 4, outs[0], gates=g, xs=x, dot_out=outs[1])
-    else:                              # up_bwd: dx_i = g_i·band_i(dy), dg_i = Σ band_i(dy)·x_i
-        haar_analysis(_plane_contiguous(args.dy), list(outs[0].chunk(4, dim=1)), gates=g,
-                      refs=list(x.chunk(4, dim=1)), dot_out=outs[1])
+def _run_triton(args: WaveletArgs):
+    if args.x.numel() == 0:
+        return args.result
+    K = _backend.kernels("wavelet")
+    x, g, kind = _planes(args.x), args.gates, args.kind
+    outs = [o if _plane_contiguous(o) else torch.empty_like(o, memory_format=torch.contiguous_format)
+            for o in args.out]
+    if kind == "dwt":
+        K.haar_analysis(x, K.bands_of(outs[0], outs[1]))
+    elif kind == "idwt":
+        K.haar_synthesis(K.bands_of(x, _planes(args.high)), outs[0])
+    elif kind == "down":
+        K.haar_analysis(x, outs[0], gates=g)
+    elif kind == "up":
+        K.haar_synthesis(K.chunks_of(x), outs[0], gates=g)
+    elif kind == "down_bwd":      # dx = synthesis of (g_i·dy), dg_i = Σ band_i(x)·dy
+        K.haar_synthesis(K.repeated(_planes(args.dy)), outs[0], gates=g, xs=x, dot_out=outs[1])
+    else:                         # up_bwd: dx_i = g_i·band_i(dy), dg_i = Σ band_i(dy)·x_i
+        K.haar_analysis(_planes(args.dy), K.chunks_of(outs[0]), gates=g, refs=K.chunks_of(x), dot_out=outs[1])
     for user, tmp in zip(args.out, outs):
         if tmp is not user:
             user.copy_(tmp)
+    return args.result
 
 
-def _run_reference(args: WaveletArgs) -> None:
-    x, g = args.x, args.gates
-    if args.kind == "dwt":
+def _run_reference(args: WaveletArgs):
+    x, g, kind = args.x, args.gates, args.kind
+    if kind == "dwt":
         ll, high = haar_dwt2_reference(x)
         args.out[0].copy_(ll)
         args.out[1].copy_(high)
-    elif args.kind == "idwt":
+    elif kind == "idwt":
         args.out[0].copy_(haar_idwt2_reference(x, args.high))
-    elif args.kind == "down":
+    elif kind == "down":
         args.out[0].copy_(wavelet_gate_down_reference(x, g))
-    elif args.kind == "up":
+    elif kind == "up":
         args.out[0].copy_(wavelet_gate_up_reference(x, g))
-    elif args.kind == "down_bwd":
+    elif kind == "down_bwd":
         acc = _acc(x, None)
         dy, gf = args.dy.to(acc), g.to(acc)
         args.out[0].copy_(haar_merge(dy.unsqueeze(2) * gf.transpose(1, 2)[..., None, None]))
@@ -245,198 +263,129 @@ def _run_reference(args: WaveletArgs) -> None:
         args.out[0].copy_((bands * gf).transpose(1, 2).reshape(B, C4, h, w))
         chunks = x.to(acc).reshape(B, 4, C4 // 4, h, w).transpose(1, 2)
         args.out[1].copy_((bands * chunks).sum(dim=(-2, -1)).transpose(1, 2))
+    return args.result
 
 
 BACKENDS = (Backend("triton", _run_triton, _triton_reasons), Backend("reference", _run_reference, lambda a: []))
 
 
 def _dispatch_key(args: WaveletArgs):
-    return (args.kind, args.x.device.type, args.x.dtype)
-
-
-def _run(args: WaveletArgs) -> None:
-    if args.x.numel() == 0:
-        return
-    _DISPATCH(args)
+    return args.kind, args.x.is_cuda, args.x.is_cpu, args.x.dtype
 
 
 # --------------------------------------------------------------------------------------------------
-# torch.library ops with autograd (the path autograd and torch.compile take)
+# Registration: the differentiable ops (torch.library custom ops + the eager autograd.Function)
 # --------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("pydpm::haar_dwt2", mutates_args=())
-def _dwt_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    args = check_dwt(x)
-    _run(args)
-    return args.out
+def _dwt_forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return DWT_OP(check_dwt(x))
 
 
-@_dwt_op.register_fake
-def _(x):
+def _dwt_fake(x):
     B, C, H, W = x.shape
     return x.new_empty((B, C, H // 2, W // 2)), x.new_empty((B, C, 3, H // 2, W // 2))
 
 
-@torch.library.custom_op("pydpm::haar_idwt2", mutates_args=())
-def _idwt_op(ll: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-    args = check_idwt(ll, high)
-    _run(args)
-    return args.out[0]
+def _idwt_forward(ll: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    return IDWT_OP(check_idwt(ll, high))
 
 
-@_idwt_op.register_fake
-def _(ll, high):
+def _idwt_fake(ll, high):
     B, C, h, w = ll.shape
     return ll.new_empty((B, C, 2 * h, 2 * w))
 
 
-# Autograd runs CUDA backwards on its own device thread, which does not see the ContextVar that
-# `use_backend` sets: every backward re-enters the backend forced when its forward ran (ctx.backend).
-
-def _dwt_backward(ctx, d_ll, d_high):
-    if d_ll is None:
-        d_ll = d_high.new_zeros(ctx.ll_shape)
-    if d_high is None:
-        d_high = d_ll.new_zeros(ctx.high_shape)
-    with use_backend(ctx.backend):
-        return torch.ops.pydpm.haar_idwt2(d_ll.contiguous(), d_high.contiguous())
+def _nothing_saved(ctx, inputs, output) -> None:
+    return None
 
 
-def _dwt_setup(ctx, inputs, output):
-    ctx.ll_shape, ctx.high_shape, ctx.backend = output[0].shape, output[1].shape, _forced.get()
+# The transform is orthogonal: ∂dwt = idwt and ∂idwt = dwt.
+DWT_GRAD = Differentiable(
+    "haar_dwt2", forward=_dwt_forward, forward_fake=_dwt_fake, backward=_idwt_forward, backward_fake=_idwt_fake,
+    save=_nothing_saved, grads=lambda ctx, backward, d_ll, d_high: (backward(d_ll, d_high),))
+IDWT_GRAD = Differentiable(
+    "haar_idwt2", forward=_idwt_forward, forward_fake=_idwt_fake, backward=_dwt_forward, backward_fake=_dwt_fake,
+    save=_nothing_saved, grads=lambda ctx, backward, dy: backward(dy))
 
 
-def _idwt_backward(ctx, dy):
-    with use_backend(ctx.backend):
-        return torch.ops.pydpm.haar_dwt2(dy.contiguous())
+def _down_forward(x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    return DOWN_OP(check_down(x, gates))
 
 
-def _idwt_setup(ctx, inputs, output):
-    ctx.backend = _forced.get()
-
-
-_dwt_op.register_autograd(_dwt_backward, setup_context=_dwt_setup)
-_idwt_op.register_autograd(_idwt_backward, setup_context=_idwt_setup)
-
-
-@torch.library.custom_op("pydpm::wavelet_gate_down", mutates_args=())
-def _down_op(x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-    args = check_down(x, gates)
-    _run(args)
-    return args.out[0]
-
-
-@torch.library.custom_op("pydpm::wavelet_gate_up", mutates_args=())
-def _up_op(x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-    args = check_up(x, gates)
-    _run(args)
-    return args.out[0]
-
-
-def _gate_backward(mode: str, dy: torch.Tensor, x: torch.Tensor, gates: torch.Tensor):
-    """(dx, dgates) of a gate op: one pass, the gate gradient reduced in float32."""
-    args = WaveletArgs(mode, x, gates=gates, dy=dy,
-                       out=(torch.empty_like(x), torch.empty(gates.shape, dtype=torch.float32, device=x.device)))
-    _run(args)
-    return args.out[0], args.out[1].to(gates.dtype)
-
-
-@torch.library.custom_op("pydpm::wavelet_gate_down_backward", mutates_args=())
-def _down_bwd_op(dy: torch.Tensor, x: torch.Tensor, gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _gate_backward("down_bwd", dy, x, gates)
-
-
-@torch.library.custom_op("pydpm::wavelet_gate_up_backward", mutates_args=())
-def _up_bwd_op(dy: torch.Tensor, x: torch.Tensor, gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _gate_backward("up_bwd", dy, x, gates)
-
-
-@_down_op.register_fake
-def _(x, gates):
+def _down_fake(x, gates):
     B, C, H, W = x.shape
     return x.new_empty((B, C, H // 2, W // 2))
 
 
-@_up_op.register_fake
-def _(x, gates):
+def _up_forward(x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    return UP_OP(check_up(x, gates))
+
+
+def _up_fake(x, gates):
     B, C4, h, w = x.shape
     return x.new_empty((B, C4 // 4, 2 * h, 2 * w))
 
 
-@_down_bwd_op.register_fake
-def _(dy, x, gates):
+def _down_backward(dy: torch.Tensor, x: torch.Tensor, gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dx, dg = DOWN_OP(gate_backward_args("down_bwd", dy, x, gates))
+    return dx, dg.to(gates.dtype)
+
+
+def _up_backward(dy: torch.Tensor, x: torch.Tensor, gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dx, dg = UP_OP(gate_backward_args("up_bwd", dy, x, gates))
+    return dx, dg.to(gates.dtype)
+
+
+def _gate_backward_fake(dy, x, gates):
     return torch.empty_like(x), torch.empty_like(gates)
 
 
-@_up_bwd_op.register_fake
-def _(dy, x, gates):
-    return torch.empty_like(x), torch.empty_like(gates)
-
-
-def _save_inputs(ctx, inputs, output):
+def _save_inputs(ctx, inputs, output) -> None:
     ctx.save_for_backward(*inputs)
-    ctx.backend = _forced.get()
 
 
-def _down_backward(ctx, dy):
-    x, gates = ctx.saved_tensors
-    with use_backend(ctx.backend):
-        return torch.ops.pydpm.wavelet_gate_down_backward(dy.contiguous(), x, gates)
+def _gate_grads(ctx, backward, dy):
+    return backward(dy, *ctx.saved_tensors)
 
 
-def _up_backward(ctx, dy):
-    x, gates = ctx.saved_tensors
-    with use_backend(ctx.backend):
-        return torch.ops.pydpm.wavelet_gate_up_backward(dy.contiguous(), x, gates)
-
-
-_down_op.register_autograd(_down_backward, setup_context=_save_inputs)
-_up_op.register_autograd(_up_backward, setup_context=_save_inputs)
+DOWN_GRAD = Differentiable(
+    "wavelet_gate_down", forward=_down_forward, forward_fake=_down_fake, backward=_down_backward,
+    backward_fake=_gate_backward_fake, save=_save_inputs, grads=_gate_grads)
+UP_GRAD = Differentiable(
+    "wavelet_gate_up", forward=_up_forward, forward_fake=_up_fake, backward=_up_backward,
+    backward_fake=_gate_backward_fake, save=_save_inputs, grads=_gate_grads)
 
 
 # --------------------------------------------------------------------------------------------------
 # Public ops
 # --------------------------------------------------------------------------------------------------
 
-def _apply(name: str, graph_op, checker, inputs: tuple, out):
-    """Run a public op: through its torch.library op (autograd, torch.compile) when a graph is being
-    recorded, else checked and dispatched straight to a backend, writing `out` when given."""
-    graph = torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in inputs))
-    if out is not None and graph and not torch.compiler.is_compiling():
-        _fail(name, "out= is not differentiable (like torch's out= arguments); drop out= to get gradients")
-    if out is None and graph:
-        return graph_op(*inputs)
-    args = checker(*inputs, out=out)
-    _run(args)
-    return out if out is not None else _unpack(args.out)
-
-
 def haar_dwt2(x: torch.Tensor, *, out=None) -> tuple[torch.Tensor, torch.Tensor]:
     """One level of the orthonormal 2-D Haar transform over the last two dims of x [B, C, H, W] (H, W
     even): (ll [B, C, H/2, W/2], high [B, C, 3, H/2, W/2]) with high = (horizontal, vertical, diagonal),
     equal to pywt.dwt2(x, 'haar'). Differentiable (the backward is `haar_idwt2`). One read of x, one write
     of the bands. Unfused equivalent: `haar_dwt2_reference`."""
-    return _apply("haar_dwt2", _dwt_op, check_dwt, (x,), out)
+    return _DWT(x, out=out)
 
 
 def haar_idwt2(ll: torch.Tensor, high: torch.Tensor, *, out=None) -> torch.Tensor:
     """The exact inverse of `haar_dwt2`: x [B, C, 2h, 2w] from ll [B, C, h, w] and high [B, C, 3, h, w]
     (pywt.idwt2). Differentiable (the backward is `haar_dwt2`)."""
-    return _apply("haar_idwt2", _idwt_op, check_idwt, (ll, high), out)
+    return _IDWT(ll, high, out=out)
 
 
 def wavelet_gate_down(x: torch.Tensor, gates: torch.Tensor, *, out=None) -> torch.Tensor:
     """WG-Down: y = Σᵢ gates[:, i, :, None, None] · bandᵢ(x), bands (ll, h, v, d) of the Haar transform of
     x [B, C, H, W]; gates [B, 4, C]; y [B, C, H/2, W/2]. One read of x, one write of y; the backward
     (x and gates) is one pass too. fp32 accumulation. Unfused equivalent: `wavelet_gate_down_reference`."""
-    return _apply("wavelet_gate_down", _down_op, check_down, (x, gates), out)
+    return _DOWN(x, gates, out=out)
 
 
 def wavelet_gate_up(x: torch.Tensor, gates: torch.Tensor, *, out=None) -> torch.Tensor:
     """WG-Up: x [B, 4C, H, W] holds the four bands (ll, h, v, d) as channel chunks; each chunk is gated by
     gates[:, i, :] and the inverse Haar transform gives y [B, C, 2H, 2W]. One read of x, one write of y;
     the backward (x and gates) is one pass. Unfused equivalent: `wavelet_gate_up_reference`."""
-    return _apply("wavelet_gate_up", _up_op, check_up, (x, gates), out)
+    return _UP(x, gates, out=out)
 
 
 def haar_wavedec2(x: torch.Tensor, levels: int) -> list:
@@ -465,12 +414,8 @@ def haar_waverec2(coeffs: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# Registration: one Op per public function, sharing backends and tolerances
+# Sample inputs and registry entries: one Op per public function, sharing backends and tolerances
 # --------------------------------------------------------------------------------------------------
-
-TOLERANCES = {torch.float64: Tolerance(1e-12, 1e-12), torch.float32: Tolerance(1e-5, 1e-5),
-              torch.float16: Tolerance(2e-3, 2e-3), torch.bfloat16: Tolerance(1.6e-2, 1.6e-2)}
-
 
 def _shapes(small: bool):
     shapes = [(1, 1, 2, 2), (2, 3, 4, 6), (1, 7, 10, 14), (3, 5, 8, 8), (2, 3, 6, 258)]
@@ -519,27 +464,19 @@ def _samples(kind):
     return sample_inputs
 
 
-def _register(name, kind, fn, reference, checker, library_op):
+def _register(name, kind, fn, reference, checker, grad):
     return register(Op(
-        name=name, fn=fn, backends=BACKENDS, reference=reference, check=checker, tolerances=TOLERANCES,
-        sample_inputs=_samples(kind), dispatch_key=_dispatch_key, library_op=library_op,
+        name=name, fn=fn, backends=BACKENDS, reference=reference, check=checker, tolerances=ELEMENTWISE_TOLERANCES,
+        sample_inputs=_samples(kind), dispatch_key=_dispatch_key, library_op=grad.overload,
         library_args=lambda **kw: tuple(kw.values()),
         eager=lambda **kw: reference(**kw, compute_dtype=next(iter(kw.values())).dtype),
-        make_out=lambda kw: _unpack(checker(**kw).out)))
+        make_out=lambda kw: checker(**kw).result))
 
 
-def _unpack(outs: tuple[torch.Tensor, ...]):
-    return outs[0] if len(outs) == 1 else outs
-
-
-REGISTRY_OPS = {
-    "haar_dwt2": _register("haar_dwt2", "dwt", haar_dwt2, haar_dwt2_reference, check_dwt,
-                           torch.ops.pydpm.haar_dwt2.default),
-    "haar_idwt2": _register("haar_idwt2", "idwt", haar_idwt2, haar_idwt2_reference, check_idwt,
-                            torch.ops.pydpm.haar_idwt2.default),
-    "wavelet_gate_down": _register("wavelet_gate_down", "down", wavelet_gate_down, wavelet_gate_down_reference,
-                                   check_down, torch.ops.pydpm.wavelet_gate_down.default),
-    "wavelet_gate_up": _register("wavelet_gate_up", "up", wavelet_gate_up, wavelet_gate_up_reference, check_up,
-                                 torch.ops.pydpm.wavelet_gate_up.default),
-}
-_DISPATCH = REGISTRY_OPS["haar_dwt2"]  # the four Ops share backends: any one dispatches every kind
+DWT_OP = _register("haar_dwt2", "dwt", haar_dwt2, haar_dwt2_reference, check_dwt, DWT_GRAD)
+IDWT_OP = _register("haar_idwt2", "idwt", haar_idwt2, haar_idwt2_reference, check_idwt, IDWT_GRAD)
+DOWN_OP = _register("wavelet_gate_down", "down", wavelet_gate_down, wavelet_gate_down_reference, check_down,
+                    DOWN_GRAD)
+UP_OP = _register("wavelet_gate_up", "up", wavelet_gate_up, wavelet_gate_up_reference, check_up, UP_GRAD)
+_DWT, _IDWT = Entry(DWT_OP, grad=DWT_GRAD), Entry(IDWT_OP, grad=IDWT_GRAD)
+_DOWN, _UP = Entry(DOWN_OP, grad=DOWN_GRAD), Entry(UP_OP, grad=UP_GRAD)

@@ -26,7 +26,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 
 from pydpm.ops import solver_step
-from pydpm.ops._registry import forced_backend
+from pydpm.ops._framework import forced_backend
 from pydpm.ops.solver_step import MAX_MODELS, PhiloxNoise, PlannedStep, Threshold, check_args, philox_normal
 from pydpm.schedules import WrappedModel, conversion
 
@@ -417,6 +417,7 @@ class _Workspace:
     tensor every run (the caller keeps it)."""
 
     def __init__(self, plan: Plan, opts: Options, b: _Bound, x: torch.Tensor):
+        self.bound = b
         self.store: list[torch.Tensor | None] = [None] * plan.n_storage
         self.output = next((e for kind, e in plan.events if kind == "output"), 0)
         self.steps: list[PlannedStep | None] = []
@@ -668,7 +669,9 @@ class Stepper:
     """Drives a plan one model call at a time, for step()-style APIs (diffusers schedulers): the caller
     evaluates the model on the sample it holds and hands the raw output to `step`, which runs the fused
     launch(es) up to the next model input and returns it (a fresh tensor; the caller's sample is never
-    written). History slots persist between steps; `start` resets them."""
+    written). History slots persist between steps; `start` begins a new run. Launches are pre-checked
+    (`PlannedStep`s of a `_Workspace` per sample layout): a step swaps pointers and launches; a sample or model
+    output of another layout goes through the checked op, whose messages name what differs."""
 
     def __init__(self, plan: Plan, opts: Options):
         if any(kind == "hook" for kind, _ in plan.events) or any(
@@ -687,6 +690,7 @@ class Stepper:
         for seg in self.segments:
             self.first_launch.append(self.first_launch[-1] + sum(kind == "launch" for kind, _ in seg))
         self._bound: dict[Any, _Bound] = {}
+        self._workspaces: dict[Any, _Workspace] = {}
         self.start()
 
     @property
@@ -694,18 +698,33 @@ class Stepper:
         return self.k >= len(self.calls)
 
     def start(self) -> None:
-        self.k, self.store = 0, [None] * self.plan.n_storage
+        """Begin a new run (history slots are written before they are read, so none need clearing)."""
+        self.k, self.ws = 0, None
 
-    def step(self, sample: torch.Tensor, model_output, guidance_scale: float | None = None) -> torch.Tensor:
+    def _workspace(self, sample: torch.Tensor) -> _Workspace:
+        """The run's workspace: its history slots hold this run's predictions, so the sample keeps the shape,
+        dtype and device of the run's first step."""
+        ws = self.ws
+        if ws is not None:
+            return ws
+        key = (sample.shape, sample.dtype, sample.device, sample.stride(), forced_backend())
+        ws = self._workspaces.get(key)
+        if ws is None:
+            bkey = (sample.device, sample.shape[0])
+            b = self._bound.get(bkey) or self._bound.setdefault(bkey, _Bound(self.plan, self.opts, sample))
+            ws = self._workspaces[key] = _Workspace(self.plan, self.opts, b, sample)
+            ws.like = sample
+        self.ws = ws
+        return ws
+
+    def step(self, sample: torch.Tensor, model_output) -> torch.Tensor:
         """Consume the raw model output of the next call (evaluated at `sample`); return the next input."""
         if self.done:
             raise RuntimeError(f"all {len(self.calls)} steps of this schedule have run; call set_timesteps again")
-        plan, store = self.plan, self.store
-        key = (sample.device, sample.shape[0])
-        b = self._bound.get(key) or self._bound.setdefault(key, _Bound(plan, self.opts, sample))
-        call = self.calls[self.k]
-        _check_model_output(model_output, sample)
-        given = {call.x: sample}
+        plan = self.plan
+        ws = self._workspace(sample)
+        store = ws.store
+        given = {self.calls[self.k].x: sample}
 
         def tensor(sym: int) -> torch.Tensor:
             return given[sym] if sym in given else store[plan.storage[sym]]
@@ -713,10 +732,19 @@ class Stepper:
         li, result = self.first_launch[self.k], None
         for kind, e in self.segments[self.k]:
             if kind == "launch":
-                out = (torch.empty_like(sample) if plan.kind_of(e.out) == "buf"
-                       else _slot(store, plan.storage[e.out], sample))
-                save = _slot(store, plan.storage[e.call.sym], sample) if e.save else None
-                _launch(e, tensor, b, li, self.opts, model_output, guidance_scale, save, out)
+                out = torch.empty_like(sample) if plan.kind_of(e.out) == "buf" else store[plan.storage[e.out]]
+                step = ws.steps[li]
+                cond = model_output if e.call is not None else None
+                if step is None or not step.launch_planned(tensor(e.x), cond, None, out):
+                    like = ws.like
+                    if (sample.shape, sample.dtype, sample.device) != (like.shape, like.dtype, like.device):
+                        raise ValueError(
+                            f"the sample is {tuple(sample.shape)} {sample.dtype} on {sample.device}, but this sampling "
+                            f"run began with {tuple(like.shape)} {like.dtype} on {like.device}: keep them for the "
+                            f"whole run, or start a new run (set_timesteps)")
+                    _check_model_output(model_output, sample)
+                    save = store[plan.storage[e.call.sym]] if e.save else None
+                    _launch(e, tensor, ws.bound, li, self.opts, model_output, None, save, out)
                 given[e.out] = result = out
                 li += 1
             elif kind == "output":

@@ -1,7 +1,6 @@
-"""Triton backend of the frequency / NAF-block family (`pydpm.ops.frequency`).
-
-FF-Parser (y = irfft2(W ⊙ rfft2(x))) keeps its FFTs in cuFFT (torch.fft); these kernels are the stage
-between them, one pass over the half spectrum X [B, C, H, W/2+1] (complex, unnormalised):
+"""Triton backend of FF-Parser (`pydpm.ops.ff_parser`): y = irfft2(W ⊙ rfft2(x)) keeps its FFTs in cuFFT
+(torch.fft); these kernels are the stage between them, one pass over the half spectrum X [B, C, H, W/2+1]
+(complex, unnormalised):
 
 `_ff_parser_fwd_kernel`  Y = X · W / (H·W)                     (the ortho scales of both FFTs folded in)
 `_ff_parser_bwd_kernel`  G = dY · conj(W) / (H·W)               (the input-side spectrum, dx = irfft2(G))
@@ -15,54 +14,22 @@ path does not, so packing saves a full pass over the spectrum. Odd W writes Y pl
 
 Each program owns one channel c and BLOCK spectrum entries: it loads W once and walks a range of the
 batch, so ∂W is reduced in registers (per batch range: partial sums that the launcher adds up; no atomics).
-
-SimpleGate / simplified channel attention (SCA) views every tensor as [B, C, S] (S = the flattened spatial
-dims; any strides for which that view exists: NCHW, channels-last, expanded). Two kernels serve every stage:
-
-`_simple_gate_fwd_kernel`  a reading pass: v = x1·x2 (GATE; x1, x2 the channel halves of x) or v = x;
-                           optionally stores v (STORE) and reduces Σ_s v (POOL) or Σ_s v·dy (POOL, DOT)
-`_simple_gate_bwd_kernel`  a writing pass: v = src·scale[b, c] + shift[b, c]; stores v, or with GATE the
-                           two halves v·x2 and v·x1 (the SimpleGate backward)
-
-    op stage                                kernel  mode
-    simple_gate                             fwd     GATE, STORE
-    simple_gate_sca (g and its mean)        fwd     GATE, STORE, POOL
-    simplified_channel_attention: mean      fwd     POOL
-    simplified_channel_attention: y = x·s   bwd     SCALE
-    ∂simple_gate, ∂simple_gate_sca          bwd     GATE (+ SHIFT: the mean's gradient / S)
-    ∂simplified_channel_attention: Σ dy·x   fwd     POOL, DOT
-    ∂simplified_channel_attention: dx       bwd     SCALE, SHIFT
-
-Accumulation is fp32 (fp64 for fp64 tensors). Pooled sums come back per (split, b, c) and the launcher adds
-the splits in a fixed order: deterministic. Naming chain: `_<op>_fwd_kernel` / `_<op>_bwd_kernel` → the
-launchers `ff_parser_fwd`, `ff_parser_bwd` (+ `packed_inverse`), `simple_gate_fwd`, `simple_gate_bwd`.
+Accumulation is fp32 (fp64 for complex128). Naming chain: `_ff_parser_fwd_kernel` / `_ff_parser_bwd_kernel`
+→ the launchers `ff_parser_fwd`, `ff_parser_bwd` (+ `packed_inverse`).
 """
 from __future__ import annotations
-
-import functools
-import math
 
 import torch
 import triton
 import triton.language as tl
 
+from ._common import acc as _acc
+from ._common import target_programs
+from ._launch import Kernel
+
 _NUM_WARPS = 4
-_TILE = 1024            # elements per program and tensor in the gate kernels (8 per thread at 4 warps)
-_FF_BLOCK = 512         # complex entries per program in the FF-Parser kernels
-_TARGET_PROGRAMS = 8    # aim for this many programs per SM before splitting the batch / spatial loops
+_FF_BLOCK = 512         # complex entries per program
 
-
-@triton.jit
-def _acc(v, F64: tl.constexpr):
-    if F64:
-        return v.to(tl.float64)
-    else:
-        return v.to(tl.float32)
-
-
-# --------------------------------------------------------------------------------------------------
-# FF-Parser
-# --------------------------------------------------------------------------------------------------
 
 # π as two float32-exact parts: their sum is π to ~1e-15 in fp64 arithmetic (a single literal would be rounded
 # to fp32 first).
@@ -225,20 +192,15 @@ def _ff_parser_bwd_kernel(dspec, spec, weight, dxout, dw_part, B, C, H, Wf, W_mi
                         first)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _target_programs(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1  # the interpreter: the fewest programs run fastest
-    return _TARGET_PROGRAMS * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+# The integers Triton's JIT specialised (divisibility by 16, value 1) stay specialised; HW and Wf may be 1 and
+# must stay run-time integers that convert to the float type.
+_FWD = Kernel(_ff_parser_fwd_kernel, specialized=("B", "C", "H", "b_per_prog"))
+_BWD = Kernel(_ff_parser_bwd_kernel, specialized=("B", "C", "H", "W_mirror", "b_per_prog"))
 
 
 def _batch_split(B: int, programs: int, device: torch.device) -> tuple[int, int]:
     """(batch entries per program, number of batch ranges) giving about the target number of programs."""
-    splits = max(1, min(B, _target_programs(device) // max(programs, 1)))
+    splits = max(1, min(B, target_programs(device) // max(programs, 1)))
     per = triton.cdiv(B, splits)
     return per, triton.cdiv(B, per)
 
@@ -271,9 +233,10 @@ def ff_parser_fwd(spec: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, h
     o, packed = _ff_out(out, spec, width)
     J = H * (Wf - 1) if packed else H * Wf
     per, splits = _batch_split(B, C * triton.cdiv(J, _FF_BLOCK), spec.device)
-    _ff_parser_fwd_kernel[(C * triton.cdiv(J, _FF_BLOCK), splits)](
-        _ff_check(spec, "spec"), weight, o, B, C, H, Wf, height * width, per,
-        PACKED=packed, BLOCK=_FF_BLOCK, F64=spec.dtype == torch.complex128, num_warps=_NUM_WARPS)
+    f64 = spec.dtype == torch.complex128
+    _FWD((C * triton.cdiv(J, _FF_BLOCK), splits), [_ff_check(spec, "spec"), weight, o, B, C, H, Wf, height * width,
+                                                   per], (packed, f64, weight.dtype, o.dtype),
+         dict(PACKED=packed, BLOCK=_FF_BLOCK, F64=f64), num_warps=_NUM_WARPS)
 
 
 def ff_parser_bwd(dspec: torch.Tensor, spec: torch.Tensor | None, weight: torch.Tensor, dxout: torch.Tensor | None,
@@ -293,11 +256,11 @@ def ff_parser_bwd(dspec: torch.Tensor, spec: torch.Tensor | None, weight: torch.
     J = H * (Wf - 1) if packed else H * Wf
     per, splits = _batch_split(B, C * triton.cdiv(J, _FF_BLOCK), dspec.device)
     dw_part = torch.empty((splits, C, H, Wf, 2), dtype=real, device=dspec.device) if need_dw else None
-    _ff_parser_bwd_kernel[(C * triton.cdiv(J, _FF_BLOCK), splits)](
-        d, _ff_check(spec, "spec") if need_dw else d, weight, o, dw_part if need_dw else d,
-        B, C, H, Wf, width - Wf, height * width, per,
-        PACKED=packed, NEED_DX=dxout is not None, NEED_DW=need_dw, BLOCK=_FF_BLOCK, F64=real == torch.float64,
-        num_warps=_NUM_WARPS)
+    f64, need_dx = real == torch.float64, dxout is not None
+    _BWD((C * triton.cdiv(J, _FF_BLOCK), splits), [
+        d, _ff_check(spec, "spec") if need_dw else d, weight, o, dw_part if need_dw else d, B, C, H, Wf,
+        width - Wf, height * width, per], (packed, need_dx, need_dw, f64, weight.dtype, o.dtype),
+        dict(PACKED=packed, NEED_DX=need_dx, NEED_DW=need_dw, BLOCK=_FF_BLOCK, F64=f64), num_warps=_NUM_WARPS)
     if not need_dw:
         return None
     return dw_part[0] if splits == 1 else dw_part.sum(0)
@@ -309,158 +272,3 @@ def packed_inverse(z: torch.Tensor) -> torch.Tensor:
     B, C, H, W = z.shape
     spectrum = torch.view_as_complex(z.view(B, C, H, W // 2, 2))
     return torch.view_as_real(torch.fft.ifft2(spectrum, norm="forward")).view(B, C, H, W)
-
-
-# --------------------------------------------------------------------------------------------------
-# SimpleGate and simplified channel attention
-# --------------------------------------------------------------------------------------------------
-
-@triton.jit
-def _simple_gate_fwd_kernel(x, xsb, xsc, xss, half,
-                            out, osb, osc, oss,
-                            dy, dsb, dsc, dss,
-                            partial, B, C, S, chunk,
-                            GATE: tl.constexpr, STORE: tl.constexpr, POOL: tl.constexpr, DOT: tl.constexpr,
-                            BC: tl.constexpr, BS: tl.constexpr, F64: tl.constexpr):
-    n_cb = tl.cdiv(C, BC)
-    b = tl.program_id(0) // n_cb
-    cs = (tl.program_id(0) % n_cb) * BC + tl.arange(0, BC)[:, None]
-    c_ok = cs < C
-    b64 = b.to(tl.int64)
-    x_row = x + b64 * xsb + cs * xsc
-    o_row = out + b64 * osb + cs * osc
-    d_row = dy + b64 * dsb + cs * dsc
-    s0 = tl.program_id(1) * chunk
-    s_end = tl.minimum(s0 + chunk, S)
-    if POOL:
-        acc = _acc(tl.zeros([BC, BS], dtype=tl.float32), F64)
-    for start in range(s0, s_end, BS):
-        s = start + tl.arange(0, BS)[None, :]
-        m = c_ok & (s < s_end)
-        v = _acc(tl.load(x_row + s * xss, mask=m, other=0.0), F64)
-        if GATE:
-            v = v * _acc(tl.load(x_row + half + s * xss, mask=m, other=0.0), F64)
-        if STORE:
-            tl.store(o_row + s * oss, v.to(out.dtype.element_ty), mask=m)
-        if POOL:
-            if DOT:
-                acc += v * _acc(tl.load(d_row + s * dss, mask=m, other=0.0), F64)
-            else:
-                acc += v
-    if POOL:
-        tl.store(partial + (tl.program_id(1) * B + b64) * C + cs, tl.sum(acc, axis=1)[:, None], mask=c_ok)
-
-
-@triton.jit
-def _simple_gate_bwd_kernel(src, ssb, ssc, sss,
-                            x, xsb, xsc, xss, half,
-                            out, osb, osc, oss, ohalf,
-                            scale, shift, C, S,
-                            HAS_SRC: tl.constexpr, SCALE: tl.constexpr, SHIFT: tl.constexpr, GATE: tl.constexpr,
-                            BC: tl.constexpr, BS: tl.constexpr, F64: tl.constexpr):
-    n_cb = tl.cdiv(C, BC)
-    b = tl.program_id(0) // n_cb
-    cs = (tl.program_id(0) % n_cb) * BC + tl.arange(0, BC)[:, None]
-    s = tl.program_id(1) * BS + tl.arange(0, BS)[None, :]
-    c_ok = cs < C
-    m = c_ok & (s < S)
-    b64 = b.to(tl.int64)
-    if HAS_SRC:
-        v = _acc(tl.load(src + b64 * ssb + cs * ssc + s * sss, mask=m, other=0.0), F64)
-        if SCALE:
-            v = v * _acc(tl.load(scale + b64 * C + cs, mask=c_ok, other=0.0), F64)
-        if SHIFT:
-            v = v + _acc(tl.load(shift + b64 * C + cs, mask=c_ok, other=0.0), F64)
-    else:
-        v = tl.broadcast_to(_acc(tl.load(shift + b64 * C + cs, mask=c_ok, other=0.0), F64), (BC, BS))
-    o = out + b64 * osb + cs * osc + s * oss
-    if GATE:
-        xp = x + b64 * xsb + cs * xsc + s * xss
-        x1 = _acc(tl.load(xp, mask=m, other=0.0), F64)
-        x2 = _acc(tl.load(xp + half, mask=m, other=0.0), F64)
-        tl.store(o, (v * x2).to(out.dtype.element_ty), mask=m)
-        tl.store(o + ohalf, (v * x1).to(out.dtype.element_ty), mask=m)
-    else:
-        tl.store(o, v.to(out.dtype.element_ty), mask=m)
-
-
-def bcs_strides(t: torch.Tensor) -> tuple[int, int, int] | None:
-    """Strides (batch, channel, spatial) of t viewed as [B, C, S] with S the flattened dims after the
-    first two, or None when those dims do not flatten to one stride (e.g. H and W transposed)."""
-    inner = [(n, st) for n, st in zip(t.shape[2:], t.stride()[2:]) if n != 1]
-    for (n_out, st_out), (n_in, st_in) in zip(inner, inner[1:]):
-        if st_out != st_in * n_in:
-            return None
-    return t.stride(0), t.stride(1), inner[-1][1] if inner else 1
-
-
-def _tile(C: int, S: int, sc: int, ss: int) -> tuple[int, int]:
-    """(BC, BS): a tile of _TILE elements, long along the dimension that is contiguous in memory."""
-    if sc == 1 and ss != 1:  # channels-last: channels are adjacent
-        bc = max(2, min(triton.next_power_of_2(C), 128))
-        return bc, max(2, min(triton.next_power_of_2(S), _TILE // bc))
-    bs = max(2, min(triton.next_power_of_2(S), _TILE // 2))
-    return max(2, min(triton.next_power_of_2(C), _TILE // bs)), bs
-
-
-def _f64(t: torch.Tensor) -> bool:
-    return t.dtype == torch.float64
-
-
-def simple_gate_fwd(x: torch.Tensor, out: torch.Tensor | None, *, gate: bool = True, pool: bool = False,
-                    dy: torch.Tensor | None = None) -> torch.Tensor | None:
-    """The reading pass over x [B, C·(2 if gate else 1), S...] (any strides `bcs_strides` accepts):
-    v = x1·x2 (gate) or x; stores v into `out` [B, C, S...] when given; with `pool` returns Σ_s v (or
-    Σ_s v·dy when dy is given) as [B, C] in fp32 (fp64 for fp64)."""
-    B, C = x.shape[0], x.shape[1] // (2 if gate else 1)
-    S = math.prod(x.shape[2:])
-    acc = torch.float64 if _f64(x) else torch.float32
-    if B * C * S == 0:
-        return torch.zeros((B, C), dtype=acc, device=x.device) if pool else None
-    xs = bcs_strides(x)
-    os_ = bcs_strides(out) if out is not None else (0, 0, 0)
-    ds = bcs_strides(dy) if dy is not None else (0, 0, 0)
-    assert xs is not None and os_ is not None and ds is not None, "simple_gate_fwd: a tensor does not view as [B, C, S]"
-    bc, bs = _tile(C, S, xs[1], xs[2])
-    programs = B * triton.cdiv(C, bc)
-    if pool:
-        splits = max(1, min(triton.cdiv(S, bs), _target_programs(x.device) // programs))
-        chunk = triton.cdiv(triton.cdiv(S, splits), bs) * bs
-        splits = triton.cdiv(S, chunk)
-        partial = torch.empty((splits, B, C), dtype=acc, device=x.device)
-    else:
-        chunk, splits, partial = bs, triton.cdiv(S, bs), x
-    _simple_gate_fwd_kernel[(programs, splits)](
-        x, *xs, C * xs[1], out if out is not None else x, *os_, dy if dy is not None else x, *ds,
-        partial, B, C, S, chunk,
-        GATE=gate, STORE=out is not None, POOL=pool, DOT=dy is not None, BC=bc, BS=bs, F64=_f64(x),
-        num_warps=_NUM_WARPS)
-    if not pool:
-        return None
-    return partial[0] if splits == 1 else partial.sum(0)
-
-
-def simple_gate_bwd(src: torch.Tensor | None, out: torch.Tensor, *, x: torch.Tensor | None = None,
-                    scale: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> None:
-    """The writing pass: v = src·scale[b, c] + shift[b, c] (scale, shift: contiguous [B, C]; src None reads
-    as zeros); with `x` [B, 2C, S...] stores the SimpleGate backward (v·x2, v·x1) into out [B, 2C, S...],
-    else v into out [B, C, S...]."""
-    gate = x is not None
-    B, C = out.shape[0], out.shape[1] // (2 if gate else 1)
-    S = math.prod(out.shape[2:])
-    if B * C * S == 0:
-        return
-    os_ = bcs_strides(out)
-    ss = bcs_strides(src) if src is not None else (0, 0, 0)
-    xs = bcs_strides(x) if gate else (0, 0, 0)
-    assert os_ is not None and ss is not None and xs is not None, "simple_gate_bwd: a tensor does not view as [B, C, S]"
-    assert src is not None or shift is not None
-    bc, bs = _tile(C, S, os_[1], os_[2])
-    like = src if src is not None else out
-    scale = scale.contiguous() if scale is not None else None  # [B, C] rows, as the kernel indexes them
-    shift = shift.contiguous() if shift is not None else None
-    _simple_gate_bwd_kernel[(B * triton.cdiv(C, bc), triton.cdiv(S, bs))](
-        like, *ss, x if gate else like, *xs, C * xs[1], out, *os_, C * os_[1],
-        scale if scale is not None else like, shift if shift is not None else like, C, S,
-        HAS_SRC=src is not None, SCALE=scale is not None, SHIFT=shift is not None, GATE=gate, BC=bc, BS=bs,
-        F64=_f64(out), num_warps=_NUM_WARPS)

@@ -1,0 +1,31 @@
+"""Helpers shared by the Triton kernels of several families (the ground floor: no pydpm.ops here)."""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+_TARGET_PROGRAMS = 8    # aim for this many programs per SM before splitting a batch or spatial loop
+
+
+@triton.jit
+def acc(v, F64: tl.constexpr):
+    """v in the accumulation type: float64 for float64 tensors (F64), float32 otherwise."""
+    if F64:
+        return v.to(tl.float64)
+    else:
+        return v.to(tl.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def target_programs(device: torch.device) -> int:
+    """How many programs fill `device` (8 per SM); 1 under the interpreter, where the fewest run fastest."""
+    if device.type != "cuda":
+        return 1
+    return _TARGET_PROGRAMS * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
