@@ -140,7 +140,7 @@ def layer_of(filename: str, func: str) -> str:
     """The layer a profiled function belongs to (see the module docstring)."""
     f = filename.replace("\\", "/")
     if f == "~":  # a built-in: classify by name
-        if "solver_step_c" in func or "pydpm._C" in func or "_launch_" in func:
+        if "solver_step_c" in func or "pydpm._C" in func or "launch_kernel" in func:
             return "_C"
         if "launch" in func and "triton" not in func:
             return "triton launch"

@@ -4,11 +4,15 @@
 // takes the struct's address. Filling a field costs ~40 ns from Python, where a pybind11 argument or
 // attribute costs ~150 ns: a sampling step swaps its pointers by name and launches in ~1 µs of host time.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstddef>
 #include <stdexcept>
 #include <string>
+#include <utility>
+#include <vector>
 
+#include "common/launch.h"
 #include "common/solver_step.h"
 
 namespace py = pybind11;
@@ -91,6 +95,24 @@ void solver_step_entry(uintptr_t address) {
   if (err != nullptr && err[0] != '\0') throw std::runtime_error(std::string("solver_step: ") + err);
 }
 
+#ifdef PYDPM_WITH_CUDA
+std::vector<std::pair<size_t, size_t>> param_layout(uintptr_t function) {
+  std::vector<std::pair<size_t, size_t>> layout;
+  const char* err = pydpm::kernel_param_layout(function, layout);
+  if (err[0] != '\0') throw std::runtime_error(std::string("kernel_param_layout: ") + err);
+  return layout;
+}
+
+void launch(uintptr_t function, unsigned gx, unsigned gy, unsigned gz, unsigned threads, unsigned shared,
+            uintptr_t stream, const py::bytes& params) {
+  char* data = nullptr;
+  Py_ssize_t size = 0;
+  PyBytes_AsStringAndSize(params.ptr(), &data, &size);
+  const char* err = pydpm::launch_kernel(function, gx, gy, gz, threads, shared, stream, data, size_t(size));
+  if (err[0] != '\0') throw std::runtime_error(std::string("launch_kernel: ") + err);
+}
+#endif
+
 py::dict build_info() {
   py::dict info;
 #if defined(__clang__)
@@ -133,5 +155,9 @@ PYBIND11_MODULE(_C, m) {
         "Fused solver step on device memory, enqueued on p.stream; takes the address of a SolverStepParams.");
   m.def("solver_step_cuda_workspace_bytes", &pydpm::solver_step_cuda_workspace_bytes,
         "Scratch bytes solver_step_cuda needs for dynamic thresholding.");
+  m.def("kernel_param_layout", &param_layout,
+        "(offset, size) of every parameter of a loaded kernel (a CUfunction handle), in order.");
+  m.def("launch_kernel", &launch,
+        "Launch a loaded kernel: (function, gx, gy, gz, threads, shared bytes, stream, packed parameters).");
 #endif
 }

@@ -1,10 +1,14 @@
 """Launching Triton kernels at a few µs per call: each variant is compiled once through Triton's JIT, then
-launched through the compiled kernel's own launcher, keyed on a signature the caller already knows.
+launched by pydpm._C through the driver API (cuLaunchKernel, its parameters packed in one struct.pack call), or
+through the compiled kernel's own launcher where that cannot apply; keyed on a signature the caller knows.
 
 Triton's `kernel[grid](...)` specialises every argument on every call (type, 16-divisibility, value 1,
 pointer alignment), hashes that into a cache key and formats launch metadata: 24-50 µs per launch on this
 project's H200 host, against 7-11 µs for the compiled kernel's launcher alone (bench/NOTES.md, "Host cost").
-`Kernel` keeps that second path and makes the first one's decisions cheaply:
+`Kernel` launches without either (pydpm._C.launch_kernel: the parameters packed at the offsets the driver reports
+for the loaded kernel, checked against the compiled signature once per variant; kernels with host tensor
+descriptors, scratch memory, clusters or launch attributes keep Triton's launcher), and makes the JIT's
+decisions cheaply:
 
 - integer arguments are declared `do_not_specialize` in the kernel (they never change the compiled code),
   except those the kernel names in `specialized`: for those, divisibility by 16 and equality to 1 enter the
@@ -17,8 +21,9 @@ project's H200 host, against 7-11 µs for the compiled kernel's launcher alone (
 - integer widths: a variant compiled for 32-bit values raises OverflowError in the launcher for a larger
   one; the call then goes through the JIT, which compiles a 64-bit variant that replaces the first.
 
-`PYDPM_VERIFY_LAUNCHES=1` checks the bargain: every launch goes through Triton's JIT and the compiled kernel
-it picks must be the one cached under the caller's key (the GPU tests run so). Under Triton's interpreter
+`PYDPM_VERIFY_LAUNCHES=1` checks the bargain: before every launch Triton's JIT picks (without launching) the
+compiled kernel for the arguments, which must be the one cached under the caller's key (the GPU tests run so).
+`PYDPM_DIRECT_LAUNCH=0` keeps Triton's launcher for every kernel. Under Triton's interpreter
 (TRITON_INTERPRET=1) every launch goes through the interpreter.
 
 The ground floor: this module sees tensors and numbers only, never pydpm.ops.
@@ -26,13 +31,20 @@ The ground floor: this module sees tensors and numbers only, never pydpm.ops.
 from __future__ import annotations
 
 import os
+import struct
 from typing import Any, Hashable, Sequence
 
 import torch
 import triton
 
+from pydpm import _backend
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _VERIFY = os.environ.get("PYDPM_VERIFY_LAUNCHES", "0") not in ("", "0")
+_DIRECT = os.environ.get("PYDPM_DIRECT_LAUNCH", "1") not in ("", "0")
+# struct codes of Triton's scalar parameter types (ty_to_cpp; floats are stored in their own width)
+_CODES = {"ptr": "Q", "i1": "b", "i8": "b", "i16": "h", "i32": "i", "i64": "q", "u1": "B", "u8": "B", "u16": "H",
+          "u32": "I", "u64": "Q", "fp16": "e", "fp32": "f", "f32": "f", "fp64": "d"}
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 _current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
 
@@ -92,13 +104,21 @@ class Kernel:
         full_key = (key, spec, ored % 16 == 0, device)
         entry = self._cache.get(full_key)
         g = tuple(grid) + (1,) * (3 - len(grid))
-        if entry is not None and not _VERIFY and device == _current_device():
-            launcher, compiled, tail = entry
+        if entry is not None and device == _current_device():
+            launcher, compiled, tail, direct = entry
+            if _VERIFY:
+                self._verify(ored, g, args, pointers, tensors, constexprs, num_warps, num_stages, compiled, full_key)
             try:
-                launcher(g[0], g[1], g[2], _stream(device), compiled.function, compiled.packed_metadata,
-                         None, None, None, *args, *tail)
+                if direct is not None:
+                    packer, kept, hidden, threads, shared = direct
+                    values = args if kept is None else [args[i] for i in kept]
+                    _backend._C.launch_kernel(compiled.function, g[0], g[1], g[2], threads, shared, _stream(device),
+                                              packer.pack(*values, *hidden))
+                else:
+                    launcher(g[0], g[1], g[2], _stream(device), compiled.function, compiled.packed_metadata,
+                             None, None, None, *args, *tail)
                 return
-            except OverflowError:  # a 32-bit variant met a 64-bit value: the JIT compiles a wider one
+            except (OverflowError, struct.error):  # a 32-bit variant met a 64-bit value: the JIT compiles a wider one
                 pass
         for i, t in zip(pointers, tensors):
             args[i] = t
@@ -107,10 +127,58 @@ class Kernel:
             compiled = fn[g](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
         if hasattr(compiled, "result"):  # Triton's asynchronous compilation mode
             compiled = compiled.result()
-        if _VERIFY and entry is not None and entry[1] is not compiled:
+        self._cache[full_key] = (compiled.run, compiled, tuple(constexprs[n] for n in self.constexpr_names),
+                                 self._direct(compiled) if _DIRECT else None)
+
+    def _verify(self, ored, g, args, pointers, tensors, constexprs, num_warps, num_stages, compiled, full_key):
+        """Triton's own choice of compiled kernel for these arguments must be the cached one."""
+        fn = self.fn if ored % 16 == 0 else self._unaligned(pointers)
+        jit_args = list(args)
+        for i, t in zip(pointers, tensors):
+            jit_args[i] = t
+        with torch.cuda.device(tensors[0].get_device()):
+            chosen = fn.run(*jit_args, grid=g, warmup=True, **constexprs, num_warps=num_warps, num_stages=num_stages)
+        if hasattr(chosen, "result"):
+            chosen = chosen.result()
+        if chosen is not compiled:
             raise AssertionError(f"{self.name}: the launch key {full_key!r} maps to two compiled variants; the "
                                  f"caller's key misses something Triton specialises on")
-        self._cache[full_key] = (compiled.run, compiled, tuple(constexprs[n] for n in self.constexpr_names))
+
+    def _direct(self, compiled):
+        """(packer, kept positions or None, hidden zeros, threads, shared bytes) to launch `compiled` through
+        pydpm._C.launch_kernel, or None where Triton's launcher must run it: the parameter list the compiled
+        signature implies (runtime parameters not specialised to constants, then Triton's hidden scratch
+        pointers) must match the driver's layout of the loaded kernel, size for size."""
+        C = _backend._C
+        md = compiled.metadata
+        if (C is None or not hasattr(C, "launch_kernel") or getattr(md, "num_ctas", 1) != 1
+                or getattr(md, "launch_cooperative_grid", False) or getattr(md, "launch_pdl", False)
+                or getattr(md, "global_scratch_size", 0) or getattr(md, "profile_scratch_size", 0)):
+            return None
+        signature = compiled.src.signature
+        runtime = [p for p in self.fn.params if not p.is_constexpr]
+        kept, codes = [], []
+        for i, p in enumerate(runtime):
+            ty = signature.get(p.name) if isinstance(signature, dict) else None
+            if ty == "constexpr":
+                continue
+            code = _CODES.get("ptr" if isinstance(ty, str) and ty.startswith("*") else ty)
+            if code is None:
+                return None
+            kept.append(i)
+            codes.append(code)
+        layout = C.kernel_param_layout(compiled.function)
+        hidden = len(layout) - len(codes)
+        if not 0 <= hidden <= 2:
+            return None
+        fmt, end = "<", 0
+        for (offset, size), code in zip(layout, codes + ["Q"] * hidden):
+            if struct.calcsize("<" + code) != size or offset < end:
+                return None
+            fmt += "x" * (offset - end) + code
+            end = offset + size
+        return (struct.Struct(fmt), None if len(kept) == len(runtime) else tuple(kept), (0,) * hidden,
+                32 * md.num_warps, md.shared)
 
     def _learn(self, args: list) -> tuple[int, ...]:
         """The positions of the tensor arguments (the same on every call with this key: a key names where

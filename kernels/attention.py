@@ -98,11 +98,24 @@ def _hint(s_b, s_h, s_n, ALIGN: tl.constexpr):
 
 
 @triton.jit
+def _tf32(x):
+    """fp32 x rounded to the nearest TF32 value (10-bit mantissa, ties to even): the tensor cores truncate
+    the fp32 operands Triton gives them, which doubles to quadruples the error of a TF32 matmul against
+    cuBLAS's, whose operands are rounded (bench/NOTES.md, "Attention"). NaN stays NaN."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = ((bits + 0xFFF + ((bits >> 13) & 1)) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return tl.where(x == x, rounded, x)
+
+
+@triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
     """a·b with fp32 accumulation. IEEE: exact fp32 products (also what the launcher asks for under the
-    interpreter, whose dot mishandles bf16 operands: they are widened to fp32 first)."""
+    interpreter, whose dot mishandles bf16 operands: they are widened to fp32 first). Otherwise fp32
+    operands multiply in TF32, rounded to nearest first."""
     if IEEE:
         out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif a.dtype == tl.float32:
+        out = tl.dot(_tf32(a), _tf32(b))
     else:
         out = tl.dot(a, b)
     return out

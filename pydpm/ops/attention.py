@@ -229,14 +229,16 @@ def _sdpa_reasons(kernel: str):
 def _sdpa_run(kernel: str):
     """Run torch's `kernel` attention on [B, H, N, D] views; it records its own autograd graph."""
     def run(args: AttentionArgs):
-        to = _to_bhnd
-        q, k, v = to(args.q, args.layout), to(args.k, args.layout), to(args.v, args.layout)
+        q, k, v = args.q, args.k, args.v
+        if args.layout == "bnhd":
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if kernel == "cudnn":
             o = torch._scaled_dot_product_cudnn_attention(q, k, v, None, args.train, 0.0, False, False,
                                                           scale=args.scale)[0]
         else:
             o = torch._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=args.scale)[0]
-        o = to(o, args.layout)
+        if args.layout == "bnhd":
+            o = o.transpose(1, 2)
         if args.out is not None:
             return args.out.copy_(o), None
         return o, None
@@ -288,9 +290,11 @@ def _priority(args: AttentionArgs):
 
 
 def _dispatch_key(args: AttentionArgs):
-    q = args.q
-    return (q.is_cuda, q.is_cpu, q.dtype, dispatch_class(args), q.shape[3] % 8 == 0, q.shape[3] < 16, args.own,
-            q.stride(3) == 1 and args.k.stride(3) == 1 and args.v.stride(3) == 1)
+    """Everything the backends' reasons and the table read: device, dtype, head dim, key count (the shapes),
+    layout, direction, own, and whether the head dims are contiguous."""
+    q, k, v = args.q, args.k, args.v
+    return (q.is_cuda, q.is_cpu, q.dtype, q.shape, k.shape, args.layout, args.train, args.own,
+            q.stride(3) == 1 and k.stride(3) == 1 and v.stride(3) == 1)
 
 
 def _backward(do, q, k, v, o, lse, scale, layout, precision):

@@ -1,0 +1,121 @@
+"""The launch machinery under every op: the ctypes views of the C parameter structs (named fields, checked
+against the layout pydpm._C reports) and, on the GPU, Triton kernels launched through `Kernel` (variant keys,
+pointer alignment, integer widths, the driver-API path against Triton's own launcher)."""
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+
+from pydpm import _backend
+from _support import HAS_CUDA
+
+needs_c = pytest.mark.skipif(_backend._C is None, reason="pydpm._C did not load")
+
+
+@needs_c
+def test_struct_view_matches_the_reported_layout():
+    view = _backend.c_struct("SolverStepParams")
+    layout = _backend._C.struct_layouts()["SolverStepParams"]
+    assert ctypes.sizeof(view) == layout["size"]
+    for name, offset, kind, count, nbytes in layout["fields"]:
+        field = getattr(view, name)
+        assert (field.offset, field.size) == (offset, nbytes), name
+    p = view()
+    p.models[:3] = [11, 22, 33]
+    p.coefs.values[:2] = (0.5, -2.0)
+    assert list(p.models[:3]) == [11, 22, 33] and list(p.coefs.values[:2]) == [0.5, -2.0]
+
+
+@needs_c
+def test_a_layout_the_view_cannot_reproduce_is_refused(monkeypatch):
+    real = _backend._C.struct_layouts()
+
+    class Skewed:
+        @staticmethod
+        def struct_layouts():
+            bad = {k: dict(v, fields=list(v["fields"])) for k, v in real.items()}
+            name, offset, kind, count, nbytes = bad["SolverStepParams"]["fields"][1]
+            bad["SolverStepParams"]["fields"][1] = (name, offset, "i32", count, nbytes)  # an i64 field called i32
+            return bad
+
+    monkeypatch.setattr(_backend, "_C", Skewed)
+    _backend.c_struct.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="rebuild pydpm"):
+            _backend.c_struct("SolverStepParams")
+    finally:
+        monkeypatch.undo()
+        _backend.c_struct.cache_clear()
+
+
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="compiled Triton kernels launch on the GPU")
+
+
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    from pydpm.kernels._launch import Kernel
+
+    @triton.jit(do_not_specialize=["shift"])
+    def _axpb_kernel(x, y, n, a, shift, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        tl.store(y + offs, tl.load(x + offs, mask=m) * a + shift, mask=m)
+
+    return Kernel(_axpb_kernel, specialized=("n",))
+
+
+@gpu
+@pytest.mark.gpu
+def test_kernel_launches_every_variant_right():
+    kernel = _kernel()
+    dev = torch.device("cuda")
+    base = torch.randn(4099, device=dev)
+    for offset, n, shift in ((0, 4096, 3), (0, 4096, 2 ** 31 + 5), (1, 4097, 5), (0, 1, 7), (3, 1001, 2), (0, 4096, -4)):
+        x = base[offset:offset + n]                     # offset 1 and 3: 4-byte misaligned pointers
+        y = torch.full((n + 1,), float("nan"), device=dev)[1:]  # misaligned output
+        kernel(((n + 255) // 256,), [x, y, n, 1.5, shift], (x.dtype,), dict(BLOCK=256))
+        torch.testing.assert_close(y, x * 1.5 + float(shift), rtol=1e-6, atol=1e-6 * abs(shift))
+    # aligned / misaligned pointers and n % 16, n == 1 get their own variants; the 64-bit shift replaces the
+    # 32-bit variant of its key (the launch overflows, the JIT compiles the wider one)
+    assert kernel.variants >= 4
+
+
+@gpu
+@pytest.mark.gpu
+def test_driver_launch_equals_tritons_launcher(monkeypatch):
+    from pydpm.kernels import _launch
+
+    results = []
+    for direct in (True, False):
+        monkeypatch.setattr(_launch, "_DIRECT", direct)
+        kernel = _kernel()
+        x = torch.randn(1000, device="cuda")
+        y = torch.empty_like(x)
+        for _ in range(2):  # the first call compiles through the JIT, the second takes the cached path
+            kernel(((1000 + 127) // 128,), [x, y, 1000, -0.25, 9], (x.dtype,), dict(BLOCK=128))
+        entry = next(iter(kernel._cache.values()))
+        assert (entry[3] is not None) == direct, "the driver path applies to a plain kernel"
+        results.append(y)
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+
+
+@gpu
+@pytest.mark.gpu
+def test_an_integer_the_kernel_specialises_must_be_declared():
+    import triton
+    import triton.language as tl
+
+    from pydpm.kernels._launch import Kernel
+
+    @triton.jit
+    def _copy_kernel(x, y, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(y + offs, tl.load(x + offs, mask=offs < n), mask=offs < n)
+
+    x = torch.randn(16, device="cuda")
+    with pytest.raises(TypeError, match="'n' is specialised by Triton"):
+        Kernel(_copy_kernel)((1,), [x, torch.empty_like(x), 16], (x.dtype,), dict(BLOCK=16))
