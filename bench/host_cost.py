@@ -111,6 +111,23 @@ def cases(device: torch.device) -> list[HostCase]:
     do = torch.randn_like(q)
     out.append(HostCase("attention fwd+bwd (2,10,1024,64)", _fwd_bwd(lambda: ops.attention(q, k, v), do),
                         "SDPA fwd+bwd", _fwd_bwd(lambda: F.scaled_dot_product_attention(q, k, v), do)))
+
+    def triton(fn):
+        def call():
+            with ops.use_backend("triton"):
+                return fn()
+        return call
+    x77 = _rand(2, 8, 77, 64, device=device, dtype=half)
+    q8 = _rand(2, 8, 4096, 64, device=device, dtype=half)
+    out += [
+        HostCase("attention[triton] fwd (2,10,1024,64)", triton(lambda: ops.attention(q.detach(), k.detach(),
+                                                                                      v.detach())),
+                 "SDPA fwd", lambda: F.scaled_dot_product_attention(q.detach(), k.detach(), v.detach())),
+        HostCase("attention[triton] fwd+bwd (2,10,1024,64)", triton(_fwd_bwd(lambda: ops.attention(q, k, v), do)),
+                 "SDPA fwd+bwd", _fwd_bwd(lambda: F.scaled_dot_product_attention(q, k, v), do)),
+        HostCase("attention[triton] fwd (2,8,4096,64)x77", triton(lambda: ops.attention(q8, x77, x77)),
+                 "SDPA fwd", lambda: F.scaled_dot_product_attention(q8, x77, x77)),
+    ]
     return out
 
 

@@ -5,22 +5,22 @@
 #   local:  pip download the wheels into .whl/ (README, "Benchmarks on a GPU machine")
 #   remote: PYDPM_BENCH_COMMIT=<local git rev-parse --short HEAD> bash scripts/gpu_run.sh "$OUT" [phases]
 #           (the copy of the tree sent there carries a stale .git: name the commit benchmarked)
-#   phases (in this order; default: --tests tests --host-cost --bench ""):
+#   phases (in this order; default: --tests tests --host-cost "" --bench ""):
 #     --tests "ARGS"      pytest ARGS (GPU tests included; "-n 8" runs 8 workers), every Triton launch checked
 #                         against Triton's own dispatch (PYDPM_VERIFY_LAUNCHES=1)
-#     --host-cost         python -m pydpm.bench.host_cost: the host time of one eager call, op by op
+#     --host-cost "ARGS"  python -m pydpm.bench.host_cost ARGS: the host time of one eager call, op by op
 #     --bench "ARGS"      pydpm bench ARGS (repeatable: one run per --bench, results in bench-1/, bench-2/, ...)
 #     --tune "ARGS"       the attention launch-configuration sweep, bench/attention_tune.py, with ARGS
 #   limits: PYDPM_TEST_TIMEOUT (default 420 s), PYDPM_BENCH_TIMEOUT (default 540 s per bench run)
 set -uo pipefail
 out="${1:-${OUT:?give an output folder}}"
 shift || true
-tests="" host_cost=0 tune="" benches=() explicit=0
+tests="" host_cost=0 host_args="" tune="" benches=() explicit=0
 while [ $# -gt 0 ]; do
   explicit=1
   case "$1" in
     --tests) tests="$2"; shift ;;
-    --host-cost) host_cost=1 ;;
+    --host-cost) host_cost=1; host_args="$2"; shift ;;
     --bench) benches+=("$2"); shift ;;
     --tune) tune="$2"; shift ;;
     *) echo "unknown option $1"; exit 2 ;;
@@ -63,9 +63,11 @@ if [ -n "$tests" ]; then
 fi
 # From outside the checkout below: a source tree on sys.path would shadow the installed package.
 if [ "$host_cost" = 1 ]; then
-  (cd "$out" && timeout 240 python3 -m pydpm.bench.host_cost --out "$out/host_cost.json") >"$out/host_cost.log" 2>&1
+  # shellcheck disable=SC2086
+  (cd "$out" && timeout 240 python3 -m pydpm.bench.host_cost --out "$out/host_cost.json" $host_args) \
+    >"$out/host_cost.log" 2>&1
   h_rc=$?
-  summary+=("host cost (rc $h_rc):" "$(grep -vE '^    (launch|split)' "$out/host_cost.log")")
+  summary+=("host cost (rc $h_rc):" "$(cat "$out/host_cost.log")")
   rc=$(( rc || h_rc ))
 fi
 if [ -n "$tune" ]; then

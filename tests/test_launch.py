@@ -75,8 +75,8 @@ def test_kernel_launches_every_variant_right():
     dev = torch.device("cuda")
     base = torch.randn(4099, device=dev)
     for offset, n, shift in ((0, 4096, 3), (0, 4096, 2 ** 31 + 5), (1, 4097, 5), (0, 1, 7), (3, 1001, 2), (0, 4096, -4)):
-        x = base[offset:offset + n]                     # offset 1 and 3: 4-byte misaligned pointers
-        y = torch.full((n + 1,), float("nan"), device=dev)[1:]  # misaligned output
+        x = base[offset:offset + n]                              # offset 1 and 3: misaligned pointers
+        y = torch.full((n + offset,), float("nan"), device=dev)[offset:]
         kernel(((n + 255) // 256,), [x, y, n, 1.5, shift], (x.dtype,), dict(BLOCK=256))
         torch.testing.assert_close(y, x * 1.5 + float(shift), rtol=1e-6, atol=1e-6 * abs(shift))
     # aligned / misaligned pointers and n % 16, n == 1 get their own variants; the 64-bit shift replaces the

@@ -6,18 +6,19 @@ copies.
 Backends:
 - `triton`: flash attention (one pass over K/V with an online softmax, lse saved for the backward;
   kernels/attention.py); fp32 inputs multiply in TF32 unless precision='ieee'.
-- `sdpa-cudnn`, `sdpa-flash`: torch's scaled-dot-product kernels (cuDNN's and FlashAttention-2's), called
-  directly (no SDPA selection on the host), fp16/bf16 on CUDA, head dims a multiple of 8; they carry torch's
-  own autograd, so a training call that dispatch sends there runs torch's backward too.
+- `sdpa-cudnn`, `sdpa-flash`, `sdpa-efficient`: torch's scaled-dot-product kernels (cuDNN's,
+  FlashAttention-2's, and the memory-efficient one, which also runs fp32), called directly (no SDPA selection
+  on the host), on CUDA, head dims a multiple of 8; they carry torch's own autograd, so a training call that
+  dispatch sends there runs torch's backward too.
 - `reference`: PyTorch in query chunks, so that N×N is never materialised for long sequences: the CPU path and
   the oracle.
 
 The automatic choice between them comes from a measured table (`DISPATCH_TABLE`): per head-dim class, dtype
 class, key-length class and direction (inference, or training: forward and backward), the backend that was
-fastest on an H200. Where our kernel wins (fp32, head dims ≤ 32, short-key training, odd head dims) it
-runs; elsewhere cuDNN's does. Module layout (the op framework's skeleton, pydpm/ops/_framework.py):
-reference → argument check → backends and the dispatch table → registration (the differentiable op, the
-public op) → sample inputs and the registry entry.
+fastest as a model sees it (eager wall time per call) on an H200. Our kernel runs fp32 (long keys) and head
+dims torch's kernels refuse; cuDNN's runs fp16/bf16. Module layout (the op framework's skeleton,
+pydpm/ops/_framework.py): reference → argument check → backends and the dispatch table → registration (the
+differentiable op, the public op) → sample inputs and the registry entry.
 """
 from __future__ import annotations
 
@@ -204,8 +205,10 @@ def _run_reference(args: AttentionArgs):
 
 
 def _sdpa_reasons(kernel: str):
-    """Why torch's `kernel` ('cudnn' or 'flash' scaled-dot-product attention) cannot run a call."""
+    """Why torch's `kernel` ('cudnn', 'flash' or 'efficient' scaled-dot-product attention) cannot run a call."""
     fn = getattr(torch, f"_scaled_dot_product_{kernel}_attention", None)
+    dtypes = (torch.float16, torch.bfloat16, torch.float32) if kernel == "efficient" else (torch.float16,
+                                                                                           torch.bfloat16)
 
     def reasons(args: AttentionArgs) -> list[str]:
         q = args.q
@@ -214,8 +217,10 @@ def _sdpa_reasons(kernel: str):
             r.append(f"this torch ({torch.__version__}) has no torch._scaled_dot_product_{kernel}_attention")
         if not q.is_cuda:
             r.append(f"torch's {kernel} attention runs on CUDA tensors")
-        if q.dtype not in (torch.float16, torch.bfloat16):
-            r.append(f"torch's {kernel} attention runs float16 and bfloat16 (pydpm's triton backend runs {q.dtype})")
+        if q.dtype not in dtypes:
+            r.append(f"torch's {kernel} attention does not run {q.dtype} (pydpm's triton backend does)")
+        if kernel == "efficient" and args.train and args.layout == "bnhd":
+            r.append("torch's efficient attention's backward rejects the 'bnhd' layout (its logsumexp stride)")
         if q.shape[3] % 8:
             r.append(f"head dim {q.shape[3]} is not a multiple of 8, which torch's {kernel} attention needs")
         if q.stride(3) != 1 or args.k.stride(3) != 1 or args.v.stride(3) != 1:
@@ -235,8 +240,11 @@ def _sdpa_run(kernel: str):
         if kernel == "cudnn":
             o = torch._scaled_dot_product_cudnn_attention(q, k, v, None, args.train, 0.0, False, False,
                                                           scale=args.scale)[0]
-        else:
+        elif kernel == "flash":
             o = torch._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=args.scale)[0]
+        else:
+            o = torch._scaled_dot_product_efficient_attention(q, k, v, None, args.train, 0.0, False,
+                                                              scale=args.scale)[0]
         if args.layout == "bnhd":
             o = o.transpose(1, 2)
         if args.out is not None:
@@ -248,30 +256,31 @@ def _sdpa_run(kernel: str):
 BACKENDS = (Backend("triton", _run_triton, _triton_reasons),
             Backend("sdpa-cudnn", _sdpa_run("cudnn"), _sdpa_reasons("cudnn"), autograd=True),
             Backend("sdpa-flash", _sdpa_run("flash"), _sdpa_reasons("flash"), autograd=True),
+            Backend("sdpa-efficient", _sdpa_run("efficient"), _sdpa_reasons("efficient"), autograd=True),
             Backend("reference", _run_reference, lambda a: []))
 
-# The automatic choice, from device time measured on an H200 (torch 2.11, triton 3.6; bench/results/
-# h200-2026-11-26-401fe33-attention.md and ...-a228c06-attention-fp32-d72-d128.md; pydpm's host cost per call is
-# below SDPA's, so device time decides): (head-dim class, dtype class, keys, direction) -> the faster backend.
+# The automatic choice, from eager wall time per call (back-to-back calls, host and device: what a model pays)
+# and device time measured side by side on an H200 (torch 2.11, triton 3.6; bench/results/
+# h200-2026-12-02-823c551-attention.md): (head-dim class, dtype class, keys, direction) -> the faster backend.
 # Head-dim classes: 32 (D ≤ 32), 64, 128, 256; dtype class: "16" (fp16, bf16) or "32"; keys: "short" (NK ≤ 128:
 # text conditioning) or "long"; direction: "infer" (forward) or "train" (forward and backward).
-#   fp32: ours 1.5-4x SDPA's best (efficient / math) everywhere.
-#   fp16/bf16, D ≤ 32 ((64,4,256,32)): ours 1.21x cuDNN forward, 1.18x training.
-#   fp16/bf16, D = 40/64/72/128, long keys: cuDNN 1.02-1.67x ours forward, 1.02-1.39x training.
-#   fp16/bf16, D = 64 × 77 keys: cuDNN 1.13x ours forward; ours 1.56x cuDNN training.
-# Classes not measured (the 256 class) keep pydpm's kernel. Flash never won against both.
+#   fp16/bf16: cuDNN. On device pydpm's kernel is 0.84-0.93x cuDNN on long keys and 1.2-1.4x on D ≤ 32 and on
+#     short-key training, but its eager host cost (the backward's four launches and allocations) loses those
+#     cases as a model sees them: 77-key training 0.36x cuDNN's wall time, 77-key forward 0.34x.
+#   fp32: pydpm's kernel, 1.9-3.0x SDPA's best per call on long keys; short-key forward: torch's efficient
+#     kernel (75 us against our 118 us per call at (2,8,4096,64) x 77, a host-bound shape).
+# The 256 class was not measured and keeps pydpm's kernel.
 DISPATCH_TABLE = {
-    (32, "16", "short", "infer"): "triton", (32, "16", "short", "train"): "triton",
-    (32, "16", "long", "infer"): "triton", (32, "16", "long", "train"): "triton",
-    (64, "16", "short", "infer"): "sdpa-cudnn", (64, "16", "short", "train"): "triton",
-    (64, "16", "long", "infer"): "sdpa-cudnn", (64, "16", "long", "train"): "sdpa-cudnn",
-    (128, "16", "short", "infer"): "sdpa-cudnn", (128, "16", "short", "train"): "triton",
-    (128, "16", "long", "infer"): "sdpa-cudnn", (128, "16", "long", "train"): "sdpa-cudnn",
+    **{(d, "16", keys, direction): "sdpa-cudnn" for d in (32, 64, 128) for keys in ("short", "long")
+       for direction in ("infer", "train")},
+    (32, "32", "short", "infer"): "sdpa-efficient", (64, "32", "short", "infer"): "sdpa-efficient",
+    (128, "32", "short", "infer"): "sdpa-efficient",
 }
 SHORT_KEYS = 128
 _ORDERS: dict[str, tuple[str, ...]] = {
-    "triton": ("triton", "sdpa-cudnn", "sdpa-flash", "reference"),
-    "sdpa-cudnn": ("sdpa-cudnn", "triton", "sdpa-flash", "reference"),
+    "triton": ("triton", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "reference"),
+    "sdpa-cudnn": ("sdpa-cudnn", "triton", "sdpa-flash", "sdpa-efficient", "reference"),
+    "sdpa-efficient": ("sdpa-efficient", "triton", "sdpa-cudnn", "sdpa-flash", "reference"),
 }
 
 
