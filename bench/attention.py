@@ -127,7 +127,7 @@ def auto_choice(case: Case) -> str:
     nk = int(case.name.split("x")[-1]) if "x" in case.name else case.shape[2]
     key = (32 if D <= 32 else 64 if D <= 64 else 128 if D <= 128 else 256,
            "32" if case.dtype == torch.float32 else "16", "short" if nk <= SHORT_KEYS else "long",
-           "train" if "bwd" in case.name else "infer")
+           "train" if "bwd" in case.name else "infer", "bhnd")
     return DISPATCH_TABLE.get(key, "triton")
 
 

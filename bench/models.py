@@ -144,6 +144,7 @@ def model_case(name: str, kind: str, shape: tuple[int, ...], dtype: torch.dtype,
     def oracle(t: Inputs) -> torch.Tensor:
         t32 = {k: v.float() if v.is_floating_point() else v for k, v in t.items()}
         model = holder.model32
+        model.train(train)  # as the timed model: DiT's class-label dropout is off in eval mode
         model.requires_grad_(train)
         return _call(kind, train, model, t32).double()
 

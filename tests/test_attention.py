@@ -4,10 +4,14 @@ both backends (Triton through the interpreter without a GPU), argument errors, t
 processor (UNet, DiT); on the GPU, every head-dim class at real sequence lengths within 2× the eager error."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
+from pydpm.kernels.attention import _tf32
 from pydpm.ops import attention, use_backend
 from _support import HAS_CUDA
 
@@ -192,3 +196,30 @@ def test_gpu_shapes_within_twice_the_eager_error(NQ, NK, D, dtype):
     ours, eager = _errors(dtype, 2, 3, NQ, NK, D, seed=20)
     for name, got, bound in zip(("o", "dq", "dk", "dv"), ours, eager):
         assert got <= 2 * bound, f"{name}: {got:.2e} vs eager {bound:.2e}"
+
+
+@triton.jit
+def _round_tf32_kernel(x, y, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    m = offs < n
+    tl.store(y + offs, _tf32(tl.load(x + offs, mask=m)), mask=m)
+
+
+def test_tf32_operand_rounding_is_to_nearest_even():
+    """The fp32 operands of the kernels' TF32 products are rounded to the nearest 10-bit mantissa, ties to
+    even (what cuBLAS's TF32 does; the tensor cores would truncate), against a float64 rounding by frexp."""
+    gen = torch.Generator().manual_seed(7)
+    normal = torch.randn(4000, generator=gen) * torch.exp2(torch.randint(-60, 60, (4000,), generator=gen).float())
+    ties = torch.tensor([1 + 2 ** -11, 1 + 3 * 2 ** -11, -(1 + 2 ** -11), 1 + 2 ** -11 + 2 ** -20])
+    values = torch.cat([normal, ties, torch.tensor([3.4028235e38, float("inf"), -float("inf"), float("nan"), 0.0])])
+    device = "cuda" if HAS_CUDA else "cpu"
+    x = values.to(device)
+    y = torch.full_like(x, 12345.0)
+    _round_tf32_kernel[(1,)](x, y, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+    v = values.double().numpy()
+    mantissa, exponent = np.frexp(v[np.isfinite(v)])
+    expected = v.copy()
+    expected[np.isfinite(v)] = np.ldexp(np.rint(mantissa * 2 ** 11) / 2 ** 11, exponent)  # rint: ties to even
+    with np.errstate(over="ignore"):
+        expected = expected.astype(np.float32)  # the largest fp32 rounds up to 2**128: inf
+    np.testing.assert_array_equal(y.cpu().numpy(), expected)

@@ -204,6 +204,21 @@ def _run_reference(args: AttentionArgs):
     return o.contiguous() if args.layout == "bhnd" else o, lse
 
 
+def _torch_refuses(kernel: str, args: AttentionArgs) -> bool:
+    """torch's own test of whether its `kernel` runs these inputs (what F.scaled_dot_product_attention asks
+    before it calls the kernel; dispatch asks once per call class)."""
+    can_use = getattr(torch.backends.cuda, f"can_use_{kernel}_attention", None)
+    params_type = getattr(torch.backends.cuda, "SDPAParams", None)
+    if can_use is None or params_type is None:
+        return False
+    q, k, v = (_to_bhnd(t, args.layout) for t in (args.q, args.k, args.v))
+    try:
+        params = params_type(q, k, v, None, 0.0, False, False)
+    except TypeError:  # torch before enable_gqa
+        params = params_type(q, k, v, None, 0.0, False)
+    return not can_use(params, False)
+
+
 def _sdpa_reasons(kernel: str):
     """Why torch's `kernel` ('cudnn', 'flash' or 'efficient' scaled-dot-product attention) cannot run a call."""
     fn = getattr(torch, f"_scaled_dot_product_{kernel}_attention", None)
@@ -227,6 +242,9 @@ def _sdpa_reasons(kernel: str):
             r.append(f"torch's {kernel} attention needs a contiguous head dim")
         if args.own:
             r.append("a call inside pydpm's autograd function or custom op, whose backward is pydpm's")
+        if not r and _torch_refuses(kernel, args):
+            r.append(f"torch refuses these inputs for its {kernel} kernel (torch.backends.cuda.can_use_{kernel}"
+                     f"_attention)")
         return r
     return reasons
 
@@ -263,7 +281,7 @@ BACKENDS = (Backend("triton", _run_triton, _triton_reasons),
 # and device time measured side by side on an H200 (torch 2.11, triton 3.6; bench/results/
 # h200-2026-12-02-823c551-attention.md): (head-dim class, dtype class, keys, direction) -> the faster backend.
 # Head-dim classes: 32 (D ≤ 32), 64, 128, 256; dtype class: "16" (fp16, bf16) or "32"; keys: "short" (NK ≤ 128:
-# text conditioning) or "long"; direction: "infer" (forward) or "train" (forward and backward).
+# text conditioning) or "long"; direction: "infer" (forward) or "train" (forward and backward); layout.
 #   fp16/bf16: cuDNN. On device pydpm's kernel is 0.84-0.93x cuDNN on long keys and 1.2-1.4x on D ≤ 32 and on
 #     short-key training, but its eager host cost (the backward's four launches and allocations) loses those
 #     cases as a model sees them: 77-key training 0.36x cuDNN's wall time, 77-key forward 0.34x.
@@ -271,10 +289,14 @@ BACKENDS = (Backend("triton", _run_triton, _triton_reasons),
 #     kernel (75 us against our 118 us per call at (2,8,4096,64) x 77, a host-bound shape).
 # The 256 class was not measured and keeps pydpm's kernel.
 DISPATCH_TABLE = {
-    **{(d, "16", keys, direction): "sdpa-cudnn" for d in (32, 64, 128) for keys in ("short", "long")
-       for direction in ("infer", "train")},
-    (32, "32", "short", "infer"): "sdpa-efficient", (64, "32", "short", "infer"): "sdpa-efficient",
-    (128, "32", "short", "infer"): "sdpa-efficient",
+    **{(d, "16", keys, direction, layout): "sdpa-cudnn" for d in (32, 64, 128) for keys in ("short", "long")
+       for direction in ("infer", "train") for layout in ("bhnd", "bnhd")},
+    **{(d, "32", "short", "infer", layout): "sdpa-efficient" for d in (32, 64, 128) for layout in ("bhnd", "bnhd")},
+    # diffusers' layout, measured in whole models (h200-2026-12-02-f22c043-models.md): in the SD1.5 UNet's forward
+    # (self-attention at D = 40 over 4096 tokens dominates) cuDNN's kernel called on [B, N, H, D] views cost far
+    # more host time than pydpm's (0.64x against 0.89x diffusers' SDPA); in DiT-XL/2 (D = 72) it was the better
+    # (0.91x against 0.84x).
+    (64, "16", "short", "infer", "bnhd"): "triton", (64, "16", "long", "infer", "bnhd"): "triton",
 }
 SHORT_KEYS = 128
 _ORDERS: dict[str, tuple[str, ...]] = {
@@ -285,13 +307,13 @@ _ORDERS: dict[str, tuple[str, ...]] = {
 
 
 def dispatch_class(args: AttentionArgs) -> tuple:
-    """(head-dim class, dtype class, keys, direction) of a call: the key of DISPATCH_TABLE."""
+    """(head-dim class, dtype class, keys, direction, layout) of a call: the key of DISPATCH_TABLE."""
     q = args.q
     D = q.shape[3]
     d_class = 32 if D <= 32 else 64 if D <= 64 else 128 if D <= 128 else 256
     NK = args.k.shape[2 if args.layout == "bhnd" else 1]
     return (d_class, "32" if q.dtype in (torch.float32, torch.float64) else "16",
-            "short" if NK <= SHORT_KEYS else "long", "train" if args.train else "infer")
+            "short" if NK <= SHORT_KEYS else "long", "train" if args.train else "infer", args.layout)
 
 
 def _priority(args: AttentionArgs):
