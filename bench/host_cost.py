@@ -12,7 +12,8 @@ Per case:
   checks (pydpm argument checks), dispatch (the framework: front door and backend choice), pydpm (the rest of
   pydpm's Python: backends, launchers), launcher (pydpm.kernels._launch: variant key and call), autograd
   (torch.autograd.Function), torch.library (custom-op dispatch), triton JIT (Triton's Python dispatch:
-  argument specialisation, cache key), triton launch (the compiled kernel's launcher, with cuLaunchKernel),
+  argument specialisation, cache key), triton helpers (triton.cdiv and the like), triton launch (the
+  compiled kernel's launcher, with cuLaunchKernel),
   descriptors (host tensor descriptors), _C (pydpm._C calls, with the launch), torch (torch's own ops:
   allocations, views, SDPA), other.
 - launches: every Triton kernel one call launches, µs per launch through pydpm's launcher (Kernel), through
@@ -31,8 +32,8 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-LAYERS = ("checks", "dispatch", "pydpm", "launcher", "autograd", "torch.library", "triton JIT", "triton launch",
-          "descriptors", "_C", "torch", "other")
+LAYERS = ("checks", "dispatch", "pydpm", "launcher", "autograd", "torch.library", "triton JIT", "triton helpers",
+          "triton launch", "descriptors", "_C", "torch", "other")
 
 
 class HostCase(NamedTuple):
@@ -181,9 +182,9 @@ def layer_of(filename: str, func: str) -> str:
     if "/triton/" in f:
         if "tensor_descriptor" in f or func in ("make_tensordesc_arg", "inner"):
             return "descriptors"
-        if func == "__call__" and "driver" in f:
+        if "driver" in f:
             return "triton launch"
-        return "triton JIT"
+        return "triton JIT" if f.endswith("runtime/jit.py") else "triton helpers"
     if "/torch/autograd/" in f:
         return "autograd"
     if "/torch/_library/" in f or f.endswith("/torch/_ops.py") or "/torch/_higher_order_ops/" in f:

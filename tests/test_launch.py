@@ -90,15 +90,17 @@ def test_driver_launch_equals_tritons_launcher(monkeypatch):
     from pydpm.kernels import _launch
 
     results = []
+    x = torch.randn(1000, device="cuda")
     for direct in (True, False):
         monkeypatch.setattr(_launch, "_DIRECT", direct)
         kernel = _kernel()
-        x = torch.randn(1000, device="cuda")
         y = torch.empty_like(x)
         for _ in range(2):  # the first call compiles through the JIT, the second takes the cached path
+            y.fill_(float("nan"))
             kernel(((1000 + 127) // 128,), [x, y, 1000, -0.25, 9], (x.dtype,), dict(BLOCK=128))
         entry = next(iter(kernel._cache.values()))
         assert (entry[3] is not None) == direct, "the driver path applies to a plain kernel"
+        torch.testing.assert_close(y, x * -0.25 + 9, rtol=1e-6, atol=1e-6)
         results.append(y)
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
 
