@@ -357,3 +357,21 @@ def test_cuda_graph_matches_eager(cls, kw):
         eager = solver.sample(x, steps=12, **kw)
         graphed = solver.sample(x, steps=12, cuda_graph=True, **kw)
         assert rel(graphed, eager) < 1e-6
+
+
+@pytest.mark.parametrize("backend", [None, "reference", "cpu"])
+def test_planned_launches_fall_back_for_other_layouts_and_backends(backend):
+    """A sample the pre-checked launches cannot take (a transposed x) or a forced backend without a C
+    launcher runs through the checked op, with the same result as a contiguous x on the automatic choice."""
+    from pydpm.ops import use_backend
+
+    ns = NoiseScheduleVP("discrete", betas=torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
+    fn = model_wrapper(lambda x, t: 0.1 * x + 0.01, ns, model_type="noise")
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 9, 8, generator=gen, dtype=torch.float64).transpose(2, 3)
+    expected = DPMSolver(fn, ns, algorithm_type="dpmsolver++").sample(x.contiguous(), steps=5)
+    with use_backend(backend):
+        got = DPMSolver(fn, ns, algorithm_type="dpmsolver++").sample(x, steps=5)
+        got_unipc = UniPC(fn, ns).sample(x, steps=5)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_unipc, UniPC(fn, ns).sample(x.contiguous(), steps=5), rtol=1e-12, atol=1e-12)
