@@ -251,6 +251,31 @@ def test_dpm_solver_half_precision():
     assert _rel(outs[1], outs[0], max(1.0, outs[0].abs().max().item())) <= 4e-3
 
 
+@pytest.mark.parametrize("dtypes", [(torch.float16, torch.float32), (torch.float32, torch.float16),
+                                    (torch.bfloat16, torch.float16)], ids=str)
+@pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler"])
+def test_mixed_model_output_and_sample_dtypes(name, dtypes):
+    """A pipeline whose model returns another dtype than its latent's, holding whatever step() returns: every
+    step succeeds (the run computes in the dtype its first step promotes to), returns the dtype diffusers'
+    step() returns, and the loop ends where diffusers' does."""
+    model_dtype, sample_dtype = dtypes
+    w = torch.randn(4, 4, generator=torch.Generator().manual_seed(3)) * 0.1
+
+    def loop(module):
+        sched = getattr(module, name)()
+        sched.set_timesteps(8)
+        x, seen = _X.to(sample_dtype), []
+        for t in sched.timesteps:
+            eps = torch.einsum("bchw,wv->bchv", x.float(), w).to(model_dtype)
+            x = sched.step(eps, t, x).prev_sample
+            seen.append(x.dtype)
+        return x.double(), seen
+
+    (ours, our_dtypes), (theirs, their_dtypes) = loop(pd), loop(diffusers)
+    assert our_dtypes == their_dtypes
+    assert _rel(ours, theirs, max(1.0, theirs.abs().max().item())) <= 4e-3  # measured: 3e-7 to 1.1e-3
+
+
 # --------------------------------------------------------------------------------------------------
 # UniPC
 # --------------------------------------------------------------------------------------------------

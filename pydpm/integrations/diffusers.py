@@ -142,6 +142,12 @@ class _FusedMultistep:
     def _model_mean(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         return model_output
 
+    @staticmethod
+    def _result_dtype(model_dtype: torch.dtype, sample_dtype: torch.dtype) -> torch.dtype:
+        """The dtype diffusers' step() returns for these inputs (0.42.1: DPM-Solver promotes, UniPC keeps the
+        sample's)."""
+        return torch.promote_types(model_dtype, sample_dtype)
+
     def _fused_points(self, start: int) -> tuple[list[Point], bool]:
         """The schedule's points from `start` on, and whether the last step has zero length (Karras or
         flow sigmas with final_sigmas_type='sigma_min' repeat the last σ: diffusers' step there is the
@@ -179,11 +185,11 @@ class _FusedMultistep:
                                f"{start} has made {stepper.k} steps: the index was changed outside step(); call "
                                f"set_timesteps (and set_begin_index) again to restart")
         model_output = self._model_mean(model_output, sample)
-        dtype = model_output.dtype  # diffusers returns the model output's dtype
-        if dtype is common and sample.dtype is common:
+        if model_output.dtype is common and sample.dtype is common:
             prev = stepper.step(sample, model_output)
         else:
             _check_tensors(model_output, sample)
+            dtype = self._result_dtype(model_output.dtype, sample.dtype)
             prev = stepper.step(sample.to(common), model_output.to(common)).to(dtype)
         if prev is sample:  # a lone zero-length step: no launch, but the caller gets a new tensor
             prev = sample.clone()
@@ -305,6 +311,10 @@ class UniPCMultistepScheduler(_FusedMultistep, diffusers.UniPCMultistepScheduler
 
     def _fused_predict(self) -> str:
         return "data" if self.config.predict_x0 else "noise"
+
+    @staticmethod
+    def _result_dtype(model_dtype: torch.dtype, sample_dtype: torch.dtype) -> torch.dtype:
+        return sample_dtype
 
     def _fused_program(self, tr: Tracer, start: int):
         cfg, n = self.config, len(self.timesteps)
