@@ -45,14 +45,8 @@ _DIRECT = os.environ.get("PYDPM_DIRECT_LAUNCH", "1") not in ("", "0")
 # struct codes of Triton's scalar parameter types (ty_to_cpp; floats are stored in their own width)
 _CODES = {"ptr": "Q", "i1": "b", "i8": "b", "i16": "h", "i32": "i", "i64": "q", "u1": "B", "u8": "B", "u16": "H",
           "u32": "I", "u64": "Q", "fp16": "e", "fp32": "f", "f32": "f", "fp64": "d"}
-_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 _current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
-
-
-def _stream(index: int) -> int:
-    if _raw_stream is not None:
-        return _raw_stream(index)
-    return torch.cuda.current_stream(index).cuda_stream
+_stream = _backend.cuda_stream
 
 
 class Kernel:
