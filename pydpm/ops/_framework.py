@@ -25,7 +25,10 @@ What the framework owns, so that no family repeats it:
   time than the kernels); both backwards re-enter the backend that was forced when the forward ran
   (autograd runs CUDA backwards on its own thread, where `use_backend`'s context variable is unset);
 - argument-check helpers every family's messages are built from (`fail`, `check_tensor`, `check_param`,
-  `check_out`), and the tolerances of the elementwise families (`ELEMENTWISE_TOLERANCES`).
+  `check_out`), and the tolerances of the elementwise families (`ELEMENTWISE_TOLERANCES`);
+- the small pieces every family's backends, registration and sample inputs share: `acc_dtype` (the
+  accumulation dtype), `triton_reasons` (whether Triton runs on a device), `no_output` (the placeholder a
+  custom op returns for an output it did not compute) and `sample_tensor` (a sample input drawn from a seed).
 """
 from __future__ import annotations
 
@@ -36,6 +39,8 @@ import os
 from typing import Any, Callable, Hashable, Iterator, Sequence
 
 import torch
+
+from pydpm import _backend
 
 # Every backend name an op may declare. Families with a wrapped torch implementation add theirs (attention:
 # torch's SDPA kernels); `use_backend` accepts any name some op declares.
@@ -118,6 +123,34 @@ def check_out(op: str, name: str, out, shape: Sequence[int], dtype: torch.dtype,
 # the eager composition computed in the same dtype.
 ELEMENTWISE_TOLERANCES = {torch.float64: Tolerance(1e-12, 1e-12), torch.float32: Tolerance(1e-5, 1e-5),
                           torch.float16: Tolerance(2e-3, 2e-3), torch.bfloat16: Tolerance(1.6e-2, 1.6e-2)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Pieces the families' backends, registrations and sample inputs share
+# --------------------------------------------------------------------------------------------------
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of inputs of `dtype`: float64 for float64, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def triton_reasons(device: torch.device) -> list[str]:
+    """Why the triton backend cannot run on `device` (a new list a family may extend with its own reasons).
+    CPU tensors run only through Triton's interpreter, and only when the triton backend is forced."""
+    reason = _backend.triton_reason(device, forced=forced_backend() == "triton")
+    return [reason] if reason else []
+
+
+def no_output(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """What a custom op returns for an output it did not compute (its schema has no optional tensors): an empty
+    tensor on x's device."""
+    return x.new_empty((0,), dtype=dtype)
+
+
+def sample_tensor(shape, device: torch.device, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """A sample input: standard normals drawn in float64 from `gen` (the same values on every device and dtype),
+    then cast."""
+    return torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
 @dataclasses.dataclass

@@ -27,7 +27,8 @@ import math
 import torch
 
 from pydpm import _backend
-from pydpm.ops._framework import Backend, Differentiable, Entry, Op, Tolerance, fail, forced_backend, register
+from pydpm.ops._framework import (Backend, Differentiable, Entry, Op, Tolerance, acc_dtype, fail, register,
+                                  triton_reasons)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 LAYOUTS = ("bhnd", "bnhd")
@@ -68,7 +69,7 @@ def _reference_forward(q, k, v, scale, layout, acc):
 def attention_reference(q, k, v, *, scale=None, layout="bhnd", precision="tf32", compute_dtype=None):
     """softmax(q·kᵀ·scale)·v in `compute_dtype` (default float32, float64 for float64 inputs), query rows
     in chunks of 1024. Returns o in q's dtype and layout."""
-    acc = compute_dtype or (torch.float64 if q.dtype == torch.float64 else torch.float32)
+    acc = compute_dtype or acc_dtype(q.dtype)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     o = _reference_forward(q, k, v, scale, layout, acc)[0].to(q.dtype)
     return o if layout == "bhnd" else o.transpose(1, 2)
@@ -76,7 +77,7 @@ def attention_reference(q, k, v, *, scale=None, layout="bhnd", precision="tf32",
 
 def _reference_backward(do, q, k, v, scale, layout):
     """(dq, dk, dv) as contiguous [B, H, N, D], recomputing the probabilities chunk by chunk."""
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(q.dtype)
     qb, kb, vb, dob = (_to_bhnd(t, layout).to(acc) for t in (q, k, v, do))
     dq = torch.empty(qb.shape, dtype=acc, device=q.device)
     dk = torch.zeros(kb.shape, dtype=acc, device=q.device)
@@ -175,8 +176,7 @@ def _interpreting(t: torch.Tensor) -> bool:
 
 
 def _triton_reasons(args) -> list[str]:
-    reason = _backend.triton_reason(args.q.device, forced=forced_backend() == "triton")
-    reasons = [reason] if reason else []
+    reasons = triton_reasons(args.q.device)
     if args.q.dtype == torch.float64:
         reasons.append("float64 runs on the reference backend")
     if args.q.shape[3] < 16 and args.q.is_cuda:
@@ -195,7 +195,7 @@ def _run_triton(args: AttentionArgs):
 
 
 def _run_reference(args: AttentionArgs):
-    acc = torch.float64 if args.q.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(args.q.dtype)
     o, lse = _reference_forward(args.q, args.k, args.v, args.scale, args.layout, acc)
     o = o.to(args.q.dtype)
     o = o if args.layout == "bhnd" else o.transpose(1, 2)

@@ -21,13 +21,8 @@ from __future__ import annotations
 import torch
 
 from pydpm import _backend
-from pydpm.ops._framework import (ELEMENTWISE_TOLERANCES, Backend, Differentiable, Entry, Op, check_out,
-                                  check_param, check_tensor, fail, forced_backend, register)
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    """The accumulation dtype: float64 for float64, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from pydpm.ops._framework import (ELEMENTWISE_TOLERANCES, Backend, Differentiable, Entry, Op, acc_dtype, check_out,
+                                  check_param, check_tensor, fail, no_output, register, sample_tensor, triton_reasons)
 
 
 def _complex(dtype: torch.dtype) -> torch.dtype:
@@ -42,7 +37,7 @@ def ff_parser_reference(x, weight, *, compute_dtype=None):
     """FF-Parser as written in MedSegDiff: rfft2 (ortho) → multiply by the complex per-channel map →
     irfft2 (ortho) back to x's size. `weight`: real [C, H, W//2+1, 2] (view_as_complex) or complex
     [C, H, W//2+1]. Computes in `compute_dtype` (default float32, float64 for float64 x)."""
-    acc = compute_dtype or _acc(x.dtype)
+    acc = compute_dtype or acc_dtype(x.dtype)
     w = weight if weight.is_complex() else torch.view_as_complex(weight.to(acc).contiguous())
     spectrum = torch.fft.rfft2(x.to(acc), norm="ortho")
     y = torch.fft.irfft2(spectrum * w.to(spectrum.dtype), s=x.shape[-2:], norm="ortho")
@@ -131,7 +126,7 @@ def _ff_run(args: FFArgs, multiply, grad_stage, packed: bool):
     the forward spectrum then survives the stage, so keeping it for ∂W costs nothing."""
     x = args.x
     B, C, H, W = x.shape
-    acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     if x.numel() == 0:  # torch.fft refuses empty batches
         return _ff_empty(args)
     spec = torch.fft.rfft2(x.to(acc).contiguous(), norm="backward").contiguous()
@@ -167,7 +162,9 @@ def _ff_empty(args: FFArgs):
     if not args.backward:
         spec = x.new_empty((B, C, H, W // 2 + 1), dtype=_complex(x.dtype)) if args.keep_spectrum else None
         return (y if args.out is None else args.out), spec
-    dw = torch.zeros(args.weight.shape, dtype=_acc(x.dtype), device=x.device) if args.spectrum is not None else None
+    dw = None
+    if args.spectrum is not None:
+        dw = torch.zeros(args.weight.shape, dtype=acc_dtype(x.dtype), device=x.device)
     return (y if args.need_dx else None), dw
 
 
@@ -179,12 +176,8 @@ def _ff_run_reference(args: FFArgs):
     return _ff_run(args, _ff_multiply_reference, _ff_grad_reference, packed=False)
 
 
-def _triton_reasons(args) -> list[str]:
-    reason = _backend.triton_reason(args.x.device, forced=forced_backend() == "triton")
-    return [reason] if reason else []
-
-
-BACKENDS = (Backend("triton", _ff_run_triton, _triton_reasons), Backend("reference", _ff_run_reference, lambda a: []))
+BACKENDS = (Backend("triton", _ff_run_triton, lambda args: triton_reasons(args.x.device)),
+            Backend("reference", _ff_run_reference, lambda args: []))
 
 
 def _dispatch_key(args) -> tuple:
@@ -197,33 +190,30 @@ def _dispatch_key(args) -> tuple:
 # The forward returns the spectrum its backward needs for ∂W (an empty tensor when W needs no gradient),
 # marked non-differentiable and never materialised as a zero gradient.
 
-def _empty(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return x.new_empty((0,), dtype=dtype)
-
-
 def _forward(x: torch.Tensor, weight: torch.Tensor, keep_spectrum: bool) -> tuple[torch.Tensor, torch.Tensor]:
     args = check_ff_parser(x, weight)
     args.keep_spectrum = keep_spectrum
     y, spec = OP(args)
-    return y, spec if spec is not None else _empty(x, _complex(x.dtype))
+    return y, spec if spec is not None else no_output(x, _complex(x.dtype))
 
 
 def _forward_fake(x, weight, keep_spectrum):
     B, C, H, W = x.shape
     cdtype = _complex(x.dtype)
-    spec = x.new_empty((B, C, H, W // 2 + 1), dtype=cdtype) if keep_spectrum else _empty(x, cdtype)
+    spec = x.new_empty((B, C, H, W // 2 + 1), dtype=cdtype) if keep_spectrum else no_output(x, cdtype)
     return torch.empty_like(x, memory_format=torch.contiguous_format), spec
 
 
 def _backward(dy: torch.Tensor, spectrum: torch.Tensor, weight: torch.Tensor, need_dx: bool,
               need_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
     dx, dw = OP(FFArgs(dy, weight, backward=True, spectrum=spectrum if need_dw else None, need_dx=need_dx))
-    return (dx if need_dx else _empty(dy, dy.dtype)), (dw.to(weight.dtype) if need_dw else _empty(dy, weight.dtype))
+    return ((dx if need_dx else no_output(dy, dy.dtype)),
+            (dw.to(weight.dtype) if need_dw else no_output(dy, weight.dtype)))
 
 
 def _backward_fake(dy, spectrum, weight, need_dx, need_dw):
-    dx = torch.empty_like(dy, memory_format=torch.contiguous_format) if need_dx else _empty(dy, dy.dtype)
-    dw = weight.new_empty(weight.shape) if need_dw else _empty(dy, weight.dtype)
+    dx = torch.empty_like(dy, memory_format=torch.contiguous_format) if need_dx else no_output(dy, dy.dtype)
+    dw = weight.new_empty(weight.shape) if need_dw else no_output(dy, weight.dtype)
     return dx, dw
 
 
@@ -278,10 +268,6 @@ def ff_parser(x: torch.Tensor, weight: torch.Tensor, *, out: torch.Tensor | None
 # Sample inputs and the registry entry
 # --------------------------------------------------------------------------------------------------
 
-def _rand(shape, device, dtype, gen):
-    return torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
-
-
 def sample_inputs(device="cpu", dtype=torch.float32, *, small=False, seed=0):
     """FF-Parser calls: C = 1, 3, 7; H ≠ W; odd and even W; 1×1 and 2×2 maps; batch 1; layouts; weight forms."""
     device, gen = torch.device(device), torch.Generator().manual_seed(seed)
@@ -290,18 +276,20 @@ def sample_inputs(device="cpu", dtype=torch.float32, *, small=False, seed=0):
         shapes += [(2, 4, 32, 32), (1, 8, 33, 31)]
 
     def weight(C, H, W, wdtype=dtype):
-        return _rand((C, H, W // 2 + 1, 2), device, wdtype, gen)
+        return sample_tensor((C, H, W // 2 + 1, 2), device, wdtype, gen)
 
     for shape in shapes:
-        yield "x".join(map(str, shape)), dict(x=_rand(shape, device, dtype, gen), weight=weight(*shape[1:]))
+        yield "x".join(map(str, shape)), dict(x=sample_tensor(shape, device, dtype, gen), weight=weight(*shape[1:]))
     B, C, H, W = 2, 3, 6, 10
-    yield "non-contiguous", dict(x=_rand((B, C, W, H), device, dtype, gen).transpose(2, 3), weight=weight(C, H, W))
-    yield "channels-last", dict(x=_rand((B, C, H, W), device, dtype, gen).contiguous(memory_format=torch.channels_last),
+    cl = torch.channels_last
+    yield "non-contiguous", dict(x=sample_tensor((B, C, W, H), device, dtype, gen).transpose(2, 3),
+                                 weight=weight(C, H, W))
+    yield "channels-last", dict(x=sample_tensor((B, C, H, W), device, dtype, gen).contiguous(memory_format=cl),
                                 weight=weight(C, H, W))
-    yield "complex-weight", dict(x=_rand((B, C, H, W), device, dtype, gen),
+    yield "complex-weight", dict(x=sample_tensor((B, C, H, W), device, dtype, gen),
                                  weight=torch.view_as_complex(weight(C, H, W, torch.float64)).to(
                                      _complex(dtype if dtype == torch.float64 else torch.float32)))
-    yield "fp32-weight", dict(x=_rand((B, C, H, W), device, dtype, gen), weight=weight(C, H, W, torch.float32))
+    yield "fp32-weight", dict(x=sample_tensor((B, C, H, W), device, dtype, gen), weight=weight(C, H, W, torch.float32))
 
 
 def _library_args(x, weight):

@@ -22,18 +22,12 @@ layouts → backends → registration (differentiable ops, public ops) → sampl
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
 
 from pydpm import _backend
-from pydpm.ops._framework import (ELEMENTWISE_TOLERANCES, Backend, Differentiable, Entry, Op, check_out,
-                                  check_param, check_tensor, fail, forced_backend, register)
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    """The accumulation dtype: float64 for float64, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from pydpm.ops._framework import (ELEMENTWISE_TOLERANCES, Backend, Differentiable, Entry, Op, acc_dtype, check_out,
+                                  check_param, check_tensor, fail, no_output, register, sample_tensor, triton_reasons)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -42,7 +36,7 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 def simple_gate_reference(x, *, compute_dtype=None):
     """NAFNet's SimpleGate: split the channels in two halves and multiply them."""
-    x1, x2 = x.to(compute_dtype or _acc(x.dtype)).chunk(2, dim=1)
+    x1, x2 = x.to(compute_dtype or acc_dtype(x.dtype)).chunk(2, dim=1)
     return (x1 * x2).to(x.dtype)
 
 
@@ -65,13 +59,13 @@ def _per_channel(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def simplified_channel_attention_reference(x, weight, bias=None, *, compute_dtype=None):
     """NAFNet's simplified channel attention: x · conv1x1(AdaptiveAvgPool2d(1)(x)), with the 1×1
     convolution's weight [C, C(, 1, 1)] and bias [C] (or None)."""
-    xa = x.to(compute_dtype or _acc(x.dtype))
+    xa = x.to(compute_dtype or acc_dtype(x.dtype))
     return (xa * _per_channel(_sca_scale(xa, weight, bias), xa)).to(x.dtype)
 
 
 def simple_gate_sca_reference(x, weight, bias=None, *, compute_dtype=None):
     """(g, s) with g = SimpleGate(x) and s = conv1x1(avgpool(g)) [B, C]: SCA(SimpleGate(x)) = g·s[..., None, None]."""
-    x1, x2 = x.to(compute_dtype or _acc(x.dtype)).chunk(2, dim=1)
+    x1, x2 = x.to(compute_dtype or acc_dtype(x.dtype)).chunk(2, dim=1)
     g = x1 * x2
     return g.to(x.dtype), _sca_scale(g, weight, bias).to(x.dtype)
 
@@ -204,7 +198,7 @@ def _run_triton(args: GateArgs):
     k = _backend.kernels("naf")
     x = _viewable(args.x)
     S = _spatial(x)  # (0 gives NaN means, as avgpool does)
-    acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     stage = args.stage
     if stage == "simple_gate":
         out = _target(args.out, x, x.shape[1] // 2)
@@ -241,7 +235,7 @@ def _run_triton(args: GateArgs):
 
 def _run_reference(args: GateArgs):
     x, stage = args.x, args.stage
-    acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     xa = x.to(acc)
 
     def per_channel(s):
@@ -282,12 +276,8 @@ def _run_reference(args: GateArgs):
         return args.out[0].copy_(g), args.out[1].copy_(scale), mean
     raise AssertionError(stage)
 
-def _triton_reasons(args) -> list[str]:
-    reason = _backend.triton_reason(args.x.device, forced=forced_backend() == "triton")
-    return [reason] if reason else []
-
-
-BACKENDS = (Backend("triton", _run_triton, _triton_reasons), Backend("reference", _run_reference, lambda a: []))
+BACKENDS = (Backend("triton", _run_triton, lambda args: triton_reasons(args.x.device)),
+            Backend("reference", _run_reference, lambda args: []))
 
 
 def _dispatch_key(args) -> tuple:
@@ -299,10 +289,6 @@ def _dispatch_key(args) -> tuple:
 # --------------------------------------------------------------------------------------------------
 # Outputs that only feed the backward (the pooled means, SCA's fp32 scale) are returned by the forward ops,
 # marked non-differentiable, and never materialised as zero gradients.
-
-def _empty(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return x.new_empty((0,), dtype=dtype)
-
 
 def _gate_forward(x: torch.Tensor) -> torch.Tensor:
     return SIMPLE_GATE_OP(check_simple_gate(x))
@@ -336,7 +322,7 @@ def _sca_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def _sca_fake(x, weight, bias):
-    acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     return _alloc(x, x.shape[1]), x.new_empty((x.shape[0], x.shape[1]), dtype=acc), \
         x.new_empty((x.shape[0], x.shape[1]), dtype=acc)
 
@@ -346,12 +332,12 @@ def _sca_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, sca
     C = x.shape[1]
     dx, t = SCA_OP(GateArgs("simplified_channel_attention_backward", x, weight=weight.reshape(C, C), grad=grad,
                             scale=scale, need_dx=need_dx))
-    return (dx if need_dx else _empty(x, x.dtype)), t
+    return (dx if need_dx else no_output(x, x.dtype)), t
 
 
 def _sca_backward_fake(grad, x, weight, scale, need_dx):
-    return (_alloc(x, x.shape[1]) if need_dx else _empty(x, x.dtype)), \
-        x.new_empty((x.shape[0], x.shape[1]), dtype=_acc(x.dtype))
+    return (_alloc(x, x.shape[1]) if need_dx else no_output(x, x.dtype)), \
+        x.new_empty((x.shape[0], x.shape[1]), dtype=acc_dtype(x.dtype))
 
 
 def _sca_save(ctx, inputs, output) -> None:
@@ -386,7 +372,7 @@ def _gate_sca_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 def _gate_sca_fake(x, weight, bias):
     C = x.shape[1] // 2
-    return _alloc(x, C), x.new_empty((x.shape[0], C)), x.new_empty((x.shape[0], C), dtype=_acc(x.dtype))
+    return _alloc(x, C), x.new_empty((x.shape[0], C)), x.new_empty((x.shape[0], C), dtype=acc_dtype(x.dtype))
 
 
 def _gate_sca_save(ctx, inputs, output) -> None:
@@ -467,10 +453,6 @@ def simple_gate_sca(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 # Sample inputs and registry entries
 # --------------------------------------------------------------------------------------------------
 
-def _rand(shape, device, dtype, gen):
-    return torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
-
-
 def _gate_shapes(small: bool, factor: int):
     """(B, channels, spatial...) with C = 1, 3, 7 (times `factor` in the channel dim), H ≠ W, 1×1 and 2×2
     maps, batch 1, and 2-D / 3-D inputs."""
@@ -482,22 +464,22 @@ def _gate_shapes(small: bool, factor: int):
 
 def _gate_layouts(device, dtype, gen, factor: int):
     B, C, H, W = 2, 3 * factor, 6, 10
-    yield "non-contiguous", _rand((B, C, W, H), device, dtype, gen).transpose(2, 3)
-    yield "channels-last", _rand((B, C, H, W), device, dtype, gen).contiguous(memory_format=torch.channels_last)
-    yield "channel-slice", _rand((B, C + 2, H, W), device, dtype, gen)[:, 1:C + 1]
+    yield "non-contiguous", sample_tensor((B, C, W, H), device, dtype, gen).transpose(2, 3)
+    yield "channels-last", sample_tensor((B, C, H, W), device, dtype, gen).contiguous(memory_format=torch.channels_last)
+    yield "channel-slice", sample_tensor((B, C + 2, H, W), device, dtype, gen)[:, 1:C + 1]
 
 
 def _simple_gate_samples(device="cpu", dtype=torch.float32, *, small=False, seed=0):
     device, gen = torch.device(device), torch.Generator().manual_seed(seed)
     for shape in _gate_shapes(small, 2):
-        yield "x".join(map(str, shape)), dict(x=_rand(shape, device, dtype, gen))
+        yield "x".join(map(str, shape)), dict(x=sample_tensor(shape, device, dtype, gen))
     for name, x in _gate_layouts(device, dtype, gen, 2):
         yield name, dict(x=x)
 
 
 def _sca_params_sample(C, device, dtype, gen, conv_shape: bool, with_bias: bool):
-    w = _rand((C, C, 1, 1) if conv_shape else (C, C), device, dtype, gen) / math.sqrt(C)
-    return dict(weight=w, bias=_rand((C,), device, dtype, gen) if with_bias else None)
+    w = sample_tensor((C, C, 1, 1) if conv_shape else (C, C), device, dtype, gen) / math.sqrt(C)
+    return dict(weight=w, bias=sample_tensor((C,), device, dtype, gen) if with_bias else None)
 
 
 def _sca_samples(factor: int):
@@ -506,7 +488,7 @@ def _sca_samples(factor: int):
         for i, shape in enumerate(_gate_shapes(small, factor)):
             C = shape[1] // factor
             params = _sca_params_sample(C, device, dtype, gen, conv_shape=i % 2 == 0, with_bias=i % 3 != 2)
-            yield "x".join(map(str, shape)), dict(x=_rand(shape, device, dtype, gen), **params)
+            yield "x".join(map(str, shape)), dict(x=sample_tensor(shape, device, dtype, gen), **params)
         for name, x in _gate_layouts(device, dtype, gen, factor):
             yield name, dict(x=x, **_sca_params_sample(x.shape[1] // factor, device, dtype, gen, True, True))
     return sample_inputs

@@ -25,7 +25,8 @@ from typing import NamedTuple, Sequence
 import torch
 
 from pydpm import _backend
-from pydpm.ops._framework import ELEMENTWISE_TOLERANCES, Backend, Entry, Op, forced_backend, register
+from pydpm.ops._framework import (ELEMENTWISE_TOLERANCES, Backend, Entry, Op, acc_dtype, register, sample_tensor,
+                                  triton_reasons)
 
 MAX_MODELS = 6  # csrc/common/solver_step.h kMaxModels
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -127,7 +128,7 @@ def solver_step_reference(x, models, coeffs, *, model_output=None, convert=None,
     """Readable PyTorch composition of `solver_step` (same arguments), computing in `compute_dtype`
     (default float32, float64 for float64 inputs). `coeffs`/`convert` are tensors or float sequences;
     `noise` a tensor or PhiloxNoise."""
-    acc = compute_dtype or (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    acc = compute_dtype or acc_dtype(x.dtype)
     batch = x.shape[0]
 
     def rows(c, n):
@@ -538,8 +539,7 @@ def _cuda_reasons(args: StepArgs) -> list[str]:
 
 
 def _triton_reasons(args: StepArgs) -> list[str]:
-    reason = _backend.triton_reason(args.x.device, forced=forced_backend() == "triton")
-    reasons = [reason] if reason else []
+    reasons = triton_reasons(args.x.device)
     if args.threshold_mode == THRESHOLD_QUANTILE:
         reasons.append("dynamic thresholding needs a per-sample selection the Triton kernel does not implement; "
                        "the cuda and cpu backends do")
@@ -754,10 +754,6 @@ def solver_step(x, models, coeffs, *, model_output=None, convert=None, guidance_
 # Sample inputs (the contract tests' cases) and the registry entry
 # --------------------------------------------------------------------------------------------------
 
-def _rand(shape, device, dtype, gen):
-    return torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
-
-
 def sample_inputs(device="cpu", dtype=torch.float32, *, small=False, seed=0):
     """Yield (case name, solver_step kwargs) covering every feature and awkward shapes, drawn fresh
     from `seed` (never zeros). `small` keeps shapes interpreter-sized."""
@@ -768,7 +764,7 @@ def sample_inputs(device="cpu", dtype=torch.float32, *, small=False, seed=0):
         shapes += [(2, 4, 64, 64), (3, 16, 33, 31)]
 
     def r(shape):
-        return _rand(shape, device, dtype, gen)
+        return sample_tensor(shape, device, dtype, gen)
 
     def coefs(n, batch, per_sample, where):
         c = torch.rand((batch, n) if per_sample else (n,), generator=gen, dtype=torch.float64) * 2 - 1

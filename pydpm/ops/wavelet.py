@@ -23,8 +23,8 @@ from typing import Sequence
 import torch
 
 from pydpm import _backend
-from pydpm.ops._framework import (ELEMENTWISE_TOLERANCES, Backend, Differentiable, Entry, Op, forced_backend,
-                                  register)
+from pydpm.ops._framework import (ELEMENTWISE_TOLERANCES, Backend, Differentiable, Entry, Op, acc_dtype,
+                                  check_tensor, fail, register, sample_tensor, triton_reasons)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -34,7 +34,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _acc(t: torch.Tensor, compute_dtype):
-    return compute_dtype or (torch.float64 if t.dtype == torch.float64 else torch.float32)
+    return compute_dtype or acc_dtype(t.dtype)
 
 
 def haar_bands(x: torch.Tensor) -> torch.Tensor:
@@ -95,36 +95,20 @@ class WaveletArgs:
         self.high, self.gates, self.dy = high, gates, dy
 
 
-_DTYPES = frozenset(SUPPORTED_DTYPES)
-
-
-def _fail(op: str, msg: str) -> None:
-    raise ValueError(f"{op}: {msg}")
-
-
-def _check_tensor(op: str, name: str, t, dims: int) -> None:
-    if not isinstance(t, torch.Tensor):
-        _fail(op, f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _DTYPES:
-        _fail(op, f"{name} has dtype {t.dtype}; pass float32, float16, bfloat16 or float64")
-    if t.dim() != dims:
-        _fail(op, f"{name} has shape {tuple(t.shape)}; expected {dims} dimensions")
-
-
 def _check_even(op: str, name: str, t: torch.Tensor) -> None:
     H, W = t.shape[-2:]
     if H % 2 or W % 2 or H == 0 or W == 0:
-        _fail(op, f"{name} has spatial size {H}×{W}; the Haar transform needs even, non-zero sizes: pad first, "
+        fail(op, f"{name} has spatial size {H}×{W}; the Haar transform needs even, non-zero sizes: pad first, "
                   f"e.g. torch.nn.functional.pad(x, (0, W % 2, 0, H % 2), mode='reflect')")
 
 
 def _check_gates(op: str, gates, batch: int, channels: int, x: torch.Tensor) -> None:
-    _check_tensor(op, "gates", gates, 3)
+    check_tensor(op, "gates", gates, 3)
     if gates.shape != (batch, 4, channels):
-        _fail(op, f"gates has shape {tuple(gates.shape)}; expected [B, 4, C] = {(batch, 4, channels)} "
+        fail(op, f"gates has shape {tuple(gates.shape)}; expected [B, 4, C] = {(batch, 4, channels)} "
                   f"(bands ordered ll, h, v, d)")
     if gates.get_device() != x.get_device() or gates.is_cpu is not x.is_cpu:
-        _fail(op, f"gates is on {gates.device} but x is on {x.device}; move it with .to(x.device)")
+        fail(op, f"gates is on {gates.device} but x is on {x.device}; move it with .to(x.device)")
 
 
 def _outputs(op: str, out, x: torch.Tensor, shapes: Sequence[tuple[int, ...]]) -> tuple[tuple, object]:
@@ -135,15 +119,15 @@ def _outputs(op: str, out, x: torch.Tensor, shapes: Sequence[tuple[int, ...]]) -
         return outs, outs[0] if len(outs) == 1 else outs
     outs = out if isinstance(out, (tuple, list)) else (out,)
     if len(outs) != len(shapes):
-        _fail(op, f"out must hold {len(shapes)} tensor(s)")
+        fail(op, f"out must hold {len(shapes)} tensor(s)")
     for i, (o, shape) in enumerate(zip(outs, shapes)):
         if not isinstance(o, torch.Tensor) or o.shape != shape or o.dtype != x.dtype or o.device != x.device:
-            _fail(op, f"out[{i}] must be a {x.dtype} tensor of shape {shape} on {x.device}")
+            fail(op, f"out[{i}] must be a {x.dtype} tensor of shape {shape} on {x.device}")
     return tuple(outs), out
 
 
 def check_dwt(x, out=None) -> WaveletArgs:
-    _check_tensor("haar_dwt2", "x", x, 4)
+    check_tensor("haar_dwt2", "x", x, 4)
     _check_even("haar_dwt2", "x", x)
     B, C, H, W = x.shape
     outs, result = _outputs("haar_dwt2", out, x, ((B, C, H // 2, W // 2), (B, C, 3, H // 2, W // 2)))
@@ -151,21 +135,21 @@ def check_dwt(x, out=None) -> WaveletArgs:
 
 
 def check_idwt(ll, high, out=None) -> WaveletArgs:
-    _check_tensor("haar_idwt2", "ll", ll, 4)
-    _check_tensor("haar_idwt2", "high", high, 5)
+    check_tensor("haar_idwt2", "ll", ll, 4)
+    check_tensor("haar_idwt2", "high", high, 5)
     B, C, h, w = ll.shape
     if high.shape != (B, C, 3, h, w):
-        _fail("haar_idwt2", f"high has shape {tuple(high.shape)}; expected [B, C, 3, h, w] = {(B, C, 3, h, w)}")
+        fail("haar_idwt2", f"high has shape {tuple(high.shape)}; expected [B, C, 3, h, w] = {(B, C, 3, h, w)}")
     if high.dtype != ll.dtype or high.device != ll.device:
-        _fail("haar_idwt2", f"high is {high.dtype} on {high.device} but ll is {ll.dtype} on {ll.device}")
+        fail("haar_idwt2", f"high is {high.dtype} on {high.device} but ll is {ll.dtype} on {ll.device}")
     if h == 0 or w == 0:
-        _fail("haar_idwt2", "ll has an empty spatial size")
+        fail("haar_idwt2", "ll has an empty spatial size")
     outs, result = _outputs("haar_idwt2", out, ll, ((B, C, 2 * h, 2 * w),))
     return WaveletArgs("idwt", ll, outs, result, high=high)
 
 
 def check_down(x, gates, out=None) -> WaveletArgs:
-    _check_tensor("wavelet_gate_down", "x", x, 4)
+    check_tensor("wavelet_gate_down", "x", x, 4)
     _check_even("wavelet_gate_down", "x", x)
     B, C, H, W = x.shape
     _check_gates("wavelet_gate_down", gates, B, C, x)
@@ -174,12 +158,12 @@ def check_down(x, gates, out=None) -> WaveletArgs:
 
 
 def check_up(x, gates, out=None) -> WaveletArgs:
-    _check_tensor("wavelet_gate_up", "x", x, 4)
+    check_tensor("wavelet_gate_up", "x", x, 4)
     B, C4, h, w = x.shape
     if C4 % 4:
-        _fail("wavelet_gate_up", f"x has {C4} channels; it needs 4·C (four band chunks ll, h, v, d)")
+        fail("wavelet_gate_up", f"x has {C4} channels; it needs 4·C (four band chunks ll, h, v, d)")
     if h == 0 or w == 0:
-        _fail("wavelet_gate_up", "x has an empty spatial size")
+        fail("wavelet_gate_up", "x has an empty spatial size")
     _check_gates("wavelet_gate_up", gates, B, C4 // 4, x)
     outs, result = _outputs("wavelet_gate_up", out, x, ((B, C4 // 4, 2 * h, 2 * w),))
     return WaveletArgs("up", x, outs, result, gates=gates)
@@ -206,8 +190,7 @@ def _planes(t: torch.Tensor) -> torch.Tensor:
 
 
 def _triton_reasons(args: WaveletArgs) -> list[str]:
-    reason = _backend.triton_reason(args.x.device, forced=forced_backend() == "triton")
-    reasons = [reason] if reason else []
+    reasons = triton_reasons(args.x.device)
     if args.x.dtype == torch.float64:
         reasons.append("float64 runs on the reference backend (the Triton kernels accumulate in float32)")
     return reasons
@@ -422,10 +405,6 @@ def _shapes(small: bool):
     return shapes if small else shapes + [(2, 16, 64, 64), (4, 32, 34, 130)]
 
 
-def _rand(shape, device, dtype, gen):
-    return torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
-
-
 def _gates(B, C, device, dtype, gen):
     return torch.rand((B, 4, C), generator=gen, dtype=torch.float64).to(device=device, dtype=dtype) * 2 - 0.5
 
@@ -437,28 +416,28 @@ def _samples(kind):
             B, C, H, W = shape
             tag = "x".join(map(str, shape))
             if kind == "dwt":
-                yield tag, dict(x=_rand(shape, device, dtype, gen))
+                yield tag, dict(x=sample_tensor(shape, device, dtype, gen))
             elif kind == "idwt":
-                yield tag, dict(ll=_rand((B, C, H // 2, W // 2), device, dtype, gen),
-                                high=_rand((B, C, 3, H // 2, W // 2), device, dtype, gen))
+                yield tag, dict(ll=sample_tensor((B, C, H // 2, W // 2), device, dtype, gen),
+                                high=sample_tensor((B, C, 3, H // 2, W // 2), device, dtype, gen))
             elif kind == "down":
-                yield tag, dict(x=_rand(shape, device, dtype, gen), gates=_gates(B, C, device, dtype, gen))
+                yield tag, dict(x=sample_tensor(shape, device, dtype, gen), gates=_gates(B, C, device, dtype, gen))
             else:
-                yield tag, dict(x=_rand((B, 4 * C, H // 2, W // 2), device, dtype, gen),
+                yield tag, dict(x=sample_tensor((B, 4 * C, H // 2, W // 2), device, dtype, gen),
                                 gates=_gates(B, C, device, dtype, gen))
         B, C, H, W = 2, 3, 6, 10
         if kind == "dwt":
-            yield "non-contiguous", dict(x=_rand((B, C, W, H), device, dtype, gen).transpose(2, 3))
-            yield "channels-last", dict(x=_rand((B, C, H, W), device, dtype, gen).contiguous(
+            yield "non-contiguous", dict(x=sample_tensor((B, C, W, H), device, dtype, gen).transpose(2, 3))
+            yield "channels-last", dict(x=sample_tensor((B, C, H, W), device, dtype, gen).contiguous(
                 memory_format=torch.channels_last))
         elif kind == "idwt":
-            yield "non-contiguous", dict(ll=_rand((B, C, 2 * H, W), device, dtype, gen)[:, :, ::2],
-                                         high=_rand((B, 3, C, H, W), device, dtype, gen).transpose(1, 2))
+            yield "non-contiguous", dict(ll=sample_tensor((B, C, 2 * H, W), device, dtype, gen)[:, :, ::2],
+                                         high=sample_tensor((B, 3, C, H, W), device, dtype, gen).transpose(1, 2))
         elif kind == "down":
-            yield "non-contiguous", dict(x=_rand((B, C, W, H), device, dtype, gen).transpose(2, 3),
+            yield "non-contiguous", dict(x=sample_tensor((B, C, W, H), device, dtype, gen).transpose(2, 3),
                                          gates=_gates(1, C, device, dtype, gen).expand(B, 4, C))
         else:
-            yield "non-contiguous", dict(x=_rand((B, 4 * C, W, H), device, dtype, gen).transpose(2, 3),
+            yield "non-contiguous", dict(x=sample_tensor((B, 4 * C, W, H), device, dtype, gen).transpose(2, 3),
                                          gates=_gates(B, C, device, dtype, gen).transpose(1, 2).contiguous()
                                          .transpose(1, 2))
     return sample_inputs
