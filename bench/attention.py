@@ -121,14 +121,10 @@ def _row(rows: list[Row], impl: str) -> Row | None:
 
 def auto_choice(case: Case) -> str:
     """The backend pydpm[auto] runs for a case (the dispatch table's entry; pydpm's kernel where none)."""
-    from pydpm.ops.attention import DISPATCH_TABLE, SHORT_KEYS
+    from pydpm.ops.attention import table_choice
 
-    D = case.shape[3]
     nk = int(case.name.split("x")[-1]) if "x" in case.name else case.shape[2]
-    key = (32 if D <= 32 else 64 if D <= 64 else 128 if D <= 128 else 256,
-           "32" if case.dtype == torch.float32 else "16", "short" if nk <= SHORT_KEYS else "long",
-           "train" if "bwd" in case.name else "infer", "bhnd")
-    return DISPATCH_TABLE.get(key, "triton")
+    return table_choice(case.shape[3], case.dtype, nk, "bwd" in case.name, "bhnd")
 
 
 def footer(results: list[tuple[Case, list[Row]]]) -> list[str]:

@@ -309,18 +309,18 @@ _ORDERS: dict[str, tuple[str, ...]] = {
 }
 
 
-def dispatch_class(args: AttentionArgs) -> tuple:
-    """(head-dim class, dtype class, keys, direction, layout) of a call: the key of DISPATCH_TABLE."""
-    q = args.q
-    D = q.shape[3]
-    d_class = 32 if D <= 32 else 64 if D <= 64 else 128 if D <= 128 else 256
-    NK = args.k.shape[2 if args.layout == "bhnd" else 1]
-    return (d_class, "32" if q.dtype in (torch.float32, torch.float64) else "16",
-            "short" if NK <= SHORT_KEYS else "long", "train" if args.train else "infer", args.layout)
+def table_choice(head_dim: int, dtype: torch.dtype, keys: int, train: bool, layout: str) -> str:
+    """The backend DISPATCH_TABLE names for a call's class (head-dim class, dtype class, keys, direction,
+    layout), or pydpm's kernel where it names none."""
+    d_class = 32 if head_dim <= 32 else 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+    key = (d_class, "32" if dtype in (torch.float32, torch.float64) else "16",
+           "short" if keys <= SHORT_KEYS else "long", "train" if train else "infer", layout)
+    return DISPATCH_TABLE.get(key, "triton")
 
 
 def _priority(args: AttentionArgs):
-    return _ORDERS[DISPATCH_TABLE.get(dispatch_class(args), "triton")]
+    q, layout = args.q, args.layout
+    return _ORDERS[table_choice(q.shape[3], q.dtype, args.k.shape[2 if layout == "bhnd" else 1], args.train, layout)]
 
 
 def _dispatch_key(args: AttentionArgs):
