@@ -510,7 +510,11 @@ def test_bad_inputs(name):
         with pytest.raises(ValueError, match="timestep"):
             s.step(x, 5000, x)
         return
-    for t in s.timesteps:
+    x = s.step(make_model()(x, t), t, x).prev_sample  # the run begins with SHAPE
+    t = s.timesteps[1]
+    with pytest.raises(ValueError, match=r"this sampling run began with \(2, 3, 4, 4\) torch.float32"):
+        s.step(make_model()(x[:1], t), t, x[:1].clone())
+    for t in s.timesteps[1:]:
         x = s.step(make_model()(x, t), t, x).prev_sample
     with pytest.raises(ValueError, match="set_timesteps"):
         s.step(x, t, x)

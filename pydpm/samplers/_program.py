@@ -418,6 +418,7 @@ class _Workspace:
 
     def __init__(self, plan: Plan, opts: Options, b: _Bound, x: torch.Tensor):
         self.bound = b
+        self.layout = (x.shape, x.dtype, x.device)  # what every sample of the workspace shares
         self.store: list[torch.Tensor | None] = [None] * plan.n_storage
         self.output = next((e for kind, e in plan.events if kind == "output"), 0)
         self.steps: list[PlannedStep | None] = []
@@ -713,7 +714,6 @@ class Stepper:
             bkey = (sample.device, sample.shape[0])
             b = self._bound.get(bkey) or self._bound.setdefault(bkey, _Bound(self.plan, self.opts, sample))
             ws = self._workspaces[key] = _Workspace(self.plan, self.opts, b, sample)
-            ws.like = sample
         self.ws = ws
         return ws
 
@@ -736,12 +736,12 @@ class Stepper:
                 step = ws.steps[li]
                 cond = model_output if e.call is not None else None
                 if step is None or not step.launch_planned(tensor(e.x), cond, None, out):
-                    like = ws.like
-                    if (sample.shape, sample.dtype, sample.device) != (like.shape, like.dtype, like.device):
+                    shape, dtype, device = ws.layout
+                    if (sample.shape, sample.dtype, sample.device) != ws.layout:
                         raise ValueError(
                             f"the sample is {tuple(sample.shape)} {sample.dtype} on {sample.device}, but this sampling "
-                            f"run began with {tuple(like.shape)} {like.dtype} on {like.device}: keep them for the "
-                            f"whole run, or start a new run (set_timesteps)")
+                            f"run began with {tuple(shape)} {dtype} on {device}: keep them for the whole run, or "
+                            f"start a new run (set_timesteps)")
                     _check_model_output(model_output, sample)
                     save = store[plan.storage[e.call.sym]] if e.save else None
                     _launch(e, tensor, ws.bound, li, self.opts, model_output, None, save, out)
