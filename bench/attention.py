@@ -20,7 +20,6 @@ call); pydpm[triton] alone against cuDNN and flash (device time), fp32 forward+b
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Callable
 
 import torch
