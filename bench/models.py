@@ -12,7 +12,7 @@ Cases:
 
 Implementations: `diffusers` (its own attention processors: torch's scaled_dot_product_attention), `pydpm`
 (`pydpm.integrations.diffusers.use_pydpm_attention(model)`: every attention block through pydpm.ops.attention,
-whose dispatch picks pydpm's kernel or torch's cuDNN attention per call class), `pydpm[triton]` (the same with
+whose dispatch picks pydpm's kernel or one of torch's per call class), `pydpm[triton]` (the same with
 pydpm's kernel forced everywhere) and, without --quick, `torch.compile` of the diffusers model. The model is
 built once per case and shared; each implementation sets the processors it needs. Outputs are checked against
 the same model in float32 (the loss, for the training step). Flops come from torch's FlopCounterMode.

@@ -12,9 +12,9 @@ BACKENDS = tuple(BACKEND_NAMES)  # cuda, triton, cpu, reference, and the wrapped
 
 
 def backend_device(backend: str) -> torch.device:
-    """Where a backend's tensors live: cpu for the cpu and reference backends (and for triton without a GPU:
-    the interpreter), else cuda."""
-    if backend in ("cpu", "reference") or (backend == "triton" and not HAS_CUDA):
+    """Where a backend's tensors live: cpu for the cpu and reference backends (and without a GPU for triton,
+    through the interpreter, and for torch's own SDPA), else cuda."""
+    if backend in ("cpu", "reference") or (backend in ("triton", "sdpa") and not HAS_CUDA):
         return torch.device("cpu")
     return torch.device("cuda")
 

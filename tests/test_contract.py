@@ -1,4 +1,4 @@
-"""Contract tests generated from the op registry (DESIGN.md §3): every op × backend × dtype × curated case
+"""Contract tests generated from the op registry: every op × backend × dtype × curated case
 against the float64 reference, poisoned outputs, the low-precision 2×-eager rule, dispatch reasons."""
 from __future__ import annotations
 
@@ -167,5 +167,8 @@ def test_torch_compile_fullgraph_matches_eager(op_name, case):
 
     expected = _outputs(op, eager_kwargs, run(**eager_kwargs))
     got = _outputs(op, kwargs, torch.compile(run, fullgraph=True)(**kwargs))
+    # The compiled graph runs the op's custom op, whose backends are pydpm's own; eager may dispatch elsewhere
+    # (fp32 attention: torch's exact kernel eagerly, pydpm's TF32 one compiled): within the op's tolerance.
+    tol = op.tolerances[torch.float32]
     for name, exp in expected.items():
-        torch.testing.assert_close(got[name], exp, equal_nan=False)
+        torch.testing.assert_close(got[name], exp, atol=tol.atol, rtol=tol.rtol, equal_nan=False)

@@ -10,13 +10,17 @@ Backends:
   FlashAttention-2's, and the memory-efficient one, which also runs fp32), called directly (no SDPA selection
   on the host), on CUDA, head dims a multiple of 8; they carry torch's own autograd, so a training call that
   dispatch sends there runs torch's backward too.
+- `sdpa`: torch.nn.functional.scaled_dot_product_attention itself, torch's own choice among those kernels and
+  its math path (any device and dtype): what diffusers' processors call, so a drop-in that dispatch sends
+  there costs what diffusers' own call costs.
 - `reference`: PyTorch in query chunks, so that N×N is never materialised for long sequences: the CPU path and
   the oracle.
 
 The automatic choice between them comes from a measured table (`DISPATCH_TABLE`): per head-dim class, dtype
 class, key-length class and direction (inference, or training: forward and backward), the backend that was
 fastest as a model sees it (eager wall time per call) on an H200. Our kernel runs fp32 (long keys) and head
-dims torch's kernels refuse; cuDNN's runs fp16/bf16. Module layout (the op framework's skeleton,
+dims torch's kernels refuse; cuDNN's runs fp16/bf16; torch's SDPA runs fp16/bf16 inference in diffusers' layout,
+and everything on the CPU (the reference stays the oracle, `use_backend("reference")`). Module layout (the op framework's skeleton,
 pydpm/ops/_framework.py): reference → argument check → backends and the dispatch table → registration (the
 differentiable op, the public op) → sample inputs and the registry entry.
 """
@@ -274,10 +278,30 @@ def _sdpa_run(kernel: str):
     return run
 
 
+def _sdpa_default_reasons(args: AttentionArgs) -> list[str]:
+    if args.own:
+        return ["a call inside pydpm's autograd function or custom op, whose backward is pydpm's"]
+    return []
+
+
+def _run_sdpa_default(args: AttentionArgs):
+    """torch's scaled_dot_product_attention on [B, H, N, D] views, its own kernel choice and autograd."""
+    q, k, v = args.q, args.k, args.v
+    if args.layout == "bnhd":
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=args.scale)
+    if args.layout == "bnhd":
+        o = o.transpose(1, 2)
+    if args.out is not None:
+        return args.out.copy_(o), None
+    return o, None
+
+
 BACKENDS = (Backend("triton", _run_triton, _triton_reasons),
             Backend("sdpa-cudnn", _sdpa_run("cudnn"), _sdpa_reasons("cudnn"), autograd=True),
             Backend("sdpa-flash", _sdpa_run("flash"), _sdpa_reasons("flash"), autograd=True),
             Backend("sdpa-efficient", _sdpa_run("efficient"), _sdpa_reasons("efficient"), autograd=True),
+            Backend("sdpa", _run_sdpa_default, _sdpa_default_reasons, autograd=True),
             Backend("reference", _run_reference, lambda a: []))
 
 # The automatic choice, from eager wall time per call (back-to-back calls, host and device: what a model pays)
@@ -290,22 +314,23 @@ BACKENDS = (Backend("triton", _run_triton, _triton_reasons),
 #     cases as a model sees them: 77-key training 0.36x cuDNN's wall time, 77-key forward 0.34x.
 #   fp32: pydpm's kernel, 1.9-3.0x SDPA's best per call on long keys; short-key forward: torch's efficient
 #     kernel (75 us against our 118 us per call at (2,8,4096,64) x 77, a host-bound shape).
-# The 256 class was not measured and keeps pydpm's kernel.
+#   fp16/bf16 inference in diffusers' layout, measured in whole models (h200-2026-12-02-f22c043-models.md):
+#     cuDNN's kernel called on [B, N, H, D] views cost far more host time than diffusers' own SDPA call (SD1.5
+#     UNet forward 0.64x, pydpm's kernel 0.89x; DiT-XL/2 0.91x and 0.84x), so that class runs the very call
+#     diffusers makes, torch's SDPA.
+# The 256 class was not measured and keeps pydpm's kernel, except in the class above.
 DISPATCH_TABLE = {
     **{(d, "16", keys, direction, layout): "sdpa-cudnn" for d in (32, 64, 128) for keys in ("short", "long")
        for direction in ("infer", "train") for layout in ("bhnd", "bnhd")},
     **{(d, "32", "short", "infer", layout): "sdpa-efficient" for d in (32, 64, 128) for layout in ("bhnd", "bnhd")},
-    # diffusers' layout, measured in whole models (h200-2026-12-02-f22c043-models.md): in the SD1.5 UNet's forward
-    # (self-attention at D = 40 over 4096 tokens dominates) cuDNN's kernel called on [B, N, H, D] views cost far
-    # more host time than pydpm's (0.64x against 0.89x diffusers' SDPA); in DiT-XL/2 (D = 72) it was the better
-    # (0.91x against 0.84x).
-    (64, "16", "short", "infer", "bnhd"): "triton", (64, "16", "long", "infer", "bnhd"): "triton",
+    **{(d, "16", keys, "infer", "bnhd"): "sdpa" for d in (32, 64, 128, 256) for keys in ("short", "long")},
 }
 SHORT_KEYS = 128
 _ORDERS: dict[str, tuple[str, ...]] = {
-    "triton": ("triton", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "reference"),
-    "sdpa-cudnn": ("sdpa-cudnn", "triton", "sdpa-flash", "sdpa-efficient", "reference"),
-    "sdpa-efficient": ("sdpa-efficient", "triton", "sdpa-cudnn", "sdpa-flash", "reference"),
+    "triton": ("triton", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa", "reference"),
+    "sdpa-cudnn": ("sdpa-cudnn", "triton", "sdpa-flash", "sdpa-efficient", "sdpa", "reference"),
+    "sdpa-efficient": ("sdpa-efficient", "triton", "sdpa-cudnn", "sdpa-flash", "sdpa", "reference"),
+    "sdpa": ("sdpa", "triton", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "reference"),
 }
 
 
@@ -398,8 +423,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     q [B, H, NQ, D] and k, v [B, H, NK, D] for layout 'bhnd', or [B, N, H, D] for 'bnhd' (read and
     written in place, no copies); NQ ≠ NK for cross-attention; D up to 256 (any value: 40, 72, 80, 160...);
     scale defaults to 1/√D. fp32/fp16/bf16 with fp32 accumulation; fp32 products in TF32 on the GPU
-    unless precision='ieee'. Differentiable. Dispatch runs pydpm's flash-attention kernels or torch's cuDNN
-    attention, whichever was measured faster for the call's class (`DISPATCH_TABLE`; `pydpm info` lists it).
+    unless precision='ieee' (torch's kernels, where dispatch picks them, compute exact fp32). Differentiable.
+    Dispatch runs pydpm's flash-attention kernels or one of torch's, whichever was measured faster for the
+    call's class (`DISPATCH_TABLE`; `pydpm info` lists it).
     Unfused equivalent: `attention_reference`."""
     return _ENTRY(q, k, v, scale, layout, precision, out=out)
 
