@@ -247,20 +247,26 @@ def measure(fn: Callable[[], Any], device: torch.device, timing: Timing) -> tupl
     return tuple(q.tolist())
 
 
-def host_cost_us(fn: Callable[[], Any], device: torch.device, calls: int) -> tuple[float, float, float]:
-    """(host µs per call, loop µs per call, host + device µs per call). The first times `calls` back-to-back
-    calls with the host clock and no sync inside (on CUDA: the cost of issuing them); the second the same
-    loop up to the end of its work (one sync at the end: the per-step cost of a sampling loop, the larger of
-    host and device); the third is the median of calls each followed by a sync."""
+def host_cost_us(fn: Callable[[], Any], device: torch.device, calls: int,
+                 rounds: int = 5) -> tuple[float, float, float]:
+    """(host µs per call, loop µs per call, host + device µs per call). The first times back-to-back calls
+    with the host clock and no sync inside (on CUDA: the cost of issuing them); the second the same loop up
+    to the end of its work (one sync at the end: the per-step cost of a sampling loop, the larger of host and
+    device); both are the median of `rounds` loops of `calls` / `rounds` calls, so that a stall of the host
+    in one round does not move the figure. The third is the median of calls each followed by a sync."""
     sync = synchronizer(device)
     fn()
     sync()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    host = (time.perf_counter() - start) / calls
-    sync()
-    loop = (time.perf_counter() - start) / calls
+    per_round = max(1, calls // rounds)
+    hosts, loops = [], []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(per_round):
+            fn()
+        hosts.append((time.perf_counter() - start) / per_round)
+        sync()
+        loops.append((time.perf_counter() - start) / per_round)
+    host, loop = statistics.median(hosts), statistics.median(loops)
     per_call = []
     for _ in range(calls):
         start = time.perf_counter()

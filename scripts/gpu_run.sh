@@ -57,6 +57,8 @@ if [ -n "$tests" ]; then
   PYDPM_VERIFY_LAUNCHES=1 timeout "${PYDPM_TEST_TIMEOUT:-420}" python3 -m pytest -q -p no:cacheprovider -rs $tests \
     >"$out/tests.log" 2>&1
   t_rc=$?
+  pkill -9 -f "pytest|execnet" 2>/dev/null  # workers a timeout orphaned would load the host the benchmarks time
+  sleep 2
   tail -25 "$out/tests.log"
   summary+=("tests (rc $t_rc, $(( $(date +%s) - start )) s): $(tail -1 "$out/tests.log")")
   rc=$(( rc || t_rc ))
