@@ -59,6 +59,9 @@ class Impl:
     check: bool = True  # compare the first output with the oracle (False: another method, or its own noise)
     context: Callable[[], ContextManager] = contextlib.nullcontext  # entered around everything, not per call
     reasons: Callable[[Inputs], list[str]] = _no_reasons  # why it cannot run this case (empty: it can)
+    # called before each round of its eager loop, which alternates with the other implementations' (models: put
+    # this implementation's processors back on the model they share)
+    select: Callable[[], None] = lambda: None
 
 
 @dataclasses.dataclass
@@ -247,33 +250,47 @@ def measure(fn: Callable[[], Any], device: torch.device, timing: Timing) -> tupl
     return tuple(q.tolist())
 
 
-def host_cost_us(fn: Callable[[], Any], device: torch.device, calls: int,
-                 rounds: int = 5) -> tuple[float, float, float]:
-    """(host µs per call, loop µs per call, host + device µs per call). The first times back-to-back calls
-    with the host clock and no sync inside (on CUDA: the cost of issuing them); the second the same loop up
-    to the end of its work (one sync at the end: the per-step cost of a sampling loop, the larger of host and
-    device); both are the median of `rounds` loops of `calls` / `rounds` calls, so that a stall of the host
-    in one round does not move the figure. The third is the median of calls each followed by a sync."""
+def synced_call_us(fn: Callable[[], Any], device: torch.device, calls: int) -> float:
+    """Host + device µs of one call: the median of `calls` calls, each followed by a sync."""
     sync = synchronizer(device)
     fn()
     sync()
-    per_round = max(1, calls // rounds)
-    hosts, loops = [], []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(per_round):
-            fn()
-        hosts.append((time.perf_counter() - start) / per_round)
-        sync()
-        loops.append((time.perf_counter() - start) / per_round)
-    host, loop = statistics.median(hosts), statistics.median(loops)
     per_call = []
     for _ in range(calls):
         start = time.perf_counter()
         fn()
         sync()
         per_call.append(time.perf_counter() - start)
-    return host * 1e6, loop * 1e6, statistics.median(per_call) * 1e6
+    return statistics.median(per_call) * 1e6
+
+
+def eager_loops(entries: list[tuple[Impl, Row, Callable[[], Any], int]], device: torch.device,
+                rounds: int = 5) -> None:
+    """Fill each row's host_us and loop_us from back-to-back calls: host_us times the calls with the host clock
+    and no sync inside (on CUDA: the cost of issuing them), loop_us up to the end of their work (one sync at the
+    end: what a model or a sampling loop pays per call, the larger of host and device). The implementations
+    take turns, `rounds` rounds of calls / rounds calls each (`calls` per entry), and each figure is the median
+    of its rounds: a host that slows down or stalls for a while (the models' cases are host-bound) moves
+    every implementation alike instead of whichever ran then."""
+    sync = synchronizer(device)
+    hosts: dict[int, list[float]] = {id(row): [] for _, row, _, _ in entries}
+    loops: dict[int, list[float]] = {id(row): [] for _, row, _, _ in entries}
+    for _ in range(rounds):
+        for impl, row, fn, calls in entries:
+            per_round = max(1, calls // rounds)
+            with impl.context():
+                impl.select()
+                fn()
+                sync()
+                start = time.perf_counter()
+                for _ in range(per_round):
+                    fn()
+                hosts[id(row)].append((time.perf_counter() - start) / per_round)
+                sync()
+                loops[id(row)].append((time.perf_counter() - start) / per_round)
+    for _, row, _, _ in entries:
+        row.host_us = statistics.median(hosts[id(row)]) * 1e6
+        row.loop_us = statistics.median(loops[id(row)]) * 1e6
 
 
 def cache_bytes(device: torch.device) -> int:
@@ -339,7 +356,7 @@ def run_case(case: Case, ceilings: Ceilings, timing: Timing, report: Report) -> 
     torch.compiler.reset()  # compile afresh for every case: no recompile limit reached across shapes and dtypes
     sets = input_sets(case)
     expected = case.oracle(sets[0])
-    rows = []
+    rows, timed = [], []
     for impl in case.impls:
         reasons = impl.reasons(sets[0])
         if reasons:
@@ -354,7 +371,8 @@ def run_case(case: Case, ceilings: Ceilings, timing: Timing, report: Report) -> 
                 rotation = itertools.cycle([functools.partial(fn, s) for s in sets])
                 row.median_ms, row.p20_ms, row.p80_ms = measure(lambda: next(rotation)(), case.device, timing)
                 calls = max(10, min(timing.host_calls, int(timing.rep_ms / row.median_ms)))
-                row.host_us, row.loop_us, row.host_device_us = host_cost_us(functools.partial(fn, sets[0]), case.device, calls)
+                row.host_device_us = synced_call_us(functools.partial(fn, sets[0]), case.device, calls)
+                timed.append((impl, row, functools.partial(fn, sets[0]), calls))
         except Exception as exc:  # noqa: BLE001 - a failing implementation is reported, the run goes on
             if not impl.ours:
                 report.miss(impl.name, _error(exc))
@@ -366,6 +384,7 @@ def run_case(case: Case, ceilings: Ceilings, timing: Timing, report: Report) -> 
                 report.failed |= impl.ours
                 row.note = f"{'MISMATCH' if impl.ours else 'WARNING'}: {mismatch}"
         rows.append(row)
+    eager_loops(timed, case.device)
     _rate(rows, case, ceilings)
     return rows
 
@@ -532,7 +551,7 @@ def write_results(out: Path, meta: dict[str, str], ceilings: Ceilings, rows: lis
     md += ["| " + " | ".join(title for title, _, _ in COLUMNS) + " | note |",
            "|" + "---|" * (len(COLUMNS) + 1)]
     md += ["| " + " | ".join(cell(r) for _, _, cell in COLUMNS) + f" | {r.note} |" for r in rows]
-    md += ["", "Targets (DESIGN.md §5; reported, not asserted):", *[f"- {line}" for line in footer], ""]
+    md += ["", "Targets (reported, not asserted):", *[f"- {line}" for line in footer], ""]
     (out / "results.md").write_text("\n".join(md))
 
 
@@ -562,7 +581,7 @@ def run_suite(ops: dict[str, ModuleType], device: torch.device, quick: bool, out
             rows += case_rows
         footer += module.footer(results)
     print("\nmissing peers:", *_listing(report.missing), "skipped backends:", *_listing(report.skipped), sep="\n")
-    print("\ntargets (DESIGN.md §5; reported, not asserted):", *[f"  {line}" for line in footer], sep="\n")
+    print("\ntargets (reported, not asserted):", *[f"  {line}" for line in footer], sep="\n")
     write_results(out, meta, ceilings, rows, report, footer)
     print(f"\nresults: {out / 'results.json'}, {out / 'results.md'}")
     return 1 if report.failed else 0

@@ -14,7 +14,8 @@ Implementations: `diffusers` (its own attention processors: torch's scaled_dot_p
 (`pydpm.integrations.diffusers.use_pydpm_attention(model)`: every attention block through pydpm.ops.attention,
 whose dispatch picks pydpm's kernel or one of torch's per call class), `pydpm[triton]` (the same with
 pydpm's kernel forced everywhere) and, without --quick, `torch.compile` of the diffusers model. The model is
-built once per case and shared; each implementation sets the processors it needs. Outputs are checked against
+built once per case and shared; each implementation sets the processors it needs before its calls (their eager
+loops take turns, bench/harness.py `eager_loops`). Outputs are checked against
 the same model in float32 (the loss, for the training step). Flops come from torch's FlopCounterMode.
 """
 from __future__ import annotations
@@ -41,10 +42,17 @@ def _attention_blocks(model):
     return [m for m in model.modules() if isinstance(m, Attention)]
 
 
-def _use_diffusers(model) -> None:
+@functools.lru_cache(maxsize=None)
+def _diffusers_processor():
+    """One processor object, so that a compiled model's guards on its processors hold when the implementations
+    of a case take turns on the shared model."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    processor = AttnProcessor2_0()
+    return AttnProcessor2_0()
+
+
+def _use_diffusers(model) -> None:
+    processor = _diffusers_processor()
     for block in _attention_blocks(model):
         block.set_processor(processor)
 
@@ -106,14 +114,17 @@ def _call(kind: str, train: bool, model, t: Inputs):
 def _impl(name: str, holder: _Model, kind: str, train: bool, setup: Callable, ours: bool,
           context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
           compiled: bool = False) -> Impl:
-    def make():
+    def select():
         model = holder.model
         setup(model)
         model.train(train)
         model.requires_grad_(train)
-        target = torch.compile(model) if compiled else model
+
+    def make():
+        select()
+        target = torch.compile(holder.model) if compiled else holder.model
         return lambda t: _call(kind, train, target, t)
-    return Impl(name, make, ours=ours, context=context)
+    return Impl(name, make, ours=ours, context=context, select=select)
 
 
 def _flops(holder: _Model, kind: str, train: bool, t: Inputs) -> int:

@@ -25,7 +25,7 @@ set_timesteps do, shows its host time there too); `h+dev us` one loop then a syn
 the wall time a caller waits for a loop (the number a host-bound loop is judged by); `loop us` loops
 back to back with one synchronisation at the end, per loop; `host us` the cost of issuing a loop. `vs peer`
 is device time; the footer gives, per row, the wall time per loop (h+dev), per step (/20) and the ratio to
-diffusers' loop on that wall time, and reads the targets of DESIGN.md §5 off them.
+diffusers' loop on that wall time, and reads the targets off them.
 
 Checks, so a broken sampler cannot post a good time: the pydpm rows are compared by the harness with the
 same sampler program run unfused on tensors (`solver.eager = True`: float64 arithmetic, no plan, no fused
@@ -239,7 +239,7 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Per-step numbers and targets (DESIGN.md §5)
+# Per-step numbers and targets
 # --------------------------------------------------------------------------------------------------
 
 def _peer(rows: list[Row]) -> Row | None:

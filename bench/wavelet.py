@@ -86,7 +86,7 @@ SHAPES = (HEADLINE, (8, 640, 64, 64), (2, 320, 128, 128), (64, 64, 32, 32))
 CPU_SHAPE = (2, 16, 32, 32)
 # Issue 4, H200, one Haar DWT+IDWT of HEADLINE fp32 (ms).
 ISSUE_MS = {"pytorch_wavelets": 1.23, "ptwt": 3.24, "floor": 0.03}
-BANDWIDTH_TARGET = 0.70  # DESIGN.md §5: fused transforms and gates, forward
+BANDWIDTH_TARGET = 0.70  # the target for fused transforms and gates, forward
 BACKWARD_TARGET = 0.50  # forward+backward
 SPEEDUP_TARGET = 25.0  # x pytorch_wavelets, same transform
 FORWARD_CASES = ("dwt", "idwt", "wg-dn", "wg-up")
@@ -379,7 +379,7 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Targets (DESIGN.md §5 and issue 4)
+# Targets
 # --------------------------------------------------------------------------------------------------
 
 def _version(dist: str) -> str:
