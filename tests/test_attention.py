@@ -119,6 +119,35 @@ def test_diffusers_attention_processor_matches_sdpa_processor():
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
 
 
+def test_diffusers_processor_calls_sdpa_itself_only_where_dispatch_picks_it(monkeypatch):
+    """The processor's shortcut follows dispatch per call class: on the CPU dispatch picks torch's SDPA and
+    the processor calls it directly (a broken SDPA breaks the forward of a cached call
+    class); with a backend forced the same shapes run pydpm's op and never touch SDPA."""
+    diffusers = pytest.importorskip("diffusers")
+    from pydpm.integrations.diffusers import use_pydpm_attention
+    from pydpm.ops.attention import OP
+    torch.manual_seed(0)
+    dit = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                          out_channels=8, num_layers=1, sample_size=4, patch_size=2,
+                                          num_embeds_ada_norm=10, norm_type="ada_norm_zero").eval()
+    x, t, y = torch.randn(2, 4, 4, 4), torch.tensor([3, 7]), torch.tensor([1, 4])
+    with torch.no_grad():
+        expected = dit(x, timestep=t, class_labels=y).sample
+        use_pydpm_attention(dit)
+        torch.testing.assert_close(dit(x, timestep=t, class_labels=y).sample, expected, atol=2e-5, rtol=2e-5)
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("torch's SDPA was called")
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", broken)
+        with pytest.raises(RuntimeError, match="SDPA was called"):
+            dit(x, timestep=t, class_labels=y)
+        for forced in ("reference", "triton"):
+            with use_backend(forced):
+                got = dit(x, timestep=t, class_labels=y).sample
+            torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
+    assert OP.select(OP.check(*(torch.randn(2, 5, 2, 8) for _ in range(3)), layout="bnhd")).name == "sdpa"
+
+
 def test_diffusers_dit_runs_through_pydpm_attention():
     """A DiT (no set_attn_processor in diffusers 0.42) takes the processor on every Attention block and
     gives diffusers' outputs; a model without attention blocks is refused by name."""

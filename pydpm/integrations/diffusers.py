@@ -528,15 +528,37 @@ class AttnProcessor:
     `AttnProcessor2_0` (spatial/group norms, q/k/v projections, q/k norms, output projection, residual,
     rescale) with the heads read in place as [B, N, H, D] views instead of transposed copies. Calls with
     an attention mask go to torch's scaled_dot_product_attention (pydpm's op has no mask); `fallbacks`
-    counts them."""
+    counts them.
+
+    Where pydpm's dispatch sends a call class to torch's SDPA (fp16/bf16 inference: the call diffusers' own
+    processor makes), the processor makes that call itself after the class's first call, without pydpm's
+    per-call checks: a class is q/k/v's shapes, strides, dtype and device, whether autograd records and the
+    forced backend (`pydpm.ops.use_backend`), so a drop-in costs what diffusers' processor costs there."""
 
     def __init__(self):
         self.fallbacks = 0
+        self._routes: dict[tuple, bool] = {}  # call class -> dispatch picks torch's SDPA
+
+    def _attend(self, q, k, v):
+        """o = attention(q, k, v) in [B, N, H, D]."""
+        from pydpm.ops._framework import forced_backend
+        from pydpm.ops.attention import OP, attention, check_args
+
+        if torch.compiler.is_compiling():
+            return attention(q, k, v, layout="bnhd")
+        train = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        key = (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device, train,
+               forced_backend())
+        sdpa = self._routes.get(key)
+        if sdpa is None:
+            sdpa = self._routes[key] = OP.select(check_args(q, k, v, layout="bnhd")).name == "sdpa"
+        if sdpa:
+            return torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+        return attention(q, k, v, layout="bnhd")
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
                  **kwargs):
-        from pydpm.ops.attention import attention
-
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -568,7 +590,7 @@ class AttnProcessor:
             out = torch.nn.functional.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attention_mask).transpose(1, 2)
         else:
-            out = attention(q, k, v, layout="bnhd")
+            out = self._attend(q, k, v)
         hidden_states = out.reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if input_ndim == 4:
