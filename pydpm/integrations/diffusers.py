@@ -30,6 +30,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from pydpm.ops import PhiloxNoise, Threshold, solver_step
+from pydpm.ops._framework import forced_backend
+from pydpm.ops.attention import OP as _ATTENTION, attention, check_args as _check_attention
 from pydpm.samplers._program import Options, Point, Stepper, Tracer, compile_plan
 from pydpm.samplers.dpm_solver import dpm_solver_multistep
 from pydpm.samplers.unipc import unipc_multistep
@@ -541,9 +543,6 @@ class AttnProcessor:
 
     def _attend(self, q, k, v):
         """o = attention(q, k, v) in [B, N, H, D]."""
-        from pydpm.ops._framework import forced_backend
-        from pydpm.ops.attention import OP, attention, check_args
-
         if torch.compiler.is_compiling():
             return attention(q, k, v, layout="bnhd")
         train = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
@@ -551,7 +550,7 @@ class AttnProcessor:
                forced_backend())
         sdpa = self._routes.get(key)
         if sdpa is None:
-            sdpa = self._routes[key] = OP.select(check_args(q, k, v, layout="bnhd")).name == "sdpa"
+            sdpa = self._routes[key] = _ATTENTION.select(_check_attention(q, k, v, layout="bnhd")).name == "sdpa"
         if sdpa:
             return torch.nn.functional.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
