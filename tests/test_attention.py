@@ -171,8 +171,8 @@ def test_diffusers_dit_runs_through_pydpm_attention():
 
 @pytest.mark.parametrize("backend,NQ,NK,D", [("triton", 77, 97, 80), ("triton", 97, 77, 72),
                                                ("reference", 1025, 1025, 80), ("reference", 1, 77, 40)], ids=str)
-def test_issue_shapes(backend, NQ, NK, D):
-    """The issue's awkward sizes: N = 77, 97, 1025 (B·H = 1), D = 40, 72, 80."""
+def test_awkward_sizes(backend, NQ, NK, D):
+    """Awkward sizes: N = 77 (CLIP tokens), 97, 1025 (B·H = 1), D = 40, 72, 80."""
     q, k, v = rand(1, 1, NQ, D, seed=13), rand(1, 1, NK, D, seed=14), rand(1, 1, NK, D, seed=15)
     dev, dtype = (DEVICE, torch.float32) if backend == "triton" else (torch.device("cpu"), torch.float64)
     with use_backend(backend):
