@@ -9,19 +9,34 @@ import ctypes
 import functools
 import importlib.util
 import os
+from pathlib import Path
+from types import ModuleType
 
 import torch
 
 # Matches csrc/common/dtype.h.
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
-try:
-    from pydpm import _C  # type: ignore[attr-defined]
 
+def c_load_error(exc: Exception, package_dir: Path) -> str:
+    """Why `_C` did not load from `package_dir`, and the fix. No module pydpm._C at all in a source checkout
+    (CMakeLists.txt beside the package) means python imported the checkout itself, e.g. run from its root
+    after a plain `pip install .`: the current directory comes first on sys.path, and the compiled module
+    lives only in the installed copy."""
+    if (isinstance(exc, ModuleNotFoundError) and exc.name == "pydpm._C"
+            and (package_dir.parent / "CMakeLists.txt").is_file()):
+        return (f"you are importing the source tree at {package_dir}, which has no compiled extension; run from "
+                f"another directory or install with `pip install -e .`")
+    return f"{type(exc).__name__}: {exc}; reinstall pydpm"
+
+
+_C: ModuleType | None
+try:
+    _C = importlib.import_module("pydpm._C")
     C_LOAD_ERROR: str | None = None
 except Exception as exc:  # noqa: BLE001 - any load failure is reported, never raised at import
     _C = None
-    C_LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+    C_LOAD_ERROR = c_load_error(exc, Path(__file__).parent)
 
 
 @functools.lru_cache(maxsize=None)
@@ -68,7 +83,7 @@ def c_struct(name: str) -> type[ctypes.Structure]:
 
 def c_cpu_reason() -> str | None:
     if _C is None:
-        return f"the compiled module pydpm._C did not load ({C_LOAD_ERROR}); reinstall pydpm"
+        return f"the compiled module pydpm._C did not load: {C_LOAD_ERROR}"
     return None
 
 

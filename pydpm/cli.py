@@ -1,12 +1,22 @@
-"""Command line: `pydpm info` (build, devices, backends and why others are unavailable), `pydpm bench`."""
+"""Command line: `pydpm info` (build, devices, backends and why others are unavailable), `pydpm bench`,
+`pydpm --version`.
+
+Output piped into a reader that stops early (`pydpm info | head -3`) ends the command quietly with exit
+status 141, the status of a command killed by SIGPIPE, as `cat` and other shell tools report it.
+"""
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
+from typing import Any
+
+# 128 + SIGPIPE: what the shell reports for a command whose reader closed the pipe.
+EXIT_BROKEN_PIPE = 141
 
 
-def info() -> dict:
+def info() -> dict[str, Any]:
     """Version, build info of `_C` (or its load error), devices, and per-op backend availability."""
     import torch
 
@@ -42,14 +52,29 @@ def _print_info() -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pydpm", description=__doc__)
+def _run(argv: list[str]) -> int:
+    from pydpm import __version__
+
+    parser = argparse.ArgumentParser(prog="pydpm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"pydpm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="version, build, devices and available backends")
     sub.add_parser("bench", help="run the benchmark suite (pydpm bench --help for options)", add_help=False)
-    args, rest = parser.parse_known_args(argv if argv is not None else sys.argv[1:])
+    args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         return _print_info()
     from pydpm.bench import run
 
     return run(rest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        status = _run(argv if argv is not None else sys.argv[1:])
+        sys.stdout.flush()  # a closed pipe raises here, not in the interpreter's flush at exit
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: point it at /dev/null so that flush cannot fail too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    return status

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import math
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence, TypeAlias
 
 import torch
 
@@ -61,6 +61,13 @@ class Threshold(NamedTuple):
     ratio: float = 0.995
     min_scale: float = 1.0
     max_scale: float = 1.0
+
+
+# The argument types of `solver_step` and `solver_step_reference`.
+Models: TypeAlias = "list[torch.Tensor] | tuple[torch.Tensor, ...]"
+Coefficients: TypeAlias = "torch.Tensor | Sequence[float]"  # a table on x's device, or host values
+ModelOutput: TypeAlias = "torch.Tensor | tuple[torch.Tensor, torch.Tensor] | list[torch.Tensor]"  # m, or (cond, uncond)
+Noise: TypeAlias = "torch.Tensor | PhiloxNoise"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -123,8 +130,11 @@ def _quantile_rows(a: torch.Tensor, ratio: float) -> torch.Tensor:
     return torch.where(torch.isnan(a).any(dim=1), torch.full_like(q, math.nan), q)
 
 
-def solver_step_reference(x, models, coeffs, *, model_output=None, convert=None, guidance_scale=None,
-                          threshold=None, save=None, noise=None, out=None, compute_dtype=None):
+def solver_step_reference(x: torch.Tensor, models: Models, coeffs: Coefficients, *,
+                          model_output: ModelOutput | None = None, convert: Coefficients | None = None,
+                          guidance_scale: float | None = None, threshold: Threshold | None = None,
+                          save: torch.Tensor | None = None, noise: Noise | None = None, out: torch.Tensor | None = None,
+                          compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Readable PyTorch composition of `solver_step` (same arguments), computing in `compute_dtype`
     (default float32, float64 for float64 inputs). `coeffs`/`convert` are tensors or float sequences;
     `noise` a tensor or PhiloxNoise."""
@@ -139,6 +149,8 @@ def solver_step_reference(x, models, coeffs, *, model_output=None, convert=None,
     terms = [x.to(acc)]
     if model_output is not None:
         if isinstance(model_output, (tuple, list)):
+            if guidance_scale is None:
+                raise ValueError("solver_step_reference: model_output is a (cond, uncond) pair; pass guidance_scale")
             cond, uncond = (t.to(acc) for t in model_output)
             m = uncond + guidance_scale * (cond - uncond)
         else:
@@ -146,8 +158,8 @@ def solver_step_reference(x, models, coeffs, *, model_output=None, convert=None,
         k = rows(convert, 2)
         d = k[0] * terms[0] + k[1] * m
         if threshold is not None and threshold.min_scale == threshold.max_scale:
-            s = threshold.min_scale  # a constant scale: clamp, no quantile (NaN elements stay NaN)
-            d = torch.where(d > s, s, torch.where(d < -s, -s, d)) / s
+            r = threshold.min_scale  # a constant scale: clamp, no quantile (NaN elements stay NaN)
+            d = torch.where(d > r, r, torch.where(d < -r, -r, d)) / r
         elif threshold is not None:
             s = _quantile_rows(d.abs().reshape(batch, -1), threshold.ratio)
             s = s.clamp(threshold.min_scale, threshold.max_scale).reshape(k[0].shape)
@@ -445,8 +457,10 @@ def _runner(launch):
 # Backends
 # --------------------------------------------------------------------------------------------------
 
-_C, _cuda_stream = _backend._C, _backend.cuda_stream
-_Params = _backend.c_struct("SolverStepParams") if _C is not None else None
+# The compiled module and its parameter struct's ctypes view: no type stubs, fields known at run time.
+_C: Any = _backend._C
+_Params: Any = _backend.c_struct("SolverStepParams") if _C is not None else None
+_cuda_stream, _DTYPE_CODES = _backend.cuda_stream, _backend.DTYPE_CODES
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -455,15 +469,12 @@ def _ptr(t: torch.Tensor | None) -> int:
 
 def _fill_row(row, table: torch.Tensor | None, values: Sequence[float] | None) -> None:
     """A CoefRow: the device table (shared [n] or per-sample [B, n]) or the host values."""
-    if table is None:
-        row.values[:len(values)] = values
-    else:
+    if table is not None:
         row.ptr = table.data_ptr()
         row.dtype = _DTYPE_CODES[table.dtype]
         row.row_stride = table.shape[1] if table.dim() == 2 else 0
-
-
-_DTYPE_CODES = _backend.DTYPE_CODES
+    elif values is not None:
+        row.values[:len(values)] = values
 
 
 def c_params(args: StepArgs):
@@ -508,7 +519,7 @@ def _workspace(args: StepArgs) -> torch.Tensor | None:
     """Scratch for the CUDA kernels' per-sample quantile (dynamic thresholding), else None."""
     if args.threshold is None or args.threshold_mode != THRESHOLD_QUANTILE:
         return None
-    nbytes = _backend._C.solver_step_cuda_workspace_bytes(args.x.numel(), args.x.shape[0])
+    nbytes = _C.solver_step_cuda_workspace_bytes(args.x.numel(), args.x.shape[0])
     return torch.empty(nbytes, dtype=torch.uint8, device=args.x.device)
 
 
@@ -626,8 +637,9 @@ class PlannedStep:
     """
 
     def __init__(self, args: StepArgs):
-        self.args, self.params, self.launch, self.meta = args, None, None, None
+        self.args, self.params = args, None
         stride = args.x.stride()
+        self.meta = (args.x.shape, args.x.dtype, args.x.get_device(), args.x.is_cpu, stride)
         if args.x.numel() == 0 or not (_dense(args.x) and all(t.stride() == stride for t in args.tensors())):
             return
         backend = OP.select(args)
@@ -643,7 +655,6 @@ class PlannedStep:
         else:
             self.launch = _C.solver_step_cpu
         self.address = ctypes.addressof(p)
-        self.meta = (args.x.shape, args.x.dtype, args.x.get_device(), args.x.is_cpu, stride)
 
     def launch_planned(self, x: torch.Tensor, cond: torch.Tensor | None, uncond: torch.Tensor | None,
                        out: torch.Tensor) -> bool:
@@ -716,8 +727,10 @@ def _compiled(*inputs, out=None):
     return args.result
 
 
-def solver_step(x, models, coeffs, *, model_output=None, convert=None, guidance_scale=None, threshold=None,
-                save=None, noise=None, out=None):
+def solver_step(x: torch.Tensor, models: Models, coeffs: Coefficients, *, model_output: ModelOutput | None = None,
+                convert: Coefficients | None = None, guidance_scale: float | None = None,
+                threshold: Threshold | None = None, save: torch.Tensor | None = None, noise: Noise | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """One fused sampler update, one kernel launch (dynamic thresholding: a few, see below).
 
         out = c[0]·x + Σₖ c[k+1]·models[k] (+ c[-1]·z)
