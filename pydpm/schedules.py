@@ -8,6 +8,7 @@ A schedule defines x_t = α_t·x₀ + σ_t·ε for t ∈ [0, T], with λ_t = log
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any, Callable
 
 import torch
@@ -207,6 +208,13 @@ def conversion(model_type: str, alpha: float, sigma: float, target: str) -> tupl
     return ((1.0 - sigma * eps[0]) / alpha, -sigma * eps[1] / alpha)  # x₀ = (x − σ·ε)/α
 
 
+def is_diffusers_model(obj: Any) -> bool:
+    """Whether `obj` is a diffusers model (`diffusers.ModelMixin`): such models take the training timestep
+    and return an output object (`.sample`). Never imports diffusers: if it is not imported, obj is not one."""
+    diffusers = sys.modules.get("diffusers")
+    return diffusers is not None and isinstance(obj, diffusers.ModelMixin)
+
+
 class WrappedModel:
     """The continuous-time model `model_wrapper` returns: call it as `model_fn(x, t)` for the noise
     prediction (the reference's behaviour). The samplers instead call `outputs(x, t_input)` and fold
@@ -293,9 +301,17 @@ def model_wrapper(model: Callable[..., torch.Tensor], noise_schedule: _Schedule,
     guidance_type 'classifier' adds −guidance_scale·σ_t·∇ₓ log p(cond | x_t) from `classifier_fn(x,
     t_input, cond, **classifier_kwargs)` (needs autograd: not fused). 'classifier-free' evaluates
     (unconditional_condition, condition) as one batch; the pair is combined inside the fused step.
+    A diffusers model returns an output object: pass `lambda x, t: net(x, t).sample` (the model itself is
+    refused with that call).
     """
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_wrapper: model_type={model_type!r}; use one of {', '.join(map(repr, MODEL_TYPES))}")
+    if is_diffusers_model(model):
+        fn = "lambda x, t, c: net(x, t, c).sample" if guidance_type == "classifier-free" else \
+            "lambda x, t: net(x, t).sample"
+        raise TypeError(f"model_wrapper: model is a diffusers {type(model).__name__}, which returns an output object; "
+                        f"wrap a function that returns its tensor: model_wrapper({fn}, noise_schedule, "
+                        f"model_type={model_type!r}, ...)")
     if guidance_type not in GUIDANCE_TYPES:
         raise ValueError(f"model_wrapper: guidance_type={guidance_type!r}; use one of "
                          f"{', '.join(map(repr, GUIDANCE_TYPES))}")

@@ -152,7 +152,7 @@ def test_diffusers_dit_runs_through_pydpm_attention():
     """A DiT (no set_attn_processor in diffusers 0.42) takes the processor on every Attention block and
     gives diffusers' outputs; a model without attention blocks is refused by name."""
     diffusers = pytest.importorskip("diffusers")
-    from pydpm.integrations.diffusers import AttnProcessor, use_pydpm_attention
+    from pydpm.integrations.diffusers import PydpmAttnProcessor, use_pydpm_attention
     torch.manual_seed(0)
     dit = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=8,
                                           num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
@@ -162,7 +162,7 @@ def test_diffusers_dit_runs_through_pydpm_attention():
         processor = use_pydpm_attention(dit)
         got = dit(x, timestep=t, class_labels=y).sample
     blocks = [m for m in dit.modules() if isinstance(m, diffusers.models.attention_processor.Attention)]
-    assert len(blocks) == 2 and all(isinstance(b.processor, AttnProcessor) for b in blocks)
+    assert len(blocks) == 2 and all(isinstance(b.processor, PydpmAttnProcessor) for b in blocks)
     assert processor.fallbacks == 0
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
     with pytest.raises(TypeError, match="no diffusers Attention blocks"):

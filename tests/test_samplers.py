@@ -7,6 +7,7 @@ test_samplers_convergence.py; diffusers parity in test_diffusers_schedulers.py.
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -215,6 +216,85 @@ def test_flow_sampling_to_sigma_zero_is_exact(method, order):
     assert rel(y, expect) < 1e-12
 
 
+@pytest.mark.parametrize("kind", ["discrete", "linear"])
+@pytest.mark.parametrize("method,order", [("dpmsolver++", 2), ("dpmsolver++", 3), ("unipc", 2), ("ddim", 1)])
+def test_vp_sampling_to_sigma_zero_is_exact(kind, method, order):
+    """t_end=0 on a VP schedule is σ = 0 exactly (diffusers' final_sigmas_type='zero'), though a discrete
+    schedule's table starts at 1/N: the last step is first order and lands on the data prediction of the
+    last model call, x₀ = (x − σ·ε)/α."""
+    ns = schedule() if kind == "discrete" else NoiseScheduleVP("linear", dtype=torch.float64)
+    calls = []
+
+    def noise(x, t):
+        calls.append((x.clone(), t.clone()))
+        return torch.tanh(x) * 0.5
+    mf = model_wrapper(noise, ns)
+    solver = {"dpmsolver++": lambda: DPMSolver(mf, ns), "unipc": lambda: UniPC(mf, ns, variant="bh2"),
+              "ddim": lambda: DDIM(mf, ns)}[method]()
+    y = solver.sample(start(), steps=6, t_end=0.0, **({} if method == "ddim" else dict(order=order)))
+    x_last, t_in = calls[-1]
+    t = t_in / 1000 + 1 / ns.total_N if kind == "discrete" else t_in
+    alpha, sigma = (v.reshape(-1, 1, 1, 1) for v in (ns.marginal_alpha(t), ns.marginal_std(t)))
+    assert rel(y, (x_last - sigma * torch.tanh(x_last) * 0.5) / alpha) < 1e-12
+
+
+@pytest.mark.parametrize("cls,kw", [(DPMSolver, dict(order=3)), (DPMSolver, dict(order=2, solver_type="taylor")),
+                                    (UniPC, dict(order=2))])
+def test_explicit_times_are_the_grid(cls, kw):
+    """times= runs the grid it is given: the logSNR grid passed explicitly gives what skip_type='logSNR' gives,
+    an increasing grid inverts as `inverse` does, and another grid gives another result."""
+    from pydpm.schedules import time_steps
+    ns = schedule()
+    solver = cls(model_wrapper(raw_model(), ns), ns)
+    x = start()
+    grid = time_steps(ns, "logSNR", 1.0, 1e-3, 7)
+    expected = solver.sample(x, steps=7, skip_type="logSNR", **kw)
+    assert torch.equal(solver.sample(x, times=grid, **kw), expected)
+    assert torch.equal(solver.sample(x, times=grid.tolist(), **kw), expected)
+    assert rel(solver.sample(x, times=time_steps(ns, "time_uniform", 1.0, 1e-3, 7), **kw), expected) > 1e-3
+    if cls is DPMSolver:
+        up = time_steps(ns, "time_uniform", 1e-3, 0.5, 6)
+        assert torch.equal(solver.inverse(x, times=up, **kw), solver.inverse(x, steps=6, t_end=0.5, **kw))
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda s, x: s.sample(x, times=[1.0, 0.5, 0.7, 0.1]), "strictly decreasing"),
+    (lambda s, x: s.sample(x, times=[1.0]), "at least two"),
+    (lambda s, x: s.sample(x, times=[[1.0, 0.5]]), "at least two"),
+    (lambda s, x: s.sample(x, times=[1.0, float("nan"), 0.1]), "finite"),
+    (lambda s, x: s.sample(x, times="1.0, 0.5"), "times must be a 1-D sequence"),
+    (lambda s, x: s.sample(x, times=[1.0, 0.5, -0.1]), "t_end=-0.1 must be >= 0"),
+    (lambda s, x: s.sample(x, times=[1.5, 0.5, 0.1]), "beyond the schedule's end"),
+    (lambda s, x: s.sample(x, times=[1.0, 0.5, 0.1], t_end=0.1), "leave t_start and t_end unset"),
+    (lambda s, x: s.sample(x, times=[1.0, 0.5, 0.1], method="singlestep"), "method='singlestep' builds its own"),
+    (lambda s, x: s.sample(x, times=[1.0, 0.1], order=2), "steps >= order"),
+])
+def test_explicit_times_errors(call, match):
+    ns = schedule()
+    with pytest.raises((ValueError, TypeError), match=match):
+        call(DPMSolver(model_wrapper(raw_model(), ns), ns), start())
+
+
+class _Net(torch.nn.Module):
+    def forward(self, x, t):
+        return 0.1 * x
+
+
+def test_bare_module_under_a_discrete_schedule_warns_with_the_wrapper_call():
+    """A torch module passed unwrapped with a discrete schedule would get t ∈ (0, 1] instead of the step
+    label: a warning names model_wrapper. Wrapped, or on a continuous schedule, it is what the solver expects."""
+    ns = schedule()
+    for make in (lambda mf: pydpm.sample(mf, start(), ns, steps=2), lambda mf: DPMSolver(mf, ns),
+                 lambda mf: UniPC(mf, ns), lambda mf: DDIM(mf, ns)):
+        with pytest.warns(UserWarning, match=r"_Net \(torch.nn.Module\).*model_wrapper\(net, noise_schedule"):
+            make(_Net())
+    linear = NoiseScheduleVP("linear", dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DPMSolver(model_wrapper(_Net(), ns), ns)
+        DPMSolver(_Net(), linear)
+
+
 def test_sigma_zero_end_refused_where_it_cannot_be_exact():
     ns = NoiseScheduleFlow(dtype=torch.float64)
     mf = model_wrapper(lambda x, t: x, ns, model_type="flow")
@@ -225,7 +305,7 @@ def test_sigma_zero_end_refused_where_it_cannot_be_exact():
                         (lambda: UniPC(mf, ns).sample(start(), steps=4, t_start=0.9, t_end=0.0, skip_type="logSNR"),
                          "infinite at t_end=0"),
                         (lambda: DPMSolver(model_wrapper(lambda x, t: x, schedule()), schedule()).sample(
-                            start(), steps=4, t_end=0.0), "must be > 0")]:
+                            start(), steps=4, t_end=-0.5), "t_end=-0.5 must be >= 0")]:
         with pytest.raises(ValueError, match=match):
             call()
 
@@ -275,8 +355,8 @@ def test_adaptive_runs_and_is_more_accurate_with_tighter_tolerance():
 
 @pytest.mark.parametrize("call,match", [
     (lambda s, x: s.sample(x, steps=2, order=3), "steps >= order"),
-    (lambda s, x: s.sample(x, steps=5, t_end=0.0), "t_end=0.0 must be > 0"),
-    (lambda s, x: s.sample(x, steps=5, t_end=-1.0), "must be > 0"),
+    (lambda s, x: s.sample(x, steps=5, t_start=0.0), "t_start=0.0 must be > 0"),
+    (lambda s, x: s.sample(x, steps=5, t_end=-1.0), "t_end=-1.0 must be >= 0"),
     (lambda s, x: s.sample(x, steps=5, t_start=0.2, t_end=0.2), "equals t_end"),
     (lambda s, x: s.sample(x, steps=5, t_start=0.1, t_end=0.5, method="adaptive"), "t_start > t_end"),
     (lambda s, x: s.sample(x, steps=5, t_start=1.5), "beyond the schedule's end"),

@@ -15,16 +15,31 @@ Each class subclasses the diffusers scheduler of the same name, so the configura
   UniPC's corrector and the next predictor share that launch.
 * DDIM: one `solver_step` per call, its coefficients read from a per-timestep table (per eta).
 
-Differences from diffusers are listed in docs/diffusers.md.
+A pipeline saved with these schedulers (`save_pretrained`) loads back with them (`from_pretrained`) in a
+process that has imported this module: model_index.json names the scheduler
+["pydpm.integrations.diffusers", class name], and diffusers 0.42 resolves only modules already imported.
+
+`PydpmAttnProcessor` runs diffusers' attention blocks through `pydpm.ops.attention`; `use_pydpm_attention`
+puts it on a model's blocks whose processor it reproduces and `restore_attention` takes it off again.
+
+Tested with diffusers 0.42.1; the test and bench extras of pyproject.toml require diffusers>=0.42 (the
+schedulers read diffusers internals; 0.30.3 failed 21 of the diffusers tests). Differences from diffusers are
+listed in docs/diffusers.md.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import math
+import warnings
+import weakref
 
 import diffusers
 import numpy as np
 import torch
+# diffusers' pipeline loader finds a saved component's loading method by looking base-class names up in the
+# module model_index.json names: without SchedulerMixin here, from_pretrained cannot load these schedulers.
+from diffusers import SchedulerMixin  # noqa: F401
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -525,12 +540,13 @@ class DDIMScheduler(diffusers.DDIMScheduler):
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 
 
-class AttnProcessor:
+class PydpmAttnProcessor:
     """A diffusers attention processor running `pydpm.ops.attention`: the steps of diffusers'
     `AttnProcessor2_0` (spatial/group norms, q/k/v projections, q/k norms, output projection, residual,
     rescale) with the heads read in place as [B, N, H, D] views instead of transposed copies. Calls with
     an attention mask go to torch's scaled_dot_product_attention (pydpm's op has no mask); `fallbacks`
-    counts them.
+    counts them. `use_pydpm_attention` fills `skipped` (block name -> the processor class it kept) and
+    records each block's previous processor for `restore_attention`.
 
     Where pydpm's dispatch sends a call class to torch's SDPA (fp16/bf16 inference: the call diffusers' own
     processor makes), the processor makes that call itself after the class's first call, without pydpm's
@@ -539,6 +555,8 @@ class AttnProcessor:
 
     def __init__(self):
         self.fallbacks = 0
+        self.skipped: dict[str, str] = {}
+        self._previous: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # block -> its processor before
         self._routes: dict[tuple, bool] = {}  # call class -> dispatch picks torch's SDPA
 
     def _attend(self, q, k, v):
@@ -599,25 +617,74 @@ class AttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def use_pydpm_attention(model) -> AttnProcessor:
-    """Route every attention block of a diffusers model (UNet, DiT, ...) through pydpm's attention with one
-    call; returns the processor (its `fallbacks` counts masked calls sent to SDPA). Every
-    `diffusers.models.attention_processor.Attention` module of `model` gets the processor (models such as
-    DiTTransformer2DModel have no `set_attn_processor`); attention classes of diffusers' newer
-    AttentionModuleMixin family (Flux, ...) take other processors and are left as they are."""
-    from diffusers.models.attention_processor import Attention
+def _reproduces(block) -> bool:
+    """Whether `PydpmAttnProcessor` computes what `block`'s current processor computes: diffusers'
+    AttnProcessor2_0 (which ignores `attn.scale` and any added k/v projections, as pydpm's does), or its
+    classic AttnProcessor where that one agrees (it skips norm_q / norm_k and scales by `attn.scale`)."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
+    if not isinstance(block, Attention):
+        return False
+    processor = block.processor
+    if type(processor) in (AttnProcessor2_0, PydpmAttnProcessor):
+        return True
+    return (type(processor) is AttnProcessor and block.norm_q is None and block.norm_k is None
+            and block.scale == (block.inner_dim // block.heads) ** -0.5)
+
+
+def use_pydpm_attention(model) -> PydpmAttnProcessor:
+    """Route the attention blocks of a diffusers model (UNet, DiT, ...) through pydpm's attention with one
+    call; returns the processor (`fallbacks` counts masked calls sent to SDPA, `skipped` names the blocks
+    left alone). A `diffusers.models.attention_processor.Attention` block is taken when its processor is
+    one pydpm's reproduces exactly: diffusers' `AttnProcessor2_0`, or `AttnProcessor` with the default
+    scale and no q/k norms (models such as DiTTransformer2DModel have no `set_attn_processor`, so blocks
+    are set one by one). Every other block keeps its processor and is listed in `skipped` with a warning:
+    SD3's joint attention (`JointAttnProcessor2_0`, with add_q_proj and added k/v projections), added-KV,
+    IP-Adapter, xformers or sliced processors, and the attention classes of diffusers' newer
+    AttentionModuleMixin family (Flux, ...). `restore_attention(model)` puts the previous processors back."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"use_pydpm_attention: model is a {type(model).__name__}; pass a diffusers model")
-    blocks = [m for m in model.modules() if isinstance(m, Attention)]
+    blocks = [(name, m) for name, m in model.named_modules()
+              if hasattr(m, "set_processor") and hasattr(m, "processor")]
     if not blocks:
         raise TypeError(f"use_pydpm_attention: {type(model).__name__} has no diffusers Attention blocks "
-                        f"(diffusers.models.attention_processor.Attention)")
-    processor = AttnProcessor()
-    for block in blocks:
+                        f"(modules with set_processor, such as diffusers.models.attention_processor.Attention)")
+    processor = PydpmAttnProcessor()
+    for name, block in blocks:
+        previous = block.processor
+        if not _reproduces(block):
+            processor.skipped[name] = type(previous).__name__
+            continue
+        if isinstance(previous, PydpmAttnProcessor):  # a second call keeps the record of the first
+            previous = previous._previous.get(block, previous)
+        processor._previous[block] = previous
         block.set_processor(processor)
+    if processor.skipped:
+        kinds = collections.Counter(processor.skipped.values())
+        warnings.warn(f"use_pydpm_attention: {len(processor.skipped)} of {len(blocks)} attention blocks of "
+                      f"{type(model).__name__} keep their processors ("
+                      f"{', '.join(f'{k} ×{n}' for k, n in sorted(kinds.items()))}): pydpm's processor reproduces "
+                      f"diffusers' AttnProcessor2_0 / AttnProcessor only; the returned processor's `skipped` names "
+                      f"them", stacklevel=2)
     return processor
 
 
-__all__ = ["AttnProcessor", "DDIMScheduler", "DPMSolverMultistepScheduler", "MODEL_TYPES", "UniPCMultistepScheduler",
-           "use_pydpm_attention"]
+def restore_attention(model) -> int:
+    """Undo `use_pydpm_attention(model)`: every block that holds pydpm's processor gets back the processor it
+    had before (after which diffusers' `model.set_default_attn_processor()` works again: it accepts only the
+    processor classes of its own lists, which pydpm's is not). Returns the number of blocks restored; blocks
+    pydpm's processor was never put on by `use_pydpm_attention` are left as they are."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"restore_attention: model is a {type(model).__name__}; pass the diffusers model given to "
+                        f"use_pydpm_attention")
+    restored = 0
+    for block in model.modules():
+        processor = getattr(block, "processor", None)
+        if isinstance(processor, PydpmAttnProcessor) and block in processor._previous:
+            block.set_processor(processor._previous.pop(block))
+            restored += 1
+    return restored
+
+
+__all__ = ["DDIMScheduler", "DPMSolverMultistepScheduler", "MODEL_TYPES", "PydpmAttnProcessor",
+           "UniPCMultistepScheduler", "restore_attention", "use_pydpm_attention"]

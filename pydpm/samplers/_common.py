@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
 
 from pydpm.ops import Threshold
 from pydpm.samplers._program import EagerTracer, Options, Runner, Tracer, compile_plan
-from pydpm.schedules import time_steps
+from pydpm.schedules import WrappedModel, is_diffusers_model, time_steps
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
@@ -23,6 +24,30 @@ def check_sample_input(x: Any) -> None:
         raise ValueError(f"x has dtype {x.dtype}; sample in float32, float16 or bfloat16 (float64 on the CPU)")
     if x.dim() < 1 or x.shape[0] == 0:
         raise ValueError(f"x has shape {tuple(x.shape)}; it needs a non-empty leading batch dimension")
+
+
+def check_model_fn(name: str, model_fn: Any, noise_schedule: Any) -> None:
+    """Refuse what cannot be a continuous-time model function: a diffusers model (it takes the training
+    timestep and returns an output object); warn on a bare torch module under a discrete schedule (it would
+    receive t ∈ (0, 1] instead of the step label it was trained on)."""
+    if not callable(model_fn):
+        raise TypeError(f"{name}: model_fn must be callable (see pydpm.schedules.model_wrapper)")
+    if isinstance(model_fn, WrappedModel):
+        return
+    if is_diffusers_model(model_fn):
+        raise TypeError(
+            f"{name}: model_fn is a diffusers {type(model_fn).__name__}, which takes the training timestep and "
+            f"returns an output object; the solver calls model_fn(x, t) with the continuous time t and needs a "
+            f"tensor. Wrap it: model_fn = pydpm.schedules.model_wrapper(lambda x, t: net(x, t).sample, "
+            f"noise_schedule, model_type='noise') (model_type='v' for prediction_type 'v_prediction', 'x_start' "
+            f"for 'sample')")
+    if isinstance(model_fn, torch.nn.Module) and getattr(noise_schedule, "schedule", None) == "discrete":
+        warnings.warn(
+            f"{name}: model_fn is a {type(model_fn).__name__} (torch.nn.Module) called as model_fn(x, t) with the "
+            f"continuous time t ∈ (0, 1], but a network of a discrete schedule takes the step label "
+            f"1000·(t − 1/N) (0 … 999). Wrap it: model_fn = pydpm.schedules.model_wrapper(net, noise_schedule, "
+            f"model_type='noise'), or pass a plain function of (x, t) if it does take the continuous t",
+            stacklevel=4)
 
 
 def after_step(tr, correcting_xt_fn: Callable | None, return_intermediate: bool):
@@ -48,12 +73,11 @@ class Solver:
     def __init__(self, model_fn, noise_schedule, algorithm_type, correcting_x0_fn, correcting_xt_fn,
                  thresholding_max_val, dynamic_thresholding_ratio):
         name = type(self).__name__
-        if not callable(model_fn):
-            raise TypeError(f"{name}: model_fn must be callable (see pydpm.schedules.model_wrapper)")
         for attr in ("marginal_log_mean_coeff", "marginal_std", "marginal_lambda", "inverse_lambda", "T", "total_N"):
             if not hasattr(noise_schedule, attr):
                 raise TypeError(f"{name}: noise_schedule lacks {attr}; pass a pydpm.schedules.NoiseScheduleVP or "
                                 f"NoiseScheduleFlow")
+        check_model_fn(name, model_fn, noise_schedule)
         check_choice("algorithm_type", algorithm_type, tuple(self.algorithm_types))
         if correcting_x0_fn is not None and correcting_x0_fn != "dynamic_thresholding" and not callable(correcting_x0_fn):
             raise ValueError("correcting_x0_fn must be None, 'dynamic_thresholding' or a function (x0, t) -> x0")
@@ -82,18 +106,36 @@ class Solver:
         ns = self.noise_schedule
         t_0 = 1.0 / ns.total_N if t_end is None else float(t_end)
         t_T = ns.T if t_start is None else float(t_start)
+        if not t_0 >= 0:
+            raise ValueError(f"t_end={t_0} must be >= 0 (t_end=0 ends on the data itself, σ = 0)")
+        if not t_T > 0:
+            raise ValueError(f"t_start={t_T} must be > 0 (the ODE is singular at t = 0); for discrete-time models use "
+                             f"times >= 1/N = {1.0 / ns.total_N}")
         for name, v in (("t_end", t_0), ("t_start", t_T)):
-            if name == "t_end" and v == 0 and ns.schedule == "flow":
-                continue  # σ = 0: the data itself; the final step is taken at first order (see zero_end)
-            if not v > 0:
-                raise ValueError(f"{name}={v} must be > 0 (the ODE is singular at t = 0); for discrete-time models "
-                                 f"use times >= 1/N = {1.0 / ns.total_N}")
             if v > ns.T + 1e-12:
                 raise ValueError(f"{name}={v} lies beyond the schedule's end T={ns.T}")
         if t_T == t_0:
             raise ValueError(f"t_start={t_T} equals t_end; sampling needs an interval (t_start > t_end samples, "
                              f"t_start < t_end inverts)")
         return t_T, t_0
+
+    def explicit_times(self, times: Any, t_start: float | None, t_end: float | None) -> torch.Tensor:
+        """`times` checked as a time grid: 1-D, at least two entries, strictly monotonic, its ends valid as
+        t_start and t_end. Returns it as a float64 CPU tensor."""
+        if t_start is not None or t_end is not None:
+            raise ValueError("times= is the whole time grid, its ends included: leave t_start and t_end unset")
+        try:
+            ts = torch.as_tensor(times, dtype=torch.float64).detach().cpu()
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"times must be a 1-D sequence or tensor of times, got {type(times).__name__}") from None
+        if ts.dim() != 1 or ts.numel() < 2 or not bool(torch.isfinite(ts).all()):
+            raise ValueError(f"times must be a 1-D sequence of at least two finite times, got shape "
+                             f"{tuple(ts.shape)}")
+        gaps = ts.diff()
+        if not (bool((gaps < 0).all()) or bool((gaps > 0).all())):
+            raise ValueError("times must be strictly decreasing (sampling) or strictly increasing (inversion)")
+        self.time_range(float(ts[0]), float(ts[-1]))
+        return ts
 
     @staticmethod
     def check_steps(steps) -> None:

@@ -49,12 +49,13 @@ class Point(NamedTuple):
 
 
 def points(noise_schedule, ts: torch.Tensor) -> list[Point]:
-    """Points of `noise_schedule` at the float64 times `ts`."""
+    """Points of `noise_schedule` at the float64 times `ts`. t = 0 is the data on every schedule: α = 1,
+    σ = 0, λ = +∞ exactly (a discrete schedule would extrapolate its table there)."""
     ts = ts.to(torch.float64).cpu()
     la = noise_schedule.marginal_log_mean_coeff(ts).tolist()
     sig = noise_schedule.marginal_std(ts).tolist()
     lam = noise_schedule.marginal_lambda(ts).tolist()
-    return [Point(*v) for v in zip(ts.tolist(), la, sig, lam)]
+    return [Point(t, 0.0, 0.0, math.inf) if t == 0 else Point(t, *v) for t, *v in zip(ts.tolist(), la, sig, lam)]
 
 
 class Lin:
@@ -635,6 +636,10 @@ class EagerTracer(_Times):
 def _check_model_output(out, x: torch.Tensor, what: str = "the model") -> None:
     for o in (out if isinstance(out, tuple) else (out,)):
         if not isinstance(o, torch.Tensor) or o.shape != x.shape or o.dtype != x.dtype or o.device != x.device:
+            if isinstance(getattr(o, "sample", None), torch.Tensor):
+                raise ValueError(f"{what} returned a {type(o).__name__} (a diffusers output object), not a tensor: "
+                                 f"return its tensor, e.g. model_wrapper(lambda x, t: net(x, t).sample, "
+                                 f"noise_schedule, ...)")
             got = (f"{type(o).__name__}" if not isinstance(o, torch.Tensor)
                    else f"shape {tuple(o.shape)}, {o.dtype} on {o.device}")
             raise ValueError(f"{what} returned {got}; the sampler needs a tensor shaped like x "

@@ -7,9 +7,13 @@ e^{−h} terms). `p.t, p.alpha, p.sigma, p.lam` are the schedule at a `Point`.
 from __future__ import annotations
 
 import math
+from typing import Callable, Sequence
+
+import torch
 
 from pydpm.samplers._common import Solver, after_step, check_choice
 from pydpm.samplers._program import Point
+from pydpm.schedules import NoiseScheduleFlow, NoiseScheduleVP
 
 SOLVER_TYPES = ("dpmsolver", "taylor")
 METHODS = ("multistep", "singlestep", "singlestep_fixed", "adaptive")
@@ -202,8 +206,6 @@ def dpm_solver_adaptive(tr, x, t_T: float, t_0: float, order: int, solver_type: 
     """DPM-Solver-12 (order 2) / DPM-Solver-23 (order 3): singlestep pairs of orders (1, 2) or (2, 3)
     with the error-controlled step size of the paper. Eager only: accepting a step reads the error
     back to the host (one synchronisation per step)."""
-    import torch
-
     s = tr.point(t_T)
     lam_0 = tr.point(t_0).lam
     h, x_prev = h_init, x
@@ -255,31 +257,91 @@ class DPMSolver(Solver):
 
     Each model call is followed by one fused `solver_step` launch (conversion of the model output,
     classifier-free guidance and dynamic thresholding folded in); coefficients are computed once per
-    (steps, times, order, method) in float64 and kept on the device.
+    (steps, times, order, method) in float64 and kept on the device, and the plan is reused by later
+    `sample` calls with the same arguments.
+
+    Args:
+        model_fn: the model as a function of (x, t) with t the continuous time ([B] tensor), returning the
+            noise prediction: normally `pydpm.schedules.model_wrapper(net, noise_schedule, model_type=...)`,
+            whose conversion and classifier-free guidance fuse into the step. A diffusers model is refused
+            and a bare `torch.nn.Module` under a discrete schedule warns (both name the `model_wrapper` call).
+        noise_schedule: a `pydpm.schedules.NoiseScheduleVP` or `NoiseScheduleFlow`.
+        algorithm_type: 'dpmsolver++' (data prediction; the choice for guided sampling) or 'dpmsolver'
+            (noise prediction).
+        correcting_x0_fn: None; 'dynamic_thresholding' (every data prediction x̂₀ is clamped to [−s, s] and
+            divided by s, s = max(quantile(|x̂₀|, dynamic_thresholding_ratio), thresholding_max_val) per
+            sample, fused into the step); or a function (x0, t) -> x0 applied to every data prediction
+            (unfused: one extra launch per model call).
+        correcting_xt_fn: None, or a function (x_t, t, step) -> x_t applied to the sample after every step.
+        thresholding_max_val: the smallest s of dynamic thresholding (> 0).
+        dynamic_thresholding_ratio: the quantile of |x̂₀| dynamic thresholding takes, in [0, 1].
     """
 
     algorithm_types = {"dpmsolver": "noise", "dpmsolver++": "data"}
     default_algorithm = "dpmsolver++"
 
-    def __init__(self, model_fn, noise_schedule, algorithm_type="dpmsolver++", correcting_x0_fn=None,
-                 correcting_xt_fn=None, thresholding_max_val=1.0, dynamic_thresholding_ratio=0.995):
+    def __init__(self, model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP | NoiseScheduleFlow,
+                 algorithm_type: str = "dpmsolver++",
+                 correcting_x0_fn: str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 correcting_xt_fn: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None,
+                 thresholding_max_val: float = 1.0, dynamic_thresholding_ratio: float = 0.995) -> None:
         super().__init__(model_fn, noise_schedule, algorithm_type, correcting_x0_fn, correcting_xt_fn,
                          thresholding_max_val, dynamic_thresholding_ratio)
 
-    def sample(self, x, steps=20, t_start=None, t_end=None, order=2, skip_type="time_uniform", method="multistep",
-               lower_order_final=True, denoise_to_zero=False, solver_type="dpmsolver", atol=0.0078, rtol=0.05,
-               return_intermediate=False, cuda_graph=False, progress=False):
-        """Sample from x at t_start (default T) to t_end (default 1/N) with `steps` model evaluations.
+    def sample(self, x: torch.Tensor, steps: int = 20, t_start: float | None = None, t_end: float | None = None,
+               order: int = 2, skip_type: str = "time_uniform", method: str = "multistep",
+               lower_order_final: bool = True, denoise_to_zero: bool = False, solver_type: str = "dpmsolver",
+               atol: float = 0.0078, rtol: float = 0.05, return_intermediate: bool = False,
+               cuda_graph: bool = False, progress: bool = False,
+               times: Sequence[float] | torch.Tensor | None = None,
+               ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Sample from x at t_start to t_end with `steps` model evaluations.
 
-        method: 'multistep' (orders 1–3), 'singlestep' (DPM-Solver-fast order mix), 'singlestep_fixed',
-        'adaptive' (DPM-Solver-12/23 with atol/rtol; eager, one host sync per step). solver_type:
-        'dpmsolver' or 'taylor'. return_intermediate: also return the sample after every step.
-        cuda_graph: capture the whole loop (model included) in a CUDA graph on first use and replay it.
+        Args:
+            x: the starting sample (noise at t_start): float32, float16 or bfloat16 (float64 on the CPU), any
+                shape with a leading batch dimension; not modified.
+            steps: the number of model evaluations (+1 with denoise_to_zero; 'singlestep_fixed' rounds it
+                down to a multiple of order; 'adaptive' chooses its own).
+            t_start: the start time (default: the schedule's T).
+            t_end: the end time (default 1/N). 0 ends on the data itself (σ = 0, diffusers'
+                final_sigmas_type='zero'), with a first-order last step; 'dpmsolver++' and method='multistep'
+                only.
+            order: 1, 2 or 3 (2 or 3 for 'adaptive').
+            skip_type: the time spacing: 'time_uniform', 'logSNR' (uniform in λ), 'time_quadratic' or
+                'karras' (EDM's ρ = 7 spacing).
+            method: 'multistep'; 'singlestep' (DPM-Solver-fast's order mix using exactly `steps`
+                evaluations); 'singlestep_fixed' (`steps // order` steps of `order`); 'adaptive'
+                (DPM-Solver-12/23 with step-size control by atol/rtol: eager, one host sync per step).
+            lower_order_final: lower the orders of the last steps (the authors' rule: only when steps < 10).
+            denoise_to_zero: end with one more model evaluation at t_end and return its data prediction.
+            solver_type: 'dpmsolver' (diffusers' 'midpoint') or 'taylor' (diffusers' 'heun').
+            atol: the absolute tolerance of method='adaptive'.
+            rtol: the relative tolerance of method='adaptive'.
+            return_intermediate: also return the list of samples after every step (multistep: the start
+                first, then one per step and the denoise_to_zero result).
+            cuda_graph: capture the whole loop (model included) in a CUDA graph on first use per input layout
+                and replay it afterwards (CUDA tensors and a capturable model).
+            progress: show a progress bar over model evaluations (tqdm when installed, else a counter on
+                stderr); not with cuda_graph=True.
+            times: an explicit time grid instead of steps, t_start, t_end and skip_type: len(times) − 1 steps
+                from times[0] to times[-1], strictly decreasing (increasing to invert), method='multistep'
+                only. docs/samplers.md builds diffusers' DPM-Solver++(2M) grid with it.
+
+        Returns:
+            The sample at t_end in x's dtype; with return_intermediate, (sample, list of samples).
         """
         check_choice("method", method, METHODS)
         check_choice("solver_type", solver_type, SOLVER_TYPES)
         check_choice("order", order, (1, 2, 3))
-        t_T, t_0 = self.time_range(t_start, t_end)
+        if times is not None:
+            if method != "multistep":
+                raise ValueError(f"times= sets the grid of method='multistep'; method={method!r} builds its own grid "
+                                 f"from steps and skip_type")
+            grid = self.explicit_times(times, t_start, t_end)
+            t_T, t_0, steps = float(grid[0]), float(grid[-1]), grid.numel() - 1
+        else:
+            grid = None
+            t_T, t_0 = self.time_range(t_start, t_end)
         if method == "adaptive":
             if t_T < t_0:
                 raise ValueError("method='adaptive' samples from t_start down to t_end only (t_start > t_end)")
@@ -299,13 +361,14 @@ class DPMSolver(Solver):
             raise ValueError(f"method='singlestep_fixed' needs steps >= order, got steps={steps}, order={order}")
         self.check_steps(steps)
         check_choice("skip_type", skip_type, ("time_uniform", "logSNR", "time_quadratic", "karras"))
-        key = ("dpm", steps, t_T, t_0, order, skip_type, method, bool(lower_order_final), bool(denoise_to_zero),
+        spacing = skip_type if grid is None else tuple(grid.tolist())
+        key = ("dpm", steps, t_T, t_0, order, spacing, method, bool(lower_order_final), bool(denoise_to_zero),
                solver_type, bool(return_intermediate))
 
         def program(tr, x):
             hooks = after_step(tr, self.correcting_xt_fn, return_intermediate)
             if method == "multistep":
-                ts = tr.points(self.grid(skip_type, t_T, t_0, steps))
+                ts = tr.points(self.grid(skip_type, t_T, t_0, steps) if grid is None else grid)
                 orders = self.zero_end(multistep_orders(steps, order, lower_order_final), t_0)
                 x = dpm_solver_multistep(tr, x, ts, orders, solver_type, hooks)
                 last_step = steps
@@ -340,18 +403,24 @@ class DPMSolver(Solver):
 
         return self.run_traced(x, key, program, return_intermediate, cuda_graph, progress)
 
-    def inverse(self, x, steps=20, t_start=None, t_end=None, order=2, skip_type="time_uniform", method="multistep",
-                lower_order_final=True, denoise_to_zero=False, solver_type="dpmsolver", atol=0.0078, rtol=0.05,
-                return_intermediate=False, cuda_graph=False, progress=False):
+    def inverse(self, x: torch.Tensor, steps: int = 20, t_start: float | None = None, t_end: float | None = None,
+                order: int = 2, skip_type: str = "time_uniform", method: str = "multistep",
+                lower_order_final: bool = True, denoise_to_zero: bool = False, solver_type: str = "dpmsolver",
+                atol: float = 0.0078, rtol: float = 0.05, return_intermediate: bool = False,
+                cuda_graph: bool = False, progress: bool = False,
+                times: Sequence[float] | torch.Tensor | None = None,
+                ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Run the ODE forward, from data at t_start (default 1/N) to t_end (default T): DPM-Solver
-        inversion (e.g. DDIM inversion with order=1). Same arguments as `sample`."""
-        ns = self.noise_schedule
-        t_0 = 1.0 / ns.total_N if t_start is None else t_start
-        t_T = ns.T if t_end is None else t_end
-        return self.sample(x, steps=steps, t_start=t_0, t_end=t_T, order=order, skip_type=skip_type, method=method,
-                           lower_order_final=lower_order_final, denoise_to_zero=denoise_to_zero,
+        inversion (e.g. DDIM inversion with order=1). The arguments are those of `sample`; `times`, if given,
+        increases."""
+        if times is None:
+            ns = self.noise_schedule
+            t_start = 1.0 / ns.total_N if t_start is None else t_start
+            t_end = ns.T if t_end is None else t_end
+        return self.sample(x, steps=steps, t_start=t_start, t_end=t_end, order=order, skip_type=skip_type,
+                           method=method, lower_order_final=lower_order_final, denoise_to_zero=denoise_to_zero,
                            solver_type=solver_type, atol=atol, rtol=rtol, return_intermediate=return_intermediate,
-                           cuda_graph=cuda_graph, progress=progress)
+                           cuda_graph=cuda_graph, progress=progress, times=times)
 
 
 class SDEDPMSolverPP(Solver):

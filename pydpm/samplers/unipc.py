@@ -8,11 +8,14 @@ one model call and one fused launch.
 from __future__ import annotations
 
 import math
+from typing import Callable, Sequence
 
 import numpy as np
+import torch
 
 from pydpm.samplers._common import Solver, after_step, check_choice
 from pydpm.samplers._program import Point
+from pydpm.schedules import NoiseScheduleFlow, NoiseScheduleVP
 from pydpm.samplers.dpm_solver import METHODS as _DPM_METHODS
 
 VARIANTS = ("bh1", "bh2", "vary_coeff")
@@ -131,44 +134,109 @@ def unipc_multistep(tr, x, ts: list[Point], orders: list[int], correctors: list[
 
 
 class UniPC(Solver):
-    """UniPC with the arguments, defaults and results of the authors' `UniPC` class."""
+    """UniPC with the arguments, defaults and results of the authors' `UniPC` class.
+
+    Each model call is followed by one fused `solver_step` launch: the corrector of a step and the
+    predictor of the next are one linear combination. Coefficients are computed once per (steps, times,
+    order) in float64 and kept on the device; the plan is reused by later `sample` calls with the same
+    arguments.
+
+    Args:
+        model_fn: the model as a function of (x, t) with t the continuous time ([B] tensor), returning the
+            noise prediction: normally `pydpm.schedules.model_wrapper(net, noise_schedule, model_type=...)`,
+            whose conversion and classifier-free guidance fuse into the step. A diffusers model is refused
+            and a bare `torch.nn.Module` under a discrete schedule warns (both name the `model_wrapper` call).
+        noise_schedule: a `pydpm.schedules.NoiseScheduleVP` or `NoiseScheduleFlow`.
+        algorithm_type: 'data_prediction' (UniPC on x̂₀; the choice for guided sampling) or
+            'noise_prediction'.
+        correcting_x0_fn: None; 'dynamic_thresholding' (every data prediction x̂₀ is clamped to [−s, s] and
+            divided by s, s = max(quantile(|x̂₀|, dynamic_thresholding_ratio), thresholding_max_val) per
+            sample, fused into the step); or a function (x0, t) -> x0 applied to every data prediction
+            (unfused: one extra launch per model call).
+        correcting_xt_fn: None, or a function (x_t, t, step) -> x_t applied to the sample after every step.
+        thresholding_max_val: the smallest s of dynamic thresholding (> 0).
+        dynamic_thresholding_ratio: the quantile of |x̂₀| dynamic thresholding takes, in [0, 1].
+        variant: 'bh1' (B(h) = h), 'bh2' (B(h) = e^h − 1; diffusers' default) or 'vary_coeff' (the
+            paper's UniPC_v; first order for order >= 2, see docs/samplers.md).
+    """
 
     algorithm_types = {"data_prediction": "data", "noise_prediction": "noise"}
     default_algorithm = "data_prediction"
 
-    def __init__(self, model_fn, noise_schedule, algorithm_type="data_prediction", correcting_x0_fn=None,
-                 correcting_xt_fn=None, thresholding_max_val=1.0, dynamic_thresholding_ratio=0.995, variant="bh1"):
+    def __init__(self, model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP | NoiseScheduleFlow,
+                 algorithm_type: str = "data_prediction",
+                 correcting_x0_fn: str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 correcting_xt_fn: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None,
+                 thresholding_max_val: float = 1.0, dynamic_thresholding_ratio: float = 0.995,
+                 variant: str = "bh1") -> None:
         check_choice("variant", variant, VARIANTS)
         super().__init__(model_fn, noise_schedule, algorithm_type, correcting_x0_fn, correcting_xt_fn,
                          thresholding_max_val, dynamic_thresholding_ratio)
         self.variant = variant
 
-    def sample(self, x, steps=20, t_start=None, t_end=None, order=2, skip_type="time_uniform", method="multistep",
-               lower_order_final=True, denoise_to_zero=False, atol=0.0078, rtol=0.05, return_intermediate=False,
-               cuda_graph=False, progress=False):
-        """Sample from x at t_start (default T) to t_end (default 1/N) with `steps` model evaluations
-        (+1 with denoise_to_zero). Only method='multistep' exists for UniPC; atol/rtol are accepted for
-        signature compatibility and unused."""
+    def sample(self, x: torch.Tensor, steps: int = 20, t_start: float | None = None, t_end: float | None = None,
+               order: int = 2, skip_type: str = "time_uniform", method: str = "multistep",
+               lower_order_final: bool = True, denoise_to_zero: bool = False, atol: float = 0.0078,
+               rtol: float = 0.05, return_intermediate: bool = False, cuda_graph: bool = False,
+               progress: bool = False, times: Sequence[float] | torch.Tensor | None = None,
+               ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Sample from x at t_start to t_end with `steps` model evaluations (+1 with denoise_to_zero); every
+        step but the last is corrected.
+
+        Args:
+            x: the starting sample (noise at t_start): float32, float16 or bfloat16 (float64 on the CPU), any
+                shape with a leading batch dimension; not modified.
+            steps: the number of steps and of model evaluations (>= order).
+            t_start: the start time (default: the schedule's T).
+            t_end: the end time (default 1/N). 0 ends on the data itself (σ = 0, diffusers'
+                final_sigmas_type='zero'), with a first-order last step; 'data_prediction' only.
+            order: the order, a positive int (1 … 3 in practice).
+            skip_type: the time spacing: 'time_uniform', 'logSNR' (uniform in λ), 'time_quadratic' or
+                'karras' (EDM's ρ = 7 spacing).
+            method: 'multistep', the only method UniPC has (the argument mirrors `DPMSolver.sample`).
+            lower_order_final: lower the orders of the last steps to the steps left (at any step count).
+            denoise_to_zero: end with one more model evaluation at t_end and return its data prediction.
+            atol: accepted for signature compatibility with `DPMSolver.sample`; unused.
+            rtol: accepted for signature compatibility with `DPMSolver.sample`; unused.
+            return_intermediate: also return the list of samples: the start, then the sample after every
+                step (and the denoise_to_zero result).
+            cuda_graph: capture the whole loop (model included) in a CUDA graph on first use per input layout
+                and replay it afterwards (CUDA tensors and a capturable model).
+            progress: show a progress bar over model evaluations (tqdm when installed, else a counter on
+                stderr); not with cuda_graph=True.
+            times: an explicit time grid instead of steps, t_start, t_end and skip_type: len(times) − 1 steps
+                from times[0] to times[-1], strictly decreasing (docs/samplers.md builds diffusers' grids
+                with it).
+
+        Returns:
+            The sample at t_end in x's dtype; with return_intermediate, (sample, list of samples).
+        """
         if method != "multistep":
             check_choice("method", method, _DPM_METHODS)
             raise ValueError(f"UniPC implements method='multistep' only, got {method!r}")
         if not isinstance(order, int) or order < 1:
             raise ValueError(f"order={order!r} must be a positive int")
+        if times is not None:
+            grid = self.explicit_times(times, t_start, t_end)
+            t_T, t_0, steps = float(grid[0]), float(grid[-1]), grid.numel() - 1
+        else:
+            grid = None
+            t_T, t_0 = self.time_range(t_start, t_end)
         self.check_steps(steps)
         if steps < order:
             raise ValueError(f"UniPC needs steps >= order, got steps={steps}, order={order}")
         check_choice("skip_type", skip_type, ("time_uniform", "logSNR", "time_quadratic", "karras"))
-        t_T, t_0 = self.time_range(t_start, t_end)
         if t_0 == 0 and (denoise_to_zero or self.predict == "noise"):
             raise ValueError("t_end=0 (σ = 0) needs algorithm_type='data_prediction' (the noise-prediction update "
                              "has σ_t·(e^h − 1) = 0·∞ there) and no denoise_to_zero (it already ends at the data)")
-        key = ("unipc", steps, t_T, t_0, order, skip_type, bool(lower_order_final), bool(denoise_to_zero),
+        spacing = skip_type if grid is None else tuple(grid.tolist())
+        key = ("unipc", steps, t_T, t_0, order, spacing, bool(lower_order_final), bool(denoise_to_zero),
                bool(return_intermediate))
 
         def program(tr, x):
             hooks = after_step(tr, self.correcting_xt_fn, return_intermediate)
-            x = unipc_multistep(tr, x, tr.points(self.grid(skip_type, t_T, t_0, steps)),
-                                self.zero_end(unipc_orders(steps, order, lower_order_final), t_0),
+            ts = tr.points(self.grid(skip_type, t_T, t_0, steps) if grid is None else grid)
+            x = unipc_multistep(tr, x, ts, self.zero_end(unipc_orders(steps, order, lower_order_final), t_0),
                                 [s < steps for s in range(1, steps + 1)],
                                 self.variant, hooks)
             if denoise_to_zero:
