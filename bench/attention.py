@@ -1,4 +1,4 @@
-"""Benchmark cases of `pydpm.ops.attention` (issue 5): forward and forward+backward on diffusion shapes,
+"""Benchmark cases of `pydpm.ops.attention`: forward and forward+backward on diffusion shapes,
 every SDPA backend side by side in the same run.
 
 Shapes (B, H, N, D): (2,8,4096,40), (2,8,4096,64), (2,10,1024,64), (32,16,256,72), (1,24,4608,128),
@@ -9,10 +9,12 @@ Implementations: pydpm[auto] (the op as users call it: dispatch picks pydpm's ke
 attention from the measured table `pydpm.ops.attention.DISPATCH_TABLE`), pydpm[triton] (our kernel alone) and
 pydpm[reference] (forced), and torch's scaled_dot_product_attention as users call it (`sdpa[default]`) and
 under each backend (`torch.nn.attention.sdpa_kernel`, entered once around the timing: FLASH_ATTENTION,
-CUDNN_ATTENTION, EFFICIENT_ATTENTION, MATH), each skipped with torch's reason where it cannot run the case
-(e.g. flash and cuDNN take no fp32, some head dims are refused). Flops: 4·B·H·NQ·NK·D forward (two matmuls), 3.5× that
-for forward+backward (FlashAttention's convention: the backward's five matmuls count 2.5× the forward). Every output
-(forward+backward: o and dq, dk, dv) is checked against float64 SDPA on the same inputs.
+CUDNN_ATTENTION, EFFICIENT_ATTENTION, MATH). cuDNN and efficient attention run on CUDA only (listed once as
+such among the missing peers on the CPU); a backend that refuses a case (flash and cuDNN take no fp32, some
+head dims are refused) is listed there with the cases it failed on, and torch's warning saying why among the
+warnings. Flops: 4·B·H·NQ·NK·D forward (two matmuls), 3.5× that for forward+backward (FlashAttention's
+convention: the backward's five matmuls count 2.5× the forward). Every output (forward+backward: o and dq, dk,
+dv) is checked against float64 SDPA on the same inputs.
 
 Targets: pydpm[auto] ≥ 0.98× the best SDPA backend on every case as a model sees it (eager wall time per
 call); pydpm[triton] alone against cuDNN and flash (device time), fp32 forward+backward ≥ 2× SDPA's best.
@@ -35,6 +37,7 @@ SHAPES = [((2, 8, 4096, 40), 4096), ((2, 8, 4096, 64), 4096), ((2, 10, 1024, 64)
           ((1, 24, 4608, 128), 4608), ((64, 4, 256, 32), 256), ((2, 8, 4096, 64), 77)]
 CPU_SHAPE = ((1, 2, 256, 64), 256)
 SDPA_BACKENDS = ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+CUDA_ONLY = ("CUDNN_ATTENTION", "EFFICIENT_ATTENTION")
 
 
 def dtypes(device: torch.device) -> list[torch.dtype]:
@@ -95,7 +98,7 @@ def attention_case(shape, nk: int, dtype, device, backward: bool) -> Case:
     for name in SDPA_BACKENDS:
         impls.append(Impl(f"sdpa[{name.split('_')[0].lower()}]",
                           make=lambda: _grads(F.scaled_dot_product_attention, backward),
-                          context=_sdpa_context(name)))
+                          context=_sdpa_context(name), needs_cuda=name in CUDA_ONLY))
     flops = 4 * B * H * NQ * nk * D * (3.5 if backward else 1)
     tag = f"x{nk}" if nk != NQ else ""
     # fp32 on the GPU multiplies in TF32, fp16's 10-bit mantissa: the check takes fp16's tolerance
@@ -119,11 +122,12 @@ def _row(rows: list[Row], impl: str) -> Row | None:
 
 
 def auto_choice(case: Case) -> str:
-    """The backend pydpm[auto] runs for a case (the dispatch table's entry; pydpm's kernel where none)."""
-    from pydpm.ops.attention import table_choice
-
-    nk = int(case.name.split("x")[-1]) if "x" in case.name else case.shape[2]
-    return table_choice(case.shape[3], case.dtype, nk, "bwd" in case.name, "bhnd")
+    """The backend pydpm[auto] runs for a case: the op's dispatch on an input set of the case (the dispatch
+    table's entry on CUDA, where that backend can run it)."""
+    t = case.inputs()
+    with torch.enable_grad():
+        q, k, v = (t[n].requires_grad_("bwd" in case.name) for n in ("q", "k", "v"))
+        return OP.select(check_args(q, k, v)).name
 
 
 def footer(results: list[tuple[Case, list[Row]]]) -> list[str]:

@@ -1,4 +1,4 @@
-"""Benchmark cases of the frequency / NAF-block family (issue 4): FF-Parser, SimpleGate + simplified channel
+"""Benchmark cases of the frequency / NAF-block family: FF-Parser, SimpleGate + simplified channel
 attention, and the NAF block, forward and forward+backward, on every pydpm backend against eager and
 torch.compile compositions written from the papers' definitions.
 
@@ -50,9 +50,9 @@ from pydpm.ops.ff_parser import OP as FF_OP, check_ff_parser
 from pydpm.ops.naf import GATE_SCA_OP, check_simple_gate_sca
 
 from .harness import Case, Impl, Inputs, Outputs, Row, backend_impls, dtype_str, shape_str
-from .wavelet import dtypes, shapes  # issue 4's shape grid, shared with the wavelet cases
+from .wavelet import dtypes, shapes  # the wavelet cases' shape grid, shared
 
-FF_TARGET = 1.5  # issue 4: FF-Parser >= 1.5x eager
+FF_TARGET = 1.5  # FF-Parser's target: >= 1.5x eager
 EAGER, COMPILED = "eager", "torch.compile(eager)"
 
 
@@ -261,7 +261,7 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
 # --------------------------------------------------------------------------------------------------
 
 def footer(results: list[tuple[Case, list[Row]]]) -> list[str]:
-    """Issue 4's FF-Parser target (>= 1.5x eager, per direction and dtype: the worst shape), and the other
+    """The FF-Parser target (>= 1.5x eager, per direction and dtype: the worst shape), and the other
     cases' speed-ups over eager and torch.compile for the record."""
     lines = []
 

@@ -15,6 +15,7 @@ import functools
 import importlib.metadata
 import itertools
 import json
+import logging
 import math
 import os
 import platform
@@ -22,6 +23,7 @@ import re
 import statistics
 import subprocess
 import time
+import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, ContextManager, Iterable, Sequence
@@ -30,6 +32,8 @@ import torch
 
 from pydpm import _backend
 from pydpm.ops import use_backend
+
+from .progress import Progress
 
 Inputs = dict[str, torch.Tensor]
 QUANTILES = [0.5, 0.2, 0.8]
@@ -59,6 +63,7 @@ class Impl:
     check: bool = True  # compare the first output with the oracle (False: another method, or its own noise)
     context: Callable[[], ContextManager] = contextlib.nullcontext  # entered around everything, not per call
     reasons: Callable[[Inputs], list[str]] = _no_reasons  # why it cannot run this case (empty: it can)
+    needs_cuda: bool = False  # runs on CUDA devices only (a peer: listed once among the missing peers elsewhere)
     # called before each round of its eager loop, which alternates with the other implementations' (models: put
     # this implementation's processors back on the model they share)
     select: Callable[[], None] = lambda: None
@@ -102,7 +107,13 @@ class Row:
     host_device_us: float | None = None  # a sync after every call: host + device per call
     loop_us: float | None = None  # back-to-back calls, one sync at the end: per call as a model sees it
     vs_best_peer_eager: float | None = None  # best peer loop_us / this loop_us: what users pay (the headline)
-    note: str = ""
+    note: str = ""  # FAILED, MISMATCH (ours) or WARNING (a peer): a row the targets leave out
+    ceiling_note: str = ""  # why of_ceiling is above 1
+
+    @property
+    def notes(self) -> str:
+        """The note column: the note and the ceiling note."""
+        return "; ".join(filter(None, (self.note, self.ceiling_note)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,19 +131,76 @@ class Ceilings:
     matmul_what: str
 
 
+NEEDS_CUDA = "needs CUDA"
+PIP_NAMES = {"pywt": "PyWavelets"}  # import name -> the distribution to pip install, where they differ
+
+
+class NeedsCUDA(Exception):
+    """Raised by an op file's cases() when the whole family needs a CUDA device."""
+
+
+def not_installed(exc: BaseException) -> str | None:
+    """The distribution to `pip install` when `exc` is the import of a missing module outside pydpm, else None."""
+    top = exc.name.split(".")[0] if isinstance(exc, ModuleNotFoundError) and exc.name else "pydpm"
+    return None if top == "pydpm" else PIP_NAMES.get(top, top)
+
+
+@dataclasses.dataclass
+class Missing:
+    """A peer, a package or an op family that could not run: why, the implementations it took out, and the
+    cases a peer raised on (none for a peer missing altogether)."""
+
+    reasons: set[str] = dataclasses.field(default_factory=set)
+    impls: set[str] = dataclasses.field(default_factory=set)
+    failed_cases: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Warned:
+    """A warning raised while the cases ran, and the cases that raised it."""
+
+    cases: list[str]
+
+
 @dataclasses.dataclass
 class Report:
-    """What one run found besides the rows: peers that could not run, backends skipped, failures of ours."""
+    """What one run found besides the rows: peers that could not run, implementations skipped for a case,
+    warnings raised while the cases ran, failures of ours."""
 
-    missing: dict[str, set[str]] = dataclasses.field(default_factory=dict)
+    missing: dict[str, Missing] = dataclasses.field(default_factory=dict)
     skipped: dict[str, set[str]] = dataclasses.field(default_factory=dict)
+    warnings: dict[str, Warned] = dataclasses.field(default_factory=dict)
     failed: bool = False
 
-    def skip(self, backend: str, reason: str) -> None:
-        self.skipped.setdefault(backend, set()).add(reason)
+    def skip(self, impl: str, reason: str) -> None:
+        self.skipped.setdefault(impl, set()).add(reason)
 
-    def miss(self, peer: str, reason: str) -> None:
-        self.missing.setdefault(peer, set()).add(reason)
+    def miss(self, name: str, reason: str, impl: str, failed_case: str | None = None) -> None:
+        """`name` (a peer, or the package or family it needs) could not run `impl` for `reason`."""
+        entry = self.missing.setdefault(name, Missing())
+        entry.reasons.add(reason)
+        entry.impls.add(impl)
+        if failed_case is not None and failed_case not in entry.failed_cases:
+            entry.failed_cases.append(failed_case)
+
+    def cuda_only(self, impl: Impl) -> None:
+        """`impl` needs CUDA and the case is elsewhere: ours is skipped, a peer listed once among the missing."""
+        if impl.ours:
+            self.skip(impl.name, NEEDS_CUDA)
+        else:
+            self.miss(impl.name, NEEDS_CUDA, impl.name)
+
+    def missing_package(self, what: str, exc: BaseException) -> bool:
+        """True, and `what` recorded under the package, when `exc` is the import of a package not installed."""
+        package = not_installed(exc)
+        if package is not None:
+            self.miss(package, f"not installed: pip install {package}", what)
+        return package is not None
+
+    def warn(self, text: str, case: str) -> None:
+        cases = self.warnings.setdefault(text, Warned([])).cases
+        if case not in cases:
+            cases.append(case)
 
 
 def shape_str(shape: tuple[int, ...]) -> str:
@@ -197,14 +265,18 @@ def _sleep_cycles_per_ms(device: torch.device) -> float:
 
 
 @functools.lru_cache(maxsize=None)
-def _l2_flush_buffer(device: torch.device) -> torch.Tensor:
-    return torch.empty(2 * cache_bytes(device), dtype=torch.uint8, device=device)
+def _flush_buffer(device: torch.device) -> torch.Tensor:
+    """Twice the last-level cache. CUDA zeroes it before a timed call; the CPU reads it (a sum), which evicts
+    what the previous call left cached without leaving dirty lines for the timed call to write back."""
+    if device.type == "cuda":
+        return torch.empty(2 * cache_bytes(device), dtype=torch.uint8, device=device)
+    return torch.ones(2 * cache_bytes(device) // 4, device=device)
 
 
 TIMER = {
     "cuda": "CUDA events around each call: device time, L2 flushed and the launches queued behind a blocking "
             "kernel (the host's share is the host-us column)",
-    "cpu": "time.perf_counter around each call",
+    "cpu": "time.perf_counter around each call, caches flushed before it",
 }
 
 
@@ -215,7 +287,9 @@ def measure(fn: Callable[[], Any], device: torch.device, timing: Timing) -> tupl
     longer than issuing a call takes) is queued, so every launch of the call is queued before its start event
     fires (nvbench's method). triton.testing.do_bench instead times the host whenever issuing a call outlasts
     its L2 flush, which on an H200 flips torch.compile or diffusers between host and device time from one
-    shape to the next. On CPU: the host clock.
+    shape to the next. On the CPU: the host clock, the caches flushed before each call, as the L2 on CUDA: the
+    allocator hands a call that allocates its output the block the previous call freed, which a CPU's cache
+    (tens of MiB) still holds, so such a call would write to the cache instead of memory.
     """
     sync = synchronizer(device)
     fn()
@@ -227,9 +301,9 @@ def measure(fn: Callable[[], Any], device: torch.device, timing: Timing) -> tupl
     estimate_ms = max((time.perf_counter() - start) * 1e3 / 5, 1e-3)
     for _ in range(max(1, int(timing.warmup_ms / estimate_ms))):
         fn()
-    reps = min(max(MIN_REPS, int(timing.rep_ms / estimate_ms)), MAX_REPS)
+    flush = _flush_buffer(device)
     if device.type == "cuda":
-        flush = _l2_flush_buffer(device)
+        reps = min(max(MIN_REPS, int(timing.rep_ms / estimate_ms)), MAX_REPS)
         block = int((1.5 * estimate_ms + 0.05) * _sleep_cycles_per_ms(device))
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
         for begin, end in events:
@@ -241,8 +315,13 @@ def measure(fn: Callable[[], Any], device: torch.device, timing: Timing) -> tupl
         sync()
         times = [begin.elapsed_time(end) for begin, end in events]
     else:
+        start = time.perf_counter()
+        flush.sum()
+        flush_ms = (time.perf_counter() - start) * 1e3
+        reps = min(max(MIN_REPS, int(timing.rep_ms / (estimate_ms + flush_ms))), MAX_REPS)
         times = []
         for _ in range(reps):
+            flush.sum()
             start = time.perf_counter()
             fn()
             times.append((time.perf_counter() - start) * 1e3)
@@ -316,19 +395,38 @@ def input_sets(case: Case) -> list[Inputs]:
 
 
 def measure_ceilings(device: torch.device, timing: Timing) -> Ceilings:
-    """Device copy bandwidth (bytes read + written by a large dst.copy_(src)) and matmul peak."""
-    n = (1 << 28) if device.type == "cuda" else (1 << 26)  # float32: 1 GiB on GPU, 256 MiB on CPU
-    src = torch.randn(n, device=device)
+    """Device copy bandwidth (bytes read + written by dst.copy_(src)) and matmul peak, each from the 20th
+    percentile of its timings: what the device does when nothing else gets in the way (for large
+    bandwidth-bound calls on an H200 it differs from the median by 0.1-0.5%; on a shared CPU host by far more).
+
+    CUDA: a 1 GiB copy and a bf16 8192^3 matmul. CPU: buffers of twice the last-level cache, and a float32
+    256^3 matmul, whose operands fit in the L2 like the small cases' matmuls (a 1024^3 one ran ~25% below that
+    peak); each the best of all threads and one thread, three times over: on a busy host a parallel call waits
+    for its worker threads to be scheduled, for seconds at a time, so one thread can beat all of them, and the
+    cases' small calls, which run on one thread, would then exceed a ceiling measured on all threads.
+    """
+    cuda = device.type == "cuda"
+    threads = torch.get_num_threads()
+    src = torch.randn((1 << 28) if cuda else 2 * cache_bytes(device) // 4, device=device)
     dst = torch.empty_like(src)
-    copy_ms = measure(lambda: dst.copy_(src), device, timing)[0]
-    copy_gbps = 2 * src.nbytes / copy_ms / 1e6
-    copy_what = f"dst.copy_(src), {src.nbytes >> 20} MiB float32"
-    del src, dst
-    m, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    m, dtype = (8192, torch.bfloat16) if cuda else (256, torch.float32)
     a, b = (torch.randn(m, m, device=device, dtype=dtype) for _ in range(2))
     c = torch.empty_like(a)
-    mm_ms = measure(lambda: torch.mm(a, b, out=c), device, timing)[0]
-    return Ceilings(copy_gbps, 2 * m ** 3 / mm_ms / 1e9, copy_what, f"torch.mm {m}^3 {dtype_str(dtype)}")
+    copies, matmuls = [], []
+    try:
+        for n in [threads] if cuda else sorted({threads, 1}, reverse=True) * 3:
+            torch.set_num_threads(n)
+            copies.append((2 * src.nbytes / measure(lambda: dst.copy_(src), device, timing)[1] / 1e6, n))
+            matmuls.append((2 * m ** 3 / measure(lambda: torch.mm(a, b, out=c), device, timing)[1] / 1e9, n))
+    finally:
+        torch.set_num_threads(threads)
+    (copy_gbps, copy_threads), (mm_tflops, mm_threads) = max(copies), max(matmuls)
+
+    def on(n: int) -> str:
+        return "" if cuda else f", {n} thread{'s' if n > 1 else ''}"
+
+    return Ceilings(copy_gbps, mm_tflops, f"dst.copy_(src), {src.nbytes >> 20} MiB float32{on(copy_threads)}",
+                    f"torch.mm {m}^3 {dtype_str(dtype)}{on(mm_threads)}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -351,19 +449,26 @@ def _error(exc: Exception) -> str:
     return f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
 
 
-def run_case(case: Case, ceilings: Ceilings, timing: Timing, report: Report) -> list[Row]:
-    """Time every implementation of `case` on the same input sets; one Row each."""
+def run_case(case: Case, ceilings: Ceilings, timing: Timing, report: Report,
+             doing: Callable[[str], None] = lambda what: None) -> list[Row]:
+    """Time every implementation of `case` on the same input sets; one Row each. `doing` is told the step at
+    work (the progress line)."""
     torch.compiler.reset()  # compile afresh for every case: no recompile limit reached across shapes and dtypes
+    doing("inputs and the float64 oracle")
     sets = input_sets(case)
     expected = case.oracle(sets[0])
     rows, timed = [], []
     for impl in case.impls:
+        if impl.needs_cuda and case.device.type != "cuda":
+            report.cuda_only(impl)
+            continue
         reasons = impl.reasons(sets[0])
         if reasons:
             report.skip(impl.name, "; ".join(reasons))
             continue
         row = Row(case.op, case.name, shape_str(case.shape), dtype_str(case.dtype), impl.name, impl.ours,
                   unit="TFLOP/s" if case.flops else "GB/s")
+        doing(impl.name)
         try:
             with impl.context():
                 fn = impl.make()
@@ -374,8 +479,10 @@ def run_case(case: Case, ceilings: Ceilings, timing: Timing, report: Report) -> 
                 row.host_device_us = synced_call_us(functools.partial(fn, sets[0]), case.device, calls)
                 timed.append((impl, row, functools.partial(fn, sets[0]), calls))
         except Exception as exc:  # noqa: BLE001 - a failing implementation is reported, the run goes on
+            if report.missing_package(impl.name, exc):
+                continue
             if not impl.ours:
-                report.miss(impl.name, _error(exc))
+                report.miss(impl.name, _error(exc), impl.name, case.label)
                 continue
             report.failed = True
             row.note = f"FAILED: {_error(exc)}"
@@ -384,9 +491,54 @@ def run_case(case: Case, ceilings: Ceilings, timing: Timing, report: Report) -> 
                 report.failed |= impl.ours
                 row.note = f"{'MISMATCH' if impl.ours else 'WARNING'}: {mismatch}"
         rows.append(row)
+    doing("eager loops, the implementations taking turns")
     eager_loops(timed, case.device)
     _rate(rows, case, ceilings)
     return rows
+
+
+class _Capture(logging.Filter):
+    """On a handler that writes to a stream (the terminal, not a file): takes WARNING and higher records into
+    the report instead."""
+
+    def __init__(self, report: Report, where: str):
+        super().__init__()
+        self.report, self.where = report, where
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        self.report.warn(f"{record.name}: {_first_line(record.getMessage())}", self.where)
+        return False
+
+
+def _first_line(text: str) -> str:
+    lines = str(text).strip().splitlines()
+    return lines[0][:300] if lines else ""
+
+
+@contextlib.contextmanager
+def warnings_captured(report: Report, where: str):
+    """Warnings raised inside go to `report` under `where`, not between the table's lines: those the warnings
+    module's filters would show (by default each once per place it is raised from, deprecations hidden) and the
+    WARNING records of loggers writing to the terminal (torch's inductor and dynamo messages)."""
+    loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(v, logging.Logger))]
+    handlers = [h for logger in loggers for h in logger.handlers
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    handlers += [logging.lastResort] if logging.lastResort is not None else []
+    capture = _Capture(report, where)
+    for handler in handlers:
+        handler.addFilter(capture)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(capture)
+    for w in caught:
+        source = re.sub(r".*/site-packages/", "", w.filename)
+        report.warn(f"{w.category.__name__}: {_first_line(w.message)} ({source}:{w.lineno})", where)
 
 
 def _rate(rows: list[Row], case: Case, ceilings: Ceilings) -> None:
@@ -406,6 +558,8 @@ def _rate(rows: list[Row], case: Case, ceilings: Ceilings) -> None:
             r.throughput = case.nbytes / r.median_ms / 1e6
             r.of_ceiling = r.throughput / ceilings.copy_gbps
         r.vs_best_peer = best_peer / r.median_ms if best_peer else None
+        if r.of_ceiling > 1:
+            r.ceiling_note = ABOVE_CEILING["flops" if case.flops else "bytes"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -442,20 +596,57 @@ def _pydpm_version() -> str:
     return version
 
 
-def _git_head() -> str:
-    """The commit benchmarked: PYDPM_BENCH_COMMIT when the caller knows better than the checkout (a copy of
-    the working tree sent to a GPU machine carries a stale .git), else the checkout's HEAD."""
+def _git(where: Path, *args: str) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True, timeout=30)
+    except OSError as exc:  # no git here
+        return subprocess.CompletedProcess(args, 127, "", str(exc))
+
+
+def _toplevel(where: Path) -> Path | None:
+    done = _git(where, "rev-parse", "--show-toplevel")
+    return Path(done.stdout.strip()) if done.returncode == 0 else None
+
+
+def _head(top: Path) -> str:
+    """`top`'s HEAD, short, with '-dirty' when tracked files differ from it."""
+    done = _git(top, "rev-parse", "--short", "HEAD")
+    if done.returncode != 0:
+        return f"unknown ({_first_line(done.stderr)})"
+    dirty = _git(top, "status", "--porcelain", "--untracked-files=no").stdout.strip()
+    return done.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def source_commit() -> tuple[str, str]:
+    """(the commit benchmarked, where it was read). PYDPM_BENCH_COMMIT first (a copy of the working tree sent to
+    another machine may carry a stale .git); then the git checkout this file runs from (an editable install or
+    `python -m bench` in a clone); then, when pydpm is an installed copy (site-packages, which is no checkout),
+    the pydpm clone in the working directory, which that copy may or may not have been built from."""
     if os.environ.get("PYDPM_BENCH_COMMIT"):
-        return os.environ["PYDPM_BENCH_COMMIT"]
-    root = Path(__file__).resolve().parent.parent
-    if not (root / ".git").exists():
-        return "unknown (not a git checkout)"
-    done = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          timeout=30)
-    return done.stdout.strip() if done.returncode == 0 else "unknown (no commit)"
+        return os.environ["PYDPM_BENCH_COMMIT"], "PYDPM_BENCH_COMMIT"
+    here = Path(__file__).resolve()
+    top = _toplevel(here.parent)
+    if top is not None and (top / "bench" / "harness.py").resolve() == here:
+        return _head(top), f"the checkout pydpm.bench runs from, {top}"
+    top = _toplevel(Path.cwd())
+    if top is not None and (top / "bench" / "harness.py").is_file():
+        return _head(top), (f"the pydpm clone in the working directory, {top}; pydpm.bench was imported from "
+                            f"{here.parent}, an installed copy")
+    return "unknown", (f"pydpm.bench was imported from {here.parent}, not a git checkout, and the working "
+                       f"directory is no pydpm clone; set PYDPM_BENCH_COMMIT")
+
+
+def _load_average() -> str:
+    """The 1, 5 and 15 minute load averages, and a word when other work keeps half the CPUs busy."""
+    if not hasattr(os, "getloadavg"):
+        return "n/a"
+    load, cpus = os.getloadavg(), os.cpu_count() or 1
+    busy = ": a busy host, timings of host-bound and CPU cases are noisy" if load[0] >= cpus / 2 else ""
+    return " ".join(f"{v:.2f}" for v in load) + f" on {cpus} CPUs{busy}"
 
 
 def environment(device: torch.device, now: datetime.datetime) -> dict[str, str]:
+    commit, commit_source = source_commit()
     return {
         "card": card_name(device),
         "device": str(device),
@@ -463,20 +654,16 @@ def environment(device: torch.device, now: datetime.datetime) -> dict[str, str]:
         "triton": _version("triton"),
         "diffusers": _version("diffusers"),
         "pydpm": _pydpm_version(),
-        "git": _git_head(),
+        "git": commit,
+        "git_from": commit_source,
         "date_utc": now.strftime("%Y-%m-%d %H:%M:%S"),
         "python": platform.python_version(),
         "threads": str(torch.get_num_threads()),
-        "load_average": " ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a",
+        "load_average": _load_average(),
         "timer": TIMER[device.type],
     }
 
 
-# What users pay first: `eager us` is the wall time per call of back-to-back eager calls with one
-# synchronisation at the end (host and device together, as a model sees the op), `vs peer` its ratio to the
-# best peer's (> 1: faster than every peer). Then device time (CUDA events, L2 flushed, launches queued behind
-# a blocking kernel), its ratio to the best peer's device time, the rate it implies and its fraction of the
-# card's measured ceiling, and `host us`, the host's cost of issuing one call.
 COLUMNS = (  # (title, width, Row -> cell)
     ("case", 9, lambda r: r.case),
     ("shape", 16, lambda r: r.shape),
@@ -490,11 +677,35 @@ COLUMNS = (  # (title, width, Row -> cell)
     ("%ceil", 6, lambda r: _num(r.of_ceiling and 100 * r.of_ceiling, ".1f")),
     ("host us", 8, lambda r: _num(r.host_us, ".1f")),
 )
-LEGEND = ("eager us: wall time per call of back-to-back eager calls, one synchronisation at the end (what a "
-          "model pays); vs peer: the best peer's eager us over this row's (> 1: faster); device us: device time, "
-          "L2 flushed; dev vs peer: the same ratio on device time; rate and %ceil: throughput from the bytes or "
-          "flops a call must move, and its fraction of the measured ceiling; host us: the host's cost of issuing "
-          "a call")
+# Every column, and the note printed under a row (the last column of results.md). What users pay comes
+# first: eager us and its ratio to the best peer.
+LEGEND = {
+    "case": "the operation timed (+bwd: forward and backward; x77: attention over 77 keys)",
+    "shape": "the case's input shape",
+    "dtype": "the tensors' element type",
+    "impl": "pydpm[cuda], pydpm[triton], ...: the pydpm op forced onto that backend; pydpm[auto]: its own "
+            "dispatch; other pydpm rows: pydpm's samplers, modules and integrations; every other row is a peer "
+            "(eager PyTorch, torch.compile, another library)",
+    "eager us": "wall time per call of back-to-back calls with one synchronisation at the end, host and device "
+                "together: what a model or a sampling loop pays per call",
+    "vs peer": "the best peer's eager us over this row's (> 1: faster than every peer)",
+    "device us": "median time of one call: on CUDA device time (CUDA events, L2 flushed, launches queued "
+                 "ahead), on the CPU the host clock (caches flushed)",
+    "dev vs peer": "the best peer's device us over this row's",
+    "rate": "the bytes (GB/s) or flops (TFLOP/s) the case counts for one call, over device us",
+    "%ceil": "rate as a percentage of the measured ceiling above the table (copy bandwidth or matmul peak); "
+             "above 100 only with a note saying why",
+    "host us": "the host's cost of issuing one call (back-to-back calls, no synchronisation)",
+    "note": "FAILED or MISMATCH: a pydpm row that raised or disagreed with the float64 oracle (the run exits "
+            "1); WARNING: a peer that disagreed; why %ceil is above 100. '-': not measured",
+}
+ABOVE_CEILING = {
+    "bytes": "above the copy ceiling: less went through memory than the bytes counted (data that stayed in a "
+             "cache, or on a CPU a call that reads more than it writes: a copy also reads every line it writes), "
+             "or the ceiling was measured low on a busy host",
+    "flops": "above the matmul ceiling: this call's matmuls ran faster than the ceiling's torch.mm (shapes that "
+             "suit the hardware better, or a ceiling measured low on a busy host)",
+}
 
 
 def _num(value: float | None, fmt: str, suffix: str = "") -> str:
@@ -506,23 +717,51 @@ def _fixed_width(cells: list[str]) -> str:
     return "  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, (_, w, _)) in enumerate(zip(cells, COLUMNS)))
 
 
+def legend_lines() -> list[str]:
+    width = max(map(len, LEGEND))
+    return ["columns:", *(f"  {title.ljust(width)}  {text}" for title, text in LEGEND.items())]
+
+
 def table_header() -> list[str]:
     header = _fixed_width([title for title, _, _ in COLUMNS])
     return [header, "-" * len(header)]
 
 
 def table_lines(rows: Iterable[Row]) -> list[str]:
-    """One fixed-width line per row, and one more under a row with a note."""
+    """One fixed-width line per row, and one more under a row with notes."""
     lines = []
     for r in rows:
         lines.append(_fixed_width([cell(r) for _, _, cell in COLUMNS]).rstrip())
-        if r.note:
-            lines.append(f"    ! {r.impl}: {r.note}")
+        if r.notes:
+            lines.append(f"    ! {r.impl}: {r.notes}")
     return lines
 
 
-def _listing(table: dict[str, set[str]], bullet: str = " ") -> list[str]:
-    return [f"{bullet} {name}: {' | '.join(sorted(r))}" for name, r in sorted(table.items())] or [f"{bullet} none"]
+def missing_lines(report: Report) -> list[str]:
+    """One line per missing peer, package or family: why, and what it took out."""
+    lines = []
+    for name, entry in sorted(report.missing.items()):
+        line = f"{name}: {' | '.join(sorted(entry.reasons))}"
+        others = sorted(entry.impls - {name})
+        if entry.failed_cases:
+            cases = len(entry.failed_cases)
+            line += f" (on {cases} case{'s' if cases > 1 else ''}, the first {entry.failed_cases[0]})"
+        if others:
+            line += f"; without it: {', '.join(others)}"
+        lines.append(line)
+    return lines or ["none"]
+
+
+def skipped_lines(report: Report) -> list[str]:
+    return [f"{name}: {' | '.join(sorted(reasons))}" for name, reasons in sorted(report.skipped.items())] or ["none"]
+
+
+def warning_lines(report: Report) -> list[str]:
+    lines = []
+    for text, warned in report.warnings.items():
+        count = len(warned.cases)
+        lines.append(f"{text} [{count} case{'s' if count > 1 else ''}, the first {warned.cases[0]}]")
+    return lines or ["none"]
 
 
 def summary_lines(meta: dict[str, str], ceilings: Ceilings) -> list[str]:
@@ -532,58 +771,150 @@ def summary_lines(meta: dict[str, str], ceilings: Ceilings) -> list[str]:
     ]
 
 
-def write_results(out: Path, meta: dict[str, str], ceilings: Ceilings, rows: list[Row], report: Report,
-                  footer: list[str]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    data = {
+def results_data(meta: dict[str, str], arguments: dict[str, Any], ceilings: Ceilings, rows: list[Row],
+                 report: Report, footer: list[str]) -> dict[str, Any]:
+    """What results.json holds."""
+    return {
         "meta": meta,
+        "arguments": arguments,
         "ceilings": dataclasses.asdict(ceilings),
-        "missing_peers": {k: sorted(v) for k, v in report.missing.items()},
+        "missing_peers": {name: {"reasons": sorted(e.reasons), "implementations": sorted(e.impls),
+                                 "failed_cases": e.failed_cases} for name, e in report.missing.items()},
         "skipped_backends": {k: sorted(v) for k, v in report.skipped.items()},
+        "warnings": {text: warned.cases for text, warned in report.warnings.items()},
         "rows": [dataclasses.asdict(r) for r in rows],
         "targets": footer,
     }
-    (out / "results.json").write_text(json.dumps(data, indent=1) + "\n")
-    md = [f"# pydpm benchmarks: {meta['card']}", ""] + [f"- {line}" for line in summary_lines(meta, ceilings)]
-    md += ["", "Missing peers:", "", *_listing(report.missing, "-"), "", "Skipped backends:", "",
-           *_listing(report.skipped, "-"), ""]
-    md += [f"Columns: {LEGEND}.", ""]
+
+
+PLOTS_HEADING = "## Plots"
+
+
+def plot_links(plots: Sequence[Path]) -> list[str]:
+    """The Plots section of results.md: every plot beside it, linked."""
+    return [PLOTS_HEADING, "", *(f"![{p.stem}]({p.name})" for p in plots), ""]
+
+
+def results_markdown(data: dict[str, Any], report: Report, rows: list[Row], plots: Sequence[Path]) -> str:
+    meta, ceilings = data["meta"], Ceilings(**data["ceilings"])
+    arguments = " ".join(data["arguments"]["argv"]) or "(none)"
+    md = [f"# pydpm benchmarks: {meta['card']}", ""]
+    md += [f"- {line}" for line in summary_lines(meta, ceilings)] + [f"- arguments: {arguments}", ""]
+    md += ["Missing peers:", "", *(f"- {line}" for line in missing_lines(report)), ""]
+    md += ["Skipped for some cases:", "", *(f"- {line}" for line in skipped_lines(report)), ""]
+    md += ["Warnings raised while the cases ran:", "", *(f"- {line}" for line in warning_lines(report)), ""]
+    md += ["Columns:", "", *(f"- **{title}**: {text}" for title, text in LEGEND.items()), ""]
     md += ["| " + " | ".join(title for title, _, _ in COLUMNS) + " | note |",
            "|" + "---|" * (len(COLUMNS) + 1)]
-    md += ["| " + " | ".join(cell(r) for _, _, cell in COLUMNS) + f" | {r.note} |" for r in rows]
-    md += ["", "Targets (reported, not asserted):", *[f"- {line}" for line in footer], ""]
-    (out / "results.md").write_text("\n".join(md))
+    md += ["| " + " | ".join(cell(r) for _, _, cell in COLUMNS) + f" | {r.notes.replace('|', '/')} |" for r in rows]
+    md += ["", "Targets (reported, not asserted):", *[f"- {line}" for line in data["targets"]], ""]
+    return "\n".join(md + (plot_links(plots) if plots else []))
+
+
+def link_plots(md: Path, plots: Sequence[Path]) -> None:
+    """Replaces the Plots section of the results.md `md` (appends one where it has none)."""
+    text = md.read_text()
+    head = text.split(f"\n{PLOTS_HEADING}\n")[0].rstrip("\n")
+    md.write_text("\n".join([head, "", *plot_links(plots)]))
+
+
+def load_results(path: Path) -> tuple[Path, dict[str, Any]]:
+    """(the results file, its contents) for a results.json or the folder holding one; ValueError for a JSON
+    file that holds no benchmark rows (host_cost.py's, the attention tuner's)."""
+    file = path / "results.json" if path.is_dir() else path
+    data = json.loads(file.read_text())
+    if not isinstance(data, dict) or "rows" not in data:
+        raise ValueError(f"{file}: not the results of a pydpm bench run (no rows)")
+    return file, data
+
+
+def new_results_folder(parent: Path, meta: dict[str, str], now: datetime.datetime, quick: bool) -> Path:
+    """A new folder under `parent`, <UTC time>-<card>-<commit>[-quick]; a name taken already (two runs in one
+    second) gets -2, -3, ...: a run never writes into another's folder."""
+    name = f"{now:%Y%m%dT%H%M%SZ}-{slug(meta['card'])}-{slug(meta['git'].split()[0])}" + ("-quick" if quick else "")
+    for n in itertools.count(1):
+        folder = parent / (name if n == 1 else f"{name}-{n}")
+        try:
+            folder.mkdir(parents=True)
+        except FileExistsError:
+            continue
+        return folder
+
+
+def _plan(ops: dict[str, ModuleType], device: torch.device, quick: bool, cases: str | None,
+          report: Report) -> list[tuple[str, ModuleType, list[Case], str]]:
+    """(family, module, its cases matching `cases`, why it has none) per op family. A family whose cases need
+    CUDA (NeedsCUDA) or a package not installed has none, and is recorded among the missing."""
+    plan = []
+    for name, module in ops.items():
+        found, why = [], ""
+        try:
+            with warnings_captured(report, f"the {name} cases"):
+                found = [c for c in module.cases(device, quick) if cases is None or re.search(cases, c.label)]
+        except NeedsCUDA as exc:
+            why = f"{NEEDS_CUDA}: {exc}"
+            report.miss(f"the {name} family", why, f"the {name} family")
+        except ModuleNotFoundError as exc:
+            if not report.missing_package(f"the {name} family", exc):
+                raise
+            why = f"not installed: pip install {not_installed(exc)}"
+        if not found and not why:
+            why = "no case matches --cases" if cases is not None else "no cases on this device"
+        plan.append((name, module, found, why))
+    return plan
 
 
 def run_suite(ops: dict[str, ModuleType], device: torch.device, quick: bool, out: Path | None,
-              cases: str | None = None) -> int:
+              cases: str | None = None, arguments: dict[str, Any] | None = None) -> int:
     """Run every case of the op files `ops` (those whose label matches the regex `cases`, when given), print
-    the table, write results.json and results.md to `out`. Returns 1 when an implementation of ours failed
-    or disagreed with the oracle, else 0."""
+    the table, write results.json, results.md and (with matplotlib) the plots to `out`, by default a new
+    folder under bench-results/. `arguments` (the command line) go into results.json. Returns 1 when an
+    implementation of ours failed or disagreed with the oracle, else 0."""
+    from . import plot
+
     now = datetime.datetime.now(datetime.timezone.utc)
     meta = environment(device, now)
-    out = out or Path("bench-results") / f"{slug(meta['card'])}-{now:%Y-%m-%d}"
     timing = timing_for(device, quick)
-    ceilings = measure_ceilings(device, timing)
-    print("\n".join(summary_lines(meta, ceilings)), end="\n\n", flush=True)
-    print(f"columns: {LEGEND}\n", flush=True)
-    print(*table_header(), sep="\n", flush=True)
-    report, rows, footer = Report(), [], []
-    for module in ops.values():
-        results = []
-        for case in module.cases(device, quick):
-            if cases is not None and not re.search(cases, case.label):
-                continue
-            case_rows = run_case(case, ceilings, timing, report)
-            for line in table_lines(case_rows):
-                print(line, flush=True)
-            results.append((case, case_rows))
-            rows += case_rows
-        footer += module.footer(results)
-    print("\nmissing peers:", *_listing(report.missing), "skipped backends:", *_listing(report.skipped), sep="\n")
-    print("\ntargets (reported, not asserted):", *[f"  {line}" for line in footer], sep="\n")
-    write_results(out, meta, ceilings, rows, report, footer)
+    report = Report()
+    plan = _plan(ops, device, quick, cases, report)
+    progress = Progress([len(case.impls) for _, _, found, _ in plan for case in found])
+    rows, footer = [], []
+    try:
+        progress.doing("measuring the ceilings")
+        ceilings = measure_ceilings(device, timing)
+        for line in [*summary_lines(meta, ceilings), "", *legend_lines(), "", *table_header()]:
+            progress.print(line)
+        for name, module, found, why in plan:
+            progress.family(name, len(found), why)
+            results = []
+            for case in found:
+                progress.case(case.label)
+                with warnings_captured(report, case.label):
+                    case_rows = run_case(case, ceilings, timing, report, progress.doing)
+                for line in table_lines(case_rows):
+                    progress.print(line)
+                progress.case_done()
+                results.append((case, case_rows))
+                rows += case_rows
+            footer += module.footer(results)
+    finally:
+        progress.close()
+    sections = [("missing peers", missing_lines(report)), ("skipped for some cases", skipped_lines(report)),
+                ("warnings raised while the cases ran", warning_lines(report)),
+                ("targets (reported, not asserted)", footer)]
+    for title, lines in sections:
+        print(f"\n{title}:", *[f"  {line}" for line in lines], sep="\n")
+    out = out if out is not None else new_results_folder(Path("bench-results"), meta, now, quick)
+    out.mkdir(parents=True, exist_ok=True)
+    data = results_data(meta, arguments or {"argv": []}, ceilings, rows, report, footer)
+    (out / "results.json").write_text(json.dumps(data, indent=1) + "\n")
+    plots = plot.plot_results(data, out) if plot.available() else []
+    (out / "results.md").write_text(results_markdown(data, report, rows, plots))
     print(f"\nresults: {out / 'results.json'}, {out / 'results.md'}")
+    if plots or plot.available():
+        print(f"plots: {', '.join(str(p) for p in plots) or 'none (no rows)'}")
+    else:
+        print(f"plots: none ({plot.MISSING})")
     return 1 if report.failed else 0
 
 

@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from .harness import Case, Impl, Inputs, Row, dtype_str, shape_str
+from .harness import Case, Impl, Inputs, NeedsCUDA, Row, dtype_str, shape_str
 
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, down_block_types=(
     "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
@@ -174,11 +174,9 @@ def model_case(name: str, kind: str, shape: tuple[int, ...], dtype: torch.dtype,
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
     if device.type != "cuda":
-        return []  # full-size models: the GPU only
-    try:
-        import diffusers  # noqa: F401
-    except ImportError:
-        return []
+        raise NeedsCUDA("full-size diffusers models")
+    import diffusers  # noqa: F401 - without it the harness lists the family among the missing, once
+
     return [model_case("unet-sd15", "unet", (2, 4, 64, 64), torch.float16, device, False, quick),
             model_case("unet-sd15-train", "unet", (2, 4, 64, 64), torch.bfloat16, device, True, quick),
             model_case("dit-xl2", "dit", (8, 4, 32, 32), torch.float16, device, False, quick)]

@@ -1,4 +1,4 @@
-"""Benchmark cases of the samplers (issue 3): the overhead of a whole 20-step sampling loop with an
+"""Benchmark cases of the samplers: the overhead of a whole 20-step sampling loop with an
 identity-cost model, pydpm eager and captured in a CUDA graph, against diffusers' scheduler loops.
 
 The model returns its input as the noise prediction (ε = x), so it costs nothing on the device and the loop
@@ -19,13 +19,12 @@ and diffusers' loop of the same algorithm, so `vs peer` is the ratio to diffuser
 (1,4,64,64) and (16,4,128,128), fp16 and fp32 on CUDA; on the CPU (1,4,64,64) fp32 only, to stay short,
 and the CUDA graph rows are skipped with the reason.
 
-Columns, for one call = one 20-step loop: `median ms` CUDA events around the loop with its launches queued
-behind a blocking kernel, i.e. device time (a loop that synchronises inside, as diffusers' first step and its
-set_timesteps do, shows its host time there too); `h+dev us` one loop then a synchronisation, host clock:
-the wall time a caller waits for a loop (the number a host-bound loop is judged by); `loop us` loops
-back to back with one synchronisation at the end, per loop; `host us` the cost of issuing a loop. `vs peer`
-is device time; the footer gives, per row, the wall time per loop (h+dev), per step (/20) and the ratio to
-diffusers' loop on that wall time, and reads the targets off them.
+Columns, for one call = one 20-step loop: `eager us` loops back to back with one synchronisation at the end,
+per loop (the wall time a sampling loop costs; a host-bound loop is judged by it), `vs peer` its ratio to
+diffusers' loop; `device us` CUDA events around the loop with its launches queued behind a blocking kernel
+(a loop that synchronises inside, as diffusers' first step and its set_timesteps do, shows its host time there
+too); `host us` the cost of issuing a loop. The footer gives, per row, the eager wall time per loop, per step
+(/20) and the ratio to diffusers' loop, and reads the targets off them.
 
 Checks, so a broken sampler cannot post a good time: the pydpm rows are compared by the harness with the
 same sampler program run unfused on tensors (`solver.eager = True`: float64 arithmetic, no plan, no fused
@@ -45,7 +44,7 @@ import torch
 from .harness import Case, Impl, Inputs, Row, check, dtype_str, shape_str
 
 NUM_STEPS, ORDER = 20, 2
-SMALL = (1, 4, 64, 64)  # one SD 1.x latent: the shape of the issue's peer numbers
+SMALL = (1, 4, 64, 64)  # one SD 1.x latent
 MEDIUM = (16, 4, 128, 128)  # a batch of SDXL latents
 LOOP_TARGET_MS = 0.3  # whole 20-step loop, identity model, CUDA graph
 SPEEDUP_TARGET = 20.0  # >= 20x diffusers per step

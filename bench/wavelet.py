@@ -1,4 +1,4 @@
-"""Benchmark cases of the Haar wavelet ops (issue 4): the one-level orthonormal Haar DWT/IDWT and the
+"""Benchmark cases of the Haar wavelet ops: the one-level orthonormal Haar DWT/IDWT and the
 wavelet gates of Spectral Diffusion (WG-Down, WG-Up), forward and forward+backward, on every pydpm backend,
 against pytorch_wavelets, ptwt and eager / torch.compile compositions written from the definitions.
 
@@ -10,8 +10,8 @@ elements of the dtype, G = the B·4·C gates):
                bytes: forward 2N + read (dll, dhigh) N + write dx N = 4N (the backward is linear: no x)
   idwt         (ll, high) -> x                                       bytes: 2N
   dwt+idwt     the round trip x -> bands -> x, two calls             bytes: 4N (each call reads its input
-               and writes its output once). The issue's 0.03 ms "floor" for (16,256,64,64) fp32 is 2N (read
-               x, write x: a fused round trip); the footer gives both.
+               and writes its output once). A fused round trip would move 2N (read x, write x: the
+               identity); the footer gives both floors.
   wg-dn        WG-Down: y = Σᵢ gates[:, i]·bandᵢ(x), y [B, C, h, w]   bytes: N + N/4 + G
   wg-dn+bwd    outputs (y, dx, dgates) given dy                      bytes: forward + read dy, x, gates,
                write dx, dgates = 3.5N + 3G
@@ -19,7 +19,7 @@ elements of the dtype, G = the B·4·C gates):
                [B, C, H, W]                                          bytes: 2N + G
   wg-up+bwd    outputs (y, dx, dgates) given dy                      bytes: 5N + 3G
 
-Shapes (16,256,64,64) (the issue's), (8,640,64,64), (2,320,128,128), (64,64,32,32); fp32 and bf16. CUDA
+Shapes (16,256,64,64) (the reference shape), (8,640,64,64), (2,320,128,128), (64,64,32,32); fp32 and bf16. CUDA
 `--quick`: the first and the last shape. CPU: (2,16,32,32) fp32 only, so `pydpm bench` stays short there.
 
 Implementations, the same names in every case (in the gate cases each peer does the transform, then the
@@ -81,11 +81,13 @@ from pydpm.ops.wavelet import (check_down, check_dwt, check_idwt, check_up, haar
 
 from .harness import Case, Impl, Inputs, Outputs, Row, backend_impls, dtype_str, shape_str
 
-HEADLINE = (16, 256, 64, 64)  # the issue's shape
+HEADLINE = (16, 256, 64, 64)  # the reference shape: the footer's DWT+IDWT round trip
 SHAPES = (HEADLINE, (8, 640, 64, 64), (2, 320, 128, 128), (64, 64, 32, 32))
 CPU_SHAPE = (2, 16, 32, 32)
-# Issue 4, H200, one Haar DWT+IDWT of HEADLINE fp32 (ms).
-ISSUE_MS = {"pytorch_wavelets": 1.23, "ptwt": 3.24, "floor": 0.03}
+# An earlier run's device time of one DWT+IDWT of HEADLINE fp32 (ms): H200, 2026-11-26, commit aa1ad4d
+# (bench/results/h200-2026-11-26-aa1ad4d-wavelet-quick.md).
+EARLIER = "H200, 2026-11-26, commit aa1ad4d"
+EARLIER_MS = {"pytorch_wavelets": 1.24, "ptwt": 3.12}
 BANDWIDTH_TARGET = 0.70  # the target for fused transforms and gates, forward
 BACKWARD_TARGET = 0.50  # forward+backward
 SPEEDUP_TARGET = 25.0  # x pytorch_wavelets, same transform
@@ -394,7 +396,7 @@ def _where(case: Case) -> str:
 
 
 def footer(results: list[tuple[Case, list[Row]]]) -> list[str]:
-    """Per pydpm backend, the worst row of each target (and where it was); then the issue's headline, the
+    """Per pydpm backend, the worst row of each target (and where it was); then the headline, the
     DWT+IDWT round trip at (16,256,64,64) fp32, against the peers and the bandwidth floors."""
     def worst(cases: Sequence[str], value: Callable[[list[Row], Row], float | None]) -> dict[str, tuple[float, str]]:
         found: dict[str, tuple[float, str]] = {}
@@ -429,8 +431,8 @@ def footer(results: list[tuple[Case, list[Row]]]) -> list[str]:
     ]
     head = next(((c, rows) for c, rows in results
                  if c.name == "dwt+idwt" and c.shape == HEADLINE and c.dtype == torch.float32), None)
-    what = f"DWT+IDWT {shape_str(HEADLINE)} fp32 (issue 4, H200: pytorch_wavelets {ISSUE_MS['pytorch_wavelets']} " \
-           f"ms, ptwt {ISSUE_MS['ptwt']} ms, floor {ISSUE_MS['floor']} ms)"
+    what = f"DWT+IDWT {shape_str(HEADLINE)} fp32 ({EARLIER}: pytorch_wavelets {EARLIER_MS['pytorch_wavelets']} " \
+           f"ms, ptwt {EARLIER_MS['ptwt']} ms)"
     if head is None:
         lines.append(f"{what}: not measured in this run")
     else:
@@ -439,7 +441,7 @@ def footer(results: list[tuple[Case, list[Row]]]) -> list[str]:
         copy_gbps = rated.throughput / rated.of_ceiling if rated else None
         n = math.prod(case.shape) * case.dtype.itemsize
         floors = (f"floors at the measured copy bandwidth: two passes (4N) {4 * n / copy_gbps / 1e6:.4f} ms, "
-                  f"fused (2N, the issue's) {2 * n / copy_gbps / 1e6:.4f} ms") if copy_gbps else "no floor"
+                  f"fused (2N, the identity) {2 * n / copy_gbps / 1e6:.4f} ms") if copy_gbps else "no floor"
         timed = ", ".join(f"{r.impl} {r.median_ms:.4f} ms" for r in rows if r.median_ms) or "nothing timed"
         lines.append(f"{what}: {timed}; {floors}")
         for r in rows:
