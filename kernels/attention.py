@@ -124,14 +124,22 @@ def _dot(a, b, IEEE: tl.constexpr):
 @triton.jit
 def _fwd_block(acc, l_i, m_i, q, K, V, b, h, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, start, NK, D,
                qk_scale, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr, TAIL: tl.constexpr,
-               MASK_D: tl.constexpr, IEEE: tl.constexpr):
-    """One key block of the online softmax: (acc, l, m) updated by keys start .. start + BLOCK_N."""
+               MASK_D: tl.constexpr, IEEE: tl.constexpr, POSITIVE: tl.constexpr):
+    """One key block of the online softmax: (acc, l, m) updated by keys start .. start + BLOCK_N. POSITIVE
+    (scale > 0): the row max of the raw logits scales to the max of the scaled ones, and the scaling folds into
+    the exponent's fused multiply-add; otherwise the logits are scaled first, then masked and maxed."""
     k = _tile(K, b, h, s_kb, s_kh, s_kn, s_kd, start, NK, D, BLOCK_N, BLOCK_D, TMA, TAIL, MASK_D)
     s = _dot(q, tl.trans(k), IEEE)
+    if not POSITIVE:
+        s = s * qk_scale
     if TAIL:
         s = tl.where((start + tl.arange(0, BLOCK_N))[None, :] < NK, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    p = tl.exp2(s * qk_scale - m_new[:, None])
+    if POSITIVE:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.exp2(s * qk_scale - m_new[:, None])
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     v = _tile(V, b, h, s_vb, s_vh, s_vn, s_vd, start, NK, D, BLOCK_N, BLOCK_D, TMA, TAIL, MASK_D)
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
@@ -150,7 +158,8 @@ def _attention_fwd_kernel(Q, K, V, O, LSE, scale,
                           s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_on, s_od,
                           H, NQ, NK, D: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                          TMA: tl.constexpr, MASK_D: tl.constexpr, ALIGN: tl.constexpr, IEEE: tl.constexpr):
+                          TMA: tl.constexpr, MASK_D: tl.constexpr, ALIGN: tl.constexpr, IEEE: tl.constexpr,
+                          POSITIVE: tl.constexpr):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     s_qb, s_qh, s_qn = _hint(s_qb, s_qh, s_qn, ALIGN)
@@ -165,10 +174,10 @@ def _attention_fwd_kernel(Q, K, V, O, LSE, scale,
     whole = NK // BLOCK_N * BLOCK_N
     for start in range(0, whole, BLOCK_N):
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K, V, b, h, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
-                                   start, NK, D, qk_scale, BLOCK_N, BLOCK_D, TMA, False, MASK_D, IEEE)
+                                   start, NK, D, qk_scale, BLOCK_N, BLOCK_D, TMA, False, MASK_D, IEEE, POSITIVE)
     if whole < NK:
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K, V, b, h, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
-                                   whole, NK, D, qk_scale, BLOCK_N, BLOCK_D, TMA, True, MASK_D, IEEE)
+                                   whole, NK, D, qk_scale, BLOCK_N, BLOCK_D, TMA, True, MASK_D, IEEE, POSITIVE)
     _store(O, b, h, s_ob, s_oh, s_on, s_od, start_m, NQ, D, acc / l_i[:, None], BLOCK_M, BLOCK_D)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     tl.store(LSE + bh.to(tl.int64) * NQ + offs_m, m_i + tl.log2(l_i), mask=offs_m < NQ)
@@ -360,9 +369,9 @@ def attention_fwd(q, k, v, o, lse, scale: float, layout: str, ieee: bool, interp
     _FWD((triton.cdiv(NQ, fwd.m), B * H), [
         _operand(q, layout, fwd.m, bd, tma), _operand(k, layout, fwd.n, bd, tma), _operand(v, layout, fwd.n, bd, tma),
         o, lse, scale, *_bhnd_strides(q, layout), *_bhnd_strides(k, layout), *_bhnd_strides(v, layout),
-        *_bhnd_strides(o, layout), H, NQ, NK], (q.dtype, D, fwd, bd, tma, align, ieee),
+        *_bhnd_strides(o, layout), H, NQ, NK], (q.dtype, D, fwd, bd, tma, align, ieee, scale > 0),
         dict(D=D, BLOCK_M=fwd.m, BLOCK_N=fwd.n, BLOCK_D=bd, TMA=tma, MASK_D=not tma and D < bd, ALIGN=align,
-             IEEE=ieee), num_warps=fwd.warps, num_stages=fwd.stages)
+             IEEE=ieee, POSITIVE=scale > 0), num_warps=fwd.warps, num_stages=fwd.stages)
 
 
 def attention_bwd(do, q, k, v, o, lse, scale: float, layout: str, ieee: bool, interpreting: bool,

@@ -57,6 +57,25 @@ def test_forward_and_gradients_equal_float64_sdpa(B, H, NQ, NK, D, backend, layo
         torch.testing.assert_close(back(got), ref.grad, atol=tol * 10, rtol=tol * 10)
 
 
+@pytest.mark.parametrize("scale", [-0.7, 0.0, -3.0, 1e3, -1e3], ids=str)
+def test_any_finite_scale_matches_float64(scale):
+    """A negative or zero scale (the softmax's running max taken over scaled logits, the partial last key block
+    masked after scaling) and logits scaled far from 1: o and the gradients of pydpm's kernel against float64
+    SDPA. The kernel had taken the max before scaling, which for scale ≤ 0 gave NaN everywhere."""
+    q64, k64, v64, do64 = (rand(1, 2, 19, 16, seed=s) for s in (31, 32, 33, 34))
+    refs = [t[:, :, :n].clone().requires_grad_() for t, n in ((q64, 19), (k64, 17), (v64, 17))]
+    o_ref = F.scaled_dot_product_attention(*refs, scale=scale)
+    o_ref.backward(do64)
+    q, k, v = (t.detach().to(DEVICE, torch.float32).requires_grad_() for t in refs)
+    with use_backend("triton"):
+        o = attention(q, k, v, scale=scale, precision="ieee")
+        o.backward(do64.to(DEVICE, torch.float32))
+    tol = 1e-5 * max(1.0, abs(scale))
+    torch.testing.assert_close(o.detach().cpu().double(), o_ref.detach(), atol=1e-5, rtol=1e-5)
+    for got, ref in zip((q.grad, k.grad, v.grad), refs):
+        torch.testing.assert_close(got.cpu().double(), ref.grad, atol=tol, rtol=1e-4)
+
+
 def test_reference_chunks_long_sequences():
     """The reference walks queries in chunks of 1024: a 2500-token self-attention equals SDPA."""
     q, k, v = rand(1, 1, 2500, 16, seed=5), rand(1, 1, 2500, 16, seed=6), rand(1, 1, 2500, 16, seed=7)
