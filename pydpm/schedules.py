@@ -8,6 +8,7 @@ A schedule defines x_t = α_t·x₀ + σ_t·ε for t ∈ [0, T], with λ_t = log
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 from typing import Any, Callable
 
@@ -25,6 +26,43 @@ def interpolate_fn(x: torch.Tensor, xp: torch.Tensor, yp: torch.Tensor) -> torch
     idx = torch.searchsorted(xp.contiguous(), x.contiguous()).clamp(1, k - 1)
     x0, x1, y0, y1 = xp[idx - 1], xp[idx], yp[idx - 1], yp[idx]
     return y0 + (x - x0) * (y1 - y0) / (x1 - x0)
+
+
+def _check_dtype(name: str, dtype: Any) -> torch.dtype:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"{name}: dtype={dtype!r} must be a floating torch.dtype (the dtype of the times the model "
+                        f"receives): torch.float32 (the default) or torch.float64")
+    return dtype
+
+
+def _real(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
+        raise TypeError(f"{name}={value!r} must be a number, got {type(value).__name__}")
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name}={value!r} must be a number, got {type(value).__name__}") from None
+
+
+def _table(name: str, values: Any) -> torch.Tensor:
+    """A discrete schedule's table (betas, alphas_cumprod) as a 1-D float64 CPU tensor of at least two floats."""
+    dtype = getattr(values, "dtype", None)
+    if dtype is not None and (isinstance(dtype, torch.dtype) and not dtype.is_floating_point
+                              or not isinstance(dtype, torch.dtype) and getattr(dtype, "kind", "f") not in "f"):
+        raise TypeError(f"NoiseScheduleVP: {name} has dtype {dtype}; pass floats (e.g. diffusers' scheduler.{name}, "
+                        f"a float32 or float64 tensor)")
+    try:
+        t = torch.as_tensor(values, dtype=torch.float64).detach().cpu()
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"NoiseScheduleVP: {name} must be a 1-D tensor or sequence of floats, got "
+                        f"{type(values).__name__}") from None
+    if t.dim() != 1 or t.numel() < 2:
+        raise ValueError(f"NoiseScheduleVP: {name} has shape {tuple(t.shape)}; it must be 1-D with one entry per "
+                         f"training step (at least 2)")
+    if not bool(torch.isfinite(t).all()):
+        i = int((~torch.isfinite(t)).nonzero()[0])
+        raise ValueError(f"NoiseScheduleVP: {name}[{i}] = {float(t[i])}; every entry must be finite")
+    return t
 
 
 class _Schedule:
@@ -63,28 +101,59 @@ class NoiseScheduleVP(_Schedule):
             raise ValueError(f"NoiseScheduleVP: schedule={schedule!r}; use 'discrete' (with betas or alphas_cumprod), "
                              f"'linear' or 'cosine' (or NoiseScheduleFlow for flow matching)")
         self.schedule = schedule
-        self.dtype = dtype
+        self.dtype = _check_dtype("NoiseScheduleVP", dtype)
         self.T = 1.0
         if schedule == "discrete":
             if (betas is None) == (alphas_cumprod is None):
                 raise ValueError("NoiseScheduleVP('discrete') needs exactly one of betas or alphas_cumprod")
             if betas is not None:
-                betas = torch.as_tensor(betas, dtype=torch.float64).cpu()
-                if betas.dim() != 1 or not bool(((betas > 0) & (betas < 1)).all()):
-                    raise ValueError("NoiseScheduleVP: betas must be a 1-D tensor with values in (0, 1)")
+                betas = _table("betas", betas)
+                bad = ~((betas > 0) & (betas < 1))
+                if bool(bad.any()):
+                    i = int(bad.nonzero()[0])
+                    raise ValueError(f"NoiseScheduleVP: betas[{i}] = {float(betas[i])}; every beta must lie in the open "
+                                     f"interval (0, 1) (diffusers' scheduler.betas, e.g. torch.linspace(1e-4, 0.02, "
+                                     f"1000))")
                 log_alphas = 0.5 * torch.log1p(-betas).cumsum(0)
             else:
-                ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu()
-                if ac.dim() != 1 or not bool(((ac > 0) & (ac <= 1)).all()):
-                    raise ValueError("NoiseScheduleVP: alphas_cumprod must be a 1-D tensor with values in (0, 1]")
+                ac = _table("alphas_cumprod", alphas_cumprod)
+                bad = ~((ac > 0) & (ac <= 1))
+                if bool(bad.any()):
+                    i = int(bad.nonzero()[0])
+                    zero = " (a zero terminal SNR schedule: drop its last entry)" if float(ac[i]) == 0 else ""
+                    raise ValueError(f"NoiseScheduleVP: alphas_cumprod[{i}] = {float(ac[i])}; every entry must lie in "
+                                     f"(0, 1]{zero}")
+                rise = ~(ac.diff() < 0)
+                if bool(rise.any()):
+                    i = int(rise.nonzero()[0])
+                    raise ValueError(f"NoiseScheduleVP: alphas_cumprod must be strictly decreasing (ᾱ_n = Π(1 − β_k) "
+                                     f"with β in (0, 1)), but alphas_cumprod[{i + 1}] = {float(ac[i + 1])} >= "
+                                     f"alphas_cumprod[{i}] = {float(ac[i])}; pass the model's alphas_cumprod (or its "
+                                     f"betas)")
                 log_alphas = 0.5 * torch.log(ac)
             log_alphas = self._clip_lambda(log_alphas)
+            arg = "betas" if betas is not None else "alphas_cumprod"
+            if log_alphas.numel() < 2:
+                raise ValueError(f"NoiseScheduleVP: {arg} keeps {log_alphas.numel()} entries with λ >= -5.1 (the "
+                                 f"entries past it are dropped); a discrete schedule needs at least 2: pass the "
+                                 f"model's whole {arg}")
             self.total_N = log_alphas.numel()
             self.log_alpha_array = log_alphas.to(dtype)
+            if not bool((self.log_alpha_array.diff() < 0).all()):
+                raise ValueError(f"NoiseScheduleVP: {arg} has steps too small to resolve in dtype={dtype} (log α repeats "
+                                 f"after rounding, which breaks inverse_lambda); use dtype=torch.float64")
             self.t_array = torch.linspace(0.0, 1.0, self.total_N + 1, dtype=torch.float64)[1:].to(dtype)
         elif schedule == "linear":
             self.total_N = 1000
-            self.beta_0, self.beta_1 = float(continuous_beta_0), float(continuous_beta_1)
+            b0, b1 = (_real(f"NoiseScheduleVP('linear'): {name}", v) for name, v in (("continuous_beta_0", continuous_beta_0),
+                                                       ("continuous_beta_1", continuous_beta_1)))
+            if not (math.isfinite(b0) and b0 >= 0):
+                raise ValueError(f"NoiseScheduleVP('linear'): continuous_beta_0={b0} must be a finite number >= 0 "
+                                 f"(β(t) = β₀ + t·(β₁ − β₀); the usual value is 0.1)")
+            if not (math.isfinite(b1) and b1 > 0):
+                raise ValueError(f"NoiseScheduleVP('linear'): continuous_beta_1={b1} must be a finite number > 0 "
+                                 f"(β(t) = β₀ + t·(β₁ − β₀); the usual value is 20)")
+            self.beta_0, self.beta_1 = b0, b1
         else:
             self.total_N = 1000
             self.cosine_s = 0.008
@@ -114,6 +183,8 @@ class NoiseScheduleVP(_Schedule):
     def inverse_lambda(self, lamb: torch.Tensor) -> torch.Tensor:
         log_alpha = -0.5 * torch.logaddexp(torch.zeros_like(lamb), -2.0 * lamb)
         if self.schedule == "linear":
+            if self.beta_1 == self.beta_0:  # a constant β: −2·log α = β·t
+                return torch.logaddexp(-2.0 * lamb, torch.zeros_like(lamb)) / self.beta_0
             tmp = 2.0 * (self.beta_1 - self.beta_0) * torch.logaddexp(-2.0 * lamb, torch.zeros_like(lamb))
             delta = self.beta_0 ** 2 + tmp
             return tmp / (torch.sqrt(delta) + self.beta_0) / (self.beta_1 - self.beta_0)
@@ -141,7 +212,7 @@ class NoiseScheduleFlow(_Schedule):
     schedule = "flow"
 
     def __init__(self, dtype: torch.dtype = torch.float32):
-        self.dtype = dtype
+        self.dtype = _check_dtype("NoiseScheduleFlow", dtype)
         self.T = 1.0
         self.total_N = 1000
 
@@ -164,8 +235,27 @@ def time_steps(noise_schedule: _Schedule, skip_type: str, t_T: float, t_0: float
     """
     if skip_type not in SKIP_TYPES:
         raise ValueError(f"skip_type={skip_type!r}; use one of {', '.join(map(repr, SKIP_TYPES))}")
-    if not isinstance(N, int) or N < 1:
-        raise ValueError(f"the number of steps must be a positive int, got {N!r}")
+    for attr in ("marginal_lambda", "inverse_lambda", "T"):
+        if not hasattr(noise_schedule, attr):
+            raise TypeError(f"time_steps: noise_schedule lacks {attr}; pass a pydpm.schedules.NoiseScheduleVP or "
+                            f"NoiseScheduleFlow")
+    if isinstance(N, bool) or not isinstance(N, numbers.Integral):
+        raise TypeError(f"time_steps: N={N!r} (the number of steps) must be an int, got {type(N).__name__}")
+    if N < 1:
+        raise ValueError(f"time_steps: N={N!r} (the number of steps) must be >= 1")
+    N = int(N)
+    T = float(noise_schedule.T)
+    t_T, t_0 = (_real(f"time_steps: {name}", v) for name, v in (("t_T", t_T), ("t_0", t_0)))
+    for name, v in (("t_T", t_T), ("t_0", t_0)):
+        if not (math.isfinite(v) and 0 <= v <= T + 1e-12):
+            raise ValueError(f"time_steps: {name}={v} must be a finite time in [0, T = {T}]")
+    if skip_type in ("logSNR", "karras"):
+        for name, v in (("t_T", t_T), ("t_0", t_0)):
+            lam = float(noise_schedule.marginal_lambda(torch.tensor(v, dtype=torch.float64)))
+            if not math.isfinite(lam):
+                raise ValueError(f"time_steps: skip_type={skip_type!r} spaces the steps in λ, which is {lam} at "
+                                 f"{name}={v}; use 'time_uniform' or 'time_quadratic', or a {name} inside (0, T) "
+                                 f"where λ is finite")
     f64 = dict(dtype=torch.float64)
     if skip_type == "time_uniform":
         ts = torch.linspace(t_T, t_0, N + 1, **f64)
@@ -306,6 +396,13 @@ def model_wrapper(model: Callable[..., torch.Tensor], noise_schedule: _Schedule,
     """
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_wrapper: model_type={model_type!r}; use one of {', '.join(map(repr, MODEL_TYPES))}")
+    if not callable(model):
+        raise TypeError(f"model_wrapper: model={model!r} must be callable, the network as model(x, t_input, "
+                        f"**model_kwargs) (model(x, t_input, cond, ...) for classifier-free guidance)")
+    for attr in ("marginal_log_mean_coeff", "marginal_std", "model_time", "schedule"):
+        if not hasattr(noise_schedule, attr):
+            raise TypeError(f"model_wrapper: noise_schedule lacks {attr}; pass a pydpm.schedules.NoiseScheduleVP or "
+                            f"NoiseScheduleFlow, got {type(noise_schedule).__name__}")
     if is_diffusers_model(model):
         fn = "lambda x, t, c: net(x, t, c).sample" if guidance_type == "classifier-free" else \
             "lambda x, t: net(x, t).sample"
@@ -323,7 +420,10 @@ def model_wrapper(model: Callable[..., torch.Tensor], noise_schedule: _Schedule,
     if guidance_type == "classifier-free" and condition is None:
         raise ValueError("model_wrapper: guidance_type='classifier-free' needs condition (and "
                          "unconditional_condition to guide)")
-    if not math.isfinite(float(guidance_scale)):
+    if guidance_type == "classifier" and not callable(classifier_fn):
+        raise TypeError(f"model_wrapper: classifier_fn={classifier_fn!r} must be callable, "
+                        f"classifier_fn(x, t_input, cond, **classifier_kwargs) -> log p(cond | x)")
+    if not math.isfinite(_real("model_wrapper: guidance_scale", guidance_scale)):
         raise ValueError(f"model_wrapper: guidance_scale={guidance_scale} must be finite")
     return WrappedModel(model, noise_schedule, model_type, model_kwargs, guidance_type, condition,
                         unconditional_condition, guidance_scale, classifier_fn, classifier_kwargs)

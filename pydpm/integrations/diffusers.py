@@ -15,6 +15,10 @@ Each class subclasses the diffusers scheduler of the same name, so the configura
   UniPC's corrector and the next predictor share that launch.
 * DDIM: one `solver_step` per call, its coefficients read from a per-timestep table (per eta).
 
+One scheduler object serves one sampling loop at a time, as in diffusers (step() keeps the loop's position and
+history): a step() from another thread than the one that began the run, or with a host timestep other than
+timesteps[step_index] (two loops interleaved), raises RuntimeError; use one scheduler per loop.
+
 A pipeline saved with these schedulers (`save_pretrained`) loads back with them (`from_pretrained`) in a
 process that has imported this module: model_index.json names the scheduler
 ["pydpm.integrations.diffusers", class name], and diffusers 0.42 resolves only modules already imported.
@@ -31,6 +35,8 @@ from __future__ import annotations
 import collections
 import functools
 import math
+import numbers
+import threading
 import warnings
 import weakref
 
@@ -118,6 +124,37 @@ def _check_tensors(model_output, sample) -> None:
         raise ValueError(f"model_output is on {model_output.device} but sample is on {sample.device}")
 
 
+def _host_value(timestep) -> float | None:
+    """The timestep as a float when reading it costs no device synchronisation (a number or a CPU tensor)."""
+    if isinstance(timestep, torch.Tensor):
+        return float(timestep.reshape(())) if timestep.is_cpu and timestep.numel() == 1 else None
+    if isinstance(timestep, (int, float, np.integer, np.floating)) and not isinstance(timestep, bool):
+        return float(timestep)
+    if isinstance(timestep, np.ndarray) and timestep.size == 1:
+        return float(timestep.reshape(()))
+    return None
+
+
+def _check_timestep(scheduler, timestep, host_timesteps: list) -> None:
+    """Refuse a step() whose timestep is not the one at the scheduler's step index: the sign of two sampling loops
+    interleaved on one scheduler object (each moves step_index for the other). Checked where it is free: a
+    timestep on a CUDA device is not read (that would synchronise every step). `host_timesteps` caches the
+    run's timesteps on the host (filled at the first check)."""
+    v = _host_value(timestep)
+    if v is None:
+        return
+    if not host_timesteps:
+        host_timesteps.append(scheduler.timesteps.detach().cpu().tolist())
+    expected = host_timesteps[0][scheduler._step_index]
+    if abs(v - expected) > 1e-4 * max(1.0, abs(expected)):
+        raise RuntimeError(
+            f"{type(scheduler).__name__}.step: timestep={v:g}, but this scheduler's loop is at step index "
+            f"{scheduler._step_index} (timestep {expected:g}). One scheduler object serves one sampling loop at a time "
+            f"(step() keeps the loop's position and history): use one scheduler per loop (e.g. "
+            f"{type(scheduler).__name__}.from_config(scheduler.config)), pass the timesteps in the order of "
+            f"scheduler.timesteps, or call set_timesteps to start again")
+
+
 class _FusedMultistep:
     """What the DPM-Solver and UniPC schedulers share: a plan per (schedule, start index), traced and
     compiled at the first step() and driven one model call per step() by a `Stepper`."""
@@ -190,10 +227,17 @@ class _FusedMultistep:
             if run is None:
                 stepper = self._fused_stepper(self._step_index)
                 stepper.start()
-                # The run computes in one dtype (its history slots hold it): the first step's promotion.
+                # The run computes in one dtype (its history slots hold it): the first step's promotion. It
+                # belongs to this thread; the interleaving check reads its timesteps on the host once, when needed.
                 run = self._fused_run = (self._step_index, stepper, torch.promote_types(model_output.dtype,
-                                                                                       sample.dtype))
-        start, stepper, common = run
+                                                                                       sample.dtype),
+                                         threading.get_ident(), [])
+        start, stepper, common, thread, host_timesteps = run
+        if thread != threading.get_ident():
+            raise RuntimeError(f"{type(self).__name__}: this scheduler's sampling run was started by another thread; "
+                               f"one scheduler object serves one sampling loop at a time (its step() keeps the "
+                               f"loop's history): give each thread its own scheduler (e.g. "
+                               f"{type(self).__name__}.from_config(scheduler.config))")
         if stepper.done:
             raise ValueError(f"all {len(self.timesteps) - start} steps from step index {start} have run; call "
                              f"set_timesteps before sampling again")
@@ -201,6 +245,8 @@ class _FusedMultistep:
             raise RuntimeError(f"step_index is {self._step_index}, but the fused run that started at step index "
                                f"{start} has made {stepper.k} steps: the index was changed outside step(); call "
                                f"set_timesteps (and set_begin_index) again to restart")
+        if stepper.k > 0:
+            _check_timestep(self, timestep, host_timesteps)
         model_output = self._model_mean(model_output, sample)
         if model_output.dtype is common and sample.dtype is common:
             prev = stepper.step(sample, model_output)
@@ -241,6 +287,9 @@ class DPMSolverMultistepScheduler(_FusedMultistep, diffusers.DPMSolverMultistepS
                 f"pydpm.samplers.SDEDPMSolverPP")
         if cfg.solver_type not in _DPM_SOLVER_TYPES:
             raise ValueError(f"{name}: solver_type={cfg.solver_type!r}; use 'midpoint' or 'heun'")
+        order = cfg.solver_order
+        if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 3:
+            raise ValueError(f"{name}: solver_order={cfg.solver_order!r} must be 1, 2 or 3")
         if cfg.algorithm_type == "dpmsolver" and cfg.prediction_type == "flow_prediction":
             raise ValueError(f"{name}: prediction_type='flow_prediction' needs algorithm_type='dpmsolver++' (as in "
                              f"diffusers)")
@@ -408,6 +457,7 @@ class DDIMScheduler(diffusers.DDIMScheduler):
         self._philox_seed: int | None = None
         self._philox_offset = 0
         self._used_timesteps = None
+        self._own_timesteps = None
 
     def _check_config(self) -> None:
         cfg, name = self.config, type(self).__name__
@@ -424,6 +474,11 @@ class DDIMScheduler(diffusers.DDIMScheduler):
         self._tables = {}
         self._philox_seed, self._philox_offset = None, 0
         self._used_timesteps = self.timesteps.detach().cpu().numpy()
+        n = self.config.num_train_timesteps
+        ts = self.timesteps
+        in_range = bool(((self._used_timesteps >= 0) & (self._used_timesteps < n)).all())
+        # Held (not just its address), so that its memory cannot be reused by another tensor.
+        self._own_timesteps = (ts, ts._version) if in_range else None
 
     def _clip_scale(self) -> float:
         """x̂₀ = scale·d: clipping runs as Threshold(1, r, r), which divides by r."""
@@ -471,20 +526,51 @@ class DDIMScheduler(diffusers.DDIMScheduler):
 
     def _coefficients(self, table: _DDIMTable, timestep, device: torch.device):
         """(coeffs, convert) for `timestep`: a row gathered from the table on the sample's device when the
-        timestep is a tensor there (no host synchronisation), host values for an int."""
+        timestep is a tensor there (no host synchronisation), host values otherwise. A device timestep is
+        checked on the host unless it is an element of the `timesteps` this scheduler's set_timesteps made
+        (all checked there): a timestep from elsewhere costs one synchronisation per step."""
         if isinstance(timestep, torch.Tensor) and timestep.device == device:
             if timestep.numel() != 1:
                 raise ValueError(f"timestep must be a single value, got shape {tuple(timestep.shape)}")
+            if timestep.dtype == torch.bool or timestep.is_complex():
+                raise TypeError(f"timestep must be an integer or float tensor, got {timestep.dtype}")
+            if not self._is_own_timestep(timestep):
+                self._host_row(table, timestep)  # raises for a timestep out of range or a NaN row
             row = table.device_rows(device).index_select(0, timestep.reshape(1).long())[0]
             return row[:table.width], row[table.width:]
-        t = int(timestep)
-        if not 0 <= t < self.config.num_train_timesteps:
-            raise ValueError(f"timestep={t} lies outside [0, {self.config.num_train_timesteps})")
+        row = self._host_row(table, timestep)
+        return row[:table.width].tolist(), row[table.width:].tolist()
+
+    def _host_row(self, table: _DDIMTable, timestep) -> np.ndarray:
+        if isinstance(timestep, bool) or not isinstance(timestep, (numbers.Real, torch.Tensor, np.ndarray)):
+            raise TypeError(f"timestep={timestep!r} must be a number or a one-element tensor (an entry of "
+                            f"scheduler.timesteps), got {type(timestep).__name__}")
+        if isinstance(timestep, (torch.Tensor, np.ndarray)):
+            if (timestep.numel() if isinstance(timestep, torch.Tensor) else timestep.size) != 1:
+                raise ValueError(f"timestep must be a single value, got shape {tuple(timestep.shape)}")
+            v = float(timestep.reshape(()))
+        else:
+            v = float(timestep)
+        n = self.config.num_train_timesteps
+        if not (math.isfinite(v) and 0 <= v and int(v) < n):
+            raise ValueError(f"timestep={v:g} lies outside [0, {n}) (num_train_timesteps={n}); pass an entry of "
+                             f"scheduler.timesteps")
+        t = int(v)
         row = table.rows[t]
         if not np.isfinite(row).all():
             raise ValueError(f"eta makes 1 − ᾱ_prev − σ_t² negative at timestep {t} (diffusers returns NaN there); "
                              f"use 0 <= eta <= 1")
-        return row[:table.width].tolist(), row[table.width:].tolist()
+        return row
+
+    def _is_own_timestep(self, timestep: torch.Tensor) -> bool:
+        """Whether `timestep` is (a view of) the `timesteps` tensor set_timesteps made, unmodified since: its
+        entries were range-checked there, so the device gather needs no host check."""
+        own = self._own_timesteps
+        if own is None:
+            return False
+        ts, version = own
+        return (timestep.dtype == ts.dtype and ts._version == version
+                and timestep.untyped_storage().data_ptr() == ts.untyped_storage().data_ptr())
 
     def _threshold(self) -> Threshold | None:
         cfg = self.config

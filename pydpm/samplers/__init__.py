@@ -36,12 +36,13 @@ def sample(model_fn: Callable[..., torch.Tensor], x: torch.Tensor, noise_schedul
             `model_wrapper(lambda x, t: net(x, t).sample, noise_schedule, model_type='noise')`; a diffusers
             model is refused with that call, a bare `torch.nn.Module` under a discrete schedule warns.
         x: the starting sample (noise at t_start): float32, float16 or bfloat16 (float64 on the CPU), any shape
-            with a leading batch dimension; not modified.
+            with a non-empty leading batch dimension and any strides (the result equals that of x.contiguous());
+            not modified.
         noise_schedule: a `pydpm.schedules.NoiseScheduleVP` or `NoiseScheduleFlow`.
         method: 'dpmsolver' / 'dpmsolver++' (multistep DPM-Solver(++)); 'unipc' (multistep UniPC with data
             prediction); 'ddim' (η = `eta`); 'ddpm' (η = 1); 'plms', 's-pndm', 'f-pndm'; 'sde-dpmsolver++'
             (order 1 or 2).
-        steps: the number of steps (model evaluations, except PLMS / S-PNDM: +1, F-PNDM: +9).
+        steps: the number of steps, an int >= 1 (model evaluations, except PLMS / S-PNDM: +1, F-PNDM: +9).
         order: the solver order of 'dpmsolver', 'dpmsolver++' and 'unipc' (1–3), 'sde-dpmsolver++' (1–2).
         skip_type: the time spacing: 'time_uniform', 'logSNR' (uniform in λ), 'time_quadratic' or 'karras'.
         t_start: the start time (default: the schedule's T).
@@ -60,6 +61,9 @@ def sample(model_fn: Callable[..., torch.Tensor], x: torch.Tensor, noise_schedul
 
     Returns:
         The sample at t_end, in x's dtype.
+
+    Raises:
+        TypeError / ValueError: a bad argument, named in the message with what was expected.
     """
     common: dict[str, Any] = dict(steps=steps, t_start=t_start, t_end=t_end, skip_type=skip_type,
                                   cuda_graph=cuda_graph, progress=progress)

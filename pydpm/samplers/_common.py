@@ -1,9 +1,12 @@
 """What every solver class shares: argument checks, time grids, plan caching, traced and eager runs."""
 from __future__ import annotations
 
+import contextlib
 import math
+import numbers
+import threading
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -17,13 +20,46 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
         raise ValueError(f"{name}={value!r}; use one of {', '.join(map(repr, choices))}")
 
 
+def check_int(name: str, value: Any, minimum: int = 1, what: str = "") -> int:
+    """`value` as an int >= minimum: a TypeError for what is no integer (floats, None, bools), a ValueError
+    below the minimum. Both name the argument."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}={value!r} must be an int{what}, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name}={value!r} must be an int >= {minimum}{what}")
+    return int(value)
+
+
+def check_order(value: Any, choices: Sequence[int]) -> int:
+    """A solver order: an int (TypeError for 2.0 or None), one of `choices` (ValueError)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"order={value!r} must be an int, one of {', '.join(map(str, choices))}; got "
+                        f"{type(value).__name__}")
+    check_choice("order", int(value), choices)
+    return int(value)
+
+
+def check_time(name: str, value: Any) -> float:
+    """A time argument (t_start, t_end) as a finite float."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
+        raise TypeError(f"{name}={value!r} must be a number (a time in [0, T]), got {type(value).__name__}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name}={value!r} must be a number (a time in [0, T]), got {type(value).__name__}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"{name}={v} must be a finite time in [0, T]")
+    return v
+
+
 def check_sample_input(x: Any) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor (the starting sample), got {type(x).__name__}")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise ValueError(f"x has dtype {x.dtype}; sample in float32, float16 or bfloat16 (float64 on the CPU)")
     if x.dim() < 1 or x.shape[0] == 0:
-        raise ValueError(f"x has shape {tuple(x.shape)}; it needs a non-empty leading batch dimension")
+        raise ValueError(f"x has shape {tuple(x.shape)}; it needs a non-empty leading batch dimension (x[0] is the "
+                         f"first sample): pass at least one sample")
 
 
 def check_model_fn(name: str, model_fn: Any, noise_schedule: Any) -> None:
@@ -97,6 +133,42 @@ class Solver:
         # The authors' dynamic thresholding: s = max(quantile(|x0|, ratio), thresholding_max_val).
         self.threshold = Threshold(dynamic_thresholding_ratio, thresholding_max_val, math.inf) if dynamic else None
         self._runners: dict[Any, Runner] = {}
+        # A solver's plans reuse their buffers between sample() calls: one sampling run at a time (see `running`).
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """Hold the solver for one sample() call. Its plans keep their buffers (history slots, workspaces) between
+        calls, so two runs at once would overwrite each other's: a second concurrent call is refused at once
+        (one non-blocking acquire per call, nothing per step)."""
+        if not self._lock.acquire(blocking=False):
+            name = type(self).__name__
+            if self._owner == threading.get_ident():
+                raise RuntimeError(f"this {name} is already sampling: sample() was called again from inside its own "
+                                   f"run (the model, correcting_x0_fn or correcting_xt_fn); use a second {name} "
+                                   f"object for the nested run")
+            raise RuntimeError(f"this {name} is already sampling in another thread; use one solver object per "
+                               f"thread (its plans reuse their buffers between calls, so concurrent runs would "
+                               f"overwrite each other's)")
+        self._owner = threading.get_ident()
+        try:
+            yield
+        finally:
+            self._owner = None
+            self._lock.release()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies (copy.deepcopy, pickle) take the configuration; plans, buffers and CUDA graphs are caches that a
+        copy rebuilds on first use, and the lock is the copy's own."""
+        state = dict(self.__dict__)
+        state.pop("_lock", None)
+        state["_owner"], state["_runners"] = None, {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def options(self, seed: int = 0, progress: bool = False) -> Options:
         return Options(self.model_fn, self.noise_schedule, self.threshold, self.correcting_x0_fn,
@@ -104,8 +176,8 @@ class Solver:
 
     def time_range(self, t_start, t_end) -> tuple[float, float]:
         ns = self.noise_schedule
-        t_0 = 1.0 / ns.total_N if t_end is None else float(t_end)
-        t_T = ns.T if t_start is None else float(t_start)
+        t_0 = 1.0 / ns.total_N if t_end is None else check_time("t_end", t_end)
+        t_T = ns.T if t_start is None else check_time("t_start", t_start)
         if not t_0 >= 0:
             raise ValueError(f"t_end={t_0} must be >= 0 (t_end=0 ends on the data itself, σ = 0)")
         if not t_T > 0:
@@ -138,9 +210,9 @@ class Solver:
         return ts
 
     @staticmethod
-    def check_steps(steps) -> None:
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise ValueError(f"steps={steps!r} must be a positive int")
+    def check_steps(steps) -> int:
+        """The number of steps: a positive int (TypeError for None or 2.0, ValueError below 1)."""
+        return check_int("steps", steps, 1, " (the number of steps)")
 
     def grid(self, skip_type: str, t_T: float, t_0: float, n: int) -> torch.Tensor:
         if t_0 == 0 and skip_type in ("logSNR", "karras"):
@@ -156,27 +228,40 @@ class Solver:
         return orders[:-1] + [1] if t_0 == 0 else orders
 
     def run_traced(self, x, key, program, return_intermediate: bool, cuda_graph: bool, progress: bool,
-                   seed: int = 0):
-        """Trace `program(tracer, x)` once per key, compile it to fused launches, run it."""
+                   seed: int = 0, stochastic: bool = False):
+        """Trace `program(tracer, x)` once per key, compile it to fused launches, run it (one run per solver
+        object at a time). `stochastic`: the program draws noise, which the fused step draws in x's memory
+        order; a non-contiguous x (channels-last, a transposed view) is then sampled as x.contiguous() so that
+        the result does not depend on the layout, and handed back in x's layout."""
         check_sample_input(x)
         if torch.is_grad_enabled() and x.requires_grad:
             raise ValueError("x requires grad; sampling is not differentiable: run under torch.no_grad()")
-        if self.eager:
-            with torch.no_grad():
-                tr = EagerTracer(self.predict, self.options(seed), x)
-                out = program(tr, x).to(x.dtype)
-            return (out, tr.intermediates) if return_intermediate else out
-        runner = self._runners.get(key)
-        if runner is None:
-            tr = Tracer(self.predict, self.noise_schedule)
-            tr.output(program(tr, tr.x))
-            runner = self._runners[key] = Runner(compile_plan(tr), self.options())
-        runner.opts.seed, runner.opts.progress = seed, progress
-        with torch.no_grad():
-            out, inter = runner(x, cuda_graph=cuda_graph)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 63:
+            raise (ValueError if isinstance(seed, numbers.Integral) and not isinstance(seed, bool) else TypeError)(
+                f"seed={seed!r} must be an int in [0, 2**63) (the Philox seed of the in-kernel noise)")
+        seed = int(seed)
+        with self.running():
+            like = x
+            if stochastic and not x.is_contiguous():
+                x = x.contiguous()
+            if self.eager:
+                with torch.no_grad():
+                    tr = EagerTracer(self.predict, self.options(seed), x)
+                    out, inter = program(tr, x).to(x.dtype), tr.intermediates
+            else:
+                runner = self._runners.get(key)
+                if runner is None:
+                    tr = Tracer(self.predict, self.noise_schedule)
+                    tr.output(program(tr, tr.x))
+                    runner = self._runners[key] = Runner(compile_plan(tr), self.options())
+                runner.opts.seed, runner.opts.progress = seed, progress
+                with torch.no_grad():
+                    out, inter = runner(x, cuda_graph=cuda_graph)
+            if x is not like:
+                out = torch.empty_like(like).copy_(out)
         return (out, inter) if return_intermediate else out
 
     def run_eager(self, x, program):
         check_sample_input(x)
-        with torch.no_grad():
+        with self.running(), torch.no_grad():
             return program(EagerTracer(self.predict, self.options(), x), x).to(x.dtype)

@@ -18,6 +18,7 @@ device table, so the loop has no host-device synchronisation and can be captured
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import sys
@@ -442,6 +443,18 @@ class _Workspace:
             else:
                 self.steps.append(None)
             li += 1
+
+    def __deepcopy__(self, memo: dict) -> _Workspace:
+        """A copy with its own buffers (a scheduler deep-copied mid-run keeps its history). Each PlannedStep holds
+        raw pointers into these buffers and the address of its own C parameters, so copying one would launch on
+        the original's memory (garbage, or a crash once that is freed): they are rebuilt on the copied buffers."""
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            if k != "steps":
+                new.__dict__[k] = copy.deepcopy(v, memo)
+        new.steps = [None if st is None else PlannedStep(copy.deepcopy(st.args, memo)) for st in self.steps]
+        return new
 
 
 def _slot(store: list, i: int, like: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 from pydpm.samplers._common import Solver, after_step, check_choice
 from pydpm.samplers._program import Point
@@ -31,14 +32,14 @@ class DDIM(Solver):
     algorithm_types = {"data_prediction": "data"}
 
     def __init__(self, model_fn, noise_schedule, eta: float = 0.0, correcting_xt_fn=None):
-        if not (isinstance(eta, (int, float)) and 0 <= eta <= 1):
+        if isinstance(eta, bool) or not (isinstance(eta, numbers.Real) and 0 <= eta <= 1):
             raise ValueError(f"eta={eta!r} must lie in [0, 1] (0: deterministic DDIM, 1: DDPM's posterior noise)")
         super().__init__(model_fn, noise_schedule, "data_prediction", None, correcting_xt_fn, 1.0, 0.995)
         self.eta = float(eta)
 
     def sample(self, x, steps=20, t_start=None, t_end=None, skip_type="time_uniform", seed=0,
                return_intermediate=False, cuda_graph=False, progress=False):
-        self.check_steps(steps)
+        steps = self.check_steps(steps)
         check_choice("skip_type", skip_type, ("time_uniform", "logSNR", "time_quadratic", "karras"))
         t_T, t_0 = self.time_range(t_start, t_end)
         key = ("ddim", steps, t_T, t_0, skip_type, self.eta, bool(return_intermediate))
@@ -47,7 +48,8 @@ class DDIM(Solver):
             hooks = after_step(tr, self.correcting_xt_fn, return_intermediate)
             return ddim(tr, x, tr.points(self.grid(skip_type, t_T, t_0, steps)), self.eta, hooks)
 
-        return self.run_traced(x, key, program, return_intermediate, cuda_graph, progress, seed=seed)
+        return self.run_traced(x, key, program, return_intermediate, cuda_graph, progress, seed=seed,
+                               stochastic=self.eta > 0)
 
 
 class DDPM(DDIM):

@@ -7,11 +7,12 @@ e^{−h} terms). `p.t, p.alpha, p.sigma, p.lam` are the schedule at a `Point`.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Sequence
 
 import torch
 
-from pydpm.samplers._common import Solver, after_step, check_choice
+from pydpm.samplers._common import Solver, after_step, check_choice, check_int, check_order
 from pydpm.samplers._program import Point
 from pydpm.schedules import NoiseScheduleFlow, NoiseScheduleVP
 
@@ -201,15 +202,40 @@ def dpm_solver_singlestep(tr, x, outer: list[Point], orders: list[int], inner_r,
     return x
 
 
+def check_tolerances(atol, rtol) -> tuple[float, float]:
+    """atol and rtol of method='adaptive': finite numbers >= 0, not both 0 (no step would ever be accepted)."""
+    out = []
+    for name, v in (("atol", atol), ("rtol", rtol)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"{name}={v!r} must be a number >= 0 (a tolerance of method='adaptive'), got "
+                            f"{type(v).__name__}")
+        v = float(v)
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"{name}={v} must be a finite number >= 0 (a tolerance of method='adaptive'; the "
+                             f"defaults are atol=0.0078, rtol=0.05)")
+        out.append(v)
+    if out[0] == 0 and out[1] == 0:
+        raise ValueError("atol=0 and rtol=0: method='adaptive' would never accept a step; give atol > 0 or rtol > 0 "
+                         "(the defaults are atol=0.0078, rtol=0.05)")
+    return out[0], out[1]
+
+
 def dpm_solver_adaptive(tr, x, t_T: float, t_0: float, order: int, solver_type: str, atol: float, rtol: float,
-                        h_init: float = 0.05, theta: float = 0.9, t_err: float = 1e-5):
+                        h_init: float = 0.05, theta: float = 0.9, t_err: float = 1e-5, max_steps: int = 2000):
     """DPM-Solver-12 (order 2) / DPM-Solver-23 (order 3): singlestep pairs of orders (1, 2) or (2, 3)
     with the error-controlled step size of the paper. Eager only: accepting a step reads the error
-    back to the host (one synchronisation per step)."""
+    back to the host (one synchronisation per step). At most `max_steps` steps are tried (accepted or
+    rejected); a non-finite error estimate (a model output or sample of NaN / inf) stops the run."""
     s = tr.point(t_T)
     lam_0 = tr.point(t_0).lam
     h, x_prev = h_init, x
+    tried = accepted = 0
     while abs(s.t - t_0) > t_err:
+        if tried >= max_steps:
+            raise RuntimeError(
+                f"method='adaptive' tried max_steps={max_steps} steps ({accepted} accepted) and reached t = {s.t:.6g} "
+                f"of t_end = {t_0:.6g}: loosen atol={atol} / rtol={rtol}, raise max_steps, or use a fixed-step method")
+        tried += 1
         t = tr.point_at_lambda(s.lam + h)
         if order == 2:
             m_s = tr.model(x, s)
@@ -219,10 +245,28 @@ def dpm_solver_adaptive(tr, x, t_T: float, t_0: float, order: int, solver_type: 
             x_lower, ms = singlestep_second_update(tr, x, s, t, 1.0 / 3.0, tr.predict, solver_type)
             x_higher, _ = singlestep_third_update(tr, x, s, t, 1.0 / 3.0, 2.0 / 3.0, tr.predict, solver_type, ms=ms)
         delta = torch.clamp(rtol * torch.maximum(x_lower.abs(), x_prev.abs()), min=atol)
-        err = ((x_higher - x_lower) / delta).reshape(x.shape[0], -1).square().mean(dim=1).sqrt().max().item()
+        diff = x_higher - x_lower
+        # atol = 0: an element that is 0 in both samples has delta = 0; it agrees exactly when diff = 0 there.
+        ratio = diff / delta if atol > 0 else torch.where(diff == 0, torch.zeros_like(diff), diff / delta)
+        err = ratio.reshape(x.shape[0], -1).square().mean(dim=1).sqrt().max().item()
+        if not math.isfinite(err) and not bool(torch.isfinite(x_higher).all() and torch.isfinite(x_lower).all()):
+            raise FloatingPointError(
+                f"method='adaptive': the sample became non-finite (NaN or inf) at step {tried} ({accepted} accepted), "
+                f"from t = {s.t:.6g} to t = {t.t:.6g}: the model returned NaN/inf there or the sample overflowed; "
+                f"check the model at these times (and the starting x)")
+        if math.isnan(err):
+            raise FloatingPointError(
+                f"method='adaptive': the error estimate is NaN at step {tried} ({accepted} accepted), from t = "
+                f"{s.t:.6g} to t = {t.t:.6g} (atol={atol}, rtol={rtol}); check the model output at these times")
         if err <= 1.0:
             x, s, x_prev = x_higher, t, x_lower
+            accepted += 1
         h = min(theta * h * err ** (-1.0 / order) if err > 0 else math.inf, lam_0 - s.lam)
+        if not h > 0 and abs(s.t - t_0) > t_err:
+            raise FloatingPointError(
+                f"method='adaptive': the step size collapsed to h = {h} at step {tried} ({accepted} accepted), t = "
+                f"{s.t:.6g} of t_end = {t_0:.6g} (error estimate {err:.3g}): loosen atol={atol} / rtol={rtol}, or use a "
+                f"fixed-step method")
     return x
 
 
@@ -293,7 +337,7 @@ class DPMSolver(Solver):
                lower_order_final: bool = True, denoise_to_zero: bool = False, solver_type: str = "dpmsolver",
                atol: float = 0.0078, rtol: float = 0.05, return_intermediate: bool = False,
                cuda_graph: bool = False, progress: bool = False,
-               times: Sequence[float] | torch.Tensor | None = None,
+               times: Sequence[float] | torch.Tensor | None = None, max_steps: int = 2000,
                ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Sample from x at t_start to t_end with `steps` model evaluations.
 
@@ -315,8 +359,8 @@ class DPMSolver(Solver):
             lower_order_final: lower the orders of the last steps (the authors' rule: only when steps < 10).
             denoise_to_zero: end with one more model evaluation at t_end and return its data prediction.
             solver_type: 'dpmsolver' (diffusers' 'midpoint') or 'taylor' (diffusers' 'heun').
-            atol: the absolute tolerance of method='adaptive'.
-            rtol: the relative tolerance of method='adaptive'.
+            atol: the absolute tolerance of method='adaptive': a finite number >= 0.
+            rtol: the relative tolerance of method='adaptive': a finite number >= 0 (atol and rtol not both 0).
             return_intermediate: also return the list of samples after every step (multistep: the start
                 first, then one per step and the denoise_to_zero result).
             cuda_graph: capture the whole loop (model included) in a CUDA graph on first use per input layout
@@ -326,13 +370,22 @@ class DPMSolver(Solver):
             times: an explicit time grid instead of steps, t_start, t_end and skip_type: len(times) − 1 steps
                 from times[0] to times[-1], strictly decreasing (increasing to invert), method='multistep'
                 only. docs/samplers.md builds diffusers' DPM-Solver++(2M) grid with it.
+            max_steps: the most steps method='adaptive' tries, accepted or rejected (each costs order model
+                evaluations), before it raises RuntimeError naming the time reached; a non-finite error estimate
+                (the model returned NaN/inf, or the sample overflowed) raises FloatingPointError at once.
 
         Returns:
             The sample at t_end in x's dtype; with return_intermediate, (sample, list of samples).
+
+        Raises:
+            RuntimeError: this solver object is already sampling (in another thread, or from inside its own
+                model): use one solver object per thread.
         """
         check_choice("method", method, METHODS)
         check_choice("solver_type", solver_type, SOLVER_TYPES)
-        check_choice("order", order, (1, 2, 3))
+        order = check_order(order, (1, 2, 3))
+        if times is None and method != "adaptive":
+            steps = self.check_steps(steps)
         if times is not None:
             if method != "multistep":
                 raise ValueError(f"times= sets the grid of method='multistep'; method={method!r} builds its own grid "
@@ -350,7 +403,10 @@ class DPMSolver(Solver):
             if return_intermediate or self.correcting_xt_fn is not None or cuda_graph:
                 raise ValueError("method='adaptive' chooses its steps at run time: it supports neither "
                                  "return_intermediate, correcting_xt_fn nor cuda_graph")
-            return self.run_eager(x, lambda tr, x: dpm_solver_adaptive(tr, x, t_T, t_0, order, solver_type, atol, rtol))
+            atol, rtol = check_tolerances(atol, rtol)
+            max_steps = check_int("max_steps", max_steps, 1, " (the most steps method='adaptive' tries)")
+            return self.run_eager(x, lambda tr, x: dpm_solver_adaptive(tr, x, t_T, t_0, order, solver_type, atol, rtol,
+                                                                       max_steps=max_steps))
         if t_0 == 0 and (method != "multistep" or denoise_to_zero or self.predict == "noise"):
             raise ValueError("t_end=0 (σ = 0) is supported by algorithm_type='dpmsolver++' with method='multistep' "
                              "and no denoise_to_zero: the singlestep methods place model calls inside the last "
@@ -359,7 +415,6 @@ class DPMSolver(Solver):
             raise ValueError(f"method='multistep' needs steps >= order, got steps={steps}, order={order}")
         if method == "singlestep_fixed" and steps < order:
             raise ValueError(f"method='singlestep_fixed' needs steps >= order, got steps={steps}, order={order}")
-        self.check_steps(steps)
         check_choice("skip_type", skip_type, ("time_uniform", "logSNR", "time_quadratic", "karras"))
         spacing = skip_type if grid is None else tuple(grid.tolist())
         key = ("dpm", steps, t_T, t_0, order, spacing, method, bool(lower_order_final), bool(denoise_to_zero),
@@ -408,7 +463,7 @@ class DPMSolver(Solver):
                 lower_order_final: bool = True, denoise_to_zero: bool = False, solver_type: str = "dpmsolver",
                 atol: float = 0.0078, rtol: float = 0.05, return_intermediate: bool = False,
                 cuda_graph: bool = False, progress: bool = False,
-                times: Sequence[float] | torch.Tensor | None = None,
+                times: Sequence[float] | torch.Tensor | None = None, max_steps: int = 2000,
                 ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Run the ODE forward, from data at t_start (default 1/N) to t_end (default T): DPM-Solver
         inversion (e.g. DDIM inversion with order=1). The arguments are those of `sample`; `times`, if given,
@@ -420,7 +475,7 @@ class DPMSolver(Solver):
         return self.sample(x, steps=steps, t_start=t_start, t_end=t_end, order=order, skip_type=skip_type,
                            method=method, lower_order_final=lower_order_final, denoise_to_zero=denoise_to_zero,
                            solver_type=solver_type, atol=atol, rtol=rtol, return_intermediate=return_intermediate,
-                           cuda_graph=cuda_graph, progress=progress, times=times)
+                           cuda_graph=cuda_graph, progress=progress, times=times, max_steps=max_steps)
 
 
 class SDEDPMSolverPP(Solver):
@@ -436,8 +491,8 @@ class SDEDPMSolverPP(Solver):
 
     def sample(self, x, steps=20, t_start=None, t_end=None, order=2, skip_type="time_uniform", lower_order_final=True,
                seed=0, return_intermediate=False, cuda_graph=False, progress=False):
-        check_choice("order", order, (1, 2))
-        self.check_steps(steps)
+        order = check_order(order, (1, 2))
+        steps = self.check_steps(steps)
         check_choice("skip_type", skip_type, ("time_uniform", "logSNR", "time_quadratic", "karras"))
         t_T, t_0 = self.time_range(t_start, t_end)
         key = ("sde-dpm++", steps, t_T, t_0, order, skip_type, bool(lower_order_final), bool(return_intermediate))
@@ -448,4 +503,4 @@ class SDEDPMSolverPP(Solver):
             orders = self.zero_end(multistep_orders(steps, order, lower_order_final), t_0)
             return sde_dpm_solver_pp(tr, x, ts, orders, hooks)
 
-        return self.run_traced(x, key, program, return_intermediate, cuda_graph, progress, seed=seed)
+        return self.run_traced(x, key, program, return_intermediate, cuda_graph, progress, seed=seed, stochastic=True)

@@ -69,7 +69,7 @@ class PNDM(Solver):
 
     def sample(self, x, steps=20, t_start=None, t_end=None, skip_type="time_uniform", return_intermediate=False,
                cuda_graph=False, progress=False):
-        self.check_steps(steps)
+        steps = self.check_steps(steps)
         check_choice("skip_type", skip_type, ("time_uniform", "logSNR", "time_quadratic", "karras"))
         t_T, t_0 = self.time_range(t_start, t_end)
         key = ("pndm", steps, t_T, t_0, skip_type, bool(return_intermediate))

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from pydpm.samplers._common import Solver, after_step, check_choice
+from pydpm.samplers._common import Solver, after_step, check_choice, check_int
 from pydpm.samplers._program import Point
 from pydpm.schedules import NoiseScheduleFlow, NoiseScheduleVP
 from pydpm.samplers.dpm_solver import METHODS as _DPM_METHODS
@@ -214,15 +214,15 @@ class UniPC(Solver):
         if method != "multistep":
             check_choice("method", method, _DPM_METHODS)
             raise ValueError(f"UniPC implements method='multistep' only, got {method!r}")
-        if not isinstance(order, int) or order < 1:
-            raise ValueError(f"order={order!r} must be a positive int")
+        order = check_int("order", order, 1, " (the solver order, 1 … 3 in practice)")
+        if times is None:
+            steps = self.check_steps(steps)
         if times is not None:
             grid = self.explicit_times(times, t_start, t_end)
             t_T, t_0, steps = float(grid[0]), float(grid[-1]), grid.numel() - 1
         else:
             grid = None
             t_T, t_0 = self.time_range(t_start, t_end)
-        self.check_steps(steps)
         if steps < order:
             raise ValueError(f"UniPC needs steps >= order, got steps={steps}, order={order}")
         check_choice("skip_type", skip_type, ("time_uniform", "logSNR", "time_quadratic", "karras"))
