@@ -172,3 +172,83 @@ def test_torch_compile_fullgraph_matches_eager(op_name, case):
     tol = op.tolerances[torch.float32]
     for name, exp in expected.items():
         torch.testing.assert_close(got[name], exp, atol=tol.atol, rtol=tol.rtol, equal_nan=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# The bad-input axis: every op × backend × the op's declared bad inputs (Op.bad_inputs)
+# --------------------------------------------------------------------------------------------------
+
+BAD_INPUT_BACKENDS = ("reference", "cpu", "triton")  # the backends that run on this machine's CPU tensors
+
+
+@functools.lru_cache(maxsize=None)
+def _bad_case_names(op_name: str) -> tuple[str, ...]:
+    return tuple(case.name for case in REGISTRY[op_name].bad_inputs(torch.device("cpu")))
+
+
+def _bad_cases():
+    for op_name in REGISTRY:
+        for case in _bad_case_names(op_name):
+            yield pytest.param(op_name, case, id=f"{op_name}-{case}")
+
+
+def _draw_bad(op, name, device):
+    for case in op.bad_inputs(device):
+        if case.name == name:
+            return case
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("op_name", list(REGISTRY))
+def test_every_op_declares_its_bad_inputs(op_name):
+    """Each op's axis covers the categories every op has: None, a non-tensor, int and complex dtypes, empty
+    tensors with a defined result, and aliased outputs (expanded, or overlapping an input)."""
+    op = REGISTRY[op_name]
+    assert op.bad_inputs is not None, f"{op_name} declares no bad_inputs"
+    cases = list(op.bad_inputs(torch.device("cpu")))
+    names = [c.name for c in cases]
+    assert len(names) == len(set(names)), f"{op_name}: duplicate bad-input names"
+    for c in cases:
+        assert c.error in (None, ValueError, TypeError), (c.name, c.error)
+        assert c.error is None or c.argument, f"{op_name}/{c.name}: which argument must the message name?"
+    for needle in ("none", "list", "int64", "complex64", "empty", "out", "expanded", "overlaps"):
+        assert any(needle in n for n in names), f"{op_name}: no bad input covers {needle!r}"
+    assert any(c.error is None and "empty" in c.name for c in cases)
+
+
+@pytest.mark.parametrize("backend", BAD_INPUT_BACKENDS)
+@pytest.mark.parametrize("op_name, case", list(_bad_cases()))
+def test_bad_input_is_refused_naming_the_argument(op_name, case, backend):
+    """A refused input raises the declared class (ValueError, or TypeError for a wrong type) with a message that
+    starts with the op's name and names the argument, on every backend alike (the check runs before dispatch);
+    an input with a defined result (error=None) equals the reference computed on copies of the inputs."""
+    op = REGISTRY[op_name]
+    if backend not in {b.name for b in op.backends}:
+        pytest.skip(f"{op_name} has no {backend} backend")
+    bad = _draw_bad(op, case, backend_device(backend))
+    if bad.error is not None:
+        with use_backend(backend), pytest.raises((ValueError, TypeError)) as info:
+            op.fn(**bad.kwargs)
+        err, msg = info.value, str(info.value)
+        assert isinstance(err, bad.error), f"{op_name}/{case}: {type(err).__name__} {msg}"
+        if bad.error is ValueError:
+            assert not isinstance(err, TypeError), f"{op_name}/{case}: a TypeError for a bad value: {msg}"
+        assert msg.startswith(f"{op_name}:"), f"{op_name}/{case}: the message does not start with the op's name: {msg}"
+        assert bad.argument in msg, f"{op_name}/{case}: the message does not name {bad.argument!r}: {msg}"
+        return
+    expected = op.reference(**{k: v for k, v in map_tensors(bad.kwargs, lambda t: t.clone()).items() if k != "out"})
+    args = op.check(**{k: v for k, v in bad.kwargs.items() if k != "out"})
+    with use_backend(backend):
+        reasons = op.backend(backend).reasons(args)
+    if reasons:
+        pytest.skip(f"{backend} does not run this case: {'; '.join(reasons)}")
+    with use_backend(backend):
+        got = op.fn(**bad.kwargs)
+    if "out" in bad.kwargs:
+        assert got is bad.kwargs["out"]
+    tol = op.tolerances[torch.float32]
+    got = got if isinstance(got, (tuple, list)) else (got,)
+    expected = expected if isinstance(expected, (tuple, list)) else (expected,)
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=tol.atol, rtol=tol.rtol, msg=lambda m: f"{op_name}/{case}/{backend}: {m}")

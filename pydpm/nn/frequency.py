@@ -8,10 +8,13 @@ gamma, as NAFNet's `NAFBlock`; FFParser holds `complex_weight` [C, H, W//2+1, 2]
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pydpm.nn._checks import check_input, positive_int, real_in
 from pydpm.ops.ff_parser import ff_parser
 from pydpm.ops.naf import simple_gate, simple_gate_sca, simplified_channel_attention
 
@@ -29,6 +32,8 @@ class FFParser(nn.Module):
 
     def __init__(self, channels: int, height: int, width: int, init: str = "normal"):
         super().__init__()
+        channels = positive_int("FFParser", "channels", channels)
+        height, width = positive_int("FFParser", "height", height), positive_int("FFParser", "width", width)
         if init not in ("normal", "identity"):
             raise ValueError(f"FFParser: init={init!r}; choose 'normal' or 'identity'")
         self.size = (height, width)
@@ -40,6 +45,8 @@ class FFParser(nn.Module):
         self.complex_weight = nn.Parameter(weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        C = self.complex_weight.shape[0]
+        check_input("FFParser", "x", x, dims=4, channels=C, layout=f"[B, {C}, {self.size[0]}, {self.size[1]}]")
         if x.dim() != 4 or tuple(x.shape[-2:]) != self.size or x.shape[1] != self.complex_weight.shape[0]:
             raise ValueError(f"FFParser: x has shape {tuple(x.shape)}; this module filters [B, "
                              f"{self.complex_weight.shape[0]}, {self.size[0]}, {self.size[1]}] inputs")
@@ -57,11 +64,15 @@ class LayerNorm2d(nn.Module):
 
     def __init__(self, channels: int, eps: float = 1e-6):
         super().__init__()
+        channels = positive_int("LayerNorm2d", "channels", channels)
+        eps = real_in("LayerNorm2d", "eps", eps, 0.0, math.inf, lo_open=True, hi_open=True)
         self.weight = nn.Parameter(torch.ones(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        C = self.weight.shape[0]
+        check_input("LayerNorm2d", "x", x, dims=4, channels=C, layout=f"[B, {C}, H, W]")
         y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
         return y.contiguous(memory_format=_layout(x))
 
@@ -82,9 +93,12 @@ class SimplifiedChannelAttention(nn.Sequential):
     """
 
     def __init__(self, channels: int):
+        channels = positive_int("SimplifiedChannelAttention", "channels", channels)
         super().__init__(nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, channels, 1, bias=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        C = self[1].in_channels
+        check_input("SimplifiedChannelAttention", "x", x, dims=None, min_dims=2, channels=C, layout=f"[B, {C}, ...]")
         return simplified_channel_attention(x, self[1].weight, self[1].bias)
 
 
@@ -142,6 +156,10 @@ class NAFBlock(nn.Module):
 
     def __init__(self, c: int, dw_expand: int = 2, ffn_expand: int = 2, drop: float = 0.0, fold: bool = True):
         super().__init__()
+        c = positive_int("NAFBlock", "c", c)
+        dw_expand, ffn_expand = positive_int("NAFBlock", "dw_expand", dw_expand), positive_int("NAFBlock", "ffn_expand",
+                                                                                               ffn_expand)
+        drop = real_in("NAFBlock", "drop", drop, 0.0, 1.0, hi_open=True)
         dw_channels, ffn_channels = c * dw_expand, c * ffn_expand
         if dw_channels % 2 or ffn_channels % 2:
             raise ValueError(f"NAFBlock: c·dw_expand = {dw_channels} and c·ffn_expand = {ffn_channels} must be even "
@@ -165,6 +183,8 @@ class NAFBlock(nn.Module):
         return self.fold and (isinstance(dropout, nn.Identity) or not self.training or dropout.p == 0)
 
     def forward(self, inp: torch.Tensor) -> torch.Tensor:
+        C = self.conv1.in_channels
+        check_input("NAFBlock", "inp", inp, dims=4, channels=C, layout=f"[B, {C}, H, W]")
         x = self.conv2(self.conv1(self.norm1(inp)))
         g, s = simple_gate_sca(x, self.sca[1].weight, self.sca[1].bias)
         y = pointwise_conv_residual(g, self.conv3, inp, self.beta, s) if self._folds(self.dropout1) else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pydpm.nn._checks import check_input, positive_int
 from pydpm.ops.wavelet import haar_bands, wavelet_gate_down, wavelet_gate_up
 
 
@@ -24,8 +25,12 @@ def band_means(x: torch.Tensor) -> torch.Tensor:
 class _BandGates(nn.Module):
     """sigmoid(FFN(band statistics)) -> gates [B, 4, C]."""
 
-    def __init__(self, channels: int, reduction: int, temb_dim: int | None):
+    def __init__(self, channels: int, reduction: int, temb_dim: int | None, module: str):
         super().__init__()
+        channels = positive_int(module, "channels", channels)
+        reduction = positive_int(module, "reduction", reduction)
+        temb_dim = positive_int(module, "temb_dim", temb_dim, optional=True)
+        self.module, self.temb_dim = module, temb_dim
         hidden = max(4 * channels // reduction, 8)
         self.fc1 = nn.Linear(4 * channels, hidden)
         self.act = nn.SiLU()
@@ -37,24 +42,32 @@ class _BandGates(nn.Module):
         h = self.fc1(stats.flatten(1))
         if self.temb is not None:
             if temb is None:
-                raise ValueError("this wavelet gate was built with temb_dim: pass temb [B, temb_dim]")
+                raise ValueError(f"{self.module}: built with temb_dim={self.temb_dim}: pass temb [B, {self.temb_dim}]")
+            check_input(self.module, "temb", temb, dims=2, channels=self.temb_dim, unit="features",
+                        layout=f"[B, temb_dim={self.temb_dim}]")
+            if temb.shape[0] != stats.shape[0]:
+                raise ValueError(f"{self.module}: temb has batch {temb.shape[0]} but x has {stats.shape[0]}")
             h = h + self.temb(temb)
         elif temb is not None:
-            raise ValueError("temb given but the gate was built without temb_dim")
+            raise ValueError(f"{self.module}: temb given but the module was built without temb_dim; pass "
+                             f"temb_dim to the constructor or drop temb")
         return torch.sigmoid(self.fc2(self.act(h))).reshape(-1, 4, self.channels)
 
 
 class WaveletGateDown(nn.Module):
     """WG-Down: [B, C, H, W] -> [B, C, H/2, W/2] = Σᵢ gateᵢ · bandᵢ(x), gates from the band means.
 
-    Args: channels C; reduction of the FFN's hidden width (4C/reduction, at least 8); temb_dim: add a
+    Args (positive ints, else a ValueError naming the module; the forward checks x's rank and channels the same
+    way): channels C; reduction of the FFN's hidden width (4C/reduction, at least 8); temb_dim: add a
     timestep embedding [B, temb_dim] to the FFN's hidden layer (off by default)."""
 
     def __init__(self, channels: int, reduction: int = 4, temb_dim: int | None = None):
         super().__init__()
-        self.gates = _BandGates(channels, reduction, temb_dim)
+        self.gates = _BandGates(channels, reduction, temb_dim, "WaveletGateDown")
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        C = self.gates.channels
+        check_input("WaveletGateDown", "x", x, dims=4, channels=C, layout=f"[B, {C}, H, W] with even H, W")
         if x.dim() != 4 or x.shape[-2] % 2 or x.shape[-1] % 2:
             raise ValueError(f"WaveletGateDown: x has shape {tuple(x.shape)}; it needs [B, C, H, W] with even H, W")
         return wavelet_gate_down(x, self.gates(band_means(x), temb))
@@ -68,10 +81,13 @@ class WaveletGateUp(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 4, temb_dim: int | None = None):
         super().__init__()
+        channels = positive_int("WaveletGateUp", "channels", channels)
         self.expand = nn.Conv2d(channels, 4 * channels, kernel_size=1)
-        self.gates = _BandGates(channels, reduction, temb_dim)
+        self.gates = _BandGates(channels, reduction, temb_dim, "WaveletGateUp")
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        C = self.gates.channels
+        check_input("WaveletGateUp", "x", x, dims=4, channels=C, layout=f"[B, {C}, H, W]")
         bands = self.expand(x)                                                   # [B, 4C, H, W]
         B, C4 = bands.shape[:2]
         stats = bands.mean(dim=(2, 3)).reshape(B, 4, C4 // 4)

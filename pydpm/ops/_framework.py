@@ -24,8 +24,12 @@ What the framework owns, so that no family repeats it:
   the same pair as one `torch.autograd.Function` for eager calls (torch.library's dispatch costs more host
   time than the kernels); both backwards re-enter the backend that was forced when the forward ran
   (autograd runs CUDA backwards on its own thread, where `use_backend`'s context variable is unset);
-- argument-check helpers every family's messages are built from (`fail`, `check_tensor`, `check_param`,
-  `check_out`), and the tolerances of the elementwise families (`ELEMENTWISE_TOLERANCES`);
+- argument-check helpers every family's messages are built from (`fail`, `fail_type`, `check_tensor`,
+  `check_param`, `check_out`, `check_no_alias`), and the tolerances of the elementwise families
+  (`ELEMENTWISE_TOLERANCES`);
+- the bad-input axis of the contract tests: each `Op` declares `bad_inputs(device)`, calls that must be refused
+  (`BadInput`: the exception class and the argument the message names) or that have a defined result (empty
+  tensors, the in-place uses the op allows), built with `tensor_mutations`;
 - the small pieces every family's backends, registration and sample inputs share: `acc_dtype` (the
   accumulation dtype), `triton_reasons` (whether Triton runs on a device), `no_output` (the placeholder a
   custom op returns for an output it did not compute) and `sample_tensor` (a sample input drawn from a seed).
@@ -35,8 +39,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import math
+import numbers
 import os
-from typing import Any, Callable, Hashable, Iterator, Sequence
+from typing import Any, Callable, Collection, Hashable, Iterator, Sequence
 
 import torch
 
@@ -79,14 +85,34 @@ class Tolerance:
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong type (None or a list where a tensor goes, a string for numbers, a float seed).
+    A TypeError, and a ValueError too, so that code catching the ops' documented ValueError still does."""
+
+
 def fail(op: str, msg: str) -> None:
     raise ValueError(f"{op}: {msg}")
+
+
+def fail_type(op: str, msg: str) -> None:
+    raise ArgumentTypeError(f"{op}: {msg}")
+
+
+def check_real(op: str, name: str, v, *, finite: bool = True) -> float:
+    """A real number (int, float, a numpy or 0-dim tensor scalar; not a bool or a string) -> float."""
+    if isinstance(v, bool) or not (isinstance(v, numbers.Real) or (isinstance(v, torch.Tensor) and v.numel() == 1
+                                                                    and not v.dtype.is_complex)):
+        fail_type(op, f"{name} must be a real number, got {type(v).__name__} {v!r}")
+    f = float(v)
+    if finite and not math.isfinite(f):
+        fail(op, f"{name} is {f}; it must be finite")
+    return f
 
 
 def check_tensor(op: str, name: str, t, dims: int | None = None, *, min_dims: int = 0, what: str = "") -> None:
     """t is a float tensor with `dims` dimensions (or at least `min_dims`); `what` describes the layout."""
     if not isinstance(t, torch.Tensor):
-        fail(op, f"{name} must be a torch.Tensor{' ' + what if what else ''}, got {type(t).__name__}")
+        fail_type(op, f"{name} must be a torch.Tensor{' ' + what if what else ''}, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
         fail(op, f"{name} has dtype {t.dtype}; pass float32, float16, bfloat16 or float64 (cast with .float())")
     if (dims is not None and t.dim() != dims) or t.dim() < min_dims:
@@ -97,7 +123,7 @@ def check_tensor(op: str, name: str, t, dims: int | None = None, *, min_dims: in
 def check_param(op: str, name: str, t, shape: Sequence[int], x: torch.Tensor, hint: str) -> None:
     """A parameter tensor (weight, bias) of `shape` on x's device, any floating dtype."""
     if not isinstance(t, torch.Tensor):
-        fail(op, f"{name} must be a torch.Tensor of shape {list(shape)} ({hint}), got {type(t).__name__}")
+        fail_type(op, f"{name} must be a torch.Tensor of shape {list(shape)} ({hint}), got {type(t).__name__}")
     if t.device != x.device:
         fail(op, f"{name} is on {t.device} but x is on {x.device}; move it with .to(x.device)")
     if not t.is_floating_point():
@@ -109,13 +135,117 @@ def check_param(op: str, name: str, t, shape: Sequence[int], x: torch.Tensor, hi
 def check_out(op: str, name: str, out, shape: Sequence[int], dtype: torch.dtype, x: torch.Tensor) -> None:
     """A caller's out= tensor: `shape` and `dtype` on x's device."""
     if not isinstance(out, torch.Tensor):
-        fail(op, f"{name} must be a torch.Tensor of shape {list(shape)}, got {type(out).__name__}")
+        fail_type(op, f"{name} must be a torch.Tensor of shape {list(shape)}, got {type(out).__name__}")
     if out.device != x.device:
         fail(op, f"{name} is on {out.device} but x is on {x.device}; allocate it on x's device")
     if out.dtype != dtype:
         fail(op, f"{name} has dtype {out.dtype}; it must be {dtype} (x's dtype)")
     if tuple(out.shape) != tuple(shape):
         fail(op, f"{name} has shape {tuple(out.shape)}; it must be {list(shape)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Aliasing: outputs that share memory with inputs or with each other
+# --------------------------------------------------------------------------------------------------
+# The kernels read and write memory directly, so an out= that partially overlaps an input (a view shifted by one
+# element), another output, or itself (an expand()ed view, stride 0) gives results that depend on the order in
+# which blocks run. Ops refuse them, as torch refuses them (torch's assert_no_internal_overlap and
+# assert_no_partial_overlap); each op's docstring says which exact aliases (out=x) it allows. The checks run only
+# when the caller passes an output, and cost a few attribute reads when nothing overlaps.
+
+NO_OVERLAP, SAME_MEMORY, PARTIAL_OVERLAP = 0, 1, 2
+
+
+def _extent(t: torch.Tensor) -> tuple[int, int]:
+    """[first byte, last byte + 1) of the memory t's elements occupy; (0, 0) when empty or not addressable
+    (fake tensors: torch.compile's tracing; meta tensors all start at 0, which `overlap` tells apart)."""
+    try:
+        lo = t.data_ptr()
+    except (RuntimeError, NotImplementedError):  # FakeTensor / functional tensors have no memory
+        return 0, 0
+    size = t.nbytes
+    if not size:
+        return 0, 0
+    if t.is_contiguous():
+        return lo, lo + size
+    span = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))  # torch strides are never negative
+    return lo, lo + span * t.element_size()
+
+
+def _addresses(t: torch.Tensor) -> torch.Tensor:
+    """The first byte address of every element of t (int64, CPU): the exact test behind the cheap ones."""
+    idx = torch.zeros((), dtype=torch.int64)
+    for n, st in zip(t.shape, t.stride()):
+        idx = idx.unsqueeze(-1) + torch.arange(n, dtype=torch.int64) * st
+    return idx.reshape(-1) * t.element_size() + t.data_ptr()
+
+
+def overlap(a: torch.Tensor, b: torch.Tensor) -> int:
+    """NO_OVERLAP, SAME_MEMORY (the same elements: same start, shape, strides and element size) or
+    PARTIAL_OVERLAP (some bytes shared, anything else)."""
+    a_lo, a_hi = _extent(a)
+    b_lo, b_hi = _extent(b)
+    if a_hi <= b_lo or b_hi <= a_lo or a.device != b.device or a.device.type == "meta":
+        return NO_OVERLAP
+    if a_lo == b_lo and a.shape == b.shape and a.stride() == b.stride() and a.element_size() == b.element_size():
+        return SAME_MEMORY
+    if a.numel() * a.element_size() == a_hi - a_lo and b.numel() * b.element_size() == b_hi - b_lo:
+        return PARTIAL_OVERLAP  # both cover their extents densely, and the extents meet
+    ea, eb = _addresses(a), _addresses(b)  # interleaved views (x[..., ::2] and x[..., 1::2]) may not share a byte
+    if a.element_size() == b.element_size() and (a_lo - b_lo) % a.element_size() == 0:
+        return PARTIAL_OVERLAP if bool(torch.isin(ea, eb).any()) else NO_OVERLAP
+    ba = (ea.unsqueeze(1) + torch.arange(a.element_size())).reshape(-1)
+    bb = (eb.unsqueeze(1) + torch.arange(b.element_size())).reshape(-1)
+    return PARTIAL_OVERLAP if bool(torch.isin(ba, bb).any()) else NO_OVERLAP
+
+
+def internal_overlap(t: torch.Tensor) -> bool:
+    """Whether two elements of t share memory (an expand()ed or broadcast view: a stride 0)."""
+    if t.is_contiguous() or t.numel() <= 1 or t.device.type == "meta":
+        return False
+    status = torch._debug_has_internal_overlap(t)  # 0: no, 1: yes, 2: too hard for torch's quick test
+    if status != 2:
+        return status == 1
+    try:
+        e = _addresses(t)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return e.unique().numel() < e.numel()
+
+
+def check_no_alias(op: str, writes: Sequence[tuple[str, Any]], reads: Sequence[tuple[str, Any]],
+                   same_ok: Collection[str] = ()) -> None:
+    """Refuse an output (`writes`: (name, tensor or None)) whose elements share memory with each other, that
+    shares memory with another output, or that overlaps an input (`reads`) — except an exact alias (the same
+    elements in the same order) of an input named in `same_ok` (an elementwise op's in-place use)."""
+    for i, (w, o) in enumerate(writes):
+        if o is None:
+            continue
+        if internal_overlap(o):
+            fail(op, f"{w} has elements that share memory (strides {tuple(o.stride())}, shape {tuple(o.shape)}: "
+                     f"an expand()ed or broadcast view); results written there would be lost: pass a tensor that "
+                     f"owns its memory, e.g. {w.split(' ')[0]}.clone() or torch.empty({tuple(o.shape)})")
+        for w2, o2 in writes[i + 1:]:
+            if o2 is not None and overlap(o, o2) != NO_OVERLAP:
+                fail(op, f"{w} and {w2} share memory; pass separate tensors (the op writes both)")
+        lo, hi = _extent(o)
+        for r, t in reads:
+            if t is None:
+                continue
+            t_lo, t_hi = _extent(t)
+            if hi <= t_lo or t_hi <= lo:  # the usual case, decided here: disjoint extents
+                continue
+            status = overlap(o, t)
+            if status == SAME_MEMORY and r in same_ok:
+                continue
+            if status == SAME_MEMORY:
+                fail(op, f"{w} is {r} (the same memory); {op} cannot write {r} in place: pass a separate "
+                         f"tensor, or none (out=None allocates one)")
+            if status == PARTIAL_OVERLAP:
+                allowed = f" (exactly {w.split(' ')[0]}={r} is allowed)" if r in same_ok else ""
+                fail(op, f"{w} partially overlaps {r} in memory (views of one buffer, e.g. shifted by an element); "
+                         f"the result would depend on the order the kernel writes in: pass a separate tensor"
+                         f"{allowed}")
 
 
 # Elementwise families (one pass, fp32 accumulation), against the float64 reference for unit-scale inputs.
@@ -153,6 +283,45 @@ def sample_tensor(shape, device: torch.device, dtype: torch.dtype, gen: torch.Ge
     return torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class BadInput:
+    """One case of an op's bad-input axis (`Op.bad_inputs`): fn(**kwargs) must raise `error` (ValueError or
+    TypeError) with a message that starts with the op's name and names `argument`; or, with error=None, it has a
+    defined result: fn's return value equals the reference on copies of the inputs (empty tensors, the in-place
+    uses an op allows)."""
+
+    name: str
+    kwargs: dict
+    error: type[Exception] | None
+    argument: str = ""
+
+
+def tensor_mutations(base: Callable[[], dict], names: Sequence[str], *, ranks: dict[str, int] | None = None,
+                     optional: Collection[str] = (), complex_ok: Collection[str] = (),
+                     anchor: str | None = None) -> Iterator[BadInput]:
+    """The generic bad inputs of the tensor arguments `names` of a valid call (`base()`: fresh kwargs each time):
+    None (unless `optional`), a nested list, int64 and complex64 dtypes (unless `complex_ok`), one dimension
+    more and one fewer (for the fixed ranks in `ranks`), and the meta device (every argument but `anchor`, the
+    one the others are compared with)."""
+    def case(tag, name, value, error):
+        kwargs = base()
+        kwargs[name] = value(kwargs[name])
+        return BadInput(f"{name}-{tag}", kwargs, error, name)
+
+    for name in names:
+        if name not in optional:
+            yield case("none", name, lambda t: None, TypeError)
+        yield case("list", name, lambda t: t.tolist(), TypeError)
+        yield case("int64", name, lambda t: t.round().to(torch.int64), ValueError)
+        if name not in complex_ok:
+            yield case("complex64", name, lambda t: t.to(torch.complex64), ValueError)
+        if ranks and name in ranks:
+            yield case("rank+1", name, lambda t: t.unsqueeze(0), ValueError)
+            yield case("rank-1", name, lambda t: t[0], ValueError)
+        if name != anchor:
+            yield case("meta", name, lambda t: t.to("meta"), ValueError)
+
+
 @dataclasses.dataclass
 class Op:
     """An op's metadata, from which dispatch works and the contract tests are generated: the public op,
@@ -179,6 +348,9 @@ class Op:
     library_args: Callable[..., tuple] | None = None
     # fn's keyword arguments -> the output(s) fn accepts as out= (None: one tensor like kwargs["x"]).
     make_out: Callable[[dict], Any] | None = None
+    # device -> the bad-input axis of the contract tests (`BadInput`s): wrong types, dtypes, ranks, shapes,
+    # devices, None, empty tensors, NaN parameters, aliased outputs. Required of every registered op.
+    bad_inputs: Callable[[torch.device], Iterator[BadInput]] | None = None
     _chosen: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):

@@ -31,8 +31,8 @@ import math
 import torch
 
 from pydpm import _backend
-from pydpm.ops._framework import (Backend, Differentiable, Entry, Op, Tolerance, acc_dtype, fail, register,
-                                  triton_reasons)
+from pydpm.ops._framework import (Backend, BadInput, Differentiable, Entry, Op, Tolerance, acc_dtype, check_no_alias,
+                                  check_real, fail, fail_type, register, tensor_mutations, triton_reasons)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 LAYOUTS = ("bhnd", "bnhd")
@@ -116,22 +116,24 @@ class AttentionArgs:
 _DTYPES = frozenset(SUPPORTED_DTYPES)
 
 
-def _explain(q, k, v, scale, layout, precision, out) -> None:
+def _explain(q, k, v, layout, precision) -> None:
     """Raise the message naming the argument (and the fix) that check_args' fast test rejected."""
     op = "attention"
     if layout not in LAYOUTS:
-        fail(op, f"layout={layout!r}; use 'bhnd' ([B, H, N, D]) or 'bnhd' ([B, N, H, D], diffusers' layout)")
+        raiser = fail if isinstance(layout, str) else fail_type
+        raiser(op, f"layout={layout!r}; use 'bhnd' ([B, H, N, D]) or 'bnhd' ([B, N, H, D], diffusers' layout)")
     if precision not in PRECISIONS:
-        fail(op, f"precision={precision!r}; use 'tf32' (tensor cores for fp32 inputs) or 'ieee' (exact fp32)")
+        raiser = fail if isinstance(precision, str) else fail_type
+        raiser(op, f"precision={precision!r}; use 'tf32' (tensor cores for fp32 inputs) or 'ieee' (exact fp32)")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
-            fail(op, f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            fail_type(op, f"{name} must be a torch.Tensor in layout {layout!r}, got {type(t).__name__}")
         if t.dim() != 4:
             fail(op, f"{name} has shape {tuple(t.shape)}; expected 4 dims in layout {layout!r}")
         if t.dtype not in SUPPORTED_DTYPES:
             fail(op, f"{name} has dtype {t.dtype}; use float32, float16, bfloat16 (or float64 on the reference)")
         if t.dtype != q.dtype or t.device != q.device:
-            fail(op, f"{name} is {t.dtype} on {t.device} but q is {q.dtype} on {q.device}")
+            fail(op, f"{name} is {t.dtype} on {t.device} but q is {q.dtype} on {q.device}; use .to(q)")
     h_dim = 1 if layout == "bhnd" else 2
     n_dim = 3 - h_dim
     B, H, D = q.shape[0], q.shape[h_dim], q.shape[3]
@@ -141,12 +143,20 @@ def _explain(q, k, v, scale, layout, precision, out) -> None:
         fail(op, f"k has shape {tuple(k.shape)}; it must share q's batch, heads and head dim ({B}, {H}, {D}) in "
                  f"layout {layout!r}")
     if not 1 <= D <= MAX_HEAD_DIM:
-        fail(op, f"head dim {D}; supported 1..{MAX_HEAD_DIM}")
+        fail(op, f"q has head dim {D}; supported 1..{MAX_HEAD_DIM} (split larger heads)")
     if k.shape[n_dim] == 0:
         fail(op, "k and v have no tokens: softmax over an empty set is undefined")
-    if scale is not None and not math.isfinite(float(scale)):
-        fail(op, f"scale={scale} must be finite")
-    fail(op, f"out must be a {q.dtype} tensor shaped like q {tuple(q.shape)} on {q.device}")
+    fail(op, f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} do not form a call in layout {layout!r}")
+
+
+def _check_out(q, k, v, out) -> None:
+    op = "attention"
+    if not isinstance(out, torch.Tensor):
+        fail_type(op, f"out must be a {q.dtype} tensor shaped like q {tuple(q.shape)}, got {type(out).__name__}")
+    if out.shape != q.shape or out.dtype is not q.dtype or out.device != q.device:
+        fail(op, f"out must be a {q.dtype} tensor shaped like q {tuple(q.shape)} on {q.device}, got {out.dtype} "
+                 f"{tuple(out.shape)} on {out.device}")
+    check_no_alias(op, (("out", out),), (("q", q), ("k", k), ("v", v)))
 
 
 def check_args(q, k, v, scale=None, layout="bhnd", precision="tf32", out=None) -> AttentionArgs:
@@ -159,14 +169,16 @@ def check_args(q, k, v, scale=None, layout="bhnd", precision="tf32", out=None) -
               and len(ks) == 4 and ks[0] == shape[0] and ks[h_dim] == shape[h_dim] and ks[3] == shape[3]
               and ks[3 - h_dim] > 0 and 1 <= shape[3] <= MAX_HEAD_DIM and (layout == "bhnd" or layout == "bnhd")
               and (precision == "tf32" or precision == "ieee") and k.device == q.device and v.device == q.device)
-        if ok:
-            scale = 1.0 / math.sqrt(shape[3]) if scale is None else float(scale)
-            ok = math.isfinite(scale) and (out is None or (isinstance(out, torch.Tensor) and out.shape == shape
-                                                          and out.dtype is dtype and out.device == q.device))
     except (AttributeError, TypeError, ValueError):
         ok = False
     if not ok:
-        _explain(q, k, v, scale, layout, precision, out)
+        _explain(q, k, v, layout, precision)
+    if scale is None:
+        scale = 1.0 / math.sqrt(shape[3])
+    elif type(scale) is not float or not math.isfinite(scale):
+        scale = check_real("attention", "scale", scale)
+    if out is not None:
+        _check_out(q, k, v, out)
     train = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     return AttentionArgs(q, k, v, scale, layout, precision, out, train)
 
@@ -426,7 +438,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     unless precision='ieee' (torch's kernels, where dispatch picks them, compute exact fp32). Differentiable.
     Dispatch runs pydpm's flash-attention kernels or one of torch's, whichever was measured faster for the
     call's class (`DISPATCH_TABLE`; `pydpm info` lists it).
-    Unfused equivalent: `attention_reference`."""
+    Unfused equivalent: `attention_reference`.
+
+    Aliasing: `out` (shaped like q) must not share memory with q, k or v (not even out=q), nor within itself
+    (an expand()ed view); such calls raise. q, k and v may share memory (they are only read)."""
     return _ENTRY(q, k, v, scale, layout, precision, out=out)
 
 
@@ -446,6 +461,54 @@ def sample_inputs(device="cpu", dtype=torch.float32, *, small=False, seed=0):
     yield "scale", dict(q=r(1, 2, 9, 16), k=r(1, 2, 12, 16), v=r(1, 2, 12, 16), scale=0.3)
 
 
+def bad_inputs(device):
+    """The bad-input axis (BadInput: what must be refused, what has a defined result)."""
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=torch.float32)
+
+    B, H, NQ, NK, D = 1, 2, 5, 3, 16
+
+    def base():
+        return dict(q=r(B, H, NQ, D), k=r(B, H, NK, D), v=r(B, H, NK, D))
+    yield from tensor_mutations(base, ("q", "k", "v"), ranks={"q": 4, "k": 4, "v": 4}, anchor="q")
+    yield BadInput("v-shape", dict(q=r(B, H, NQ, D), k=r(B, H, NK, D), v=r(B, H, NK + 1, D)), ValueError, "v")
+    yield BadInput("k-heads", dict(q=r(B, H, NQ, D), k=r(B, H + 1, NK, D), v=r(B, H + 1, NK, D)), ValueError, "k")
+    yield BadInput("k-head-dim", dict(q=r(B, H, NQ, D), k=r(B, H, NK, 8), v=r(B, H, NK, 8)), ValueError, "k")
+    yield BadInput("k-bnhd-heads", dict(q=r(B, NQ, H, D), k=r(B, NK, H + 1, D), v=r(B, NK, H + 1, D), layout="bnhd"),
+                   ValueError, "k")
+    yield BadInput("v-dtype", dict(q=r(B, H, NQ, D), k=r(B, H, NK, D), v=r(B, H, NK, D).half()), ValueError, "v")
+    yield BadInput("head-dim-300", dict(q=r(1, 1, 2, 300), k=r(1, 1, 2, 300), v=r(1, 1, 2, 300)), ValueError, "q")
+    yield BadInput("k-no-tokens", dict(q=r(B, H, NQ, D), k=r(B, H, 0, D), v=r(B, H, 0, D)), ValueError, "k")
+    yield BadInput("layout-unknown", dict(**base(), layout="nhd"), ValueError, "layout")
+    yield BadInput("layout-none", dict(**base(), layout=None), TypeError, "layout")
+    yield BadInput("precision-unknown", dict(**base(), precision="fp8"), ValueError, "precision")
+    yield BadInput("scale-nan", dict(**base(), scale=math.nan), ValueError, "scale")
+    yield BadInput("scale-inf", dict(**base(), scale=-math.inf), ValueError, "scale")
+    yield BadInput("scale-str", dict(**base(), scale="0.5"), TypeError, "scale")
+    yield BadInput("scale-bool", dict(**base(), scale=True), TypeError, "scale")
+    yield BadInput("scale-tensor", dict(**base(), scale=torch.tensor(0.25)), None)
+    yield BadInput("empty-batch", dict(q=r(0, H, NQ, D), k=r(0, H, NK, D), v=r(0, H, NK, D)), None)
+    yield BadInput("empty-queries", dict(q=r(B, H, 0, D), k=r(B, H, NK, D), v=r(B, H, NK, D)), None)
+    yield BadInput("out-list", dict(**base(), out=[0.0]), TypeError, "out")
+    yield BadInput("out-shape", dict(**base(), out=r(B, H, NK, D)), ValueError, "out")
+    yield BadInput("out-dtype", dict(**base(), out=r(B, H, NQ, D).double()), ValueError, "out")
+    yield BadInput("out-meta", dict(**base(), out=r(B, H, NQ, D).to("meta")), ValueError, "out")
+    yield BadInput("out-expanded", dict(**base(), out=r(B, 1, NQ, D).expand(B, H, NQ, D)), ValueError, "out")
+    kw = dict(q=r(B, H, NK, D), k=r(B, H, NK, D), v=r(B, H, NK, D))
+    yield BadInput("out-is-k", dict(**kw, out=kw["k"]), ValueError, "out")
+    kw = base()
+    yield BadInput("out-is-q", dict(**kw, out=kw["q"]), ValueError, "out")
+    buf = r(B * H * NQ * D + B * H * NK * D - 1)
+    yield BadInput("out-overlaps-v", dict(q=r(B, H, NQ, D), k=r(B, H, NK, D), v=buf[:B * H * NK * D].view(B, H, NK, D),
+                                          out=buf[B * H * NK * D - 1:].view(B, H, NQ, D)), ValueError, "out")
+    qkv = r(B, NQ, 3, H, D)
+    yield BadInput("qkv-views-share-memory", dict(q=qkv[:, :, 0], k=qkv[:, :, 1], v=qkv[:, :, 2], layout="bnhd"),
+                   None)
+
+
 OP = register(Op(
     name="attention", fn=attention, backends=BACKENDS, reference=attention_reference, check=check_args,
     # fp32 multiplies in TF32 on the GPU (≈ 1e-3 relative); fp16/bf16: the 2×-eager rule applies.
@@ -455,5 +518,5 @@ OP = register(Op(
     library_op=GRAD.overload,
     library_args=lambda q, k, v, scale=None, layout="bhnd", precision="tf32": (q, k, v, scale, layout, precision),
     eager=lambda **kw: attention_reference(**kw, compute_dtype=kw["q"].dtype),
-    make_out=lambda kw: torch.empty_like(kw["q"])))
+    make_out=lambda kw: torch.empty_like(kw["q"]), bad_inputs=bad_inputs))
 _ENTRY = Entry(OP, grad=GRAD, visible=lambda result: result[0])

@@ -21,8 +21,9 @@ from __future__ import annotations
 import torch
 
 from pydpm import _backend
-from pydpm.ops._framework import (ELEMENTWISE_TOLERANCES, Backend, Differentiable, Entry, Op, acc_dtype, check_out,
-                                  check_param, check_tensor, fail, no_output, register, sample_tensor, triton_reasons)
+from pydpm.ops._framework import (ELEMENTWISE_TOLERANCES, Backend, BadInput, Differentiable, Entry, Op, acc_dtype,
+                                  check_no_alias, check_out, check_param, check_tensor, fail, no_output, register,
+                                  sample_tensor, tensor_mutations, triton_reasons)
 
 
 def _complex(dtype: torch.dtype) -> torch.dtype:
@@ -38,6 +39,8 @@ def ff_parser_reference(x, weight, *, compute_dtype=None):
     irfft2 (ortho) back to x's size. `weight`: real [C, H, W//2+1, 2] (view_as_complex) or complex
     [C, H, W//2+1]. Computes in `compute_dtype` (default float32, float64 for float64 x)."""
     acc = compute_dtype or acc_dtype(x.dtype)
+    if x.numel() == 0:  # torch.fft refuses empty batches; the filter of nothing is nothing
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
     w = weight if weight.is_complex() else torch.view_as_complex(weight.to(acc).contiguous())
     spectrum = torch.fft.rfft2(x.to(acc), norm="ortho")
     y = torch.fft.irfft2(spectrum * w.to(spectrum.dtype), s=x.shape[-2:], norm="ortho")
@@ -82,6 +85,7 @@ def check_ff_parser(x, weight, *, out=None) -> FFArgs:
                      "a complex [C, H, W//2+1] tensor")
     if out is not None:
         check_out(op, "out", out, x.shape, x.dtype, x)
+        check_no_alias(op, (("out", out),), (("x", x), ("weight", weight)), same_ok=("x",))
     return FFArgs(x, weight, out)
 
 
@@ -252,7 +256,9 @@ def ff_parser(x: torch.Tensor, weight: torch.Tensor, *, out: torch.Tensor | None
         weight: the learnable per-channel complex map W: a real tensor [C, H, W//2+1, 2] holding real and
             imaginary parts (torch.view_as_complex's layout; `pydpm.nn.FFParser` stores it so), or a
             complex tensor [C, H, W//2+1]. Any floating dtype; read in float32.
-        out: optional [B, C, H, W] tensor of x's dtype to write (not differentiable).
+        out: optional [B, C, H, W] tensor of x's dtype to write (not differentiable). out=x (the same tensor)
+            filters x in place (the result is complete before it is written); any other out sharing memory with
+            x or weight, or within itself (an expand()ed view), raises.
 
     cuFFT (torch.fft) does both FFTs, unnormalised; the complex multiply and both ortho scales are one
     fused pass between them, which for even W also packs the spectrum so that the inverse is a c2c FFT
@@ -292,6 +298,47 @@ def sample_inputs(device="cpu", dtype=torch.float32, *, small=False, seed=0):
     yield "fp32-weight", dict(x=sample_tensor((B, C, H, W), device, dtype, gen), weight=weight(C, H, W, torch.float32))
 
 
+def bad_inputs(device):
+    """The bad-input axis (BadInput: what must be refused, what has a defined result)."""
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return sample_tensor(shape, device, torch.float32, gen)
+
+    B, C, H, W = 2, 3, 4, 6
+    shape, wshape = (B, C, H, W), (C, H, W // 2 + 1, 2)
+
+    def base():
+        return dict(x=r(*shape), weight=r(*wshape))
+    yield from tensor_mutations(base, ("x", "weight"), ranks={"x": 4, "weight": 4}, anchor="x")
+    yield BadInput("weight-shape", dict(x=r(*shape), weight=r(C, H, W, 2)), ValueError, "weight")
+    yield BadInput("weight-channels", dict(x=r(*shape), weight=r(C + 1, H, W // 2 + 1, 2)), ValueError, "weight")
+    yield BadInput("complex-weight-shape", dict(x=r(*shape), weight=torch.complex(r(C, H, W), r(C, H, W))),
+                   ValueError, "weight")
+    yield BadInput("complex-weight-meta", dict(x=r(*shape), weight=torch.complex(r(C, H, W // 2 + 1),
+                                                                                 r(C, H, W // 2 + 1)).to("meta")),
+                   ValueError, "weight")
+    yield BadInput("empty-batch", dict(x=r(0, C, H, W), weight=r(*wshape)), None)
+    yield BadInput("out-list", dict(x=r(*shape), weight=r(*wshape), out=[0.0]), TypeError, "out")
+    yield BadInput("out-shape", dict(x=r(*shape), weight=r(*wshape), out=r(B, C, H, W + 1)), ValueError, "out")
+    yield BadInput("out-dtype", dict(x=r(*shape), weight=r(*wshape), out=r(*shape).half()), ValueError, "out")
+    yield BadInput("out-expanded", dict(x=r(*shape), weight=r(*wshape), out=r(1, C, H, W).expand(shape)), ValueError,
+                   "out")
+    buf = r(B * C * H * W + 1)
+    yield BadInput("out-overlaps-x", dict(x=buf[:-1].view(shape), weight=r(*wshape), out=buf[1:].view(shape)),
+                   ValueError, "out")
+    nw = C * H * (W // 2 + 1) * 2
+    wbuf = r(nw - 1 + B * C * H * W)
+    yield BadInput("out-overlaps-weight", dict(x=r(*shape), weight=wbuf[:nw].view(wshape),
+                                               out=wbuf[nw - 1:].view(shape)), ValueError, "out")
+    x = r(*shape)
+    yield BadInput("out-is-x", dict(x=x, weight=r(*wshape), out=x), None)  # allowed: filters x in place
+    x = r(B, C, H, H)
+    yield BadInput("out-is-x-transposed", dict(x=x, weight=r(C, H, H // 2 + 1, 2), out=x.transpose(2, 3)), ValueError,
+                   "out")
+
+
 def _library_args(x, weight):
     x, w = (t.detach().clone().requires_grad_() for t in (x, real_weight(weight).detach()))
     return x, w, True
@@ -305,5 +352,6 @@ OP = register(Op(
     eager=lambda **kw: ff_parser_reference(**kw),
     library_op=GRAD.overload, library_args=_library_args,
     make_out=lambda kw: torch.full(kw["x"].shape, float("nan"), dtype=kw["x"].dtype, device=kw["x"].device),
+    bad_inputs=bad_inputs,
 ))
 _ENTRY = Entry(OP, grad=GRAD, inputs=_inputs, visible=lambda result: result[0])

@@ -26,8 +26,9 @@ import math
 import torch
 
 from pydpm import _backend
-from pydpm.ops._framework import (ELEMENTWISE_TOLERANCES, Backend, Differentiable, Entry, Op, acc_dtype, check_out,
-                                  check_param, check_tensor, fail, no_output, register, sample_tensor, triton_reasons)
+from pydpm.ops._framework import (ELEMENTWISE_TOLERANCES, Backend, BadInput, Differentiable, Entry, Op, acc_dtype,
+                                  check_no_alias, check_out, check_param, check_tensor, fail, fail_type, no_output,
+                                  register, sample_tensor, tensor_mutations, triton_reasons)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,6 +114,7 @@ def check_simple_gate(x, *, out=None) -> GateArgs:
     C = _half_channels(op, x)
     if out is not None:
         check_out(op, "out", out, _out_shape(x, C), x.dtype, x)
+        check_no_alias(op, (("out", out),), (("x", x),))
     return GateArgs("simple_gate", x, out)
 
 
@@ -122,6 +124,7 @@ def check_simplified_channel_attention(x, weight, bias=None, *, out=None) -> Gat
     w, b = _sca_params(op, weight, bias, x.shape[1], x)
     if out is not None:
         check_out(op, "out", out, x.shape, x.dtype, x)
+        check_no_alias(op, (("out", out),), (("x", x), ("weight", weight), ("bias", bias)), same_ok=("x",))
     return GateArgs("simplified_channel_attention", x, out, weight=w, bias=b)
 
 
@@ -131,10 +134,14 @@ def check_simple_gate_sca(x, weight, bias=None, *, out=None) -> GateArgs:
     C = _half_channels(op, x)
     w, b = _sca_params(op, weight, bias, C, x)
     if out is not None:
-        if not isinstance(out, (tuple, list)) or len(out) != 2:
-            fail(op, "out must be a pair (g [B, C, ...], scale [B, C]) of tensors")
+        if not isinstance(out, (tuple, list)):
+            fail_type(op, f"out must be a pair (g [B, C, ...], scale [B, C]) of tensors, got {type(out).__name__}")
+        if len(out) != 2:
+            fail(op, f"out must be a pair (g [B, C, ...], scale [B, C]) of tensors, got {len(out)} items")
         check_out(op, "out[0] (g)", out[0], _out_shape(x, C), x.dtype, x)
         check_out(op, "out[1] (scale)", out[1], (x.shape[0], C), x.dtype, x)
+        check_no_alias(op, (("out[0] (g)", out[0]), ("out[1] (scale)", out[1])),
+                       (("x", x), ("weight", weight), ("bias", bias)))
     return GateArgs("simple_gate_sca", x, out, weight=w, bias=b)
 
 
@@ -413,7 +420,10 @@ GATE_SCA_GRAD = Differentiable("simple_gate_sca", forward=_gate_sca_forward, for
 def simple_gate(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """NAFNet's SimpleGate: x [B, 2C, ...] → x[:, :C] · x[:, C:] [B, C, ...]. One pass; the backward (both
     halves of dx) is one pass. Contiguous and channels-last layouts run as they are. Unfused equivalent:
-    `simple_gate_reference` (x.chunk(2, dim=1) then a product)."""
+    `simple_gate_reference` (x.chunk(2, dim=1) then a product).
+
+    Aliasing: `out` must not share memory with x (not even x[:, :C]) nor within itself (an expand()ed view);
+    such calls raise."""
     return _GATE(x, out=out)
 
 
@@ -428,6 +438,10 @@ def simplified_channel_attention(x: torch.Tensor, weight: torch.Tensor, bias: to
 
     Two passes (the spatial mean, then the scaled write), mean and scale in fp32; backward: two passes
     (Σ_hw dy·x, then dx = dy·s + Aᵀ(Σ_hw dy·x)/HW). Unfused equivalent: `simplified_channel_attention_reference`.
+
+    Aliasing: out=x (the same tensor) scales x in place (the mean is complete before any element is
+    written); any other out that shares memory with x, weight or bias, or within itself (an expand()ed view),
+    raises.
     """
     return _SCA(x, weight, bias, out=out)
 
@@ -445,6 +459,9 @@ def simple_gate_sca(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     (`pydpm.nn.NAFBlock` does), and elementwise consumers can multiply it into their own pass. Backward: one
     pass (dx from dg and the scale's gradient). `out`: an optional (g, s) pair. Unfused equivalent:
     `simple_gate_sca_reference`.
+
+    Aliasing: g and s must not share memory with x, weight, bias, each other, or within themselves (an
+    expand()ed view); such calls raise.
     """
     return _GATE_SCA(x, weight, bias, out=out)
 
@@ -503,12 +520,92 @@ def _requiring_grad(*ts):
                  else t for t in ts)
 
 
+def _bad_inputs(stage: str):
+    """The bad-input axis of one op of the family (BadInput: what must be refused, what has a defined result)."""
+    def bad_inputs(device):
+        device = torch.device(device)
+        gen = torch.Generator().manual_seed(0)
+
+        def r(*shape):
+            return sample_tensor(shape, device, torch.float32, gen)
+
+        B, C, H, W = 2, 3, 4, 5
+        gate = stage != "simplified_channel_attention"
+        Cx = 2 * C if gate else C
+        oshape = (B, C, H, W)
+        if stage == "simple_gate":
+            def base():
+                return dict(x=r(B, Cx, H, W))
+            yield from tensor_mutations(base, ("x",), anchor="x")
+        else:
+            def base():
+                return dict(x=r(B, Cx, H, W), weight=r(C, C), bias=r(C))
+            yield from tensor_mutations(base, ("x", "weight", "bias"), ranks={"weight": 2, "bias": 1},
+                                        optional=("bias",), anchor="x")
+            yield BadInput("weight-shape", dict(x=r(B, Cx, H, W), weight=r(C + 1, C + 1)), ValueError, "weight")
+            yield BadInput("weight-conv-shape", dict(x=r(B, Cx, H, W), weight=r(C, C, 3, 3)), ValueError, "weight")
+            yield BadInput("bias-shape", dict(x=r(B, Cx, H, W), weight=r(C, C), bias=r(C + 1)), ValueError, "bias")
+            yield BadInput("no-bias", dict(x=r(B, Cx, H, W), weight=r(C, C, 1, 1), bias=None), None)
+        params = {} if stage == "simple_gate" else dict(weight=r(C, C), bias=r(C))
+        yield BadInput("x-rank-1", dict(x=r(Cx), **params), ValueError, "x")
+        if gate:
+            yield BadInput("x-odd-channels", dict(x=r(B, 5, H, W), **({} if stage == "simple_gate" else dict(
+                weight=r(2, 2)))), ValueError, "x")
+        yield BadInput("empty-batch", dict(x=r(0, Cx, H, W), **params), None)
+        yield BadInput("empty-channels", dict(x=r(B, 0, H, W), **({} if stage == "simple_gate" else dict(
+            weight=r(0, 0)))), None)
+        if stage == "simple_gate_sca":
+            def outs(g=None, s=None):
+                return (r(*oshape) if g is None else g, r(B, C) if s is None else s)
+            yield BadInput("out-a-tensor", dict(x=r(B, Cx, H, W), **params, out=r(*oshape)), TypeError, "out")
+            yield BadInput("out-three", dict(x=r(B, Cx, H, W), **params, out=outs() + (r(B, C),)), ValueError, "out")
+            yield BadInput("out0-none", dict(x=r(B, Cx, H, W), **params, out=(None, r(B, C))), TypeError, "out[0]")
+            yield BadInput("out1-shape", dict(x=r(B, Cx, H, W), **params, out=outs(s=r(B, C, 1))), ValueError, "out[1]")
+            yield BadInput("out0-expanded", dict(x=r(B, Cx, H, W), **params, out=outs(g=r(1, C, H, W).expand(oshape))),
+                           ValueError, "out[0]")
+            yield BadInput("out1-expanded", dict(x=r(B, Cx, H, W), **params, out=outs(s=r(1, C).expand(B, C))),
+                           ValueError, "out[1]")
+            g = r(B * C * H * W)
+            shared = outs(g=g.view(oshape), s=g[3:3 + B * C].view(B, C))
+            yield BadInput("outs-share-memory", dict(x=r(B, Cx, H, W), **params, out=shared), ValueError, "out[0]")
+            x = r(B, Cx, H, W)
+            yield BadInput("out0-is-x-half", dict(x=x, **params, out=outs(g=x[:, :C])), ValueError, "out[0]")
+            w = r(C * C + B * C)
+            yield BadInput("out1-overlaps-weight", dict(x=r(B, Cx, H, W), weight=w[:C * C].view(C, C), bias=r(C),
+                                                        out=outs(s=w[C * C - 1:-1].view(B, C))), ValueError, "out[1]")
+            return
+        yield BadInput("out-list", dict(x=r(B, Cx, H, W), **params, out=[1.0]), TypeError, "out")
+        yield BadInput("out-shape", dict(x=r(B, Cx, H, W), **params, out=r(B, Cx + 1, H, W)), ValueError, "out")
+        yield BadInput("out-dtype", dict(x=r(B, Cx, H, W), **params, out=r(*oshape).double()), ValueError, "out")
+        yield BadInput("out-meta", dict(x=r(B, Cx, H, W), **params, out=r(*oshape).to("meta")), ValueError, "out")
+        yield BadInput("out-expanded", dict(x=r(B, Cx, H, W), **params, out=r(B, C, 1, W).expand(oshape)), ValueError,
+                       "out")
+        buf = r(B * Cx * H * W + 1)
+        yield BadInput("out-overlaps-x", dict(x=buf[:-1].view(B, Cx, H, W), **params,
+                                              out=buf[1:1 + B * C * H * W].view(oshape)), ValueError, "out")
+        if stage == "simple_gate":
+            x = r(B, Cx, H, W)
+            yield BadInput("out-is-x-half", dict(x=x, out=x[:, :C]), ValueError, "out")
+        else:
+            x = r(B, Cx, H, W)
+            yield BadInput("out-is-x", dict(x=x, **params, out=x), None)  # allowed: scales x in place
+            xt = r(B, Cx, W, H).transpose(2, 3)
+            yield BadInput("out-is-x-non-contiguous", dict(x=xt, **params, out=xt), None)
+            x = r(B, Cx, H, H)
+            yield BadInput("out-is-x-transposed", dict(x=x, **params, out=x.transpose(2, 3)), ValueError, "out")
+            w = r(C * C + B * C * H * W)
+            yield BadInput("out-overlaps-weight", dict(x=r(B, Cx, H, W), weight=w[:C * C].view(C, C), bias=r(C),
+                                                       out=w[C * C - 1:-1].view(oshape)), ValueError, "out")
+    return bad_inputs
+
+
 SIMPLE_GATE_OP = register(Op(
     name="simple_gate", fn=simple_gate, backends=BACKENDS, reference=simple_gate_reference,
     check=check_simple_gate, tolerances=ELEMENTWISE_TOLERANCES, sample_inputs=_simple_gate_samples,
     dispatch_key=_dispatch_key, eager=lambda **kw: simple_gate_reference(**kw, compute_dtype=kw["x"].dtype),
     library_op=GATE_GRAD.overload, library_args=lambda x: _requiring_grad(x),
     make_out=lambda kw: _poisoned(_out_shape(kw["x"], kw["x"].shape[1] // 2), kw["x"]),
+    bad_inputs=_bad_inputs("simple_gate"),
 ))
 
 SCA_OP = register(Op(
@@ -518,6 +615,7 @@ SCA_OP = register(Op(
     eager=lambda **kw: simplified_channel_attention_reference(**kw, compute_dtype=kw["x"].dtype),
     library_op=SCA_GRAD.overload, library_args=lambda x, weight, bias=None: _requiring_grad(x, weight, bias),
     make_out=lambda kw: _poisoned(kw["x"].shape, kw["x"]),
+    bad_inputs=_bad_inputs("simplified_channel_attention"),
 ))
 
 GATE_SCA_OP = register(Op(
@@ -528,6 +626,7 @@ GATE_SCA_OP = register(Op(
     library_args=lambda x, weight, bias=None: _requiring_grad(x, weight, bias),
     make_out=lambda kw: (_poisoned(_out_shape(kw["x"], kw["x"].shape[1] // 2), kw["x"]),
                          _poisoned((kw["x"].shape[0], kw["x"].shape[1] // 2), kw["x"])),
+    bad_inputs=_bad_inputs("simple_gate_sca"),
 ))
 
 _GATE = Entry(SIMPLE_GATE_OP, grad=GATE_GRAD)

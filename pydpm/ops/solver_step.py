@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import ctypes
 import math
+import numbers
+import operator
 from typing import Any, NamedTuple, Sequence, TypeAlias
 
 import torch
 
 from pydpm import _backend
-from pydpm.ops._framework import (ELEMENTWISE_TOLERANCES, Backend, Entry, Op, acc_dtype, register, sample_tensor,
-                                  triton_reasons)
+from pydpm.ops._framework import (ELEMENTWISE_TOLERANCES, Backend, BadInput, Entry, Op, acc_dtype, check_no_alias,
+                                  check_real, fail_type, register, sample_tensor, triton_reasons)
 
 MAX_MODELS = 6  # csrc/common/solver_step.h kMaxModels
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -35,9 +37,12 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 class PhiloxNoise(NamedTuple):
     """Standard normal noise drawn inside the kernel: reproducible for a (seed, offset) pair.
 
-    Element i (in memory order) is lane i % 4 of Philox4x32-10 with counter (i // 4, offset) and key
-    seed, turned into normals by Box-Muller (csrc/common/philox.h). Use a new offset (e.g. the step
-    index) for every step of one sampling run.
+    Element i is lane i % 4 of Philox4x32-10 with counter (i // 4, offset) and key seed, turned into normals
+    by Box-Muller (csrc/common/philox.h). Use a new offset (e.g. the step index) for every step of one sampling
+    run. i counts elements in x's memory order when x is contiguous or channels-last (its dense layouts), and
+    in row-major order (the order of x.contiguous()) for any other x (a transposed or sliced view), on every
+    backend and in `solver_step_reference`. seed and offset are ints in [0, 2**63) (integral numpy scalars
+    are accepted; floats and bools are refused).
     """
 
     seed: int
@@ -114,8 +119,9 @@ def philox_normal(seed: int, offset: int, numel: int, device: torch.device | str
 
 
 def _like(flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """View a memory-order vector with x's shape and (dense) strides."""
-    return flat.as_strided(x.shape, x.stride())
+    """View a vector of x.numel() values with x's shape, in the element order the backends give x: x's memory
+    order when x is contiguous or channels-last, else row-major (x.contiguous()'s order; see PhiloxNoise)."""
+    return flat.as_strided(x.shape, x.stride()) if _dense(x) else flat.view(x.shape)
 
 
 def _quantile_rows(a: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -235,7 +241,8 @@ def _fail(msg: str) -> None:
 def _check_like(name: str, t, x: torch.Tensor) -> None:
     """Raise the message for a tensor `name` that does not share x's device, dtype and shape."""
     if not isinstance(t, torch.Tensor):
-        _fail(f"{name} must be a torch.Tensor shaped like x, got {type(t).__name__}")
+        hint = " or PhiloxNoise(seed, offset)" if name == "noise" else ""
+        fail_type("solver_step", f"{name} must be a torch.Tensor shaped like x{hint}, got {type(t).__name__}")
     if t.device != x.device:
         _fail(f"{name} is on {t.device} but x is on {x.device}; move it with .to(x.device)")
     if t.dtype != x.dtype:
@@ -271,10 +278,16 @@ def _coef_table(name: str, c, n: int, x: torch.Tensor, what: str, compiling: boo
             _fail(f"{name} is on {c.device} but x is on {x.device}; keep coefficient tables on x's device "
                   f"(move them once, before the sampling loop) or pass a 1-D CPU tensor or a list of floats")
         c = c.tolist()
+    if isinstance(c, (str, bytes, dict, set, frozenset)) or not hasattr(c, "__len__"):
+        fail_type("solver_step", f"{name} must be a float tensor or a sequence of floats, got {type(c).__name__}")
+    for i, v in enumerate(c):
+        if isinstance(v, (str, bytes)) or v is None:
+            fail_type("solver_step", f"{name}[{i}] is {v!r}; coefficients must be numbers (a float tensor or a "
+                                     f"sequence of floats)")
     try:
         values = tuple(map(float, c))
     except (TypeError, ValueError):
-        _fail(f"{name} must be a float tensor or a sequence of floats, got {type(c).__name__}")
+        fail_type("solver_step", f"{name} must be a float tensor or a sequence of floats, got {type(c).__name__}")
     if len(values) != n:
         _fail(f"{name} has {len(values)} entries; this call needs {n} ({what})")
     if not math.isfinite(sum(values)) and not all(map(math.isfinite, values)):
@@ -285,16 +298,42 @@ def _coef_table(name: str, c, n: int, x: torch.Tensor, what: str, compiling: boo
     return None, values
 
 
+def _philox(noise: PhiloxNoise) -> PhiloxNoise:
+    """PhiloxNoise with int seed and offset: integral numpy (or other numbers.Integral) scalars are accepted,
+    floats, bools and strings refused (a TypeError naming the field), the range checked by the caller."""
+    values = []
+    for name, v in zip(("seed", "offset"), noise):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            fail_type("solver_step", f"noise=PhiloxNoise(seed={noise[0]!r}, offset={noise[1]!r}): {name} must be an "
+                                     f"int in [0, 2**63), got {type(v).__name__}")
+        values.append(operator.index(v))
+    return PhiloxNoise(*values)
+
+
+def _check_threshold(threshold) -> None:
+    if not isinstance(threshold, Threshold):
+        fail_type("solver_step", f"threshold must be a pydpm.ops.Threshold(ratio, min_scale, max_scale), got "
+                                 f"{type(threshold).__name__}")
+    for field in Threshold._fields:
+        check_real("solver_step", f"threshold.{field}", getattr(threshold, field), finite=False)
+    if not 0.0 <= threshold.ratio <= 1.0:
+        _fail(f"threshold.ratio is {threshold.ratio}; it must lie in [0, 1]")
+    if not (threshold.min_scale > 0 and threshold.max_scale >= threshold.min_scale):
+        _fail(f"threshold scales (threshold.min_scale={threshold.min_scale}, threshold.max_scale="
+              f"{threshold.max_scale}) need 0 < min_scale <= max_scale")
+
+
 def _explain(x, models, model_output, convert, guidance_scale, threshold, save, noise, out) -> None:
     """Raise the message naming the argument (and the fix) that check_args' fast test rejected."""
     if not isinstance(x, torch.Tensor):
-        _fail(f"x must be a torch.Tensor, got {type(x).__name__}")
+        fail_type("solver_step", f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in SUPPORTED_DTYPES:
         _fail(f"x has dtype {x.dtype}; pass float32, float16 or bfloat16 (float64 runs on the CPU backends)")
     if x.dim() == 0:
         _fail("x is a scalar; it needs a leading batch dimension")
     if isinstance(models, torch.Tensor) or not isinstance(models, (list, tuple)):
-        _fail(f"models must be a list or tuple of tensors (wrap a single tensor as [t]), got {type(models).__name__}")
+        fail_type("solver_step", f"models must be a list or tuple of tensors (wrap a single tensor as [t]), got "
+                                 f"{type(models).__name__}")
     if len(models) > MAX_MODELS:
         _fail(f"{len(models)} models given; at most {MAX_MODELS} are supported per step")
     for i, m in enumerate(models):
@@ -302,7 +341,7 @@ def _explain(x, models, model_output, convert, guidance_scale, threshold, save, 
     if model_output is not None:
         if isinstance(model_output, (tuple, list)):
             if len(model_output) != 2:
-                _fail("model_output must be one tensor or a (cond, uncond) pair")
+                _fail(f"model_output must be one tensor or a (cond, uncond) pair, got {len(model_output)} items")
             _check_like("model_output[0] (cond)", model_output[0], x)
             _check_like("model_output[1] (uncond)", model_output[1], x)
             if guidance_scale is None:
@@ -318,25 +357,78 @@ def _explain(x, models, model_output, convert, guidance_scale, threshold, save, 
                             ("save", save)):
             if value is not None:
                 _fail(f"{name} acts on the model output of this step; pass model_output too")
-    if guidance_scale is not None and not math.isfinite(float(guidance_scale)):
-        _fail(f"guidance_scale is {guidance_scale}; it must be finite")
+    if guidance_scale is not None:
+        check_real("solver_step", "guidance_scale", guidance_scale)
     if threshold is not None:
-        if not isinstance(threshold, Threshold):
-            _fail("threshold must be a pydpm.ops.Threshold(ratio, min_scale, max_scale)")
-        if not 0.0 <= threshold.ratio <= 1.0:
-            _fail(f"threshold.ratio is {threshold.ratio}; it must lie in [0, 1]")
-        if not (threshold.min_scale > 0 and threshold.max_scale >= threshold.min_scale):
-            _fail(f"threshold scales ({threshold.min_scale}, {threshold.max_scale}) need 0 < min_scale <= max_scale")
+        _check_threshold(threshold)
     for name, t in (("save", save), ("out", out)):
         if t is not None:
             _check_like(name, t, x)
     if isinstance(noise, PhiloxNoise):
+        noise = _philox(noise)
         if not (0 <= noise.seed < 2 ** 63 and 0 <= noise.offset < 2 ** 63):
             _fail(f"PhiloxNoise{tuple(noise)}: seed and offset must lie in [0, 2**63)")
     elif noise is not None:
         _check_like("noise", noise, x)
-    _fail("inputs require grad; solver_step is a sampling op without a backward: run it under torch.no_grad() "
-          "(or use solver_step_reference to differentiate through the composition)")
+    mo = model_output if isinstance(model_output, (tuple, list)) else (model_output,)
+    named = [("x", x)] + [(f"models[{i}]", m) for i, m in enumerate(models)] + [("model_output", m) for m in mo] \
+        + [("save", save), ("noise", noise), ("out", out)]
+    grad = [name for name, t in named if isinstance(t, torch.Tensor) and t.requires_grad]
+    if torch.is_grad_enabled() and grad:
+        _fail(f"inputs require grad ({', '.join(grad)}); solver_step is a sampling op without a backward: run it "
+              f"under torch.no_grad() (or use solver_step_reference to differentiate through the composition)")
+    _fail("these arguments do not form a call (see solver_step's docstring)")
+
+
+def _disjoint_dense(args: StepArgs, out: torch.Tensor | None, n: int) -> bool:
+    """The fast aliasing test when every tensor of the call is contiguous and shaped like x, so that each
+    covers [data_ptr, data_ptr + n bytes): the caller's `out` and `save` may each start where an input starts
+    (then they are that input: an elementwise in-place use) but must not meet an input elsewhere, each other, or
+    a coefficient table. False: the exact test decides (check_no_alias). About 0.1 µs per tensor."""
+    x, save = args.x, args.save
+    reads = [x.data_ptr()]
+    for t in args.models:
+        reads.append(t.data_ptr())
+    if args.cond is not None:
+        reads.append(args.cond.data_ptr())
+        if args.uncond is not None:
+            reads.append(args.uncond.data_ptr())
+    if args.noise is not None:
+        reads.append(args.noise.data_ptr())
+    p_out = p_save = None
+    if out is not None:
+        p_out = reads[0] if out is x else out.data_ptr()
+        for q in reads:
+            if q != p_out and -n < q - p_out < n:
+                return False
+    if save is not None:
+        p_save = save.data_ptr()
+        for q in reads:
+            if q != p_save and -n < q - p_save < n:
+                return False
+        if p_out is not None and -n < p_out - p_save < n:
+            return False
+    if args.coeffs is not None or args.convert is not None:
+        for table in (args.coeffs, args.convert):  # device tables, read by the kernel
+            if table is not None:
+                q, m = table.data_ptr(), table.nbytes
+                for p in (p_out, p_save):
+                    if p is not None and q < p + n and p < q + m:
+                        return False
+    return True
+
+
+def _check_aliasing(args: StepArgs, out_given: bool) -> None:
+    """The exact aliasing test (framework.check_no_alias): out and save may be exactly an input, nothing else."""
+    reads = [("x", args.x)] + [(f"models[{i}]", m) for i, m in enumerate(args.models)]
+    if args.uncond is None:
+        reads.append(("model_output", args.cond))
+    else:
+        reads += [("model_output[0] (cond)", args.cond), ("model_output[1] (uncond)", args.uncond)]
+    reads.append(("noise", args.noise))
+    same_ok = {name for name, _ in reads}
+    reads += [("coeffs", args.coeffs), ("convert", args.convert)]
+    check_no_alias("solver_step", (("out", args.out if out_given else None), ("save", args.save)), reads, same_ok)
 
 
 def check_args(x, models, coeffs, model_output=None, convert=None, guidance_scale=None, threshold=None, save=None,
@@ -350,7 +442,7 @@ def check_args(x, models, coeffs, model_output=None, convert=None, guidance_scal
         if model_output is not None:
             if type(model_output) is tuple or type(model_output) is list:
                 cond, uncond = model_output
-                ok = guidance_scale is not None
+                ok = guidance_scale is not None and cond is not None and uncond is not None
             else:
                 cond = model_output
                 ok = guidance_scale is None
@@ -359,6 +451,8 @@ def check_args(x, models, coeffs, model_output=None, convert=None, guidance_scal
             ok = convert is None and guidance_scale is None and threshold is None and save is None
         if type(noise) is PhiloxNoise:
             philox, noise = noise, None
+            if type(philox.seed) is not int or type(philox.offset) is not int:
+                philox = _philox(philox)
             ok = ok and 0 <= philox.seed < 2 ** 63 and 0 <= philox.offset < 2 ** 63
         ok = ok and dtype in _DTYPES and len(shape) > 0 and (type(models) is list or type(models) is tuple) \
             and len(models) <= MAX_MODELS and (threshold is None or (
@@ -368,39 +462,62 @@ def check_args(x, models, coeffs, model_output=None, convert=None, guidance_scal
         dense = x.is_contiguous()
         if grad and x.requires_grad:
             ok = False
-        for t in (*models, cond, uncond, save, noise, out):
+        for t in models:  # (a None model fails here, on t.dtype)
+            if not (t.dtype is dtype and t.shape == shape and t.get_device() == device and t.is_cpu is cpu
+                    and not (grad and t.requires_grad)):
+                ok = False
+                break
+            dense = dense and t.is_contiguous()
+        for t in (cond, uncond, save, noise, out):
             if t is not None:
                 if not (t.dtype is dtype and t.shape == shape and t.get_device() == device and t.is_cpu is cpu
                         and not (grad and t.requires_grad)):
                     ok = False
                     break
                 dense = dense and t.is_contiguous()
-        guidance = 1.0 if guidance_scale is None else float(guidance_scale)
+        if guidance_scale is None:
+            guidance = 1.0
+        elif type(guidance_scale) is float:
+            guidance = guidance_scale
+        else:  # an int, a numpy or 0-dim tensor scalar; a string or a bool raises (and _explain names it)
+            guidance = check_real("solver_step", "guidance_scale", guidance_scale, finite=False)
         ok = ok and math.isfinite(guidance)
     except (AttributeError, TypeError, ValueError):
         ok = False
     if not ok:
         _explain(x, models, model_output, convert, guidance_scale, threshold, save, noise if philox is None else
                  philox, out)
+    out_given = out is not None
     if out is None:
         out = torch.empty_like(x)
     args = StepArgs(x, tuple(models), out, cond, uncond, guidance, threshold, save, noise, philox, dense)
     n = 1 + (cond is not None) + len(models) + (noise is not None or philox is not None)
     what = None
     if type(coeffs) is list and len(coeffs) == n and not compiling:
-        values = tuple(map(float, coeffs))
-        if math.isfinite(sum(values)) or all(map(math.isfinite, values)):
-            args.coef_values = values
+        try:  # sum() of the raw list: a TypeError for strings, which float() would parse
+            total = sum(coeffs)
+            values = tuple(map(float, coeffs))
+            if math.isfinite(total) or all(map(math.isfinite, values)):
+                args.coef_values = values
+        except (TypeError, ValueError, OverflowError):
+            pass
     if args.coef_values is None:
         what = _term_names(len(models), cond is not None, args.noise_mode != 0)
         args.coeffs, args.coef_values = _coef_table("coeffs", coeffs, n, x, what, compiling)
     if cond is not None:
         if type(convert) is list and len(convert) == 2 and not compiling:
-            k0, k1 = float(convert[0]), float(convert[1])
-            if math.isfinite(k0 + k1) or (math.isfinite(k0) and math.isfinite(k1)):
-                args.convert_values = (k0, k1)
+            try:
+                total = 0.0 + convert[0] + convert[1]
+                k0, k1 = float(convert[0]), float(convert[1])
+                if math.isfinite(total) or (math.isfinite(k0) and math.isfinite(k1)):
+                    args.convert_values = (k0, k1)
+            except (TypeError, ValueError, OverflowError):
+                pass
         if args.convert_values is None:
             args.convert, args.convert_values = _coef_table("convert", convert, 2, x, "x, model_output", compiling)
+    if (out_given or save is not None) and not compiling:
+        if not (dense and _disjoint_dense(args, out if out_given else None, x.nbytes)):
+            _check_aliasing(args, out_given)
     return args
 
 
@@ -410,23 +527,30 @@ def _dense(x: torch.Tensor) -> bool:
 
 
 def densify(args: StepArgs) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Give every tensor of the call x's dense layout, copying where needed (documented cost: one extra
-    pass per copied tensor). Returns (user tensor, temporary) pairs to copy back after the kernel."""
+    """Give every tensor of the call x's dense layout (a channels-last x keeps its own, so that Philox noise
+    follows x's memory order; any other non-contiguous x is made contiguous), copying where needed (documented
+    cost: one extra pass per copied tensor). Returns (user tensor, temporary) pairs to copy back after the
+    kernel."""
     tensors = args.tensors()
     if all(t.is_contiguous() for t in tensors):
         return []
-    stride = args.x.stride()
-    if _dense(args.x) and all(t.stride() == stride for t in tensors):
+    x = args.x
+    fmt = torch.contiguous_format
+    if not x.is_contiguous():
+        if _dense(x):  # channels-last
+            fmt = torch.channels_last
+        else:
+            x = args.x = x.contiguous()
+    if all(t.is_contiguous(memory_format=fmt) for t in tensors[1:]):
         return []
     writeback = []
-    x = args.x = args.x.contiguous()
 
     def fix(t, written):
-        if t is None or t.is_contiguous():
+        if t is None or t.is_contiguous(memory_format=fmt):
             return t
+        tmp = torch.empty_like(x)  # x's dense layout (empty_like keeps the strides of a dense x)
         if not written:
-            return t.contiguous()
-        tmp = torch.empty_like(x)
+            return tmp.copy_(t)
         writeback.append((t, tmp))
         return tmp
 
@@ -751,8 +875,16 @@ def solver_step(x: torch.Tensor, models: Models, coeffs: Coefficients, *, model_
             CUDA a radix select, 7 short launches instead of 1 (csrc/cuda/solver_step.cu); a constant
             clamp (min_scale == max_scale, diffusers' clip_sample) stays one launch.
         save: receives d (e.g. the history slot the next step reads).
-        noise: a tensor shaped like x, or `PhiloxNoise(seed, offset)` to draw it inside the kernel.
+        noise: a tensor shaped like x, or `PhiloxNoise(seed, offset)` to draw it inside the kernel (in x's
+            memory order for contiguous and channels-last x, else row-major: see PhiloxNoise).
         out: where to write (may be x for an in-place update); allocated when None.
+
+    Aliasing: `out` and `save` may each be exactly one of the inputs (x, a model, the model output, the
+    noise tensor: the same tensor, or a view of the same elements in the same order): every element is read
+    before it is written, so `out=x` updates x in place, exactly as out-of-place. Refused with a ValueError
+    naming both: an out or save that partially overlaps an input or a coefficient table (e.g. a view of the
+    same buffer shifted by one element, or x transposed), out and save sharing memory (save=out), an out or
+    save whose elements share memory (an expand()ed view). Inputs may share memory with each other.
 
     Accumulates in float32 (float64 for float64). NaN/Inf in tensors propagate (no checks: they would
     need a host sync); host coefficients must be finite. Tensors that are neither contiguous nor all
@@ -821,6 +953,142 @@ def sample_inputs(device="cpu", dtype=torch.float32, *, small=False, seed=0):
                                 coeffs=coefs(3, 2, False, "list"), noise=PhiloxNoise(5, 1))
 
 
+def bad_inputs(device="cpu"):
+    """The bad-input axis (BadInput: what must be refused, what has a defined result)."""
+    import numpy as np
+
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+    shape = (2, 3, 4)
+
+    def r(*shp):
+        return sample_tensor(shp or shape, device, torch.float32, gen)
+
+    def call(**over):
+        kwargs = dict(x=r(), models=[r()], coeffs=[0.5, 0.5])
+        kwargs.update(over)
+        return kwargs
+
+    def step(**over):  # with a model output stage: coeffs (x, d, models[0])
+        kwargs = dict(x=r(), models=[r()], coeffs=[0.5, 0.25, 0.25], model_output=r(), convert=[1.0, -0.5])
+        kwargs.update(over)
+        return kwargs
+
+    B = BadInput
+    yield B("x-none", call(x=None), TypeError, "x")
+    yield B("x-list", call(x=[[1.0]]), TypeError, "x")
+    yield B("x-int64", call(x=r().round().long(), models=[]), ValueError, "x")
+    yield B("x-complex64", call(x=r().to(torch.complex64), models=[]), ValueError, "x")
+    yield B("x-scalar", call(x=r(1)[0], models=[], coeffs=[1.0]), ValueError, "x")
+    yield B("models-tensor", call(models=r()), TypeError, "models")
+    yield B("models-none", call(models=None), TypeError, "models")
+    yield B("models-7", call(models=[r()] * 7, coeffs=[0.1] * 8), ValueError, "models")
+    yield B("models0-none", call(models=[None]), TypeError, "models[0]")
+    yield B("models0-list", call(models=[[1.0]]), TypeError, "models[0]")
+    yield B("models0-int64", call(models=[r().round().long()]), ValueError, "models[0]")
+    yield B("models0-complex64", call(models=[r().to(torch.complex64)]), ValueError, "models[0]")
+    yield B("models0-float64", call(models=[r().double()]), ValueError, "models[0]")
+    yield B("models0-shape", call(models=[r(2, 3, 5)]), ValueError, "models[0]")
+    yield B("models0-rank+1", call(models=[r().unsqueeze(0)]), ValueError, "models[0]")
+    yield B("models0-meta", call(models=[r().to("meta")]), ValueError, "models[0]")
+    yield B("coeffs-str", call(coeffs="12"), TypeError, "coeffs")
+    yield B("coeffs-str-items", call(coeffs=["1", "2"]), TypeError, "coeffs[0]")
+    yield B("coeffs-none", call(coeffs=None), TypeError, "coeffs")
+    yield B("coeffs-dict", call(coeffs={0.5: 1, 0.25: 2}), TypeError, "coeffs")
+    yield B("coeffs-count", call(coeffs=[1.0]), ValueError, "coeffs")
+    yield B("coeffs-nan", call(coeffs=[1.0, math.nan]), ValueError, "coeffs[1]")
+    yield B("coeffs-inf-tuple", call(coeffs=(math.inf, 1.0)), ValueError, "coeffs[0]")
+    yield B("coeffs-int-table", call(coeffs=torch.ones(2, dtype=torch.int32, device=device)), ValueError, "coeffs")
+    yield B("coeffs-complex-table", call(coeffs=torch.ones(2, dtype=torch.complex64, device=device)), ValueError,
+            "coeffs")
+    yield B("coeffs-table-shape", call(coeffs=torch.ones(3, 2, device=device)), ValueError, "coeffs")
+    yield B("coeffs-numpy", call(coeffs=np.array([0.5, 0.5])), None)
+    yield B("model-output-cond-none", step(model_output=(None, r()), guidance_scale=2.0), TypeError, "model_output[0]")
+    yield B("model-output-uncond-none", step(model_output=(r(), None), guidance_scale=2.0), TypeError,
+            "model_output[1]")
+    yield B("model-output-triple", step(model_output=(r(), r(), r()), guidance_scale=2.0), ValueError, "model_output")
+    yield B("model-output-numpy", step(model_output=np.zeros(shape, dtype=np.float32)), TypeError, "model_output")
+    yield B("model-output-int64", step(model_output=r().round().long()), ValueError, "model_output")
+    yield B("model-output-shape", step(model_output=r(2, 3)), ValueError, "model_output")
+    yield B("model-output-meta", step(model_output=r().to("meta")), ValueError, "model_output")
+    yield B("convert-missing", step(convert=None), ValueError, "convert")
+    yield B("convert-str", step(convert="ab"), TypeError, "convert")
+    yield B("convert-str-items", step(convert=["1", "0"]), TypeError, "convert[0]")
+    yield B("convert-nan", step(convert=[math.nan, 1.0]), ValueError, "convert[0]")
+    yield B("convert-count", step(convert=[1.0]), ValueError, "convert")
+    yield B("convert-without-model-output", call(convert=[1.0, 0.0]), ValueError, "convert")
+    yield B("guidance-nan", step(model_output=(r(), r()), guidance_scale=math.nan), ValueError, "guidance_scale")
+    yield B("guidance-inf", step(model_output=(r(), r()), guidance_scale=-math.inf), ValueError, "guidance_scale")
+    yield B("guidance-str", step(model_output=(r(), r()), guidance_scale="7.5"), TypeError, "guidance_scale")
+    yield B("guidance-bool", step(model_output=(r(), r()), guidance_scale=True), TypeError, "guidance_scale")
+    yield B("guidance-missing", step(model_output=(r(), r())), ValueError, "guidance_scale")
+    yield B("guidance-without-pair", step(guidance_scale=2.0), ValueError, "guidance_scale")
+    yield B("guidance-numpy", step(model_output=(r(), r()), guidance_scale=np.float32(2.5)), None)
+    yield B("threshold-tuple", step(threshold=(0.9, 1.0, 1.0)), TypeError, "threshold")
+    yield B("threshold-ratio-str", step(threshold=Threshold("0.9", 1.0, 1.0)), TypeError, "threshold.ratio")
+    yield B("threshold-ratio-nan", step(threshold=Threshold(math.nan, 1.0, 2.0)), ValueError, "threshold.ratio")
+    yield B("threshold-ratio-1.5", step(threshold=Threshold(1.5)), ValueError, "threshold.ratio")
+    yield B("threshold-min-nan", step(threshold=Threshold(0.9, math.nan, 2.0)), ValueError, "threshold.min_scale")
+    yield B("threshold-scales", step(threshold=Threshold(0.9, 2.0, 1.0)), ValueError, "threshold.max_scale")
+    yield B("threshold-without-model-output", call(threshold=Threshold()), ValueError, "threshold")
+    yield B("save-without-model-output", call(save=r()), ValueError, "save")
+    yield B("philox-float-seed", call(noise=PhiloxNoise(1.5), coeffs=[0.5, 0.5, 1.0]), TypeError, "seed")
+    yield B("philox-bool-seed", call(noise=PhiloxNoise(True), coeffs=[0.5, 0.5, 1.0]), TypeError, "seed")
+    yield B("philox-str-seed", call(noise=PhiloxNoise("3"), coeffs=[0.5, 0.5, 1.0]), TypeError, "seed")
+    yield B("philox-float-offset", call(noise=PhiloxNoise(3, 2.0), coeffs=[0.5, 0.5, 1.0]), TypeError, "offset")
+    yield B("philox-negative", call(noise=PhiloxNoise(-1), coeffs=[0.5, 0.5, 1.0]), ValueError, "PhiloxNoise")
+    yield B("philox-2**63", call(noise=PhiloxNoise(3, 2 ** 63), coeffs=[0.5, 0.5, 1.0]), ValueError, "PhiloxNoise")
+    yield B("philox-numpy-seed", call(noise=PhiloxNoise(np.int64(3), np.uint32(5)), coeffs=[0.5, 0.5, 1.0]), None)
+    yield B("noise-tuple", call(noise=(3, 1), coeffs=[0.5, 0.5, 1.0]), TypeError, "noise")
+    yield B("noise-int64", call(noise=r().round().long(), coeffs=[0.5, 0.5, 1.0]), ValueError, "noise")
+    yield B("noise-meta", call(noise=r().to("meta"), coeffs=[0.5, 0.5, 1.0]), ValueError, "noise")
+    x = r(2, 3, 5, 4).transpose(2, 3)
+    yield B("philox-transposed-x", call(x=x, models=[r(2, 3, 4, 5)], noise=PhiloxNoise(9, 1), coeffs=[0.5, 0.5, 1.0]),
+            None)
+    x = r(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    yield B("philox-channels-last-x", call(x=x, models=[r(2, 3, 4, 5)], noise=PhiloxNoise(9, 1),
+                                           coeffs=[0.5, 0.5, 1.0]), None)
+    yield B("empty-batch", call(x=r(0, 3), models=[r(0, 3)]), None)
+    yield B("empty-features", call(x=r(2, 0), models=[r(2, 0)], noise=PhiloxNoise(1), coeffs=[1.0, 1.0, 1.0]), None)
+    yield B("empty-batch-table", call(x=r(0, 3), models=[r(0, 3)], coeffs=torch.ones(0, 2, device=device)), None)
+    yield B("requires-grad", call(models=[r().requires_grad_()]), ValueError, "models[0]")
+    yield B("out-list", call(out=[0.0]), TypeError, "out")
+    yield B("out-dtype", call(out=r().half()), ValueError, "out")
+    yield B("out-shape", call(out=r(2, 3, 5)), ValueError, "out")
+    yield B("out-meta", call(out=r().to("meta")), ValueError, "out")
+    yield B("out-expanded", call(out=r(1, 3, 4).expand(shape)), ValueError, "out")
+    buf = r(2 * 3 * 4 + 1)
+    yield B("out-x-shifted", call(x=buf[:-1].view(shape), out=buf[1:].view(shape)), ValueError, "out")
+    x = r(2, 4, 4)
+    yield B("out-x-transposed", call(x=x, models=[r(2, 4, 4)], out=x.transpose(1, 2)), ValueError, "out")
+    buf = r(2 * 3 * 4 + 2)
+    yield B("out-model-shifted", call(models=[buf[:-2].view(shape)], out=buf[2:].view(shape)), ValueError, "out")
+    buf = r(2 * 3 * 4 + 1)
+    yield B("save-model-output-shifted", step(model_output=buf[1:].view(shape), save=buf[:-1].view(shape)), ValueError,
+            "save")
+    buf = r(2 * 3 * 4 + 1)
+    yield B("out-overlaps-coeffs-table", call(coeffs=buf[:2], out=buf[1:25].view(shape)), ValueError, "out")
+    o = r()
+    yield B("save-is-out", step(save=o, out=o), ValueError, "save")
+    o = r(2 * 3 * 4 + 1)
+    yield B("save-overlaps-out", step(save=o[1:].view(shape), out=o[:-1].view(shape)), ValueError, "save")
+    x = r()
+    yield B("out-is-x", call(x=x, out=x), None)
+    x = r(2, 3, 5, 4).transpose(2, 3)
+    yield B("out-is-x-non-contiguous", call(x=x, models=[r(2, 3, 4, 5)], out=x), None)
+    x = r(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    yield B("out-is-x-channels-last", call(x=x, models=[r(2, 3, 4, 5)], out=x, noise=PhiloxNoise(4),
+                                           coeffs=[0.5, 0.5, 1.0]), None)
+    m = r()
+    yield B("out-is-model", call(models=[m], out=m), None)
+    mo = r()
+    yield B("save-is-model-output", step(model_output=mo, save=mo), None)
+    m = r()
+    yield B("save-is-model-out-is-x", step(models=[m], save=m, x=(x := r()), out=x), None)
+    m = r()
+    yield B("models-alias-each-other", call(x=m, models=[m, m[:]], coeffs=[0.5, 0.25, 0.25]), None)
+
+
 OP = register(Op(
     name="solver_step",
     fn=solver_step,
@@ -835,5 +1103,6 @@ OP = register(Op(
     sample_inputs=sample_inputs,
     mutated=("save",),
     eager=lambda *a, **k: solver_step_reference(*a, compute_dtype=a[0].dtype if a else k["x"].dtype, **k),
+    bad_inputs=bad_inputs,
 ))
 _ENTRY = Entry(OP, compiled=_compiled)

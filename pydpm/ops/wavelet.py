@@ -18,13 +18,15 @@ backends → registration (differentiable ops, public ops) → sample inputs and
 """
 from __future__ import annotations
 
+import numbers
 from typing import Sequence
 
 import torch
 
 from pydpm import _backend
-from pydpm.ops._framework import (ELEMENTWISE_TOLERANCES, Backend, Differentiable, Entry, Op, acc_dtype,
-                                  check_tensor, fail, register, sample_tensor, triton_reasons)
+from pydpm.ops._framework import (ELEMENTWISE_TOLERANCES, Backend, BadInput, Differentiable, Entry, Op, acc_dtype,
+                                  check_no_alias, check_tensor, fail, fail_type, register, sample_tensor,
+                                  tensor_mutations, triton_reasons)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -111,18 +113,27 @@ def _check_gates(op: str, gates, batch: int, channels: int, x: torch.Tensor) -> 
         fail(op, f"gates is on {gates.device} but x is on {x.device}; move it with .to(x.device)")
 
 
-def _outputs(op: str, out, x: torch.Tensor, shapes: Sequence[tuple[int, ...]]) -> tuple[tuple, object]:
+def _outputs(op: str, out, x: torch.Tensor, shapes: Sequence[tuple[int, ...]], names: Sequence[str],
+             reads: Sequence[tuple[str, torch.Tensor]]) -> tuple[tuple, object]:
     """(the tensors to write, what the call returns): allocated like x with these shapes, or the caller's
-    `out`, checked."""
+    `out` (named `names`), checked: shape, dtype, device, and no memory shared with `reads`, each other or
+    itself (the kernels write every output directly)."""
     if out is None:
         outs = tuple(torch.empty(shape, dtype=x.dtype, device=x.device) for shape in shapes)
         return outs, outs[0] if len(outs) == 1 else outs
+    if not isinstance(out, (tuple, list, torch.Tensor)):
+        fail_type(op, f"out must be {'a tensor' if len(shapes) == 1 else 'a tuple of tensors ' + str(tuple(names))},"
+                      f" got {type(out).__name__}")
     outs = out if isinstance(out, (tuple, list)) else (out,)
     if len(outs) != len(shapes):
         fail(op, f"out must hold {len(shapes)} tensor(s)")
-    for i, (o, shape) in enumerate(zip(outs, shapes)):
-        if not isinstance(o, torch.Tensor) or o.shape != shape or o.dtype != x.dtype or o.device != x.device:
-            fail(op, f"out[{i}] must be a {x.dtype} tensor of shape {shape} on {x.device}")
+    for name, o, shape in zip(names, outs, shapes):
+        if not isinstance(o, torch.Tensor):
+            fail_type(op, f"{name} must be a {x.dtype} tensor of shape {shape} on {x.device}, got {type(o).__name__}")
+        if o.shape != shape or o.dtype != x.dtype or o.device != x.device:
+            fail(op, f"{name} must be a {x.dtype} tensor of shape {shape} on {x.device}, got {o.dtype} "
+                     f"{tuple(o.shape)} on {o.device}")
+    check_no_alias(op, list(zip(names, outs)), reads)
     return tuple(outs), out
 
 
@@ -130,7 +141,8 @@ def check_dwt(x, out=None) -> WaveletArgs:
     check_tensor("haar_dwt2", "x", x, 4)
     _check_even("haar_dwt2", "x", x)
     B, C, H, W = x.shape
-    outs, result = _outputs("haar_dwt2", out, x, ((B, C, H // 2, W // 2), (B, C, 3, H // 2, W // 2)))
+    outs, result = _outputs("haar_dwt2", out, x, ((B, C, H // 2, W // 2), (B, C, 3, H // 2, W // 2)),
+                            ("out[0] (ll)", "out[1] (high)"), (("x", x),))
     return WaveletArgs("dwt", x, outs, result)
 
 
@@ -141,10 +153,11 @@ def check_idwt(ll, high, out=None) -> WaveletArgs:
     if high.shape != (B, C, 3, h, w):
         fail("haar_idwt2", f"high has shape {tuple(high.shape)}; expected [B, C, 3, h, w] = {(B, C, 3, h, w)}")
     if high.dtype != ll.dtype or high.device != ll.device:
-        fail("haar_idwt2", f"high is {high.dtype} on {high.device} but ll is {ll.dtype} on {ll.device}")
+        fail("haar_idwt2", f"high is {high.dtype} on {high.device} but ll is {ll.dtype} on {ll.device}; "
+                           f"cast or move it with .to(ll)")
     if h == 0 or w == 0:
-        fail("haar_idwt2", "ll has an empty spatial size")
-    outs, result = _outputs("haar_idwt2", out, ll, ((B, C, 2 * h, 2 * w),))
+        fail("haar_idwt2", f"ll has an empty spatial size {h}×{w}; the inverse transform needs h, w >= 1")
+    outs, result = _outputs("haar_idwt2", out, ll, ((B, C, 2 * h, 2 * w),), ("out",), (("ll", ll), ("high", high)))
     return WaveletArgs("idwt", ll, outs, result, high=high)
 
 
@@ -153,7 +166,8 @@ def check_down(x, gates, out=None) -> WaveletArgs:
     _check_even("wavelet_gate_down", "x", x)
     B, C, H, W = x.shape
     _check_gates("wavelet_gate_down", gates, B, C, x)
-    outs, result = _outputs("wavelet_gate_down", out, x, ((B, C, H // 2, W // 2),))
+    outs, result = _outputs("wavelet_gate_down", out, x, ((B, C, H // 2, W // 2),), ("out",),
+                            (("x", x), ("gates", gates)))
     return WaveletArgs("down", x, outs, result, gates=gates)
 
 
@@ -163,9 +177,10 @@ def check_up(x, gates, out=None) -> WaveletArgs:
     if C4 % 4:
         fail("wavelet_gate_up", f"x has {C4} channels; it needs 4·C (four band chunks ll, h, v, d)")
     if h == 0 or w == 0:
-        fail("wavelet_gate_up", "x has an empty spatial size")
+        fail("wavelet_gate_up", f"x has an empty spatial size {h}×{w}; the inverse transform needs h, w >= 1")
     _check_gates("wavelet_gate_up", gates, B, C4 // 4, x)
-    outs, result = _outputs("wavelet_gate_up", out, x, ((B, C4 // 4, 2 * h, 2 * w),))
+    outs, result = _outputs("wavelet_gate_up", out, x, ((B, C4 // 4, 2 * h, 2 * w),), ("out",),
+                            (("x", x), ("gates", gates)))
     return WaveletArgs("up", x, outs, result, gates=gates)
 
 
@@ -347,35 +362,51 @@ def haar_dwt2(x: torch.Tensor, *, out=None) -> tuple[torch.Tensor, torch.Tensor]
     """One level of the orthonormal 2-D Haar transform over the last two dims of x [B, C, H, W] (H, W
     even): (ll [B, C, H/2, W/2], high [B, C, 3, H/2, W/2]) with high = (horizontal, vertical, diagonal),
     equal to pywt.dwt2(x, 'haar'). Differentiable (the backward is `haar_idwt2`). One read of x, one write
-    of the bands. Unfused equivalent: `haar_dwt2_reference`."""
+    of the bands. Unfused equivalent: `haar_dwt2_reference`.
+
+    `out`: an optional (ll, high) pair of x's dtype and device. Aliasing: no in-place use; ll and high must not
+    share memory with x, with each other, or within themselves (an expand()ed view): such calls raise."""
     return _DWT(x, out=out)
 
 
 def haar_idwt2(ll: torch.Tensor, high: torch.Tensor, *, out=None) -> torch.Tensor:
     """The exact inverse of `haar_dwt2`: x [B, C, 2h, 2w] from ll [B, C, h, w] and high [B, C, 3, h, w]
-    (pywt.idwt2). Differentiable (the backward is `haar_dwt2`)."""
+    (pywt.idwt2). Differentiable (the backward is `haar_dwt2`).
+
+    Aliasing: `out` must not share memory with ll or high, nor within itself (an expand()ed view): no in-place
+    use (each output 2×2 block reads four bands at other addresses); such calls raise."""
     return _IDWT(ll, high, out=out)
 
 
 def wavelet_gate_down(x: torch.Tensor, gates: torch.Tensor, *, out=None) -> torch.Tensor:
     """WG-Down: y = Σᵢ gates[:, i, :, None, None] · bandᵢ(x), bands (ll, h, v, d) of the Haar transform of
     x [B, C, H, W]; gates [B, 4, C]; y [B, C, H/2, W/2]. One read of x, one write of y; the backward
-    (x and gates) is one pass too. fp32 accumulation. Unfused equivalent: `wavelet_gate_down_reference`."""
+    (x and gates) is one pass too. fp32 accumulation. Unfused equivalent: `wavelet_gate_down_reference`.
+
+    Aliasing: `out` must not share memory with x or gates, nor within itself (an expand()ed view); such calls
+    raise. gates may be an expanded view (it is only read)."""
     return _DOWN(x, gates, out=out)
 
 
 def wavelet_gate_up(x: torch.Tensor, gates: torch.Tensor, *, out=None) -> torch.Tensor:
     """WG-Up: x [B, 4C, H, W] holds the four bands (ll, h, v, d) as channel chunks; each chunk is gated by
     gates[:, i, :] and the inverse Haar transform gives y [B, C, 2H, 2W]. One read of x, one write of y;
-    the backward (x and gates) is one pass. Unfused equivalent: `wavelet_gate_up_reference`."""
+    the backward (x and gates) is one pass. Unfused equivalent: `wavelet_gate_up_reference`.
+
+    Aliasing: `out` must not share memory with x or gates, nor within itself (an expand()ed view); such calls
+    raise."""
     return _UP(x, gates, out=out)
 
 
 def haar_wavedec2(x: torch.Tensor, levels: int) -> list:
     """`levels` levels of the Haar transform, pywt.wavedec2 order: [ll_L, high_L, …, high_1] with each
     high [B, C, 3, ·, ·]. Each level halves the spatial size, which must stay even."""
-    if not isinstance(levels, int) or levels < 1:
-        raise ValueError(f"haar_wavedec2: levels={levels!r} must be a positive int")
+    check_tensor("haar_wavedec2", "x", x, 4, what="[B, C, H, W]")
+    if isinstance(levels, bool) or not isinstance(levels, numbers.Integral):
+        fail_type("haar_wavedec2", f"levels must be a positive int, got {type(levels).__name__} {levels!r}")
+    levels = int(levels)
+    if levels < 1:
+        fail("haar_wavedec2", f"levels={levels!r} must be a positive int")
     H, W = x.shape[-2:]
     if H % (2 ** levels) or W % (2 ** levels):
         raise ValueError(f"haar_wavedec2: {levels} levels need H and W divisible by {2 ** levels}, got {H}×{W}")
@@ -388,6 +419,9 @@ def haar_wavedec2(x: torch.Tensor, levels: int) -> list:
 
 def haar_waverec2(coeffs: Sequence[torch.Tensor]) -> torch.Tensor:
     """The inverse of `haar_wavedec2` (pywt.waverec2 order)."""
+    if not isinstance(coeffs, (list, tuple)):
+        fail_type("haar_waverec2", f"coeffs must be a list [ll, high_L, ..., high_1] (haar_wavedec2's result), got "
+                                   f"{type(coeffs).__name__}")
     if len(coeffs) < 2:
         raise ValueError("haar_waverec2: coeffs must be [ll, high_L, ..., high_1] with at least one level")
     x = coeffs[0]
@@ -443,13 +477,110 @@ def _samples(kind):
     return sample_inputs
 
 
+def _bad_inputs(kind):
+    """The bad-input axis of one op of the family (BadInput: what must be refused, what has a defined result)."""
+    def bad_inputs(device):
+        device = torch.device(device)
+        gen = torch.Generator().manual_seed(0)
+
+        def r(*shape):
+            return sample_tensor(shape, device, torch.float32, gen)
+
+        B, C, h, w = 2, 3, 2, 3
+        if kind == "dwt":
+            def base():
+                return dict(x=r(B, C, 2 * h, 2 * w))
+            yield from tensor_mutations(base, ("x",), ranks={"x": 4}, anchor="x")
+            yield BadInput("x-odd-height", dict(x=r(B, C, 3, 4)), ValueError, "x")
+            yield BadInput("x-zero-width", dict(x=r(B, C, 4, 0)), ValueError, "x")
+            yield BadInput("empty-batch", dict(x=r(0, C, 4, 6)), None)
+            yield BadInput("empty-channels", dict(x=r(B, 0, 4, 6)), None)
+            out_ll, out_high = (B, C, h, w), (B, C, 3, h, w)
+            yield BadInput("out-not-a-pair", dict(x=r(B, C, 4, 6), out=r(*out_ll)), ValueError, "out")
+            yield BadInput("out-a-dict", dict(x=r(B, C, 4, 6), out={"ll": r(*out_ll)}), TypeError, "out")
+            yield BadInput("out0-none", dict(x=r(B, C, 4, 6), out=(None, r(*out_high))), TypeError, "out[0]")
+            yield BadInput("out1-shape", dict(x=r(B, C, 4, 6), out=(r(*out_ll), r(B, C, 4, h, w))), ValueError,
+                           "out[1]")
+            yield BadInput("out0-dtype", dict(x=r(B, C, 4, 6), out=(r(*out_ll).double(), r(*out_high))), ValueError,
+                           "out[0]")
+            yield BadInput("out0-meta", dict(x=r(B, C, 4, 6), out=(r(*out_ll).to("meta"), r(*out_high))), ValueError,
+                           "out[0]")
+            yield BadInput("out0-expanded", dict(x=r(B, C, 4, 6), out=(r(1, C, h, w).expand(out_ll), r(*out_high))),
+                           ValueError, "out[0]")
+            yield BadInput("out1-expanded", dict(x=r(B, C, 4, 6), out=(r(*out_ll), r(B, C, 1, h, w).expand(out_high))),
+                           ValueError, "out[1]")
+            buf = r(B * C * 4 * h * w + 1)
+            yield BadInput("outs-share-memory", dict(x=r(B, C, 4, 6), out=(buf[1:B * C * h * w + 1].view(out_ll),
+                                                                            buf[:B * C * 3 * h * w].view(out_high))),
+                           ValueError, "out[0]")
+            x = r(B, C, 4, 6)
+            yield BadInput("out0-overlaps-x", dict(x=x, out=(x.view(-1)[1:B * C * h * w + 1].view(out_ll),
+                                                             r(*out_high))), ValueError, "out[0]")
+            x = r(B, C, 4, 6)
+            yield BadInput("out1-is-x-memory", dict(x=x, out=(r(*out_ll), x.view(-1)[:B * C * 3 * h * w]
+                                                                .view(out_high))), ValueError, "out[1]")
+        elif kind == "idwt":
+            def base():
+                return dict(ll=r(B, C, h, w), high=r(B, C, 3, h, w))
+            yield from tensor_mutations(base, ("ll", "high"), ranks={"ll": 4, "high": 5}, anchor="ll")
+            yield BadInput("high-shape", dict(ll=r(B, C, h, w), high=r(B, C, 3, h, w + 1)), ValueError, "high")
+            yield BadInput("high-bands", dict(ll=r(B, C, h, w), high=r(B, C, 2, h, w)), ValueError, "high")
+            yield BadInput("high-dtype", dict(ll=r(B, C, h, w), high=r(B, C, 3, h, w).double()), ValueError, "high")
+            yield BadInput("ll-zero-height", dict(ll=r(B, C, 0, w), high=r(B, C, 3, 0, w)), ValueError, "ll")
+            yield BadInput("empty-batch", dict(ll=r(0, C, h, w), high=r(0, C, 3, h, w)), None)
+            yield BadInput("out-list", dict(ll=r(B, C, h, w), high=r(B, C, 3, h, w), out=[[0.0]]), TypeError, "out")
+            yield BadInput("out-shape", dict(ll=r(B, C, h, w), high=r(B, C, 3, h, w), out=r(B, C, h, w)), ValueError,
+                           "out")
+            yield BadInput("out-expanded", dict(ll=r(B, C, h, w), high=r(B, C, 3, h, w),
+                                                out=r(B, C, 1, 2 * w).expand(B, C, 2 * h, 2 * w)), ValueError, "out")
+            buf = r(B * C * 4 * h * w + 8)
+            high = buf[:B * C * 3 * h * w].view(B, C, 3, h, w)
+            yield BadInput("out-overlaps-high", dict(ll=r(B, C, h, w), high=high,
+                                                   out=buf[8:].view(B, C, 2 * h, 2 * w)), ValueError, "out")
+            ll = r(B, C, 2 * h, 2 * w)
+            yield BadInput("out-overlaps-ll", dict(ll=ll[:, :, :h, :w], high=r(B, C, 3, h, w), out=ll), ValueError,
+                           "out")
+        else:
+            Cx = C if kind == "down" else 4 * C
+            Hx, Wx = (2 * h, 2 * w) if kind == "down" else (h, w)
+            oshape = (B, C, h, w) if kind == "down" else (B, C, 2 * h, 2 * w)
+
+            def base():
+                return dict(x=r(B, Cx, Hx, Wx), gates=r(B, 4, C))
+            yield from tensor_mutations(base, ("x", "gates"), ranks={"x": 4, "gates": 3}, anchor="x")
+            yield BadInput("gates-shape", dict(x=r(B, Cx, Hx, Wx), gates=r(B, 3, C)), ValueError, "gates")
+            yield BadInput("gates-batch", dict(x=r(B, Cx, Hx, Wx), gates=r(B + 1, 4, C)), ValueError, "gates")
+            if kind == "down":
+                yield BadInput("x-odd-width", dict(x=r(B, C, 4, 5), gates=r(B, 4, C)), ValueError, "x")
+            else:
+                yield BadInput("x-channels", dict(x=r(B, 6, h, w), gates=r(B, 4, 1)), ValueError, "x")
+                yield BadInput("x-zero-height", dict(x=r(B, Cx, 0, w), gates=r(B, 4, C)), ValueError, "x")
+            yield BadInput("empty-batch", dict(x=r(0, Cx, Hx, Wx), gates=r(0, 4, C)), None)
+            yield BadInput("gates-expanded", dict(x=r(B, Cx, Hx, Wx), gates=r(1, 4, C).expand(B, 4, C)), None)
+            yield BadInput("out-tuple", dict(x=r(B, Cx, Hx, Wx), gates=r(B, 4, C), out=(r(*oshape), r(*oshape))),
+                           ValueError, "out")
+            yield BadInput("out-int", dict(x=r(B, Cx, Hx, Wx), gates=r(B, 4, C), out=3), TypeError, "out")
+            yield BadInput("out-dtype", dict(x=r(B, Cx, Hx, Wx), gates=r(B, 4, C), out=r(*oshape).half()), ValueError,
+                           "out")
+            yield BadInput("out-expanded", dict(x=r(B, Cx, Hx, Wx), gates=r(B, 4, C),
+                                                out=r(1, C, oshape[2], oshape[3]).expand(oshape)), ValueError, "out")
+            n, nx = B * C * oshape[2] * oshape[3], B * Cx * Hx * Wx
+            buf = r(max(n, nx) + 1)
+            yield BadInput("out-overlaps-x", dict(x=buf[:nx].view(B, Cx, Hx, Wx), gates=r(B, 4, C),
+                                                  out=buf[1:n + 1].view(oshape)), ValueError, "out")
+            g = r(B * 4 * C + n)
+            yield BadInput("out-overlaps-gates", dict(x=r(B, Cx, Hx, Wx), gates=g[:B * 4 * C].view(B, 4, C),
+                                                      out=g[B * 4 * C - 1:-1].view(oshape)), ValueError, "out")
+    return bad_inputs
+
+
 def _register(name, kind, fn, reference, checker, grad):
     return register(Op(
         name=name, fn=fn, backends=BACKENDS, reference=reference, check=checker, tolerances=ELEMENTWISE_TOLERANCES,
         sample_inputs=_samples(kind), dispatch_key=_dispatch_key, library_op=grad.overload,
         library_args=lambda **kw: tuple(kw.values()),
         eager=lambda **kw: reference(**kw, compute_dtype=next(iter(kw.values())).dtype),
-        make_out=lambda kw: checker(**kw).result))
+        make_out=lambda kw: checker(**kw).result, bad_inputs=_bad_inputs(kind)))
 
 
 DWT_OP = _register("haar_dwt2", "dwt", haar_dwt2, haar_dwt2_reference, check_dwt, DWT_GRAD)
