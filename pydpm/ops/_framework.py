@@ -283,6 +283,12 @@ def sample_tensor(shape, device: torch.device, dtype: torch.dtype, gen: torch.Ge
     return torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
+def sample_maker(device, dtype: torch.dtype = torch.float32, seed: int = 0) -> Callable[..., torch.Tensor]:
+    """`r(*shape)`: `sample_tensor`s on `device` from one generator seeded with `seed` (the bad-input axes)."""
+    device, gen = torch.device(device), torch.Generator().manual_seed(seed)
+    return lambda *shape: sample_tensor(shape, device, dtype, gen)
+
+
 @dataclasses.dataclass(frozen=True)
 class BadInput:
     """One case of an op's bad-input axis (`Op.bad_inputs`): fn(**kwargs) must raise `error` (ValueError or

@@ -32,7 +32,8 @@ import torch
 
 from pydpm import _backend
 from pydpm.ops._framework import (Backend, BadInput, Differentiable, Entry, Op, Tolerance, acc_dtype, check_no_alias,
-                                  check_real, fail, fail_type, register, tensor_mutations, triton_reasons)
+                                  check_real, fail, fail_type, register, sample_maker, tensor_mutations,
+                                  triton_reasons)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 LAYOUTS = ("bhnd", "bnhd")
@@ -464,10 +465,7 @@ def sample_inputs(device="cpu", dtype=torch.float32, *, small=False, seed=0):
 def bad_inputs(device):
     """The bad-input axis (BadInput: what must be refused, what has a defined result)."""
     device = torch.device(device)
-    gen = torch.Generator().manual_seed(0)
-
-    def r(*shape):
-        return torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=torch.float32)
+    r = sample_maker(device)
 
     B, H, NQ, NK, D = 1, 2, 5, 3, 16
 

@@ -23,7 +23,7 @@ import torch
 from pydpm import _backend
 from pydpm.ops._framework import (ELEMENTWISE_TOLERANCES, Backend, BadInput, Differentiable, Entry, Op, acc_dtype,
                                   check_no_alias, check_out, check_param, check_tensor, fail, no_output, register,
-                                  sample_tensor, tensor_mutations, triton_reasons)
+                                  sample_maker, sample_tensor, tensor_mutations, triton_reasons)
 
 
 def _complex(dtype: torch.dtype) -> torch.dtype:
@@ -301,10 +301,7 @@ def sample_inputs(device="cpu", dtype=torch.float32, *, small=False, seed=0):
 def bad_inputs(device):
     """The bad-input axis (BadInput: what must be refused, what has a defined result)."""
     device = torch.device(device)
-    gen = torch.Generator().manual_seed(0)
-
-    def r(*shape):
-        return sample_tensor(shape, device, torch.float32, gen)
+    r = sample_maker(device)
 
     B, C, H, W = 2, 3, 4, 6
     shape, wshape = (B, C, H, W), (C, H, W // 2 + 1, 2)

@@ -28,7 +28,7 @@ import torch
 from pydpm import _backend
 from pydpm.ops._framework import (ELEMENTWISE_TOLERANCES, Backend, BadInput, Differentiable, Entry, Op, acc_dtype,
                                   check_no_alias, check_out, check_param, check_tensor, fail, fail_type, no_output,
-                                  register, sample_tensor, tensor_mutations, triton_reasons)
+                                  register, sample_maker, sample_tensor, tensor_mutations, triton_reasons)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -524,10 +524,7 @@ def _bad_inputs(stage: str):
     """The bad-input axis of one op of the family (BadInput: what must be refused, what has a defined result)."""
     def bad_inputs(device):
         device = torch.device(device)
-        gen = torch.Generator().manual_seed(0)
-
-        def r(*shape):
-            return sample_tensor(shape, device, torch.float32, gen)
+        r = sample_maker(device)
 
         B, C, H, W = 2, 3, 4, 5
         gate = stage != "simplified_channel_attention"

@@ -25,7 +25,7 @@ import torch
 
 from pydpm import _backend
 from pydpm.ops._framework import (ELEMENTWISE_TOLERANCES, Backend, BadInput, Differentiable, Entry, Op, acc_dtype,
-                                  check_no_alias, check_tensor, fail, fail_type, register, sample_tensor,
+                                  check_no_alias, check_tensor, fail, fail_type, register, sample_maker, sample_tensor,
                                   tensor_mutations, triton_reasons)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -481,10 +481,7 @@ def _bad_inputs(kind):
     """The bad-input axis of one op of the family (BadInput: what must be refused, what has a defined result)."""
     def bad_inputs(device):
         device = torch.device(device)
-        gen = torch.Generator().manual_seed(0)
-
-        def r(*shape):
-            return sample_tensor(shape, device, torch.float32, gen)
+        r = sample_maker(device)
 
         B, C, h, w = 2, 3, 2, 3
         if kind == "dwt":
