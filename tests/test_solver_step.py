@@ -68,6 +68,14 @@ def test_philox_normals_are_standard_normal_and_reproducible():
     assert torch.isfinite(big).all()
 
 
+@pytest.mark.parametrize("start,numel", [(0, 7), (1, 6), (37, 500), (4, 4), (3, 1), (999, 0)])
+def test_philox_normal_start_is_a_slice_of_the_stream(start, numel):
+    torch.testing.assert_close(philox_normal(5, 2, numel, start=start), philox_normal(5, 2, 1000)[start:start + numel],
+                               rtol=0, atol=0)
+    with pytest.raises(ValueError, match="start=-1"):
+        philox_normal(5, 2, 4, start=-1)
+
+
 @pytest.mark.parametrize("backend", backend_params())
 def test_in_kernel_noise_equals_reference_normals(backend):
     device = backend_device(backend)

@@ -50,6 +50,7 @@ from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from pydpm._cache import BoundedCache
 from pydpm.ops import PhiloxNoise, Threshold, solver_step
 from pydpm.ops._framework import forced_backend
 from pydpm.ops.attention import OP as _ATTENTION, attention, check_args as _check_attention
@@ -64,7 +65,9 @@ MODEL_TYPES = {"epsilon": "noise", "sample": "x_start", "v_prediction": "v", "fl
 _DPM_SOLVER_TYPES = {"midpoint": "dpmsolver", "heun": "taylor"}
 # A noise-prediction update to σ = 0 is 0·∞ in closed form; its limit is taken at λ_prev + this (e^-60 ≈ 1e-26).
 _LIMIT_DLAM = 60.0
+# Cache sizes: plans per scheduler (one per timestep table and start), attention call classes per processor.
 _MAX_PLANS = 8
+_MAX_ROUTES = 256
 
 
 def _no_hooks(x, point, step):
@@ -160,7 +163,7 @@ class _FusedMultistep:
     compiled at the first step() and driven one model call per step() by a `Stepper`."""
 
     def _fused_init(self) -> None:
-        self._fused_plans: dict = {}
+        self._fused_plans = BoundedCache(_MAX_PLANS)
         self._fused_run = None
         self._fused_check_config()
 
@@ -187,10 +190,7 @@ class _FusedMultistep:
             tr.output(self._fused_program(tr, start))
             opts = Options(None, _StepTimes(), threshold=_threshold(self.config),
                            model_type=MODEL_TYPES[self.config.prediction_type])
-            stepper = Stepper(compile_plan(tr), opts)
-            if len(self._fused_plans) >= _MAX_PLANS:
-                self._fused_plans.clear()
-            self._fused_plans[key] = stepper
+            stepper = self._fused_plans.put(key, Stepper(compile_plan(tr), opts))
         return stepper
 
     def _model_mean(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
@@ -643,7 +643,7 @@ class PydpmAttnProcessor:
         self.fallbacks = 0
         self.skipped: dict[str, str] = {}
         self._previous: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # block -> its processor before
-        self._routes: dict[tuple, bool] = {}  # call class -> dispatch picks torch's SDPA
+        self._routes = BoundedCache(_MAX_ROUTES)  # call class -> dispatch picks torch's SDPA
 
     def _attend(self, q, k, v):
         """o = attention(q, k, v) in [B, N, H, D]."""
@@ -654,7 +654,7 @@ class PydpmAttnProcessor:
                forced_backend())
         sdpa = self._routes.get(key)
         if sdpa is None:
-            sdpa = self._routes[key] = _ATTENTION.select(_check_attention(q, k, v, layout="bnhd")).name == "sdpa"
+            sdpa = self._routes.put(key, _ATTENTION.select(_check_attention(q, k, v, layout="bnhd")).name == "sdpa")
         if sdpa:
             return torch.nn.functional.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)

@@ -47,12 +47,15 @@ from typing import Any, Callable, Collection, Hashable, Iterator, Sequence
 import torch
 
 from pydpm import _backend
+from pydpm._cache import BoundedCache
 
 # Every backend name an op may declare. Families with a wrapped torch implementation add theirs (attention:
 # torch's SDPA kernels); `use_backend` accepts any name some op declares.
 BACKEND_NAMES = ["cuda", "triton", "cpu", "reference"]
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("pydpm_backend", default=None)
+# Dispatch choices kept per op: keys that include shapes (attention's) would otherwise grow without bound.
+DISPATCH_CACHE_SIZE = 512
 _ENV_BACKEND = os.environ.get("PYDPM_BACKEND") or None  # read once: os.environ costs ~1-2 µs per lookup
 
 
@@ -357,7 +360,8 @@ class Op:
     # device -> the bad-input axis of the contract tests (`BadInput`s): wrong types, dtypes, ranks, shapes,
     # devices, None, empty tensors, NaN parameters, aliased outputs. Required of every registered op.
     bad_inputs: Callable[[torch.device], Iterator[BadInput]] | None = None
-    _chosen: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
+    _chosen: BoundedCache = dataclasses.field(default_factory=lambda: BoundedCache(DISPATCH_CACHE_SIZE), init=False,
+                                              repr=False)
 
     def __post_init__(self):
         for b in self.backends:
@@ -380,7 +384,7 @@ class Op:
         key = (forced, self.dispatch_key(args))
         backend = self._chosen.get(key)
         if backend is None:
-            backend = self._chosen[key] = self._select(args, forced)
+            backend = self._chosen.put(key, self._select(args, forced))
         return backend
 
     def _select(self, args: Any, forced: str | None) -> Backend:

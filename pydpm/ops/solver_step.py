@@ -105,9 +105,12 @@ def philox4x32_10(counter: Sequence[torch.Tensor], key: tuple[int, int]) -> list
 
 
 def philox_normal(seed: int, offset: int, numel: int, device: torch.device | str = "cpu",
-                  dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """The `numel` normals that `PhiloxNoise(seed, offset)` gives a tensor of that size, in memory order."""
-    group = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)
+                  dtype: torch.dtype = torch.float64, *, start: int = 0) -> torch.Tensor:
+    """The `numel` normals that `PhiloxNoise(seed, offset)` gives a tensor of that size, in memory order;
+    with `start`, elements start .. start + numel - 1 of that stream (a slice of a larger tensor's noise)."""
+    if start < 0:
+        raise ValueError(f"start={start} must be >= 0")
+    group = torch.arange(start // 4, (start + numel + 3) // 4, dtype=torch.int64, device=device)
     counter = [group & _MASK32, group >> 32, torch.full_like(group, offset & _MASK32),
                torch.full_like(group, (offset >> 32) & _MASK32)]
     words = torch.stack(philox4x32_10(counter, (seed & _MASK32, (seed >> 32) & _MASK32)), dim=1)  # [groups, 4]
@@ -115,7 +118,7 @@ def philox_normal(seed: int, offset: int, numel: int, device: torch.device | str
     v = (words[:, 1::2] >> 8).to(torch.float64) * 2.0 ** -24          # [0, 1)
     radius, angle = torch.sqrt(-2.0 * torch.log(u)), 2.0 * math.pi * v
     normals = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=2)  # [groups, 2, 2]
-    return normals.reshape(-1)[:numel].to(dtype)
+    return normals.reshape(-1)[start % 4:start % 4 + numel].to(dtype)
 
 
 def _like(flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -281,7 +284,7 @@ def _coef_table(name: str, c, n: int, x: torch.Tensor, what: str, compiling: boo
     if isinstance(c, (str, bytes, dict, set, frozenset)) or not hasattr(c, "__len__"):
         fail_type("solver_step", f"{name} must be a float tensor or a sequence of floats, got {type(c).__name__}")
     for i, v in enumerate(c):
-        if isinstance(v, (str, bytes)) or v is None:
+        if isinstance(v, (str, bytes, bool)) or v is None:
             fail_type("solver_step", f"{name}[{i}] is {v!r}; coefficients must be numbers (a float tensor or a "
                                      f"sequence of floats)")
     try:
@@ -456,8 +459,8 @@ def check_args(x, models, coeffs, model_output=None, convert=None, guidance_scal
             ok = ok and 0 <= philox.seed < 2 ** 63 and 0 <= philox.offset < 2 ** 63
         ok = ok and dtype in _DTYPES and len(shape) > 0 and (type(models) is list or type(models) is tuple) \
             and len(models) <= MAX_MODELS and (threshold is None or (
-                type(threshold) is Threshold and 0.0 <= threshold.ratio <= 1.0 and threshold.min_scale > 0
-                and threshold.max_scale >= threshold.min_scale))
+                type(threshold) is Threshold and bool not in map(type, threshold) and 0.0 <= threshold.ratio <= 1.0
+                and threshold.min_scale > 0 and threshold.max_scale >= threshold.min_scale))
         grad = torch.is_grad_enabled()
         dense = x.is_contiguous()
         if grad and x.requires_grad:
@@ -493,7 +496,7 @@ def check_args(x, models, coeffs, model_output=None, convert=None, guidance_scal
     args = StepArgs(x, tuple(models), out, cond, uncond, guidance, threshold, save, noise, philox, dense)
     n = 1 + (cond is not None) + len(models) + (noise is not None or philox is not None)
     what = None
-    if type(coeffs) is list and len(coeffs) == n and not compiling:
+    if type(coeffs) is list and len(coeffs) == n and not compiling and bool not in map(type, coeffs):
         try:  # sum() of the raw list: a TypeError for strings, which float() would parse
             total = sum(coeffs)
             values = tuple(map(float, coeffs))
@@ -505,7 +508,7 @@ def check_args(x, models, coeffs, model_output=None, convert=None, guidance_scal
         what = _term_names(len(models), cond is not None, args.noise_mode != 0)
         args.coeffs, args.coef_values = _coef_table("coeffs", coeffs, n, x, what, compiling)
     if cond is not None:
-        if type(convert) is list and len(convert) == 2 and not compiling:
+        if type(convert) is list and len(convert) == 2 and not compiling and bool not in map(type, convert):
             try:
                 total = 0.0 + convert[0] + convert[1]
                 k0, k1 = float(convert[0]), float(convert[1])
@@ -780,6 +783,15 @@ class PlannedStep:
             self.launch = _C.solver_step_cpu
         self.address = ctypes.addressof(p)
 
+    def reseed(self, seed: int) -> None:
+        """Draw this step's in-kernel noise from Philox(seed, its offset) from now on (a sampler's next run)."""
+        a = self.args
+        if a.philox is None:
+            raise ValueError("reseed: this planned step draws no Philox noise")
+        a.philox = PhiloxNoise(seed, a.philox.offset)
+        if self.params is not None:
+            self.params.seed = seed
+
     def launch_planned(self, x: torch.Tensor, cond: torch.Tensor | None, uncond: torch.Tensor | None,
                        out: torch.Tensor) -> bool:
         """Launch with these tensors if x and the model output(s) match the plan (same presence, shape, dtype,
@@ -1003,6 +1015,7 @@ def bad_inputs(device="cpu"):
             "coeffs")
     yield B("coeffs-table-shape", call(coeffs=torch.ones(3, 2, device=device)), ValueError, "coeffs")
     yield B("coeffs-numpy", call(coeffs=np.array([0.5, 0.5])), None)
+    yield B("coeffs-bool-items", call(coeffs=[0.5, True]), TypeError, "coeffs[1]")
     yield B("model-output-cond-none", step(model_output=(None, r()), guidance_scale=2.0), TypeError, "model_output[0]")
     yield B("model-output-uncond-none", step(model_output=(r(), None), guidance_scale=2.0), TypeError,
             "model_output[1]")
@@ -1016,6 +1029,7 @@ def bad_inputs(device="cpu"):
     yield B("convert-str-items", step(convert=["1", "0"]), TypeError, "convert[0]")
     yield B("convert-nan", step(convert=[math.nan, 1.0]), ValueError, "convert[0]")
     yield B("convert-count", step(convert=[1.0]), ValueError, "convert")
+    yield B("convert-bool-items", step(convert=[False, 1.0]), TypeError, "convert[0]")
     yield B("convert-without-model-output", call(convert=[1.0, 0.0]), ValueError, "convert")
     yield B("guidance-nan", step(model_output=(r(), r()), guidance_scale=math.nan), ValueError, "guidance_scale")
     yield B("guidance-inf", step(model_output=(r(), r()), guidance_scale=-math.inf), ValueError, "guidance_scale")
@@ -1026,6 +1040,7 @@ def bad_inputs(device="cpu"):
     yield B("guidance-numpy", step(model_output=(r(), r()), guidance_scale=np.float32(2.5)), None)
     yield B("threshold-tuple", step(threshold=(0.9, 1.0, 1.0)), TypeError, "threshold")
     yield B("threshold-ratio-str", step(threshold=Threshold("0.9", 1.0, 1.0)), TypeError, "threshold.ratio")
+    yield B("threshold-bool-scale", step(threshold=Threshold(0.9, True, 2.0)), TypeError, "threshold.min_scale")
     yield B("threshold-ratio-nan", step(threshold=Threshold(math.nan, 1.0, 2.0)), ValueError, "threshold.ratio")
     yield B("threshold-ratio-1.5", step(threshold=Threshold(1.5)), ValueError, "threshold.ratio")
     yield B("threshold-min-nan", step(threshold=Threshold(0.9, math.nan, 2.0)), ValueError, "threshold.min_scale")

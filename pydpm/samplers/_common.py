@@ -10,9 +10,13 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from pydpm._cache import BoundedCache
 from pydpm.ops import Threshold
 from pydpm.samplers._program import EagerTracer, Options, Runner, Tracer, compile_plan
 from pydpm.schedules import WrappedModel, is_diffusers_model, time_steps
+
+# Compiled plans kept per solver object, one per sampling configuration (steps, order, method, grid, ...).
+MAX_RUNNERS = 16
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
@@ -132,7 +136,7 @@ class Solver:
         self.correcting_x0_fn = None if dynamic else correcting_x0_fn
         # The authors' dynamic thresholding: s = max(quantile(|x0|, ratio), thresholding_max_val).
         self.threshold = Threshold(dynamic_thresholding_ratio, thresholding_max_val, math.inf) if dynamic else None
-        self._runners: dict[Any, Runner] = {}
+        self._runners = BoundedCache(MAX_RUNNERS)  # per sampling configuration (steps, order, method, ...)
         # A solver's plans reuse their buffers between sample() calls: one sampling run at a time (see `running`).
         self._lock = threading.Lock()
         self._owner: int | None = None
@@ -163,7 +167,7 @@ class Solver:
         copy rebuilds on first use, and the lock is the copy's own."""
         state = dict(self.__dict__)
         state.pop("_lock", None)
-        state["_owner"], state["_runners"] = None, {}
+        state["_owner"], state["_runners"] = None, BoundedCache(MAX_RUNNERS)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -253,7 +257,7 @@ class Solver:
                 if runner is None:
                     tr = Tracer(self.predict, self.noise_schedule)
                     tr.output(program(tr, tr.x))
-                    runner = self._runners[key] = Runner(compile_plan(tr), self.options())
+                    runner = self._runners.put(key, Runner(compile_plan(tr), self.options()))
                 runner.opts.seed, runner.opts.progress = seed, progress
                 with torch.no_grad():
                     out, inter = runner(x, cuda_graph=cuda_graph)

@@ -26,6 +26,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
+from pydpm._cache import BoundedCache
 from pydpm.ops import solver_step
 from pydpm.ops._framework import forced_backend
 from pydpm.ops.solver_step import MAX_MODELS, PhiloxNoise, PlannedStep, Threshold, check_args, philox_normal
@@ -34,6 +35,10 @@ from pydpm.schedules import WrappedModel, conversion
 # Residual coefficients this small relative to the terms that produced them are float64 cancellation
 # noise of an exact identity (e.g. an old history entry that UniPC's corrector folds away): dropped.
 _CANCEL_RTOL = 1e-9
+# Per plan: workspaces and bound schedules kept per input layout (shape, strides, dtype, device, seed where noise
+# is drawn), CUDA graphs kept per layout (each holds its own memory pool: the whole loop's activations).
+MAX_LAYOUTS = 8
+MAX_GRAPHS = 4
 
 
 class Point(NamedTuple):
@@ -419,7 +424,7 @@ class _Workspace:
     tensor every run (the caller keeps it)."""
 
     def __init__(self, plan: Plan, opts: Options, b: _Bound, x: torch.Tensor):
-        self.bound = b
+        self.bound, self.seed = b, opts.seed
         self.layout = (x.shape, x.dtype, x.device)  # what every sample of the workspace shares
         self.store: list[torch.Tensor | None] = [None] * plan.n_storage
         self.output = next((e for kind, e in plan.events if kind == "output"), 0)
@@ -443,6 +448,13 @@ class _Workspace:
             else:
                 self.steps.append(None)
             li += 1
+
+    def reseed(self, seed: int) -> None:
+        """The planned launches that draw noise draw it from `seed` from now on."""
+        for st in self.steps:
+            if st is not None and st.args.philox is not None:
+                st.reseed(seed)
+        self.seed = seed
 
     def __deepcopy__(self, memo: dict) -> _Workspace:
         """A copy with its own buffers (a scheduler deep-copied mid-run keeps its history). Each PlannedStep holds
@@ -491,22 +503,31 @@ class Runner:
 
     def __init__(self, plan: Plan, opts: Options):
         self.plan, self.opts = plan, opts
-        self._bound: dict[Any, _Bound] = {}
-        self._workspaces: dict[Any, _Workspace] = {}
-        self._graphs: dict[Any, Any] = {}
+        # Where the plan draws noise, a workspace's planned launches are reseeded per run and a captured graph
+        # (whose launches hold the seed) is kept per seed.
+        self.stochastic = any(kind == "launch" and e.noise is not None for kind, e in plan.events)
+        self._bound = BoundedCache(MAX_LAYOUTS)
+        self._workspaces = BoundedCache(MAX_LAYOUTS)
+        self._graphs = BoundedCache(MAX_GRAPHS)
+
+    @staticmethod
+    def _layout_key(x: torch.Tensor) -> tuple:
+        return x.shape, x.stride(), x.dtype, x.device, forced_backend()
 
     def bound(self, x: torch.Tensor) -> _Bound:
         key = (x.device, x.shape[0])
         b = self._bound.get(key)
         if b is None:
-            b = self._bound[key] = _Bound(self.plan, self.opts, x)
+            b = self._bound.put(key, _Bound(self.plan, self.opts, x))
         return b
 
     def workspace(self, x: torch.Tensor, b: _Bound) -> _Workspace:
-        key = (x.shape, x.dtype, x.device, x.stride(), self.opts.seed, forced_backend())
+        key = self._layout_key(x)
         ws = self._workspaces.get(key)
         if ws is None:
-            ws = self._workspaces[key] = _Workspace(self.plan, self.opts, b, x)
+            ws = self._workspaces.put(key, _Workspace(self.plan, self.opts, b, x))
+        elif self.stochastic and ws.seed != self.opts.seed:
+            ws.reseed(self.opts.seed)
         return ws
 
     def __call__(self, x: torch.Tensor, cuda_graph: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -516,7 +537,7 @@ class Runner:
             raise ValueError("cuda_graph=True needs a CUDA tensor x")
         if self.opts.progress:
             raise ValueError("cuda_graph=True replays the whole loop at once; it cannot show progress")
-        key = (x.shape, x.stride(), x.dtype, x.device, self.opts.seed, forced_backend())
+        key = (self._layout_key(x), self.opts.seed if self.stochastic else None)
         entry = self._graphs.get(key)
         if entry is None:
             static_in = x.clone()
@@ -533,8 +554,11 @@ class Runner:
                 raise RuntimeError(f"capturing the sampling loop in a CUDA graph failed ({err}); the model must be "
                                    f"capturable (no host syncs, no CPU tensors, static shapes): run with "
                                    f"cuda_graph=False") from err
-            entry = self._graphs[key] = (graph, static_in, static_out)
-        graph, static_in, (out, inter) = entry
+            # The graph's launches point into the workspace's buffers and device tables: the entry keeps them
+            # alive (the workspace cache may evict it).
+            ws = self.workspace(static_in, self.bound(static_in))
+            entry = self._graphs.put(key, (graph, static_in, static_out, ws))
+        graph, static_in, (out, inter), _ = entry
         static_in.copy_(x)
         graph.replay()
         return out.clone(), [t.clone() for t in inter]
@@ -708,8 +732,8 @@ class Stepper:
         self.first_launch = [0]
         for seg in self.segments:
             self.first_launch.append(self.first_launch[-1] + sum(kind == "launch" for kind, _ in seg))
-        self._bound: dict[Any, _Bound] = {}
-        self._workspaces: dict[Any, _Workspace] = {}
+        self._bound = BoundedCache(MAX_LAYOUTS)
+        self._workspaces = BoundedCache(MAX_LAYOUTS)
         self.start()
 
     @property
@@ -730,8 +754,8 @@ class Stepper:
         ws = self._workspaces.get(key)
         if ws is None:
             bkey = (sample.device, sample.shape[0])
-            b = self._bound.get(bkey) or self._bound.setdefault(bkey, _Bound(self.plan, self.opts, sample))
-            ws = self._workspaces[key] = _Workspace(self.plan, self.opts, b, sample)
+            b = self._bound.get(bkey) or self._bound.put(bkey, _Bound(self.plan, self.opts, sample))
+            ws = self._workspaces.put(key, _Workspace(self.plan, self.opts, b, sample))
         self.ws = ws
         return ws
 
