@@ -8,6 +8,9 @@ import triton
 import triton.language as tl
 
 _TARGET_PROGRAMS = 8    # aim for this many programs per SM before splitting a batch or spatial loop
+# CUDA's limit on the second and third grid dimensions (the first takes 2³¹ − 1): launchers that put a count
+# which grows with the input on those axes loop, split the launch or fold the count over both.
+MAX_GRID_YZ = 65535
 
 
 @triton.jit

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import MAX_GRID_YZ
 from ._launch import Kernel
 
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -354,6 +355,14 @@ _DKDV = Kernel(_attention_bwd_dkdv_kernel, specialized=_D_STRIDES)
 _DQ = Kernel(_attention_bwd_dq_kernel, specialized=_D_STRIDES)
 
 
+def _batch_ranges(B: int, H: int) -> list[tuple[int, int]]:
+    """Batch ranges of at most MAX_GRID_YZ (batch, head) pairs each."""
+    if H > MAX_GRID_YZ:
+        raise ValueError(f"attention with {H} heads: the Triton kernels take at most {MAX_GRID_YZ}")
+    step = MAX_GRID_YZ // H
+    return [(b0, min(b0 + step, B)) for b0 in range(0, B, step)]
+
+
 def attention_fwd(q, k, v, o, lse, scale: float, layout: str, ieee: bool, interpreting: bool,
                   blocks: Blocks | None = None) -> None:
     """o (layout like q) and lse [B, H, NQ] (fp32, base 2) from q [.., NQ, ..], k and v [.., NK, ..].
@@ -361,6 +370,11 @@ def attention_fwd(q, k, v, o, lse, scale: float, layout: str, ieee: bool, interp
     B, H, NQ, D = _bhnd(q, layout)
     NK = _bhnd(k, layout)[2]
     if o.numel() == 0:
+        return
+    if B * H > MAX_GRID_YZ:  # (batch, head) pairs are grid axis 1: launch per batch range
+        for b0, b1 in _batch_ranges(B, H):
+            attention_fwd(q[b0:b1], k[b0:b1], v[b0:b1], o[b0:b1], lse[b0:b1], scale, layout, ieee, interpreting,
+                          blocks)
         return
     bd, fwd, _, _ = configs(D, NK, q.dtype, interpreting)
     fwd = blocks or fwd
@@ -380,6 +394,10 @@ def attention_bwd(do, q, k, v, o, lse, scale: float, layout: str, ieee: bool, in
     the (dk/dv, dq) launch configurations (bench/attention_tune.py)."""
     B, H, NQ, D = _bhnd(q, layout)
     NK = _bhnd(k, layout)[2]
+    if B * H > MAX_GRID_YZ:  # (batch, head) pairs are grid axis 1: launch per batch range
+        parts = [attention_bwd(do[b0:b1], q[b0:b1], k[b0:b1], v[b0:b1], o[b0:b1], lse[b0:b1], scale, layout, ieee,
+                               interpreting, blocks) for b0, b1 in _batch_ranges(B, H)]
+        return tuple(torch.cat(grads) for grads in zip(*parts))
     bd, _, dkdv, dq_blocks = configs(D, NK, q.dtype, interpreting)
     dkdv, dq_blocks = blocks or (dkdv, dq_blocks)
     dq = torch.empty((B, H, NQ, D), dtype=q.dtype, device=q.device)

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ._common import acc as _acc
-from ._common import target_programs
+from ._common import MAX_GRID_YZ, target_programs
 from ._launch import Kernel
 
 _NUM_WARPS = 4
@@ -48,15 +48,16 @@ def _simple_gate_fwd_kernel(x, xsb, xsc, xss, half,
     cs = (tl.program_id(0) % n_cb) * BC + tl.arange(0, BC)[:, None]
     c_ok = cs < C
     b64 = b.to(tl.int64)
-    x_row = x + b64 * xsb + cs * xsc
-    o_row = out + b64 * osb + cs * osc
-    d_row = dy + b64 * dsb + cs * dsc
+    cs64 = cs.to(tl.int64)  # offsets in 64 bits: a tensor may hold more than 2³¹ elements
+    x_row = x + b64 * xsb + cs64 * xsc
+    o_row = out + b64 * osb + cs64 * osc
+    d_row = dy + b64 * dsb + cs64 * dsc
     s0 = tl.program_id(1) * chunk
     s_end = tl.minimum(s0 + chunk, S)
     if POOL:
         acc = _acc(tl.zeros([BC, BS], dtype=tl.float32), F64)
     for start in range(s0, s_end, BS):
-        s = start + tl.arange(0, BS)[None, :]
+        s = (start + tl.arange(0, BS)[None, :]).to(tl.int64)
         m = c_ok & (s < s_end)
         v = _acc(tl.load(x_row + s * xss, mask=m, other=0.0), F64)
         if GATE:
@@ -82,21 +83,23 @@ def _simple_gate_bwd_kernel(src, ssb, ssc, sss,
     n_cb = tl.cdiv(C, BC)
     b = tl.program_id(0) // n_cb
     cs = (tl.program_id(0) % n_cb) * BC + tl.arange(0, BC)[:, None]
-    s = tl.program_id(1) * BS + tl.arange(0, BS)[None, :]
+    tile = tl.program_id(1) + tl.program_id(2) * tl.num_programs(1)  # tiles past S are masked off
+    s = tile.to(tl.int64) * BS + tl.arange(0, BS)[None, :]
     c_ok = cs < C
     m = c_ok & (s < S)
     b64 = b.to(tl.int64)
+    cs64 = cs.to(tl.int64)  # offsets in 64 bits: a tensor may hold more than 2³¹ elements
     if HAS_SRC:
-        v = _acc(tl.load(src + b64 * ssb + cs * ssc + s * sss, mask=m, other=0.0), F64)
+        v = _acc(tl.load(src + b64 * ssb + cs64 * ssc + s * sss, mask=m, other=0.0), F64)
         if SCALE:
             v = v * _acc(tl.load(scale + b64 * C + cs, mask=c_ok, other=0.0), F64)
         if SHIFT:
             v = v + _acc(tl.load(shift + b64 * C + cs, mask=c_ok, other=0.0), F64)
     else:
         v = tl.broadcast_to(_acc(tl.load(shift + b64 * C + cs, mask=c_ok, other=0.0), F64), (BC, BS))
-    o = out + b64 * osb + cs * osc + s * oss
+    o = out + b64 * osb + cs64 * osc + s * oss
     if GATE:
-        xp = x + b64 * xsb + cs * xsc + s * xss
+        xp = x + b64 * xsb + cs64 * xsc + s * xss
         x1 = _acc(tl.load(xp, mask=m, other=0.0), F64)
         x2 = _acc(tl.load(xp + half, mask=m, other=0.0), F64)
         tl.store(o, (v * x2).to(out.dtype.element_ty), mask=m)
@@ -157,8 +160,9 @@ def simple_gate_fwd(x: torch.Tensor, out: torch.Tensor | None, *, gate: bool = T
         chunk = triton.cdiv(triton.cdiv(S, splits), bs) * bs
         splits = triton.cdiv(S, chunk)
         partial = torch.empty((splits, B, C), dtype=acc, device=x.device)
-    else:
-        chunk, splits, partial = bs, triton.cdiv(S, bs), x
+    else:  # one tile per program, or several where the spatial programs would pass the grid's y limit
+        chunk = triton.cdiv(triton.cdiv(S, MAX_GRID_YZ), bs) * bs
+        splits, partial = triton.cdiv(S, chunk), x
     o, d = out if out is not None else x, dy if dy is not None else x
     flags = (gate, out is not None, pool, dy is not None, bc, bs)
     _FWD((programs, splits), [x, *xs, C * xs[1], o, *os_, d, *ds, partial, B, C, S, chunk],
@@ -191,7 +195,8 @@ def simple_gate_bwd(src: torch.Tensor | None, out: torch.Tensor, *, x: torch.Ten
     shift = shift.contiguous() if shift is not None else None
     xx, sc, sh = x if gate else like, scale if scale is not None else like, shift if shift is not None else like
     flags = (src is not None, scale is not None, shift is not None, gate, bc, bs)
-    _BWD((B * triton.cdiv(C, bc), triton.cdiv(S, bs)),
+    blocks = triton.cdiv(S, bs)  # spatial tiles, folded over grid axes 1 and 2 (each at most MAX_GRID_YZ)
+    _BWD((B * triton.cdiv(C, bc), min(blocks, MAX_GRID_YZ), triton.cdiv(blocks, MAX_GRID_YZ)),
          [like, *ss, xx, *xs, C * xs[1], out, *os_, C * os_[1], sc, sh, C, S],
          (flags, like.dtype, xx.dtype, out.dtype, sc.dtype, sh.dtype),
          dict(HAS_SRC=src is not None, SCALE=scale is not None, SHIFT=shift is not None, GATE=gate, BC=bc, BS=bs,

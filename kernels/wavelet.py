@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import MAX_GRID_YZ
 from ._launch import Kernel
 
 WRITE_BANDS = tl.constexpr(0)
@@ -131,7 +132,7 @@ def _haar_analysis_kernel(src, out0, out, gate, ref0, ref, dot,
                                  r_sc // ALIGN * ALIGN, r_first // ALIGN * ALIGN, r_step // ALIGN * ALIGN, b, c)
     s0, s1, s2, s3 = 0.0, 0.0, 0.0, 0.0
     for tile in range(split, n_tiles, n_splits):
-        rows = (tile // n_tw) * BH + tl.arange(0, BH)[:, None]
+        rows = ((tile // n_tw) * BH + tl.arange(0, BH)[:, None]).to(tl.int64)  # a plane may exceed 2³¹ elements
         cols = (tile % n_tw) * BW + tl.arange(0, BW)[None, :]
         full = (tile % n_tw) * 2 * BW + tl.arange(0, 2 * BW)[None, :]
         m_full = (rows < h) & (full < 2 * w)
@@ -179,7 +180,7 @@ def _haar_synthesis_kernel(in0, inp, gate, dst, xs, dot,
     xb = xs + b.to(tl.int64) * (x_sb // ALIGN * ALIGN) + c.to(tl.int64) * (x_sc // ALIGN * ALIGN)
     s0, s1, s2, s3 = 0.0, 0.0, 0.0, 0.0
     for tile in range(split, n_tiles, n_splits):
-        rows = (tile // n_tw) * BH + tl.arange(0, BH)[:, None]
+        rows = ((tile // n_tw) * BH + tl.arange(0, BH)[:, None]).to(tl.int64)  # a plane may exceed 2³¹ elements
         cols = (tile % n_tw) * BW + tl.arange(0, BW)[None, :]
         full = (tile % n_tw) * 2 * BW + tl.arange(0, 2 * BW)[None, :]
         m = (rows < h) & (cols < w)
@@ -230,7 +231,8 @@ _DOT_PROGRAMS = 1024
 
 
 def _splits(planes: int, n_tiles: int, dot: bool) -> int:
-    return min(n_tiles, max(1, _DOT_PROGRAMS // planes)) if dot else n_tiles
+    """Programs per plane (grid axis 1); each walks tiles split, split + splits, ... of its plane."""
+    return min(n_tiles, max(1, _DOT_PROGRAMS // planes)) if dot else min(n_tiles, MAX_GRID_YZ)
 
 
 def _dot_buffer(splits: int, B: int, C: int, dot_out):

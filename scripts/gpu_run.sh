@@ -5,21 +5,27 @@
 #   local:  pip download the wheels into .whl/ (README, "Benchmarks on a GPU machine")
 #   remote: PYDPM_BENCH_COMMIT=<local git rev-parse --short HEAD> bash scripts/gpu_run.sh "$OUT" [phases]
 #           (the copy of the tree sent there carries a stale .git: name the commit benchmarked)
-#   phases (in this order; default: --tests tests --host-cost "" --bench ""):
+#   phases (in this order; default: --tests tests --huge --host-cost "" --bench ""):
 #     --tests "ARGS"      pytest ARGS (GPU tests included; "-n 8" runs 8 workers), every Triton launch checked
 #                         against Triton's own dispatch (PYDPM_VERIFY_LAUNCHES=1)
+#     --huge              tests/test_huge.py alone (PYDPM_HUGE_TESTS=1): tensors past 2³¹ elements, ~40 GB
+#     --sanitize "ARGS"   pytest ARGS under compute-sanitizer, memcheck then racecheck (every process, the torch
+#                         caching allocator off so that each tensor is its own allocation), error counts in the summary
 #     --host-cost "ARGS"  python -m pydpm.bench.host_cost ARGS: the host time of one eager call, op by op
 #     --bench "ARGS"      pydpm bench ARGS (repeatable: one run per --bench, results in bench-1/, bench-2/, ...)
 #     --tune "ARGS"       the attention launch-configuration sweep, bench/attention_tune.py, with ARGS
-#   limits: PYDPM_TEST_TIMEOUT (default 420 s), PYDPM_BENCH_TIMEOUT (default 540 s per bench run)
+#   limits: PYDPM_TEST_TIMEOUT (default 420 s), PYDPM_HUGE_TIMEOUT (300 s), PYDPM_SANITIZE_TIMEOUT (240 s per
+#           tool), PYDPM_BENCH_TIMEOUT (540 s per bench run)
 set -uo pipefail
 out="${1:-${OUT:?give an output folder}}"
 shift || true
-tests="" host_cost=0 host_args="" tune="" benches=() explicit=0
+tests="" huge=0 sanitize="" host_cost=0 host_args="" tune="" benches=() explicit=0
 while [ $# -gt 0 ]; do
   explicit=1
   case "$1" in
     --tests) tests="$2"; shift ;;
+    --huge) huge=1 ;;
+    --sanitize) sanitize="$2"; shift ;;
     --host-cost) host_cost=1; host_args="$2"; shift ;;
     --bench) benches+=("$2"); shift ;;
     --tune) tune="$2"; shift ;;
@@ -27,7 +33,7 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-if [ "$explicit" = 0 ]; then tests="tests"; host_cost=1; benches=(""); fi
+if [ "$explicit" = 0 ]; then tests="tests"; huge=1; host_cost=1; benches=(""); fi
 final="$out"
 out=/tmp/gpu-run
 rm -rf "$out"
@@ -62,6 +68,29 @@ if [ -n "$tests" ]; then
   tail -25 "$out/tests.log"
   summary+=("tests (rc $t_rc, $(( $(date +%s) - start )) s): $(tail -1 "$out/tests.log")")
   rc=$(( rc || t_rc ))
+fi
+if [ "$huge" = 1 ]; then
+  start=$(date +%s)
+  PYDPM_HUGE_TESTS=1 timeout "${PYDPM_HUGE_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -rs tests/test_huge.py >"$out/huge.log" 2>&1
+  g_rc=$?
+  tail -5 "$out/huge.log"
+  summary+=("huge tensors (rc $g_rc, $(( $(date +%s) - start )) s): $(tail -1 "$out/huge.log")")
+  rc=$(( rc || g_rc ))
+fi
+if [ -n "$sanitize" ]; then
+  for tool in memcheck racecheck; do
+    start=$(date +%s)
+    # shellcheck disable=SC2086
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${PYDPM_SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool "$tool" \
+      --target-processes all --error-exitcode 7 python3 -m pytest -q -p no:cacheprovider $sanitize \
+      >"$out/sanitize-$tool.log" 2>&1
+    s_rc=$?
+    errors=$(grep -o "ERROR SUMMARY: [0-9]* error" "$out/sanitize-$tool.log" | awk '{n += $3} END {print n + 0}')
+    processes=$(grep -c "ERROR SUMMARY" "$out/sanitize-$tool.log")
+    summary+=("compute-sanitizer $tool (rc $s_rc, $(( $(date +%s) - start )) s): $errors errors in $processes \
+processes; pytest: $(grep -E "passed|failed" "$out/sanitize-$tool.log" | tail -1)")
+    rc=$(( rc || s_rc ))
+  done
 fi
 # From outside the checkout below: a source tree on sys.path would shadow the installed package.
 if [ "$host_cost" = 1 ]; then

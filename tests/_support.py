@@ -19,6 +19,13 @@ def backend_device(backend: str) -> torch.device:
     return torch.device("cuda")
 
 
+# The triton backend on CPU tensors (tests that build their inputs on the CPU): it runs there through the
+# interpreter, which CI turns on; on a GPU machine the triton backend runs on CUDA tensors and the GPU suite
+# tests it through the contract tests, so these cases are skipped there.
+TRITON_ON_CPU = pytest.param("triton", id="triton", marks=pytest.mark.skipif(
+    HAS_CUDA, reason="triton on CPU tensors needs the interpreter (CI); on CUDA see test_contract.py"))
+
+
 def backend_params():
     """Every backend name; those needing a GPU carry the gpu marker and are skipped without one."""
     params = []

@@ -28,6 +28,7 @@ import pydpm
 from pydpm.ops import use_backend
 from pydpm.samplers import DDIM, DDPM, METHODS, PNDM, DPMSolver, SDEDPMSolverPP, UniPC
 from pydpm.schedules import NoiseScheduleFlow, NoiseScheduleVP, model_wrapper, time_steps
+from _support import TRITON_ON_CPU
 
 diffusers = pytest.importorskip("diffusers")
 pd = pytest.importorskip("pydpm.integrations.diffusers")
@@ -469,7 +470,7 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("backend", [None, "reference", "triton"])
+@pytest.mark.parametrize("backend", [None, "reference", TRITON_ON_CPU])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("method", METHODS)
 def test_awkward_layouts_sample_as_contiguous(method, layout, backend):
@@ -495,18 +496,22 @@ def test_empty_batch_is_named(method):
 # 6. DDIMScheduler with clip_sample: one NaN element stays one NaN element, as in diffusers
 # --------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", [None, "reference", "triton"])
-@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
-@pytest.mark.parametrize("eta,use_clipped", [(0.0, False), (0.0, True), (0.6, False)])
-@pytest.mark.parametrize("int_timestep", [False, True])
-def test_ddim_clip_sample_keeps_a_nan_element_local(backend, prediction_type, eta, use_clipped, int_timestep):
-    config = dict(clip_sample=True, clip_sample_range=1.5, prediction_type=prediction_type)
+def ddim_pair(**config):
+    """pydpm's and diffusers' DDIMScheduler with `config` at 10 steps, a sample x, a model output m (3σ) and
+    a generator for more draws."""
     ours, theirs = pd.DDIMScheduler(**config), diffusers.DDIMScheduler(**config)
     ours.set_timesteps(10)
     theirs.set_timesteps(10)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, 8, 8, generator=g)
-    m = 3 * torch.randn(2, 3, 8, 8, generator=g)
+    return ours, theirs, torch.randn(2, 3, 8, 8, generator=g), 3 * torch.randn(2, 3, 8, 8, generator=g), g
+
+
+@pytest.mark.parametrize("backend", [None, "reference", TRITON_ON_CPU])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("eta,use_clipped", [(0.0, False), (0.0, True), (0.6, False)])
+@pytest.mark.parametrize("int_timestep", [False, True])
+def test_ddim_clip_sample_keeps_a_nan_element_local(backend, prediction_type, eta, use_clipped, int_timestep):
+    ours, theirs, x, m, g = ddim_pair(clip_sample=True, clip_sample_range=1.5, prediction_type=prediction_type)
     m[0, 1, 2, 3] = NAN
     noise = torch.randn(2, 3, 8, 8, generator=g) if eta else None
     t = theirs.timesteps[3]
@@ -519,6 +524,23 @@ def test_ddim_clip_sample_keeps_a_nan_element_local(backend, prediction_type, et
         assert torch.equal(a.isnan(), b.isnan())
         torch.testing.assert_close(a.nan_to_num(), b.nan_to_num(), rtol=1e-5, atol=1e-5)
 
+
+@pytest.mark.parametrize("backend", [None, "reference", TRITON_ON_CPU])
+def test_ddim_thresholding_pinned_to_one_keeps_a_nan_element_local(backend):
+    """thresholding=True with sample_max_value=1 pins the dynamic scale to 1: the other elements of the sample
+    are clamped to [-1, 1] as diffusers clamps them when the sample is finite; diffusers' quantile turns the
+    sample holding a NaN into NaN (a documented difference), pydpm keeps the one NaN element."""
+    ours, theirs, x, m, _ = ddim_pair(thresholding=True, sample_max_value=1.0, prediction_type="sample")
+    t = theirs.timesteps[3]
+    with use_backend(backend) if backend else contextlib.nullcontext():
+        finite = ours.step(m, t, x).pred_original_sample
+        torch.testing.assert_close(finite, theirs.step(m, t, x).pred_original_sample, rtol=1e-6, atol=1e-6)
+        m[0, 1, 2, 3] = NAN
+        got = ours.step(m, t, x).pred_original_sample
+    assert theirs.step(m, t, x).pred_original_sample[0].isnan().all()
+    assert int(got.isnan().sum()) == 1 and bool(got[0, 1, 2, 3].isnan())
+    keep = ~got.isnan()
+    torch.testing.assert_close(got[keep], finite[keep], rtol=0, atol=0)
 
 # --------------------------------------------------------------------------------------------------
 # Copies: a deep-copied solver or drop-in scheduler (mid-run) computes on its own buffers
