@@ -53,10 +53,11 @@ def row_chunks(h: int, rows: int = 2048):
     return [(r0, min(r0 + rows, h)) for r0 in range(0, h, rows)]
 
 
-def assert_close_chunked(got, expected_fn, n_chunks: int, slicer, atol=2e-3):
+def assert_close_chunked(got, chunks, part, expected):
+    """got has no NaN left, and part(got, chunk) equals expected(chunk) for every chunk."""
     assert not got.isnan().any(), "elements left unwritten (the NaN poison survived)"
-    for i in range(n_chunks):
-        torch.testing.assert_close(slicer(got, i).float(), expected_fn(i).float(), rtol=2e-3, atol=atol)
+    for chunk in chunks:
+        torch.testing.assert_close(part(got, chunk).float(), expected(chunk).float(), rtol=2e-3, atol=2e-3)
 
 
 # ------------------------------------------------------------------------------------------------ solver_step
@@ -69,15 +70,11 @@ def test_solver_step_past_two_to_the_31(backend, shape):
     out = poisoned_like(x)
     with use_backend(backend):
         solver_step(x, [m], [0.75, -0.5], out=out)
-    xs, ms, os_ = x.view(-1), m.view(-1), out.view(-1)
+    xs, ms = x.view(-1), m.view(-1)
     step = 2 ** 28
-    n = -(-xs.numel() // step)
-
-    def expected(i):
-        sl = slice(i * step, (i + 1) * step)
-        return (0.75 * xs[sl].float() - 0.5 * ms[sl].float()).half()
-
-    assert_close_chunked(os_, expected, n, lambda t, i: t[i * step:(i + 1) * step])
+    slices = [slice(i, i + step) for i in range(0, xs.numel(), step)]
+    assert_close_chunked(out.view(-1), slices, lambda t, sl: t[sl],
+                         lambda sl: (0.75 * xs[sl].float() - 0.5 * ms[sl].float()).half())
 
 
 @huge
@@ -96,77 +93,64 @@ def test_philox_noise_does_not_wrap_past_two_to_the_31(backend):
 # ------------------------------------------------------------------------------------------------ Haar ops
 
 HAAR_SHAPES = {
-    "planes": dict(shape=(1, 2, 32770, 32768)),          # 2 planes of 2³⁰ + 2¹⁶: channel offsets past 2³¹
-    "one-plane": dict(shape=(1, 1, 46342, 46342)),       # one plane of 2³¹ + 9,000 elements
+    "planes": (1, 2, 32770, 32768),          # 2 planes of 2³⁰ + 2¹⁶: channel offsets past 2³¹
+    "one-plane": (1, 1, 46342, 46342),       # one plane of 2³¹ + 9,000 elements
 }
 
 
-def _plane_slicer(h_out: int):
-    """(b, c, row range) chunks of a [B, C, h, ...] output, enumerated for `assert_close_chunked`."""
-    def chunks(B, C):
-        return [(b, c, r) for b in range(B) for c in range(C) for r in row_chunks(h_out)]
-    return chunks
+def plane_chunks(B: int, C: int, h: int):
+    """(b, c, r0, r1): row ranges of every plane of a [B, C, h, ...] result."""
+    return [(b, c, r0, r1) for b in range(B) for c in range(C) for r0, r1 in row_chunks(h)]
+
+
+def rows(t, chunk, scale=1):
+    """Plane (b, c) of t ([B, C, ..., rows, cols]), rows scale·r0 .. scale·r1."""
+    b, c, r0, r1 = chunk
+    return t[b:b + 1, c:c + 1][..., scale * r0:scale * r1, :]
 
 
 @huge
-@pytest.mark.parametrize("case", HAAR_SHAPES, ids=list(HAAR_SHAPES))
+@pytest.mark.parametrize("case", HAAR_SHAPES)
 def test_haar_dwt2_and_idwt2_past_two_to_the_31(case):
-    B, C, H, W = HAAR_SHAPES[case]["shape"]
+    B, C, H, W = HAAR_SHAPES[case]
     x = randn(B, C, H, W, seed=3)
     ll, high = torch.full((B, C, H // 2, W // 2), float("nan"), dtype=F16, device="cuda"), \
         torch.full((B, C, 3, H // 2, W // 2), float("nan"), dtype=F16, device="cuda")
     haar_dwt2(x, out=(ll, high))
-    chunks = _plane_slicer(H // 2)(B, C)
-
-    def part(i):
-        b, c, (r0, r1) = chunks[i]
-        return x[b:b + 1, c:c + 1, 2 * r0:2 * r1]
-
-    assert_close_chunked(ll, lambda i: haar_dwt2_reference(part(i))[0], len(chunks),
-                         lambda t, i: t[chunks[i][0]:chunks[i][0] + 1, chunks[i][1]:chunks[i][1] + 1,
-                                        chunks[i][2][0]:chunks[i][2][1]])
-    assert_close_chunked(high, lambda i: haar_dwt2_reference(part(i))[1], len(chunks),
-                         lambda t, i: t[chunks[i][0]:chunks[i][0] + 1, chunks[i][1]:chunks[i][1] + 1, :,
-                                        chunks[i][2][0]:chunks[i][2][1]])
+    chunks = plane_chunks(B, C, H // 2)
+    assert_close_chunked(ll, chunks, rows, lambda ch: haar_dwt2_reference(rows(x, ch, 2))[0])
+    assert_close_chunked(high, chunks, rows, lambda ch: haar_dwt2_reference(rows(x, ch, 2))[1])
     back = poisoned_like(x)
     haar_idwt2(ll, high, out=back)
-
-    def inverse(i):
-        b, c, (r0, r1) = chunks[i]
-        return haar_idwt2_reference(ll[b:b + 1, c:c + 1, r0:r1], high[b:b + 1, c:c + 1, :, r0:r1])
-
-    assert_close_chunked(back, inverse, len(chunks),
-                         lambda t, i: t[chunks[i][0]:chunks[i][0] + 1, chunks[i][1]:chunks[i][1] + 1,
-                                        2 * chunks[i][2][0]:2 * chunks[i][2][1]])
+    assert_close_chunked(back, chunks, lambda t, ch: rows(t, ch, 2),
+                         lambda ch: haar_idwt2_reference(rows(ll, ch), rows(high, ch)))
 
 
 @huge
-@pytest.mark.parametrize("case", HAAR_SHAPES, ids=list(HAAR_SHAPES))
+@pytest.mark.parametrize("case", HAAR_SHAPES)
 def test_wavelet_gates_past_two_to_the_31(case):
-    B, C, H, W = HAAR_SHAPES[case]["shape"]
+    B, C, H, W = HAAR_SHAPES[case]
     x = randn(B, C, H, W, seed=4)
     gates = torch.rand(B, 4, C, device="cuda", dtype=F16) + 0.5
     y = torch.full((B, C, H // 2, W // 2), float("nan"), dtype=F16, device="cuda")
     wavelet_gate_down(x, gates, out=y)
-    chunks = _plane_slicer(H // 2)(B, C)
+    chunks = plane_chunks(B, C, H // 2)
 
-    def sl(t, i, scale=1):
-        b, c, (r0, r1) = chunks[i]
-        return t[b:b + 1, c:c + 1, scale * r0:scale * r1]
+    def gates_of(chunk):
+        b, c = chunk[:2]
+        return gates[b:b + 1, :, c:c + 1]
 
-    assert_close_chunked(y, lambda i: wavelet_gate_down_reference(sl(x, i, 2), gates[:, :, chunks[i][1]:
-                                                                                     chunks[i][1] + 1]),
-                         len(chunks), sl)
+    assert_close_chunked(y, chunks, rows, lambda ch: wavelet_gate_down_reference(rows(x, ch, 2), gates_of(ch)))
     # WG-Up: [B, 4C, h, w] -> [B, C, 2h, 2w]; band i of channel c is input channel i·C + c.
     u = randn(B, 4 * C, H // 2, W // 2, seed=5)
     up = torch.full((B, C, H, W), float("nan"), dtype=F16, device="cuda")
     wavelet_gate_up(u, gates, out=up)
 
-    def up_expected(i):
-        b, c, (r0, r1) = chunks[i]
-        return wavelet_gate_up_reference(u[b:b + 1, c::C, r0:r1], gates[b:b + 1, :, c:c + 1])
+    def up_expected(chunk):
+        b, c, r0, r1 = chunk
+        return wavelet_gate_up_reference(u[b:b + 1, c::C, r0:r1], gates_of(chunk))
 
-    assert_close_chunked(up, up_expected, len(chunks), lambda t, i: sl(t, i, 2))
+    assert_close_chunked(up, chunks, lambda t, ch: rows(t, ch, 2), up_expected)
 
 
 # ------------------------------------------------------------------------------------------------ NAF gate
@@ -182,14 +166,12 @@ def test_simple_gate_past_two_to_the_31(shape, channels_last):
     if channels_last:
         out = out.contiguous(memory_format=torch.channels_last)
     simple_gate(x, out=out)
-    chunks = [(c, r) for c in range(C2 // 2) for r in row_chunks(H, 4096)]
 
-    def expected(i):
-        c, (r0, r1) = chunks[i]
-        return x[:, c:c + 1, r0:r1].float() * x[:, C2 // 2 + c:C2 // 2 + c + 1, r0:r1].float()
+    def expected(chunk):
+        b, c, r0, r1 = chunk
+        return rows(x, chunk).float() * rows(x, (b, C2 // 2 + c, r0, r1)).float()
 
-    assert_close_chunked(out, expected, len(chunks),
-                         lambda t, i: t[:, chunks[i][0]:chunks[i][0] + 1, chunks[i][1][0]:chunks[i][1][1]])
+    assert_close_chunked(out, plane_chunks(B, C2 // 2, H), rows, expected)
 
 
 # ------------------------------------------------------------------------------------------------ huge grids

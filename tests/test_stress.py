@@ -24,7 +24,7 @@ from pydpm.ops import attention
 from pydpm.ops._framework import DISPATCH_CACHE_SIZE, REGISTRY
 from pydpm.samplers import DPMSolver, SDEDPMSolverPP
 from pydpm.samplers._common import MAX_RUNNERS
-from pydpm.samplers._program import MAX_GRAPHS, MAX_LAYOUTS
+from pydpm.samplers._program import MAX_GRAPHS, MAX_LAYOUTS, layout_key
 from pydpm.schedules import NoiseScheduleVP, model_wrapper
 
 NS = NoiseScheduleVP("discrete", betas=torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
@@ -168,7 +168,7 @@ def test_graphs_stay_bounded_and_keep_their_buffers_alive():
     expected = solver.sample(x, steps=3, seed=kept)
     for i in range(MAX_LAYOUTS + 2):  # evict x's workspace, and fill the freed memory with other data
         solver.sample(start((3, 5 + i), "cuda"), steps=3, seed=kept)
-    assert runner._layout_key(x) not in runner._workspaces
+    assert layout_key(x) not in runner._workspaces
     junk = [torch.full((2, 4, 8, 8), float("nan"), device="cuda") for _ in range(64)]
     torch.testing.assert_close(solver.sample(x, steps=3, seed=kept, cuda_graph=True), expected, rtol=0, atol=0)
     del junk

@@ -164,10 +164,10 @@ class Solver:
 
     def __getstate__(self) -> dict[str, Any]:
         """Copies (copy.deepcopy, pickle) take the configuration; plans, buffers and CUDA graphs are caches that a
-        copy rebuilds on first use, and the lock is the copy's own."""
+        copy rebuilds on first use (a BoundedCache copies empty), and the lock is the copy's own."""
         state = dict(self.__dict__)
         state.pop("_lock", None)
-        state["_owner"], state["_runners"] = None, BoundedCache(MAX_RUNNERS)
+        state["_owner"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -35,10 +35,16 @@ from pydpm.schedules import WrappedModel, conversion
 # Residual coefficients this small relative to the terms that produced them are float64 cancellation
 # noise of an exact identity (e.g. an old history entry that UniPC's corrector folds away): dropped.
 _CANCEL_RTOL = 1e-9
-# Per plan: workspaces and bound schedules kept per input layout (shape, strides, dtype, device, seed where noise
-# is drawn), CUDA graphs kept per layout (each holds its own memory pool: the whole loop's activations).
+# Per plan: workspaces and bound schedules kept per input layout (`layout_key`), CUDA graphs per layout and, where
+# the plan draws noise, seed (each holds its own memory pool: the whole loop's activations).
 MAX_LAYOUTS = 8
 MAX_GRAPHS = 4
+
+
+def layout_key(x: torch.Tensor) -> tuple:
+    """What a workspace's buffers and planned launches depend on: x's shape, strides, dtype and device, and the
+    forced backend."""
+    return x.shape, x.stride(), x.dtype, x.device, forced_backend()
 
 
 class Point(NamedTuple):
@@ -510,10 +516,6 @@ class Runner:
         self._workspaces = BoundedCache(MAX_LAYOUTS)
         self._graphs = BoundedCache(MAX_GRAPHS)
 
-    @staticmethod
-    def _layout_key(x: torch.Tensor) -> tuple:
-        return x.shape, x.stride(), x.dtype, x.device, forced_backend()
-
     def bound(self, x: torch.Tensor) -> _Bound:
         key = (x.device, x.shape[0])
         b = self._bound.get(key)
@@ -522,7 +524,7 @@ class Runner:
         return b
 
     def workspace(self, x: torch.Tensor, b: _Bound) -> _Workspace:
-        key = self._layout_key(x)
+        key = layout_key(x)
         ws = self._workspaces.get(key)
         if ws is None:
             ws = self._workspaces.put(key, _Workspace(self.plan, self.opts, b, x))
@@ -537,7 +539,7 @@ class Runner:
             raise ValueError("cuda_graph=True needs a CUDA tensor x")
         if self.opts.progress:
             raise ValueError("cuda_graph=True replays the whole loop at once; it cannot show progress")
-        key = (self._layout_key(x), self.opts.seed if self.stochastic else None)
+        key = (layout_key(x), self.opts.seed if self.stochastic else None)
         entry = self._graphs.get(key)
         if entry is None:
             static_in = x.clone()
@@ -750,7 +752,7 @@ class Stepper:
         ws = self.ws
         if ws is not None:
             return ws
-        key = (sample.shape, sample.dtype, sample.device, sample.stride(), forced_backend())
+        key = layout_key(sample)
         ws = self._workspaces.get(key)
         if ws is None:
             bkey = (sample.device, sample.shape[0])
