@@ -182,13 +182,14 @@ def test_forced_backend_reaches_the_cuda_backward(monkeypatch):
     """use_backend is a ContextVar, which autograd's CUDA device thread does not see: the backward must
     re-enter the backend forced at the forward (here: reference; the Triton path is made to fail)."""
     import pydpm.ops.wavelet as W
+    from pydpm._cache import BoundedCache
     from pydpm.ops._framework import Backend
 
     def fail(args):
         raise AssertionError(f"the triton backend ran {args.kind} although reference was forced")
     for op in (W.DWT_OP, W.IDWT_OP, W.DOWN_OP, W.UP_OP):
         monkeypatch.setattr(op, "backends", (Backend("triton", fail, W._triton_reasons), W.BACKENDS[1]))
-        monkeypatch.setattr(op, "_chosen", {})
+        monkeypatch.setattr(op, "_chosen", BoundedCache(op._chosen.maxsize))
     x = rand(2, 3, 8, 8, dtype=torch.float32, device="cuda").requires_grad_()
     gates = rand(2, 4, 3, dtype=torch.float32, device="cuda").requires_grad_()
     with use_backend("reference"):
