@@ -96,9 +96,9 @@ void solver_step_entry(uintptr_t address) {
 }
 
 #ifdef PYDPM_WITH_CUDA
-std::vector<std::pair<size_t, size_t>> param_layout(uintptr_t function) {
+std::vector<std::pair<size_t, size_t>> param_layout(uintptr_t function, size_t count) {
   std::vector<std::pair<size_t, size_t>> layout;
-  const char* err = pydpm::kernel_param_layout(function, layout);
+  const char* err = pydpm::kernel_param_layout(function, count, layout);
   if (err[0] != '\0') throw std::runtime_error(std::string("kernel_param_layout: ") + err);
   return layout;
 }
@@ -156,7 +156,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("solver_step_cuda_workspace_bytes", &pydpm::solver_step_cuda_workspace_bytes,
         "Scratch bytes solver_step_cuda needs for dynamic thresholding.");
   m.def("kernel_param_layout", &param_layout,
-        "(offset, size) of every parameter of a loaded kernel (a CUfunction handle), in order.");
+        "(offset, size) of each of the `count` parameters of a loaded kernel (a CUfunction handle), in order.",
+        py::arg("function"), py::arg("count"));
   m.def("launch_kernel", &launch,
         "Launch a loaded kernel: (function, gx, gy, gz, threads, shared bytes, stream, packed parameters).");
 #endif

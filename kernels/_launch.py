@@ -31,6 +31,7 @@ The ground floor: this module sees tensors and numbers only, never pydpm.ops.
 from __future__ import annotations
 
 import os
+import re
 import struct
 from typing import Any, Hashable, Sequence
 
@@ -45,6 +46,19 @@ _DIRECT = os.environ.get("PYDPM_DIRECT_LAUNCH", "1") not in ("", "0")
 # struct codes of Triton's scalar parameter types (ty_to_cpp; floats are stored in their own width)
 _CODES = {"ptr": "Q", "i1": "b", "i8": "b", "i16": "h", "i32": "i", "i64": "q", "u1": "B", "u8": "B", "u16": "H",
           "u32": "I", "u64": "Q", "fp16": "e", "fp32": "f", "f32": "f", "fp64": "d"}
+
+
+def _entry_param_count(compiled) -> int | None:
+    """How many parameters the compiled kernel's PTX entry declares (Triton's hidden scratch pointers included),
+    or None without PTX: the driver is asked for exactly these, never probed past the last one."""
+    ptx = getattr(compiled, "asm", {}).get("ptx")
+    name = getattr(compiled, "name", None) or getattr(compiled.metadata, "name", None)
+    if not isinstance(ptx, str) or not isinstance(name, str):
+        return None
+    entry = re.search(r"\.entry\s+" + re.escape(name) + r"\s*\(([^)]*)\)", ptx)
+    return None if entry is None else len(re.findall(r"\.param\b", entry.group(1)))
+
+
 _current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
 _stream = _backend.cuda_stream
 
@@ -171,10 +185,11 @@ class Kernel:
                 return None
             kept.append(i)
             codes.append(code)
-        layout = C.kernel_param_layout(compiled.function)
-        hidden = len(layout) - len(codes)
+        count = _entry_param_count(compiled)
+        hidden = -1 if count is None else count - len(codes)
         if not 0 <= hidden <= 2:
             return None
+        layout = C.kernel_param_layout(compiled.function, count)
         fmt, end = "<", 0
         for (offset, size), code in zip(layout, codes + ["Q"] * hidden):
             if struct.calcsize("<" + code) != size or offset < end:

@@ -2,14 +2,18 @@
 # One call on the GPU machine (no network): install the carried wheels, build pydpm with its CUDA kernels, then
 # run the phases asked for, each under its own time limit; everything lands in $1/run.tar.gz (default $OUT:
 # the device tool returns few files, so one archive) beside summary.txt, the short summary printed last.
-#   local:  pip download the wheels into .whl/ (README, "Benchmarks on a GPU machine")
+#   local:  the packages the GPU machine lacks, as Python 3.12 wheels in .whl/ (git-ignored), e.g.
+#           pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#             --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
+#             diffusers==0.42.1 PyWavelets==1.9.0 ptwt==1.0.1 pytorch-wavelets==1.3.0
 #   remote: PYDPM_BENCH_COMMIT=<local git rev-parse --short HEAD> bash scripts/gpu_run.sh "$OUT" [phases]
 #           (the copy of the tree sent there carries a stale .git: name the commit benchmarked)
 #   phases (in this order; default: --tests tests --huge --host-cost "" --bench ""):
-#     --tests "ARGS"      pytest ARGS (GPU tests included; "-n 8" runs 8 workers), every Triton launch checked
-#                         against Triton's own dispatch (PYDPM_VERIFY_LAUNCHES=1)
+#     --tests "ARGS"      pytest ARGS as shell words (quote a -k expression inside), GPU tests included, every Triton
+#                         launch checked against Triton's own dispatch (PYDPM_VERIFY_LAUNCHES=1); with "-n N"
+#                         (N workers) each worker gets one CPU thread and one inductor compile thread
 #     --huge              tests/test_huge.py alone (PYDPM_HUGE_TESTS=1): tensors past 2³¹ elements, ~40 GB
-#     --sanitize "ARGS"   pytest ARGS under compute-sanitizer, memcheck then racecheck (every process, the torch
+#     --sanitize "ARGS"   pytest ARGS under compute-sanitizer: memcheck, racecheck, synccheck (every process, the torch
 #                         caching allocator off so that each tensor is its own allocation), error counts in the summary
 #     --host-cost "ARGS"  python -m pydpm.bench.host_cost ARGS: the host time of one eager call, op by op
 #     --bench "ARGS"      pydpm bench ARGS (repeatable: one run per --bench, results in bench-1/, bench-2/, ...)
@@ -59,8 +63,10 @@ summary=()
 rc=0
 if [ -n "$tests" ]; then
   start=$(date +%s)
-  # shellcheck disable=SC2086
-  PYDPM_VERIFY_LAUNCHES=1 timeout "${PYDPM_TEST_TIMEOUT:-420}" python3 -m pytest -q -p no:cacheprovider -rs $tests \
+  eval "args=($tests)"  # shell words: --tests "tests -k 'cuda and not compile'" keeps the -k expression whole
+  threads=()
+  case " $tests " in *" -n "*) threads=(OMP_NUM_THREADS=1 TORCHINDUCTOR_COMPILE_THREADS=1) ;; esac
+  env "${threads[@]}" PYDPM_VERIFY_LAUNCHES=1 timeout "${PYDPM_TEST_TIMEOUT:-420}" python3 -m pytest -q -p no:cacheprovider -rs "${args[@]}" \
     >"$out/tests.log" 2>&1
   t_rc=$?
   pkill -9 -f "pytest|execnet" 2>/dev/null  # workers a timeout orphaned would load the host the benchmarks time
@@ -78,16 +84,17 @@ if [ "$huge" = 1 ]; then
   rc=$(( rc || g_rc ))
 fi
 if [ -n "$sanitize" ]; then
-  for tool in memcheck racecheck; do
+  eval "args=($sanitize)"
+  for tool in memcheck racecheck synccheck; do
     start=$(date +%s)
-    # shellcheck disable=SC2086
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${PYDPM_SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool "$tool" \
-      --target-processes all --error-exitcode 7 python3 -m pytest -q -p no:cacheprovider $sanitize \
+      --target-processes all --error-exitcode 7 python3 -m pytest -q -p no:cacheprovider "${args[@]}" \
       >"$out/sanitize-$tool.log" 2>&1
     s_rc=$?
-    errors=$(grep -o "ERROR SUMMARY: [0-9]* error" "$out/sanitize-$tool.log" | awk '{n += $3} END {print n + 0}')
-    processes=$(grep -c "ERROR SUMMARY" "$out/sanitize-$tool.log")
-    summary+=("compute-sanitizer $tool (rc $s_rc, $(( $(date +%s) - start )) s): $errors errors in $processes \
+    # memcheck/synccheck end each process with "ERROR SUMMARY: N errors", racecheck with "RACECHECK SUMMARY: N hazards"
+    errors=$(grep -oE "(ERROR|RACECHECK) SUMMARY: [0-9]+" "$out/sanitize-$tool.log" | awk '{n += $3} END {print n + 0}')
+    processes=$(grep -cE "(ERROR|RACECHECK) SUMMARY" "$out/sanitize-$tool.log")
+    summary+=("compute-sanitizer $tool (rc $s_rc, $(( $(date +%s) - start )) s): $errors errors/hazards in $processes \
 processes; pytest: $(grep -E "passed|failed" "$out/sanitize-$tool.log" | tail -1)")
     rc=$(( rc || s_rc ))
   done

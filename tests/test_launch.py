@@ -68,6 +68,34 @@ def _kernel():
     return Kernel(_axpb_kernel, specialized=("n",))
 
 
+def test_the_parameter_count_comes_from_the_ptx_entry():
+    """The driver is asked for exactly the parameters the PTX entry declares (never probed past the last one,
+    which compute-sanitizer reports as an API error): the runtime arguments, minus those specialised to
+    constants, plus Triton's hidden scratch pointers. Compiles for sm_90 without a GPU."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile as triton_compile
+    from triton.runtime.jit import JITFunction
+
+    from pydpm.kernels._launch import _entry_param_count
+
+    fn = JITFunction(_kernel().fn.fn)  # compiled also where the interpreter is on (CI)
+    types = {"x": "*fp32", "y": "*fp32", "n": "i32", "a": "fp32", "shift": "i32", "BLOCK": "constexpr"}
+    counts = []
+    for constants in ({"BLOCK": 128}, {"BLOCK": 128, "n": 1}):
+        signature = dict(types, **{k: "constexpr" for k in constants})
+        compiled = triton_compile(ASTSource(fn, signature=signature, constexprs=constants),
+                                  target=GPUTarget("cuda", 90, 32))
+        counts.append(_entry_param_count(compiled))
+        hidden = counts[-1] - sum(t != "constexpr" for t in signature.values())
+        assert 0 <= hidden <= 2, (counts, compiled.asm["ptx"][:2000])
+    assert counts[0] == counts[1] + 1, "n specialised to 1 leaves the entry"
+
+    class NoPTX:
+        asm = {"cubin": b""}
+        name = "k"
+    assert _entry_param_count(NoPTX()) is None, "without PTX the kernel keeps Triton's launcher"
+
+
 @gpu
 @pytest.mark.gpu
 def test_kernel_launches_every_variant_right():

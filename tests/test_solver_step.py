@@ -3,6 +3,9 @@ vectors), argument errors, aliasing, torch.library (opcheck, torch.compile fullg
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 from hypothesis import given, settings
@@ -103,6 +106,36 @@ def test_threshold_equals_torch_quantile(backend, ratio):
     s = torch.quantile(d0.abs().reshape(4, -1), ratio, dim=1).clamp(1.0, 3.0).view(4, 1, 1, 1)
     torch.testing.assert_close(d.cpu().double(), d0.clamp(-s, s) / s, atol=1e-6, rtol=1e-6)
     assert d.abs().max() <= 1.0 + 1e-6
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="the CUDA kernels' workspace")
+@pytest.mark.skipif(os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING") == "1",
+                    reason="this process runs without the caching allocator already (gpu_run.sh --sanitize): the "
+                           "threshold tests above check it in-process, and a child under the sanitizer is slow")
+@pytest.mark.gpu
+def test_threshold_workspace_outlives_the_launch_without_the_caching_allocator():
+    """With PYTORCH_NO_CUDA_MEMORY_CACHING=1 a dropped tensor is cudaFree'd at once: the thresholding workspace
+    must be held until its memset and kernels are enqueued (it was not: 'invalid argument', found by
+    compute-sanitizer), and a failed call must not leave its error for the next launch to report."""
+    code = """if True:
+        import torch
+        from pydpm.ops import Threshold, solver_step, use_backend
+        g = torch.Generator().manual_seed(7)
+        x, eps = (torch.randn(3, 4, 9, 11, generator=g) for _ in range(2))
+        d0 = (x + 0.5 * eps).double()
+        s = torch.quantile(d0.abs().reshape(3, -1), 0.9, dim=1).clamp(1.0, 3.0).view(3, 1, 1, 1)
+        with use_backend("cuda"):
+            for _ in range(3):
+                d = solver_step(x.cuda(), [], [0.0, 1.0], model_output=eps.cuda(), convert=[1.0, 0.5],
+                                threshold=Threshold(0.9, 1.0, 3.0))
+                torch.testing.assert_close(d.cpu().double(), d0.clamp(-s, s) / s, atol=1e-6, rtol=1e-6)
+                y = solver_step(x.cuda(), [eps.cuda()], [0.5, 2.0])
+                torch.testing.assert_close(y.cpu(), 0.5 * x + 2.0 * eps)
+        print("ok")
+    """
+    env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
 @pytest.mark.parametrize("backend", backend_params())

@@ -9,13 +9,16 @@
 namespace pydpm {
 
 #ifdef PYDPM_WITH_CUDA
-// The parameters of a loaded kernel, as (byte offset, byte size) pairs in order (cuFuncGetParamInfo).
-// Returns an empty string on success, else the reason.
-const char* kernel_param_layout(uintptr_t function, std::vector<std::pair<size_t, size_t>>& layout);
+// The `count` parameters of a loaded kernel, as (byte offset, byte size) pairs in order (cuFuncGetParamInfo,
+// queried once per function; the caller knows the count from the kernel's declaration: probing past the last
+// parameter would be an API error, which compute-sanitizer reports). Returns an empty string on success,
+// else the reason.
+const char* kernel_param_layout(uintptr_t function, size_t count, std::vector<std::pair<size_t, size_t>>& layout);
 
 // Launches `function` on `stream` with grid (gx, gy, gz), `threads` per block and `shared` bytes of dynamic
-// shared memory; `params` holds the kernel's parameters at the offsets kernel_param_layout reports. The current
-// CUDA context must be the one the function was loaded in. Returns an empty string on success, else the reason.
+// shared memory; `params` holds the kernel's parameters at the offsets kernel_param_layout reported (it must
+// have run for `function`). The current CUDA context must be the one the function was loaded in. Returns an
+// empty string on success, else the reason.
 const char* launch_kernel(uintptr_t function, unsigned gx, unsigned gy, unsigned gz, unsigned threads, unsigned shared,
                           uintptr_t stream, const char* params, size_t params_size);
 #endif

@@ -30,36 +30,31 @@ F entry_point(const char* name, int version) {
   return reinterpret_cast<F>(fn);
 }
 
-// Parameter offsets per function, filled on first use (kernel_param_layout or launch_kernel).
+// Parameter offsets per function, filled by kernel_param_layout, which the caller runs before the first launch.
 std::mutex layout_mutex;
 std::unordered_map<uintptr_t, std::vector<std::pair<size_t, size_t>>> layouts;
 
-const char* layout_of(uintptr_t function, const std::vector<std::pair<size_t, size_t>>** out) {
+}  // namespace
+
+const char* kernel_param_layout(uintptr_t function, size_t count, std::vector<std::pair<size_t, size_t>>& layout) {
+  static const ParamInfoFn info = entry_point<ParamInfoFn>("cuFuncGetParamInfo", 12040);
+  if (info == nullptr) return "the CUDA driver has no cuFuncGetParamInfo (it needs CUDA 12.4 or newer)";
+  if (count > size_t(kMaxParams)) return "the kernel takes more parameters than launch_kernel supports";
   std::lock_guard<std::mutex> lock(layout_mutex);
   auto it = layouts.find(function);
   if (it == layouts.end()) {
-    static const ParamInfoFn info = entry_point<ParamInfoFn>("cuFuncGetParamInfo", 12040);
-    if (info == nullptr) return "the CUDA driver has no cuFuncGetParamInfo (it needs CUDA 12.4 or newer)";
-    std::vector<std::pair<size_t, size_t>> layout;
-    for (size_t i = 0; i < size_t(kMaxParams) + 1; ++i) {
+    std::vector<std::pair<size_t, size_t>> found;
+    for (size_t i = 0; i < count; ++i) {
       size_t offset = 0, size = 0;
-      if (info(reinterpret_cast<CUfunction>(function), i, &offset, &size) != CUDA_SUCCESS) break;
-      layout.emplace_back(offset, size);
+      if (info(reinterpret_cast<CUfunction>(function), i, &offset, &size) != CUDA_SUCCESS)
+        return "the kernel has fewer parameters than its declaration lists";
+      found.emplace_back(offset, size);
     }
-    if (layout.size() > size_t(kMaxParams)) return "the kernel takes more parameters than launch_kernel supports";
-    it = layouts.emplace(function, std::move(layout)).first;
+    it = layouts.emplace(function, std::move(found)).first;
   }
-  *out = &it->second;
+  if (it->second.size() != count) return "the kernel's parameter count differs from the one first given";
+  layout = it->second;
   return "";
-}
-
-}  // namespace
-
-const char* kernel_param_layout(uintptr_t function, std::vector<std::pair<size_t, size_t>>& layout) {
-  const std::vector<std::pair<size_t, size_t>>* found = nullptr;
-  const char* err = layout_of(function, &found);
-  if (err[0] == '\0') layout = *found;
-  return err;
 }
 
 const char* launch_kernel(uintptr_t function, unsigned gx, unsigned gy, unsigned gz, unsigned threads, unsigned shared,
@@ -67,8 +62,12 @@ const char* launch_kernel(uintptr_t function, unsigned gx, unsigned gy, unsigned
   static const LaunchFn launch = entry_point<LaunchFn>("cuLaunchKernel", 12000);
   if (launch == nullptr) return "the CUDA driver entry point cuLaunchKernel was not found";
   const std::vector<std::pair<size_t, size_t>>* layout = nullptr;
-  const char* err = layout_of(function, &layout);
-  if (err[0] != '\0') return err;
+  {
+    std::lock_guard<std::mutex> lock(layout_mutex);
+    auto it = layouts.find(function);
+    if (it == layouts.end()) return "kernel_param_layout was not called for this function";
+    layout = &it->second;  // entries are never erased: the pointer outlives the lock
+  }
   void* pointers[kMaxParams];
   for (size_t i = 0; i < layout->size(); ++i) {
     const auto& [offset, size] = (*layout)[i];

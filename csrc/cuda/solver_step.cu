@@ -689,10 +689,15 @@ void launch_step(const StepArgs& a, const RuntimeShape& s, bool vector, int64_t 
   }
 }
 
-#define PYDPM_CUDA_CHECK(expr)                              \
-  do {                                                      \
-    const cudaError_t err_ = (expr);                        \
-    if (err_ != cudaSuccess) return cudaGetErrorString(err_); \
+// A failed runtime call also leaves its error as the thread's last error, which the next cudaGetLastError()
+// (ours after a later launch, or torch's) would report as its own: read it back here so that it is reported once.
+#define PYDPM_CUDA_CHECK(expr)                                 \
+  do {                                                         \
+    const cudaError_t err_ = (expr);                           \
+    if (err_ != cudaSuccess) {                                 \
+      (void)cudaGetLastError();                                \
+      return cudaGetErrorString(err_);                         \
+    }                                                          \
   } while (0)
 
 // Launches the thresholding passes (memset + 6 kernels) that leave s_b in w.scale.

@@ -654,8 +654,11 @@ def _launch_cuda(args: StepArgs) -> None:
     p = c_params(args)
     p.device = device = args.x.get_device()
     p.stream = _cuda_stream(device)
-    if args.threshold is not None:  # stream-ordered: the caching allocator reuses it only after the kernel
-        p.workspace = _ptr(_workspace(args))
+    # Held until the launches are enqueued: with PYTORCH_NO_CUDA_MEMORY_CACHING=1 a dropped tensor is freed at
+    # once (cudaFree), and the memset and kernels would write into freed memory. Freeing it after the call is
+    # stream-ordered (the caching allocator reuses it only after these kernels; cudaFree waits for them).
+    workspace = _workspace(args) if args.threshold is not None else None
+    p.workspace = _ptr(workspace)
     _C.solver_step_cuda(ctypes.addressof(p))
 
 
