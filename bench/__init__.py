@@ -17,7 +17,7 @@ import torch
 from . import harness
 
 # One module of this package per op family, and `models`: pydpm inside real diffusers models.
-OPS = ("solver_step", "samplers", "wavelet", "frequency", "attention", "models")
+OPS = ("solver_step", "samplers", "wavelet", "frequency", "spectral", "attention", "models")
 
 
 def _parser() -> argparse.ArgumentParser:

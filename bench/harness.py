@@ -132,7 +132,8 @@ class Ceilings:
 
 
 NEEDS_CUDA = "needs CUDA"
-PIP_NAMES = {"pywt": "PyWavelets"}  # import name -> the distribution to pip install, where they differ
+# import name -> the distribution to pip install, where they differ
+PIP_NAMES = {"pywt": "PyWavelets", "focal_frequency_loss": "focal-frequency-loss"}
 
 
 class NeedsCUDA(Exception):
