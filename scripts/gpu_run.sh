@@ -5,7 +5,7 @@
 #   local:  the packages the GPU machine lacks, as Python 3.12 wheels in .whl/ (git-ignored), e.g.
 #           pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #             --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
-#             diffusers==0.42.1 PyWavelets==1.9.0 ptwt==1.0.1 pytorch-wavelets==1.3.0
+#             diffusers==0.42.1 PyWavelets==1.9.0 ptwt==1.0.1 pytorch-wavelets==1.3.0 focal-frequency-loss==0.3.0
 #   remote: PYDPM_BENCH_COMMIT=<local git rev-parse --short HEAD> bash scripts/gpu_run.sh "$OUT" [phases]
 #           (the copy of the tree sent there carries a stale .git: name the commit benchmarked)
 #   phases (in this order; default: --tests tests --huge --host-cost "" --bench ""):
