@@ -44,8 +44,9 @@ def test_info_into_head():
 
 def test_nn_and_integrations_load_on_first_access():
     code = ("import sys, pydpm\n"
-            "assert not {'pydpm.nn', 'pydpm.models', 'pydpm.integrations'} & set(sys.modules)\n"
-            "assert {'nn', 'models', 'integrations'} <= set(dir(pydpm))\n"
+            "assert not {'pydpm.nn', 'pydpm.models', 'pydpm.distill', 'pydpm.integrations'} & set(sys.modules)\n"
+            "assert {'nn', 'models', 'distill', 'integrations'} <= set(dir(pydpm))\n"
+            "assert pydpm.distill.SpectrumAwareDistiller is sys.modules['pydpm.distill'].SpectrumAwareDistiller\n"
             "assert pydpm.nn.Attention is sys.modules['pydpm.nn'].Attention\n"
             "assert pydpm.models.SlimUNet is sys.modules['pydpm.models'].SlimUNet\n"
             "assert pydpm.integrations is sys.modules['pydpm.integrations']\n"
