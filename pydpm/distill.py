@@ -8,6 +8,12 @@ where A is one 1×1 convolution per pair mapping the student's channels onto the
 means over the pair's elements (frequency bins: the orthonormal DFT, so ω = 1 gives the spatial term), and ω is
 computed once per scale and batch and shared by every pair at that scale. L_DDPM is the student's
 epsilon-prediction loss. λf = 0 is the spatial-only distillation, λs = λf = 0 plain training of the student.
+
+ω is scaled to mean 1 over each sample's bins by default (`normalize=True`): |DFT(x0)|^−1 of natural images
+averages tens to hundreds at 32×32 (the high-frequency bins are small), which made λf·freq outweigh the DDPM
+loss 10-40× on small models here; normalised, λf weighs a spectral term on the spatial term's scale (α = 0 still
+gives exactly the spatial term) and only the distribution of weight over frequencies changes. `normalize=False`
+is the formula above literally.
 """
 from __future__ import annotations
 
@@ -48,12 +54,14 @@ class SpectrumAwareDistiller(nn.Module):
             name both models have; SlimUNet's presets share down0.., mid, up0.., out).
         lambda_spatial, lambda_freq: λs and λf (≥ 0; the paper's 0.1 each).
         alpha, eps: the spectrum weight's exponent and magnitude clamp (`pydpm.ops.spectrum_weight`).
+        normalize: scale ω to mean 1 over each sample's bins (see the module docstring).
 
     `align` holds the 1×1 convolutions (student channels -> teacher channels), trained with the student:
     optimise `trainable_parameters()`. forward(x_t, t, x0, noise, **cond) returns the loss and its terms."""
 
     def __init__(self, teacher: nn.Module, student: nn.Module, pairs: Sequence[str] | None = None, *,
-                 lambda_spatial: float = 0.1, lambda_freq: float = 0.1, alpha: float = -1.0, eps: float = 1e-3):
+                 lambda_spatial: float = 0.1, lambda_freq: float = 0.1, alpha: float = -1.0, eps: float = 1e-3,
+                 normalize: bool = True):
         super().__init__()
         t_points, t_channels = _feature_protocol(teacher, "teacher")
         s_points, s_channels = _feature_protocol(student, "student")
@@ -71,6 +79,9 @@ class SpectrumAwareDistiller(nn.Module):
         if self.lambda_spatial < 0 or self.lambda_freq < 0:
             raise ValueError(f"{_NAME}: lambda_spatial={lambda_spatial} and lambda_freq={lambda_freq} must be >= 0")
         self.alpha, self.eps = _real("alpha", alpha), _real("eps", eps)
+        if not isinstance(normalize, bool):
+            raise TypeError(f"{_NAME}: normalize must be True or False, got {normalize!r}")
+        self.normalize = normalize
         self.pairs = tuple(pairs)
         self.teacher, self.student = teacher, student
         teacher.eval().requires_grad_(False)
@@ -137,7 +148,8 @@ class SpectrumAwareDistiller(nn.Module):
             if self.lambda_freq > 0:
                 size = (target.shape[-2], target.shape[-1])
                 if size not in weights:
-                    weights[size] = spectrum_weight(x0, size, alpha=self.alpha, eps=self.eps)
+                    w = spectrum_weight(x0, size, alpha=self.alpha, eps=self.eps)
+                    weights[size] = w / w.mean(dim=(-2, -1), keepdim=True) if self.normalize else w
                 freq = freq + frequency_weighted_mse(aligned, target, weights[size])
         loss = ddpm + self.lambda_spatial * spatial + self.lambda_freq * freq
         return {"loss": loss, "ddpm": ddpm, "spatial": spatial, "freq": freq}

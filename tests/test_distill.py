@@ -37,9 +37,10 @@ def _features(model, names, x, t):
     return prediction, out
 
 
-def test_the_loss_is_its_terms_written_out():
+@pytest.mark.parametrize("normalize", [True, False])
+def test_the_loss_is_its_terms_written_out(normalize):
     teacher, student = _pair()
-    distiller = SpectrumAwareDistiller(teacher, student)
+    distiller = SpectrumAwareDistiller(teacher, student, normalize=normalize)
     assert distiller.pairs == ("down0", "down1", "mid", "up0", "up1", "out")
     x_t, t, x0, noise = _batch()
     terms = distiller(x_t, t, x0, noise)
@@ -52,6 +53,8 @@ def test_the_loss_is_its_terms_written_out():
         target = t_feat[name].double()
         spatial += F.mse_loss(aligned, target).item()
         weight = spectrum_weight_reference(x0.double(), target.shape[-2:])
+        if normalize:
+            weight = weight / weight.mean(dim=(-2, -1), keepdim=True)
         freq += frequency_weighted_mse_reference(aligned, target, weight).item()
     ddpm = F.mse_loss(prediction.double(), noise.double()).item()
     assert terms["ddpm"].item() == pytest.approx(ddpm, rel=1e-5)
