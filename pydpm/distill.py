@@ -155,11 +155,14 @@ class SpectrumAwareDistiller(nn.Module):
         return {"loss": loss, "ddpm": ddpm, "spatial": spatial, "freq": freq}
 
 
+# The paper's ablation as loss weights (λs, λf): "none" trains the student on the DDPM loss alone.
+MODE_WEIGHTS = {"spectral": (0.1, 0.1), "spatial": (0.1, 0.0), "none": (0.0, 0.0)}
+
+
 def distillation_weights(mode: str) -> Mapping[str, float]:
-    """The paper's ablation as loss weights: "spectral" (λs = λf = 0.1), "spatial" (λf = 0), "none" (plain
-    training of the student)."""
-    table = {"spectral": (0.1, 0.1), "spatial": (0.1, 0.0), "none": (0.0, 0.0)}
-    if mode not in table:
-        raise ValueError(f"{_NAME}: mode {mode!r}; choose one of {sorted(table)}")
-    spatial, freq = table[mode]
+    """The keyword arguments (lambda_spatial, lambda_freq) of the ablation's `mode`: "spectral" (λs = λf = 0.1),
+    "spatial" (λf = 0) or "none" (plain training of the student)."""
+    if mode not in MODE_WEIGHTS:
+        raise ValueError(f"{_NAME}: mode {mode!r}; choose one of {sorted(MODE_WEIGHTS)}")
+    spatial, freq = MODE_WEIGHTS[mode]
     return {"lambda_spatial": spatial, "lambda_freq": freq}

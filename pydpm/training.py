@@ -56,15 +56,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from pydpm import data as datasets
+from pydpm.distill import MODE_WEIGHTS
 from pydpm.models.slim_unet import _PRESETS, SlimUNet
 
 NUM_TRAIN_STEPS = 1000
 BETA_START, BETA_END = 1e-4, 0.02
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "pydpm-training/1"
-MODES = ("spectral", "spatial", "none")
-# The paper's loss weights per mode (λs, λf); "none" trains the student on the DDPM loss alone.
-MODE_WEIGHTS = {"spectral": (0.1, 0.1), "spatial": (0.1, 0.0), "none": (0.0, 0.0)}
+MODES = tuple(MODE_WEIGHTS)  # the distillation modes: spectral, spatial, none (pydpm.distill.MODE_WEIGHTS)
 # Settings a resumed run may change; any other difference from the checkpoint's configuration is refused.
 RESUMABLE = ("out", "steps", "checkpoint_every", "log_every", "samples", "sample_steps", "resume", "device",
              "progress")
