@@ -18,12 +18,14 @@
 #     --host-cost "ARGS"  python -m pydpm.bench.host_cost ARGS: the host time of one eager call, op by op
 #     --bench "ARGS"      pydpm bench ARGS (repeatable: one run per --bench, results in bench-1/, bench-2/, ...)
 #     --tune "ARGS"       the attention launch-configuration sweep, bench/attention_tune.py, with ARGS
+#     --demo "ARGS"       examples/spectral_distillation.py ARGS, non-empty (e.g. "--device cuda"): a teacher, three
+#                         students, samples, the metric and the table, under $1/demo
 #   limits: PYDPM_TEST_TIMEOUT (default 420 s), PYDPM_HUGE_TIMEOUT (300 s), PYDPM_SANITIZE_TIMEOUT (240 s per
-#           tool), PYDPM_BENCH_TIMEOUT (540 s per bench run)
+#           tool), PYDPM_BENCH_TIMEOUT (540 s per bench run), PYDPM_DEMO_TIMEOUT (540 s)
 set -uo pipefail
 out="${1:-${OUT:?give an output folder}}"
 shift || true
-tests="" huge=0 sanitize="" host_cost=0 host_args="" tune="" benches=() explicit=0
+tests="" huge=0 sanitize="" host_cost=0 host_args="" tune="" demo="" benches=() explicit=0
 while [ $# -gt 0 ]; do
   explicit=1
   case "$1" in
@@ -33,6 +35,7 @@ while [ $# -gt 0 ]; do
     --host-cost) host_cost=1; host_args="$2"; shift ;;
     --bench) benches+=("$2"); shift ;;
     --tune) tune="$2"; shift ;;
+    --demo) demo="$2"; shift ;;
     *) echo "unknown option $1"; exit 2 ;;
   esac
   shift
@@ -114,6 +117,15 @@ if [ -n "$tune" ]; then
   u_rc=$?
   summary+=("tune (rc $u_rc): $(tail -45 "$out/tune.log")")
   rc=$(( rc || u_rc ))
+fi
+if [ -n "$demo" ]; then
+  eval "args=($demo)"
+  repo=$(pwd)
+  (cd "$out" && timeout "${PYDPM_DEMO_TIMEOUT:-540}" python3 "$repo/examples/spectral_distillation.py" --out "$out/demo" \
+    "${args[@]}") >"$out/demo.log" 2>&1
+  d_rc=$?
+  summary+=("demo (rc $d_rc):" "$(tail -8 "$out/demo.log")")
+  rc=$(( rc || d_rc ))
 fi
 i=0
 for args in "${benches[@]}"; do
