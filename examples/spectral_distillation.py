@@ -3,7 +3,7 @@ distil a ≥ 8× slimmer student three ways (spectrum-aware, spatial-only, no di
 ablation), sample every model with pydpm's DPM-Solver++(2M), and report a Fréchet distance, MACs and
 sampling time.
 
-    python examples/spectral_distillation.py --out demo [--device cuda] [--steps 3000] [--smoke]
+    python examples/spectral_distillation.py --out demo [--device cuda] [--steps 3000] [--scale paper|cpu|smoke]
 
 Data: 32×32 patches of PyWavelets' "camera" photograph (`pydpm.data.patches`). Models: the "teacher" and
 "student" presets of `pydpm.models.SlimUNet` (one input channel), trained by `pydpm.training` (the DDPM
@@ -15,8 +15,11 @@ MACs per forward call come from `pydpm.models.count_macs`; sampling time is the 
 evaluation batch (one solver loop, synchronised).
 
 Writes to --out: teacher/ and student-{spectral,spatial,none}/ (each `pydpm train` / `pydpm distill` run:
-checkpoint, log.jsonl, loss.png, samples.png), results.json and results.md (the table). --smoke runs the whole
-path on tiny models and a few steps (a CI check that it works, not a result).
+checkpoint, log.jsonl, loss.png, samples.png), results.json and results.md (the table).
+
+--scale: "paper" (default) the presets at 32×32 (a GPU run); "cpu" the same recipe scaled down to 16×16
+patches, a 3-level teacher of base width 32 and a student of width 10 (≥ 8× fewer MACs), which a 2-core CPU
+trains in minutes; "smoke" tiny models and a few steps (a CI check that the path works, not a result).
 """
 from __future__ import annotations
 
@@ -34,10 +37,18 @@ from pydpm.distill import MODE_WEIGHTS
 from pydpm.metrics import frechet_distance
 from pydpm.models import count_macs
 
-# The smoke configuration: every stage runs, on models and step counts that take seconds on a CPU.
-SMOKE = dict(size=16, steps=4, distill_steps=3, batch=4, eval_count=16, sample_steps=4, classifier_steps=10,
-             model=dict(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(), groups=4),
-             student=dict(base_channels=8, groups=2))
+# Image size, teacher overrides of the "teacher" preset and student overrides of the "student" preset (which
+# takes the teacher's layout) per --scale; "smoke" also fixes every count, so that the path runs in seconds.
+SCALES: dict[str, dict] = {
+    "paper": dict(size=32, model={}, student={}),
+    "cpu": dict(size=16, model=dict(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                                    attention_resolutions=(4,), groups=8),
+                student=dict(base_channels=10, groups=2)),
+    "smoke": dict(size=16, steps=4, distill_steps=3, batch=4, eval_count=16, sample_steps=4, classifier_steps=10,
+                  model=dict(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(),
+                             groups=4),
+                  student=dict(base_channels=8, groups=2)),
+}
 
 
 class PatchClassifier(nn.Module):
@@ -110,16 +121,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--sample-steps", type=int, default=20, help="DPM-Solver++(2M) steps")
     parser.add_argument("--classifier-steps", type=int, default=1500)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast while training")
-    parser.add_argument("--smoke", action="store_true", help="tiny models, a few steps: checks the path runs")
+    parser.add_argument("--scale", choices=list(SCALES), default="paper", help="models and image size (above)")
     args = parser.parse_args(argv)
-    settings = dict(size=32, steps=args.steps, distill_steps=args.distill_steps, batch=args.batch,
+    settings = dict(steps=args.steps, distill_steps=args.distill_steps, batch=args.batch,
                     eval_count=args.eval_count, sample_steps=args.sample_steps,
-                    classifier_steps=args.classifier_steps, model={}, student={})
-    if args.smoke:
-        settings.update(SMOKE)
+                    classifier_steps=args.classifier_steps, **SCALES[args.scale])
     out, device, size = Path(args.out), torch.device(args.device), settings["size"]
     common = dict(data="camera", size=size, batch=settings["batch"], device=args.device, bf16=args.bf16,
-                  sample_steps=settings["sample_steps"], samples=16, progress=not args.smoke,
+                  sample_steps=settings["sample_steps"], samples=16, progress=args.scale != "smoke",
                   log_every=max(1, settings["steps"] // 50))
     training.train(training.TrainConfig(out=str(out / "teacher"), steps=settings["steps"], **common,
                                         **settings["model"]))
@@ -136,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     results = {name: evaluate(run, classifier, real_features, settings["eval_count"], size,
                               settings["sample_steps"], device) for name, run in runs.items()}
     teacher_macs = results["teacher"]["gmacs"]
-    lines = [f"device {device}, {settings['steps']} teacher steps, {settings['distill_steps']} steps per student, "
+    lines = [f"scale {args.scale}, device {device}, {settings['steps']} teacher steps, {settings['distill_steps']} steps per student, "
              f"batch {settings['batch']}, {settings['eval_count']} samples per model ({settings['sample_steps']} "
              f"DPM-Solver++(2M) steps); classifier accuracy on held-out patches {accuracy:.3f}", "",
              "| model | params (M) | GMACs / call | vs teacher | Fréchet distance | sampling (s) |",

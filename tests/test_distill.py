@@ -126,7 +126,7 @@ def test_call_errors_name_the_input_or_the_pair():
 
 
 def test_the_demo_runs_end_to_end(tmp_path):
-    """examples/spectral_distillation.py --smoke: teacher, three students, samples, classifier, metric, table
+    """examples/spectral_distillation.py --scale smoke: teacher, three students, samples, classifier, metric, table
     (tiny models and a few steps: that the path works, not a result)."""
     import importlib.util
     import json
@@ -137,7 +137,7 @@ def test_the_demo_runs_end_to_end(tmp_path):
     spec = importlib.util.spec_from_file_location("spectral_distillation", path)
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
-    results = demo.main(["--out", str(tmp_path), "--smoke", "--device", "cpu"])
+    results = demo.main(["--out", str(tmp_path), "--scale", "smoke", "--device", "cpu"])
     assert list(results) == ["teacher", "student-spectral", "student-spatial", "student-none"]
     for name, r in results.items():
         assert math.isfinite(r["fd"]) and r["fd"] >= 0 and r["sample_s"] > 0, (name, r)
