@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     args = parser.parse_args(argv)
     settings = dict(steps=args.steps, distill_steps=args.distill_steps, batch=args.batch,
                     eval_count=args.eval_count, sample_steps=args.sample_steps,
-                    classifier_steps=args.classifier_steps, **SCALES[args.scale])
+                    classifier_steps=args.classifier_steps)
+    settings.update(SCALES[args.scale])
     out, device, size = Path(args.out), torch.device(args.device), settings["size"]
     common = dict(data="camera", size=size, batch=settings["batch"], device=args.device, bf16=args.bf16,
                   sample_steps=settings["sample_steps"], samples=16, progress=args.scale != "smoke",
