@@ -15,7 +15,9 @@ MACs per forward call come from `pydpm.models.count_macs`; sampling time is the 
 evaluation batch (one solver loop, synchronised).
 
 Writes to --out: teacher/ and student-{spectral,spatial,none}/ (each `pydpm train` / `pydpm distill` run:
-checkpoint, log.jsonl, loss.png, samples.png), results.json and results.md (the table).
+checkpoint, log.jsonl, loss.png, samples.png), results.json and results.md (the table), and comparison.png (rows:
+held-out real patches, then the first evaluation samples of each model, in the table's order, enlarged 3×).
+--evaluate-only re-evaluates the runs already in --out (same settings) without training.
 
 --scale: "paper" (default) the presets at 32×32 (a GPU run); "cpu" the same recipe scaled down to 16×16
 patches, a 3-level teacher of base width 32 and a student of width 10 (≥ 8× fewer MACs), which a 2-core CPU
@@ -90,9 +92,9 @@ def train_classifier(size: int, steps: int, device: torch.device, count: int = 2
 
 
 def evaluate(run: Path, classifier: PatchClassifier, real_features: torch.Tensor, count: int, size: int,
-             sample_steps: int, device: torch.device) -> dict[str, float]:
+             sample_steps: int, device: torch.device) -> tuple[dict[str, float], torch.Tensor]:
     """A run's EMA model: MACs per forward call, parameters, the time to sample `count` patches and their
-    Fréchet distance to the held-out real patches."""
+    Fréchet distance to the held-out real patches; and the samples."""
     model = training.load_model(run).to(device)
     x, t = torch.zeros(1, 1, size, size, device=device), torch.tensor([500], device=device)
     macs = count_macs(model, x, t)
@@ -107,7 +109,14 @@ def evaluate(run: Path, classifier: PatchClassifier, real_features: torch.Tensor
     with torch.no_grad():
         features = classifier.features(samples.clamp(-1, 1))
     return {"params_m": sum(p.numel() for p in model.parameters()) / 1e6, "gmacs": macs / 1e9,
-            "sample_s": seconds, "fd": frechet_distance(features, real_features)}
+            "sample_s": seconds, "fd": frechet_distance(features, real_features)}, samples
+
+
+def comparison(rows: list[torch.Tensor], per_row: int = 16, zoom: int = 3) -> torch.Tensor:
+    """One uint8 picture: a row of `per_row` images [N, 1, H, W] in [-1, 1] per entry of `rows`, enlarged."""
+    strip = torch.cat([r[:per_row].clamp(-1, 1).cpu() for r in rows])
+    grid = training.image_grid(strip.repeat_interleave(zoom, -1).repeat_interleave(zoom, -2))
+    return grid
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
@@ -122,6 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--classifier-steps", type=int, default=1500)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast while training")
     parser.add_argument("--scale", choices=list(SCALES), default="paper", help="models and image size (above)")
+    parser.add_argument("--evaluate-only", action="store_true", help="evaluate the runs already in --out")
     args = parser.parse_args(argv)
     settings = dict(steps=args.steps, distill_steps=args.distill_steps, batch=args.batch,
                     eval_count=args.eval_count, sample_steps=args.sample_steps,
@@ -131,20 +141,22 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     common = dict(data="camera", size=size, batch=settings["batch"], device=args.device, bf16=args.bf16,
                   sample_steps=settings["sample_steps"], samples=16, progress=args.scale != "smoke",
                   log_every=max(1, settings["steps"] // 50))
-    training.train(training.TrainConfig(out=str(out / "teacher"), steps=settings["steps"], **common,
-                                        **settings["model"]))
-    runs = {"teacher": out / "teacher"}
-    for mode in MODE_WEIGHTS:
-        runs[f"student-{mode}"] = out / f"student-{mode}"
-        training.distill(training.DistillConfig(out=str(runs[f"student-{mode}"]), teacher=str(out / "teacher"),
-                                                mode=mode, steps=settings["distill_steps"],
-                                                **dict(common, size=None), **settings["student"]))
+    runs = {"teacher": out / "teacher", **{f"student-{mode}": out / f"student-{mode}" for mode in MODE_WEIGHTS}}
+    if not args.evaluate_only:
+        training.train(training.TrainConfig(out=str(runs["teacher"]), steps=settings["steps"], **common,
+                                            **settings["model"]))
+        for mode in MODE_WEIGHTS:
+            training.distill(training.DistillConfig(out=str(runs[f"student-{mode}"]), teacher=str(runs["teacher"]),
+                                                    mode=mode, steps=settings["distill_steps"],
+                                                    **dict(common, size=None), **settings["student"]))
     classifier, accuracy = train_classifier(size, settings["classifier_steps"], device)
     real = data.patches("camera", size=size, count=settings["eval_count"], seed=7).to(device)
     with torch.no_grad():
         real_features = classifier.features(real)
-    results = {name: evaluate(run, classifier, real_features, settings["eval_count"], size,
-                              settings["sample_steps"], device) for name, run in runs.items()}
+    evaluated = {name: evaluate(run, classifier, real_features, settings["eval_count"], size,
+                                settings["sample_steps"], device) for name, run in runs.items()}
+    results = {name: r for name, (r, _) in evaluated.items()}
+    training.write_png(out / "comparison.png", comparison([real, *(samples for _, samples in evaluated.values())]))
     teacher_macs = results["teacher"]["gmacs"]
     lines = [f"scale {args.scale}, device {device}, {settings['steps']} teacher steps, {settings['distill_steps']} steps per student, "
              f"batch {settings['batch']}, {settings['eval_count']} samples per model ({settings['sample_steps']} "

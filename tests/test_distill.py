@@ -146,3 +146,6 @@ def test_the_demo_runs_end_to_end(tmp_path):
             assert r["gmacs"] < results["teacher"]["gmacs"], name
     table = (tmp_path / "results.md").read_text()
     assert table.count("| student-") == 3 and json.loads((tmp_path / "results.json").read_text())["results"]
+    assert (tmp_path / "comparison.png").read_bytes().startswith(b"\x89PNG")
+    again = demo.main(["--out", str(tmp_path), "--scale", "smoke", "--device", "cpu", "--evaluate-only"])
+    assert [r["fd"] for r in again.values()] == [r["fd"] for r in results.values()]  # seeded: the same samples
