@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pydpm.nn._checks import check_input, positive_int, real_in
+from pydpm.nn._checks import check_input, given_iff_built, positive_int, real_in
 from pydpm.nn.attention import Attention
 from pydpm.nn.wavelet import WaveletGateDown, WaveletGateUp
 from pydpm.ops._framework import ArgumentTypeError
@@ -356,27 +356,17 @@ class SlimUNet(nn.Module):
             raise ValueError(f"{_NAME}: x has shape {tuple(x.shape)}; H and W must be divisible by {self._factor} "
                              f"(2**(len(channel_mult) - 1)): it takes {layout}")
         B = x.shape[0]
-        if self.num_classes is None:
-            if class_labels is not None:
-                raise ValueError(f"{_NAME}: class_labels given but the model was built without num_classes; pass "
-                                 f"num_classes to the constructor or drop class_labels")
-        elif class_labels is None:
-            raise ValueError(f"{_NAME}: built with num_classes={self.num_classes}: pass class_labels [B] (ints in "
-                             f"[0, {self.num_classes}))")
-        elif not isinstance(class_labels, torch.Tensor) or class_labels.shape != (B,) or \
-                class_labels.dtype not in (torch.int64, torch.int32):
+        if given_iff_built(_NAME, "class_labels", class_labels, "num_classes", self.num_classes,
+                           f"[B] (ints in [0, {self.num_classes}))", what="model") and (
+                not isinstance(class_labels, torch.Tensor) or class_labels.shape != (B,)
+                or class_labels.dtype not in (torch.int64, torch.int32)):
             shown = (f"{class_labels.dtype} {tuple(class_labels.shape)}" if isinstance(class_labels, torch.Tensor)
                      else type(class_labels).__name__)
             raise ValueError(f"{_NAME}: class_labels is {shown}; pass an int64 or int32 tensor [B={B}] of classes in "
                              f"[0, {self.num_classes})")
-        if self.context_dim is None:
-            if context is not None:
-                raise ValueError(f"{_NAME}: context given but the model was built without context_dim; pass "
-                                 f"context_dim to the constructor or drop context")
-        elif context is None:
-            raise ValueError(f"{_NAME}: built with context_dim={self.context_dim}: pass context [B, M, "
-                             f"{self.context_dim}]")
-        else:
+        if given_iff_built(_NAME, "context", context, "context_dim", self.context_dim,
+                           f"[B, M, {self.context_dim}]", what="model"):
+            context = cast(torch.Tensor, context)  # given: given_iff_built returned True
             check_input(_NAME, "context", context, dims=3, channels=self.context_dim, channel_dim=2, unit="features",
                         layout=f"[B={B}, M, context_dim={self.context_dim}]")
             if context.shape[0] != B or context.shape[1] == 0:

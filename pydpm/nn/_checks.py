@@ -37,6 +37,21 @@ def real_in(module: str, name: str, value, lo: float, hi: float, *, lo_open: boo
     return v
 
 
+def given_iff_built(module: str, name: str, value, setting: str, built, expected: str, *,
+                    what: str = "module") -> bool:
+    """An optional forward input a module takes exactly when it was built with `setting` (`built` not None):
+    refuses it given without the setting or missing with it; returns whether it is there to check further.
+    `expected` describes it, e.g. "[B, 8]"."""
+    if built is None:
+        if value is not None:
+            raise ValueError(f"{module}: {name} given but the {what} was built without {setting}; pass {setting} to "
+                             f"the constructor or drop {name}")
+        return False
+    if value is None:
+        raise ValueError(f"{module}: built with {setting}={built}: pass {name} {expected}")
+    return True
+
+
 def check_input(module: str, name: str, x, *, dims: int | None, channels: int | None, layout: str,
                 channel_dim: int = 1, min_dims: int = 0, unit: str = "channels") -> None:
     """x is a tensor of `dims` dimensions (or at least `min_dims`) with `channels` in dim `channel_dim`;

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pydpm.nn._checks import check_input, positive_int
+from pydpm.nn._checks import check_input, given_iff_built, positive_int
 from pydpm.ops.wavelet import haar_bands, wavelet_gate_down, wavelet_gate_up
 
 
@@ -40,17 +40,12 @@ class _BandGates(nn.Module):
 
     def forward(self, stats: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
         h = self.fc1(stats.flatten(1))
-        if self.temb is not None:
-            if temb is None:
-                raise ValueError(f"{self.module}: built with temb_dim={self.temb_dim}: pass temb [B, {self.temb_dim}]")
+        if given_iff_built(self.module, "temb", temb, "temb_dim", self.temb_dim, f"[B, {self.temb_dim}]"):
             check_input(self.module, "temb", temb, dims=2, channels=self.temb_dim, unit="features",
                         layout=f"[B, temb_dim={self.temb_dim}]")
             if temb.shape[0] != stats.shape[0]:
                 raise ValueError(f"{self.module}: temb has batch {temb.shape[0]} but x has {stats.shape[0]}")
             h = h + self.temb(temb)
-        elif temb is not None:
-            raise ValueError(f"{self.module}: temb given but the module was built without temb_dim; pass "
-                             f"temb_dim to the constructor or drop temb")
         return torch.sigmoid(self.fc2(self.act(h))).reshape(-1, 4, self.channels)
 
 
