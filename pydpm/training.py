@@ -57,7 +57,7 @@ from torch import nn
 
 from pydpm import data as datasets
 from pydpm.distill import MODE_WEIGHTS
-from pydpm.models.slim_unet import _PRESETS, SlimUNet
+from pydpm.models import PRESETS, SlimUNet
 
 NUM_TRAIN_STEPS = 1000
 BETA_START, BETA_END = 1e-4, 0.02
@@ -185,8 +185,8 @@ def check_config(cfg: TrainConfig) -> None:
     _check_real(cfg, "ema", 0.0, 1.0, high_open=True)
     if cfg.data is not None and cfg.data not in datasets.DATASETS:
         raise ConfigError("--data", f"unknown dataset {cfg.data!r}; choose one of {', '.join(datasets.DATASETS)}")
-    if cfg.preset not in _PRESETS:
-        raise ConfigError("--preset", f"unknown preset {cfg.preset!r}; choose one of {', '.join(_PRESETS)}")
+    if cfg.preset not in PRESETS:
+        raise ConfigError("--preset", f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
     if cfg.device is not None:
         try:
             kind = torch.device(cfg.device).type
@@ -440,7 +440,7 @@ def _teacher_task(cfg: TrainConfig) -> tuple[TrainConfig, Task]:
     data, size = cfg.data or "camera", cfg.size or 32
     cfg = dataclasses.replace(cfg, data=data, size=size)
     images = _load_data(data, size, cfg.dataset_size, cfg.seed)
-    kwargs = {**_PRESETS[cfg.preset], "in_channels": images.shape[1], "sample_size": size,
+    kwargs = {**PRESETS[cfg.preset], "in_channels": images.shape[1], "sample_size": size,
               **cfg.model_overrides()}
     torch.manual_seed(cfg.seed)
     net = _build_model(kwargs)
@@ -466,7 +466,7 @@ def _distill_task(cfg: DistillConfig) -> tuple[DistillConfig, Task]:
                                     f"{teacher_kwargs['in_channels']}")
     layout = {k: teacher_kwargs[k] for k in ("in_channels", "sample_size", "channel_mult", "num_res_blocks",
                                              "attention_resolutions")}
-    kwargs = {**_PRESETS[cfg.preset], **layout, **cfg.model_overrides()}
+    kwargs = {**PRESETS[cfg.preset], **layout, **cfg.model_overrides()}
     if len(kwargs["channel_mult"]) != len(teacher_kwargs["channel_mult"]):
         raise ConfigError("--channel-mult", f"the student needs as many levels as the teacher "
                                             f"(channel_mult {tuple(teacher_kwargs['channel_mult'])}), got "

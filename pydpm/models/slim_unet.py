@@ -36,11 +36,12 @@ from pydpm.ops._framework import ArgumentTypeError
 
 _NAME = "SlimUNet"
 
+# The constructor arguments of SlimUNet.preset(name) (public: pydpm.training records them in its checkpoints).
 # Teacher: an LDM-style UNet (channels 128·(1, 2, 2, 4), self-attention at 16×16 and 8×8) with plain resampling,
 # as the paper's pretrained LDM teachers have. Student: the same layout with every width × 40/128 and the wavelet
 # gates; at (1, 3, 32, 32) it costs 0.091 of the teacher's MACs (count_macs: 0.63 G against 6.95 G; 0.104 against
 # the teacher with gates, whose resampling costs less than the plain convolutions).
-_PRESETS: dict[str, dict[str, Any]] = {
+PRESETS: dict[str, dict[str, Any]] = {
     "teacher": dict(base_channels=128, channel_mult=(1, 2, 2, 4), num_res_blocks=2, attention_resolutions=(16, 8),
                     heads=4, groups=32, wavelet_gates=False),
     "student": dict(base_channels=40, channel_mult=(1, 2, 2, 4), num_res_blocks=2, attention_resolutions=(16, 8),
@@ -305,9 +306,9 @@ class SlimUNet(nn.Module):
         at 16 and 8, groups 32, plain resampling) or "student" (the same layout at base_channels 40, groups 8, with
         wavelet gates; at most 1/8 of the teacher's MACs). `overrides` replace any constructor argument, e.g.
         in_channels=3, sample_size=32 for pixel-space CIFAR-10."""
-        if name not in _PRESETS:
-            raise ValueError(f"{_NAME}.preset: unknown preset {name!r}; choose one of {sorted(_PRESETS)}")
-        return cls(**{**_PRESETS[name], **overrides})
+        if name not in PRESETS:
+            raise ValueError(f"{_NAME}.preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
 
     def feature_points(self) -> dict[str, nn.Module]:
         """Modules whose forward outputs are the features to match in distillation, by name:
