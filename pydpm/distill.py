@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pydpm.ops._framework import check_real
 from pydpm.ops.spectral import frequency_weighted_mse, spectrum_weight
 
 _NAME = "SpectrumAwareDistiller"
@@ -35,12 +36,6 @@ def _feature_protocol(model: nn.Module, role: str) -> tuple[dict[str, nn.Module]
         raise TypeError(f"{_NAME}: the {role} ({type(model).__name__}) has no feature_points() / feature_channels(); "
                         f"pass models that name their features as pydpm.models.SlimUNet does (or wrap yours)")
     return points(), channels()
-
-
-def _real(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value) == float(value):
-        raise ValueError(f"{_NAME}: {name} must be a real number, got {value!r}")
-    return float(value)
 
 
 class SpectrumAwareDistiller(nn.Module):
@@ -74,11 +69,11 @@ class SpectrumAwareDistiller(nn.Module):
                 if name not in points:
                     raise ValueError(f"{_NAME}: pair {name!r} is not a feature point of the {role}; it has "
                                      f"{sorted(points)}")
-        self.lambda_spatial = _real("lambda_spatial", lambda_spatial)
-        self.lambda_freq = _real("lambda_freq", lambda_freq)
+        self.lambda_spatial = check_real(_NAME, "lambda_spatial", lambda_spatial)
+        self.lambda_freq = check_real(_NAME, "lambda_freq", lambda_freq)
         if self.lambda_spatial < 0 or self.lambda_freq < 0:
             raise ValueError(f"{_NAME}: lambda_spatial={lambda_spatial} and lambda_freq={lambda_freq} must be >= 0")
-        self.alpha, self.eps = _real("alpha", alpha), _real("eps", eps)
+        self.alpha, self.eps = check_real(_NAME, "alpha", alpha), check_real(_NAME, "eps", eps)
         if not isinstance(normalize, bool):
             raise TypeError(f"{_NAME}: normalize must be True or False, got {normalize!r}")
         self.normalize = normalize
