@@ -56,6 +56,7 @@ def _fwd_bwd(fn: Callable[[], torch.Tensor], grad: torch.Tensor) -> Callable[[],
 def cases(device: torch.device) -> list[HostCase]:
     """Host-bound sizes: the kernels take a few µs, so what a call costs is what issuing it costs."""
     from pydpm import ops
+    from pydpm.ops.spectral import focal_frequency_loss_reference
     from torch.nn import functional as F
 
     half = torch.float16 if device.type == "cuda" else torch.float32
@@ -101,6 +102,23 @@ def cases(device: torch.device) -> list[HostCase]:
                  lambda: half_c * (half_c.mean((2, 3)) @ sca_w.t() + sca_b)[..., None, None]),
         HostCase("simple_gate_sca (2,64,32,32)", lambda: ops.simple_gate_sca(w, sca_w, sca_b), "eager gate+sca",
                  lambda: (w[:, :32] * w[:, 32:]).mean((2, 3)) @ sca_w.t() + sca_b),
+    ]
+
+    sp, st = _rand(4, 3, 64, 64, device=device, grad=True), _rand(4, 3, 64, 64, device=device)
+    sw = ops.spectrum_weight(st)
+    one = torch.ones((), device=device)
+
+    def fwmse_eager(pred=sp):
+        return (sw * torch.fft.fft2(pred - st, norm="ortho").abs().square()).mean()
+    out += [
+        HostCase("frequency_weighted_mse (4,3,64,64)", lambda: ops.frequency_weighted_mse(sp.detach(), st, sw),
+                 "eager fft2 weighted mse", lambda: fwmse_eager(sp.detach())),
+        HostCase("frequency_weighted_mse fwd+bwd (4,3,64,64)",
+                 _fwd_bwd(lambda: ops.frequency_weighted_mse(sp, st, sw), one),
+                 "eager fwd+bwd", _fwd_bwd(fwmse_eager, one)),
+        HostCase("focal_frequency_loss fwd+bwd (4,3,64,64)",
+                 _fwd_bwd(lambda: ops.focal_frequency_loss(sp, st), one),
+                 "reference fwd+bwd", _fwd_bwd(lambda: focal_frequency_loss_reference(sp, st), one)),
     ]
 
     for shape in ((1, 1, 64, 64), (2, 10, 1024, 64)):

@@ -250,6 +250,8 @@ def setup_distributed(device: str | None) -> Distributed:
     if cuda:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         dev = torch.device(device) if device is not None and world == 1 else torch.device("cuda", local_rank)
+        if dev.index is None:  # "cuda": the current device, named, as set_device and the checkpoints need
+            dev = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")

@@ -158,6 +158,22 @@ def test_bf16_autocast_runs(tmp_path):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_train_and_distill_on_cuda(tmp_path, bf16):
+    """--device cuda (no index) trains on the current device, bf16 autocast included, and a student distils from
+    that teacher there, the spectral term on the GPU kernels: finite losses, a checkpoint that loads."""
+    teacher = tmp_path / "teacher"
+    result = training.train(TrainConfig(out=str(teacher), **{**TINY, "steps": 3, "bf16": bf16}, device="cuda"))
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history)
+    assert isinstance(training.load_model(teacher), SlimUNet)
+    student = training.distill(training.DistillConfig(
+        out=str(tmp_path / "student"), teacher=str(teacher), mode="spectral", steps=2, batch=4, dataset_size=32,
+        base_channels=8, groups=4, heads=2, samples=0, progress=False, bf16=bf16, device="cuda"))
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["freq"]])).all() for r in student.history)
+
+
 # -------------------------------------------------------------------------------------------------------------
 # The commands
 
