@@ -19,7 +19,7 @@
 #     --bench "ARGS"      pydpm bench ARGS (repeatable: one run per --bench, results in bench-1/, bench-2/, ...)
 #     --tune "ARGS"       the attention launch-configuration sweep, bench/attention_tune.py, with ARGS
 #     --demo "ARGS"       examples/spectral_distillation.py ARGS, non-empty (e.g. "--device cuda"): a teacher, three
-#                         students, samples, the metric and the table, under $1/demo
+#                         students, samples, the metric and the table, under $1/demo (checkpoints left out of the archive)
 #   limits: PYDPM_TEST_TIMEOUT (default 420 s), PYDPM_HUGE_TIMEOUT (300 s), PYDPM_SANITIZE_TIMEOUT (240 s per
 #           tool), PYDPM_BENCH_TIMEOUT (540 s per bench run), PYDPM_DEMO_TIMEOUT (540 s)
 set -uo pipefail
@@ -138,5 +138,5 @@ for args in "${benches[@]}"; do
   rc=$(( rc || b_rc ))
 done
 printf '%s\n' "----- summary -----" "${summary[@]}" | tee "$final/summary.txt"
-tar czf "$final/run.tar.gz" -C /tmp gpu-run
+tar czf "$final/run.tar.gz" --exclude="*.pt" -C /tmp gpu-run  # no checkpoints: the device tool returns small files
 exit "$rc"

@@ -149,3 +149,52 @@ def test_an_integer_the_kernel_specialises_must_be_declared():
     x = torch.randn(16, device="cuda")
     with pytest.raises(TypeError, match="'n' is specialised by Triton"):
         Kernel(_copy_kernel)((1,), [x, torch.empty_like(x), 16], (x.dtype,), dict(BLOCK=16))
+
+
+_FRESH_THREADS = r"""
+import threading
+import torch
+from pydpm import ops
+
+# The first launch on a thread that no CUDA runtime call has touched: autograd's device thread, whose first work
+# is the focal loss's backward (a Triton launch before any torch op there), and a plain thread whose output comes
+# from the caching allocator's pool (no runtime call either).
+pred = torch.randn(2, 3, 16, 16, device="cuda", requires_grad=True)
+target = torch.randn(2, 3, 16, 16, device="cuda")
+ops.focal_frequency_loss(pred, target).backward()
+expected = pred.grad.clone()
+pred.grad = None
+x = torch.randn(2, 8, 16, 16, device="cuda")
+with ops.use_backend("triton"):
+    for _ in range(2):  # compiled through the JIT, then the cached driver-API path
+        warm = ops.simple_gate(x)
+del warm
+found = {}
+
+
+def gate():
+    with ops.use_backend("triton"):
+        found["y"] = ops.simple_gate(x)
+
+
+thread = threading.Thread(target=gate)
+thread.start()
+thread.join()
+torch.testing.assert_close(found["y"], x[:, :4] * x[:, 4:], rtol=0, atol=0)
+loss = ops.focal_frequency_loss(pred, target)
+loss.backward()
+torch.testing.assert_close(pred.grad, expected, rtol=0, atol=0)
+print("ok")
+"""
+
+
+@gpu
+@pytest.mark.gpu
+def test_first_launch_on_a_fresh_thread():
+    """A thread with no current CUDA context yet gets the current device's primary context: the launch does not
+    fail with CUDA_ERROR_INVALID_CONTEXT (a fresh process, so that no earlier test bound autograd's thread)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _FRESH_THREADS], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

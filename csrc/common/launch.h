@@ -17,7 +17,8 @@ const char* kernel_param_layout(uintptr_t function, size_t count, std::vector<st
 
 // Launches `function` on `stream` with grid (gx, gy, gz), `threads` per block and `shared` bytes of dynamic
 // shared memory; `params` holds the kernel's parameters at the offsets kernel_param_layout reported (it must
-// have run for `function`). The current CUDA context must be the one the function was loaded in. Returns an
+// have run for `function`). The runtime's current device must be the one the function was loaded on; where no
+// context is current on the calling thread yet, that device's primary context is made current. Returns an
 // empty string on success, else the reason.
 const char* launch_kernel(uintptr_t function, unsigned gx, unsigned gy, unsigned gz, unsigned threads, unsigned shared,
                           uintptr_t stream, const char* params, size_t params_size);

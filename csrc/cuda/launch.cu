@@ -19,6 +19,7 @@ constexpr int kMaxParams = 128;
 using LaunchFn = CUresult (*)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
                               CUstream, void**, void**);
 using ParamInfoFn = CUresult (*)(CUfunction, size_t, size_t*, size_t*);
+using CtxGetCurrentFn = CUresult (*)(CUcontext*);
 
 template <typename F>
 F entry_point(const char* name, int version) {
@@ -75,6 +76,19 @@ const char* launch_kernel(uintptr_t function, unsigned gx, unsigned gy, unsigned
     pointers[i] = const_cast<char*>(params + offset);
   }
   if (gx == 0 || gy == 0 || gz == 0) return "";
+  // A thread on which no runtime call has run yet (autograd's device threads, a user's) has no current context:
+  // the runtime binds the primary context lazily, the driver does not. cudaSetDevice binds it (CUDA 12+).
+  static const CtxGetCurrentFn get_current = entry_point<CtxGetCurrentFn>("cuCtxGetCurrent", 12000);
+  if (get_current == nullptr) return "the CUDA driver entry point cuCtxGetCurrent was not found";
+  CUcontext context = nullptr;
+  if (get_current(&context) != CUDA_SUCCESS) return "cuCtxGetCurrent failed";
+  if (context == nullptr) {
+    int device = 0;
+    if (cudaGetDevice(&device) != cudaSuccess || cudaSetDevice(device) != cudaSuccess) {
+      cudaGetLastError();  // read back: the next runtime check must not report it as its own
+      return "no CUDA context was current on this thread and the current device's could not be made current";
+    }
+  }
   const CUresult result = launch(reinterpret_cast<CUfunction>(function), gx, gy, gz, threads, 1, 1, shared,
                                  reinterpret_cast<CUstream>(stream), pointers, nullptr);
   if (result != CUDA_SUCCESS) {
