@@ -177,10 +177,12 @@ def _omega_args(weight: torch.Tensor | None, plane_max: torch.Tensor | None, spe
 
 
 def weighted_energy(spec: torch.Tensor, width: int, scale: float, *, weight: torch.Tensor | None = None,
-                    plane_max: torch.Tensor | None = None, alpha: float = 1.0, log: bool = False) -> torch.Tensor:
+                    plane_max: torch.Tensor | None = None, alpha: float = 1.0, log: bool = False,
+                    per_sample: bool = True) -> torch.Tensor:
     """[S] = scale · Σ_full-grid ω·|D|² per sample of the unnormalised half spectrum `spec` [S, P, H, Wf] of
-    signals of width `width`: ω from `weight` (4-D, broadcasting over [S, P, H, width]) or, with `plane_max`
-    ([S·P] or one value), the focal weight clamp(v/max, 0, 1), v = |D|^alpha (log(1 + v) with `log`)."""
+    signals of width `width` (with `per_sample=False` their sum, 0-dim: one reduction of the partial sums, not
+    two): ω from `weight` (4-D, broadcasting over [S, P, H, width]) or, with `plane_max` ([S·P] or one value),
+    the focal weight clamp(v/max, 0, 1), v = |D|^alpha (log(1 + v) with `log`)."""
     S, P, H, Wf = spec.shape
     real = _real(spec)
     chunks = triton.cdiv(P * H * Wf, _BLOCK)
@@ -191,6 +193,8 @@ def weighted_energy(spec: torch.Tensor, width: int, scale: float, *, weight: tor
                           (H * width) ** -0.5, float(alpha), chunks],
             (mode, kind, log, wdtype), dict(MODE=mode, KIND=kind, LOG=log, BLOCK=_BLOCK),
             num_warps=_NUM_WARPS)
+    if not per_sample:
+        return partial.sum()
     return partial[:, 0] if chunks == 1 else partial.sum(1)
 
 
@@ -198,13 +202,15 @@ def weighted_grad(spec: torch.Tensor, width: int, scale: float, grad: torch.Tens
                   weight: torch.Tensor | None = None, plane_max: torch.Tensor | None = None, alpha: float = 1.0,
                   log: bool = False) -> torch.Tensor:
     """G = scale · grad[s] · ω · D as a new half spectrum like `spec` (ω as in `weighted_energy`); `grad` holds
-    one value per sample or one for all (a device tensor: no host synchronisation)."""
+    one value per sample or one for all (a device tensor, any floating dtype: no host synchronisation)."""
     S, P, H, Wf = spec.shape
     real = _real(spec)
     out = torch.empty_like(spec)
     chunks = triton.cdiv(P * H * Wf, _BLOCK)
     (w, wmax, sb, sc, sh, sw, max_stride), mode, wdtype = _omega_args(weight, plane_max, real)
     kind = alpha_kind(alpha)
+    if grad.dtype != real.dtype:
+        grad = grad.to(real.dtype)
     g_stride = 0 if grad.numel() == 1 else grad.stride(0)  # autograd may hand an expanded gradient (stride 0)
     _GRAD((chunks, S), [real, w, wmax, grad, torch.view_as_real(out), P, H, width, Wf, sb, sc, sh, sw, max_stride,
                         g_stride, float(scale), (H * width) ** -0.5, float(alpha)],

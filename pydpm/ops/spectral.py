@@ -238,8 +238,12 @@ def check_spectrum_weight(x0, size=None, *, alpha=-1.0, eps=1e-3, out=None) -> S
 def _difference(args: SpectralArgs) -> torch.Tensor:
     """d = pred − target in the accumulation dtype, as the [S, P, H, W] signals the FFT sees (patches, the
     mini-batch mean)."""
-    acc = acc_dtype(args.pred.dtype)
-    d = _patches(args.pred.to(acc) - args.target.to(acc), args.patch).contiguous()
+    pred, target = args.pred, args.target
+    acc = acc_dtype(pred.dtype)
+    # One op where the inputs are in the accumulation dtype; else pred is widened and target read widened by
+    # the in-place subtraction (exact: the difference is taken in acc, as pred.to(acc) - target.to(acc)).
+    d = pred - target if pred.dtype == acc and target.dtype == acc else pred.to(acc, copy=True).sub_(target)
+    d = _patches(d, args.patch).contiguous()
     return d.mean(0, keepdim=True) if args.ave else d
 
 
@@ -284,22 +288,25 @@ def _run_triton(args: SpectralArgs):
         W = pred.shape[-1] // args.patch
         scale = _scale(args, (S, P, H, W))
         omega = _omega(K, spec, args)
-        g = K.weighted_grad(spec, W, 2.0 * scale * H * W, args.grad.to(spec.real.dtype), alpha=args.alpha,
-                            log=args.log, **omega)
+        g = K.weighted_grad(spec, W, 2.0 * scale * H * W, args.grad, alpha=args.alpha, log=args.log, **omega)
         grad_d = _unpatch(torch.fft.irfft2(g, s=(H, W)), args.patch, pred.shape)
         if args.ave:
             grad_d = (grad_d / pred.shape[0]).expand(pred.shape)
-        gp = grad_d.to(pred.dtype) if args.need[0] else None
+        gp = _as(grad_d, pred.dtype) if args.need[0] else None
         gt = (-grad_d).to(args.target.dtype) if args.need[1] else None
         return gp, gt
     d = _difference(args)
     spec = torch.fft.rfft2(d)
-    per = K.weighted_energy(spec, d.shape[-1], _scale(args, d.shape), alpha=args.alpha, log=args.log,
-                            **_omega(K, spec, args))
-    loss = per if args.kind == "fwmse" and args.reduction == "per_sample" else per.sum()
+    loss = K.weighted_energy(spec, d.shape[-1], _scale(args, d.shape), alpha=args.alpha, log=args.log,
+                             per_sample=args.kind == "fwmse" and args.reduction == "per_sample",
+                             **_omega(K, spec, args))
     if args.out is not None:
         loss = args.out.copy_(loss)
     return loss, (spec if args.keep else None)
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def _omega(K, spec: torch.Tensor, args: SpectralArgs) -> dict:
