@@ -3,7 +3,10 @@ distil a ≥ 8× slimmer student three ways (spectrum-aware, spatial-only, no di
 ablation), sample every model with pydpm's DPM-Solver++(2M), and report a Fréchet distance, MACs and
 sampling time.
 
-    python examples/spectral_distillation.py --out demo [--device cuda] [--steps 3000] [--scale paper|cpu|smoke]
+    python examples/spectral_distillation.py --out demo [--device cuda] [--steps 1400] [--scale paper|cpu|smoke]
+
+The defaults (1400 teacher steps, 650 per student) take about 6.5 minutes on an H200, where training runs at
+8-17 steps/s (host-bound); the models are then still far from trained (docs/distillation/README.md).
 
 Data: 32×32 patches of PyWavelets' "camera" photograph (`pydpm.data.patches`). Models: the "teacher" and
 "student" presets of `pydpm.models.SlimUNet` (one input channel), trained by `pydpm.training` (the DDPM
@@ -131,8 +134,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo", help="the results' directory")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", type=int, default=3000, help="teacher training steps")
-    parser.add_argument("--distill-steps", type=int, default=3000, help="training steps of each student")
+    parser.add_argument("--steps", type=int, default=1400, help="teacher training steps")
+    parser.add_argument("--distill-steps", type=int, default=650, help="training steps of each student")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--eval-count", type=int, default=1024, help="patches generated per model for the metric")
     parser.add_argument("--sample-steps", type=int, default=20, help="DPM-Solver++(2M) steps")
