@@ -37,9 +37,9 @@ def _deterministic():
     from pydpm import sample
     from pydpm.samplers import DPMSolver, UniPC
 
-    def dpm(alg, order, method="multistep"):
+    def dpm(alg, order, method="multistep", third_order="authors"):
         return lambda m, x, ns, n, skip: DPMSolver(m, ns, algorithm_type=alg).sample(
-            x, steps=n, order=order, method=method, skip_type=skip)
+            x, steps=n, order=order, method=method, skip_type=skip, third_order=third_order)
 
     def unipc(variant, order):
         return lambda m, x, ns, n, skip: UniPC(m, ns, variant=variant).sample(x, steps=n, order=order, skip_type=skip)
@@ -54,6 +54,8 @@ def _deterministic():
         "DPM-Solver-3M": (dpm("dpmsolver", 3), same),
         "DPM-Solver++(2M)": (dpm("dpmsolver++", 2), same),
         "DPM-Solver++(3M)": (dpm("dpmsolver++", 3), same),
+        "DPM-Solver-3M, corrected": (dpm("dpmsolver", 3, third_order="corrected"), same),
+        "DPM-Solver++(3M), corrected": (dpm("dpmsolver++", 3, third_order="corrected"), same),
         "DPM-Solver-fast (singlestep, 3)": (dpm("dpmsolver", 3, "singlestep"), same),
         "DPM-Solver++ singlestep, 2": (dpm("dpmsolver++", 2, "singlestep"), same),
         "DPM-Solver++ singlestep, 3": (dpm("dpmsolver++", 3, "singlestep"), same),

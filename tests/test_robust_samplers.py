@@ -334,6 +334,8 @@ BAD_INPUTS = [
     ("dpm times nan", lambda: DPMSolver(MF, NS).sample(_x(), times=[1.0, NAN]), ValueError, "times"),
     ("dpm skip_type", lambda: DPMSolver(MF, NS).sample(_x(), steps=5, skip_type="linear"), ValueError,
      "skip_type='linear'"),
+    ("dpm third_order", lambda: DPMSolver(MF, NS).sample(_x(), steps=5, order=3, third_order="exact"), ValueError,
+     "third_order='exact'"),
     ("empty batch", lambda: DPMSolver(MF, NS).sample(torch.randn(0, 3, 4, 4), steps=5), ValueError, "x has shape"),
     ("integer x", lambda: DPMSolver(MF, NS).sample(torch.ones(2, 3, dtype=torch.int64), steps=5), ValueError,
      "x has dtype"),

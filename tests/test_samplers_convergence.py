@@ -9,6 +9,7 @@ Orders, as measured and as expected from the update formulas (not always the adv
   DDIM / DPM-Solver-1, UniPC-vary_coeff p ≥ 2 ...... 1
   multistep DPM-Solver(++)-2, singlestep-2 .......... 2
   multistep DPM-Solver(++)-3 ........................ 2  (the authors' 3M formula, see below)
+  multistep DPM-Solver(++)-3, third_order='corrected' 3
   singlestep DPM-Solver(++)-3 ....................... 3
   UniPC-p (bh1, bh2), UniPC-1 vary_coeff ............ p + 1 (predictor p, corrector +1; lower_order_final off,
                                                       since a final first-order step would cap it at 2)
@@ -18,7 +19,9 @@ Orders, as measured and as expected from the update formulas (not always the adv
 DPM-Solver(++)-3M: the authors' code (and diffusers) uses D2 = (D1_0 − D1_1)/(r0 + r1), which estimates
 h²·m''/2, with the weight φ3 that needs h²·m''; the update is therefore only second-order accurate
 (test_multistep_third_order_update_is_second_order_accurate shows it on one step). pydpm reproduces the
-authors' update, so its 3M converges at order 2.
+authors' update, so its 3M converges at order 2; `third_order='corrected'` doubles D2 and converges at order 3.
+Its oracle is written independently of the φ functions: the multistep exponential integrator that interpolates
+the last three data predictions by a polynomial in λ and integrates ∫ e^λ q(λ) dλ by quadrature.
 
 UniPC 'vary_coeff' with p ≥ 2: the authors' corrector weights the new model output only by g_K·A_c[k][-1],
 k left over from a loop (K − 2), instead of summing over all rows of A_c = C⁻¹: the corrector is inconsistent
@@ -86,6 +89,41 @@ def _unipc(variant, order, algorithm_type="data_prediction"):
     }
 
 
+def interpolating_multistep(p, steps: int, order: int = 3, predict: str = "data") -> torch.Tensor:
+    """The multistep exponential integrator from first principles: x_t = (σ_t/σ_s)·x_s + σ_t·∫_{λ_s}^{λ_t} e^λ q(λ) dλ
+    with q the Lagrange polynomial in λ through the last min(order, step) data predictions (so the first steps
+    are of lower order, as the authors' warm-up); with predict='noise', x_t = (α_t/α_s)·x_s − α_t·∫ e^−λ q(λ) dλ
+    over the noise predictions. Integrated by 24-node Gauss–Legendre quadrature (exact to rounding for a
+    polynomial times an exponential over these steps). On logSNR steps, float64."""
+    sched, x = p.osched, p.x
+    data = predict == "data"
+    ts = O.time_steps(sched, "logSNR", T_START, T_END, steps)
+    lams = [float(v) for v in sched.lam(ts)]
+    nodes, weights = np.polynomial.legendre.leggauss(24)
+    known: list[tuple[float, torch.Tensor]] = []
+    for i in range(steps):
+        known = (known + [(lams[i], p.gm.x0(x, ts[i]) if data else p.gm.eps(x, ts[i]))])[-order:]
+        a, b = lams[i], lams[i + 1]
+        integral = torch.zeros_like(x)
+        for node, w in zip(nodes, weights):
+            tau = 0.5 * (b - a) * node + 0.5 * (a + b)
+            q = sum(m * math.prod((tau - lj) / (li - lj) for lj, _ in known if lj != li) for li, m in known)
+            integral = integral + (w * 0.5 * (b - a) * math.exp(tau if data else -tau)) * q
+        if data:
+            x = (sched.sigma(ts[i + 1]) / sched.sigma(ts[i])) * x + sched.sigma(ts[i + 1]) * integral
+        else:
+            x = (sched.alpha(ts[i + 1]) / sched.alpha(ts[i])) * x - sched.alpha(ts[i + 1]) * integral
+    return x
+
+
+def _corrected(algorithm_type):
+    kw = dict(order=3, method="multistep", solver_type="taylor", skip_type="logSNR", third_order="corrected")
+    return {
+        "pydpm": lambda p, n: DPMSolver(p.model, p.psched, algorithm_type=algorithm_type).sample(p.x, steps=n, **kw),
+        "oracle": lambda p, n: interpolating_multistep(p, n, predict=DPMSolver.algorithm_types[algorithm_type]),
+    }
+
+
 def _sample(method):
     return {
         "pydpm": lambda p, n: pydpm.sample(p.model, p.x, p.psched, method, n, skip_type="logSNR"),
@@ -102,6 +140,8 @@ CASES = {
     "dpm++-2M-taylor": (_dpm("dpmsolver++", "multistep", 2, "taylor"), 2, COARSE),
     "dpm-3M": (_dpm("dpmsolver", "multistep", 3), 2, FINE),
     "dpm++-3M": (_dpm("dpmsolver++", "multistep", 3), 2, FINE),
+    "dpm++-3M-corrected": (_corrected("dpmsolver++"), 3, FINE),
+    "dpm-3M-corrected": (_corrected("dpmsolver"), 3, FINE),
     "dpm-2S": (_dpm("dpmsolver", "singlestep_fixed", 2), 2, COARSE),
     "dpm++-2S-taylor": (_dpm("dpmsolver++", "singlestep_fixed", 2, "taylor"), 2, COARSE),
     "dpm-3S": (_dpm("dpmsolver", "singlestep_fixed", 3), 3, (96, 192, 384)),
@@ -164,6 +204,21 @@ def test_multistep_third_order_update_is_second_order_accurate():
     e1, e2 = local_error(0.1), local_error(0.05)
     assert e1 > 1e-6, "exact for a quadratic: the update would be third order"
     assert abs(math.log2(e1 / e2) - 3.0) < 0.2  # local error O(h³): global order 2
+
+
+def test_corrected_third_order_equals_the_interpolating_integrator(problem):
+    """DPM-Solver(++)-3M with third_order='corrected' (and the exact φ2 weight of solver_type='taylor' in its
+    second-order warm-up step) is the exponential integrator of the quadratic through the last three
+    predictions: the same trajectory as the independent quadrature oracle, to rounding."""
+    for algorithm_type, steps in (("dpmsolver++", 5), ("dpmsolver++", 12), ("dpmsolver", 7)):
+        solver = DPMSolver(problem.model, problem.psched, algorithm_type=algorithm_type)
+        ours = solver.sample(problem.x, steps=steps, order=3, skip_type="logSNR", solver_type="taylor",
+                             third_order="corrected", lower_order_final=False, t_start=T_START, t_end=T_END)
+        oracle = interpolating_multistep(problem, steps, predict=solver.algorithm_types[algorithm_type])
+        torch.testing.assert_close(ours, oracle, rtol=1e-9, atol=1e-9)
+        authors = solver.sample(problem.x, steps=steps, order=3, skip_type="logSNR", solver_type="taylor",
+                                lower_order_final=False, t_start=T_START, t_end=T_END)
+        assert (authors - oracle).abs().max() > 1e-6, "the authors' update must differ from the corrected one"
 
 
 def test_stochastic_samplers_sample_the_mixture():

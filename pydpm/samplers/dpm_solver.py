@@ -17,6 +17,7 @@ from pydpm.samplers._program import Point
 from pydpm.schedules import NoiseScheduleFlow, NoiseScheduleVP
 
 SOLVER_TYPES = ("dpmsolver", "taylor")
+THIRD_ORDER = ("authors", "corrected")
 METHODS = ("multistep", "singlestep", "singlestep_fixed", "adaptive")
 
 
@@ -48,8 +49,13 @@ def multistep_second_update(x, ms, ps, t: Point, predict: str, solver_type: str)
     return base - (t.sigma * (phi_1 / h - 1.0)) * D1_0
 
 
-def multistep_third_update(x, ms, ps, t: Point, predict: str):
-    """Multistep DPM-Solver-3 from ps[-1] to t with the last three predictions."""
+def multistep_third_update(x, ms, ps, t: Point, predict: str, corrected: bool = False):
+    """Multistep DPM-Solver-3 from ps[-1] to t with the last three predictions.
+
+    With exact history, D1 estimates h·m' and D2 = (D1_0 − D1_1)/(r0 + r1) estimates h²·m''/2 (m: the model's
+    prediction as a function of λ), while the φ3 weight of the exponential integrator multiplies h²·m'': the
+    authors' update (and diffusers') is off by O(h³) per step, second order overall. `corrected` doubles D2,
+    the Taylor-consistent estimate, and the method converges at order 3."""
     m2, m1, m0 = ms[-3:]
     p2, p1, p0 = ps[-3:]
     h_1, h_0, h = p1.lam - p2.lam, p0.lam - p1.lam, t.lam - p0.lam
@@ -57,7 +63,7 @@ def multistep_third_update(x, ms, ps, t: Point, predict: str):
     D1_0 = (1.0 / r0) * (m0 - m1)
     D1_1 = (1.0 / r1) * (m1 - m2)
     D1 = D1_0 + (r0 / (r0 + r1)) * (D1_0 - D1_1)
-    D2 = (1.0 / (r0 + r1)) * (D1_0 - D1_1)
+    D2 = ((2.0 if corrected else 1.0) / (r0 + r1)) * (D1_0 - D1_1)
     if predict == "data":
         phi_1 = math.expm1(-h)
         phi_2 = phi_1 / h + 1.0
@@ -71,12 +77,12 @@ def multistep_third_update(x, ms, ps, t: Point, predict: str):
             - (t.sigma * phi_3) * D2)
 
 
-def multistep_update(x, ms, ps, t: Point, order: int, predict: str, solver_type: str):
+def multistep_update(x, ms, ps, t: Point, order: int, predict: str, solver_type: str, corrected: bool = False):
     if order == 1:
         return first_update(x, ps[-1], t, ms[-1], predict)
     if order == 2:
         return multistep_second_update(x, ms, ps, t, predict, solver_type)
-    return multistep_third_update(x, ms, ps, t, predict)
+    return multistep_third_update(x, ms, ps, t, predict, corrected)
 
 
 def singlestep_second_update(tr, x, s: Point, t: Point, r1: float, predict: str, solver_type: str, ms=()):
@@ -162,13 +168,16 @@ def multistep_orders(steps: int, order: int, lower_order_final: bool) -> list[in
     return [one(step) for step in range(1, steps + 1)]
 
 
-def dpm_solver_multistep(tr, x, ts: list[Point], orders: list[int], solver_type: str, hooks):
-    """Multistep DPM-Solver(++) over the times ts, step i + 1 of order orders[i] (one model call per step)."""
+def dpm_solver_multistep(tr, x, ts: list[Point], orders: list[int], solver_type: str, hooks,
+                         third_order: str = "authors"):
+    """Multistep DPM-Solver(++) over the times ts, step i + 1 of order orders[i] (one model call per step);
+    third_order: 'authors' or 'corrected' (multistep_third_update)."""
     steps, keep = len(ts) - 1, max(orders)
     ms, ps = [tr.model(x, ts[0])], [ts[0]]
     x = hooks(x, ts[0], 0)
     for step in range(1, steps + 1):
-        x = multistep_update(x, ms, ps, ts[step], orders[step - 1], tr.predict, solver_type)
+        x = multistep_update(x, ms, ps, ts[step], orders[step - 1], tr.predict, solver_type,
+                             third_order == "corrected")
         x = hooks(x, ts[step], step)
         ps = (ps + [ts[step]])[-keep:]
         if step < steps:
@@ -338,7 +347,7 @@ class DPMSolver(Solver):
                atol: float = 0.0078, rtol: float = 0.05, return_intermediate: bool = False,
                cuda_graph: bool = False, progress: bool = False,
                times: Sequence[float] | torch.Tensor | None = None, max_steps: int = 2000,
-               ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+               third_order: str = "authors") -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Sample from x at t_start to t_end with `steps` model evaluations.
 
         Args:
@@ -373,6 +382,9 @@ class DPMSolver(Solver):
             max_steps: the most steps method='adaptive' tries, accepted or rejected (each costs order model
                 evaluations), before it raises RuntimeError naming the time reached; a non-finite error estimate
                 (the model returned NaN/inf, or the sample overflowed) raises FloatingPointError at once.
+            third_order: the update of method='multistep' at order 3: 'authors' (the official code's and
+                diffusers', which converges at order 2: its second-difference term is half what the φ3 weight
+                needs) or 'corrected' (that term doubled: order 3, same cost). Other methods and orders ignore it.
 
         Returns:
             The sample at t_end in x's dtype; with return_intermediate, (sample, list of samples).
@@ -383,6 +395,7 @@ class DPMSolver(Solver):
         """
         check_choice("method", method, METHODS)
         check_choice("solver_type", solver_type, SOLVER_TYPES)
+        check_choice("third_order", third_order, THIRD_ORDER)
         order = check_order(order, (1, 2, 3))
         if times is None and method != "adaptive":
             steps = self.check_steps(steps)
@@ -418,14 +431,14 @@ class DPMSolver(Solver):
         check_choice("skip_type", skip_type, ("time_uniform", "logSNR", "time_quadratic", "karras"))
         spacing = skip_type if grid is None else tuple(grid.tolist())
         key = ("dpm", steps, t_T, t_0, order, spacing, method, bool(lower_order_final), bool(denoise_to_zero),
-               solver_type, bool(return_intermediate))
+               solver_type, bool(return_intermediate), third_order)
 
         def program(tr, x):
             hooks = after_step(tr, self.correcting_xt_fn, return_intermediate)
             if method == "multistep":
                 ts = tr.points(self.grid(skip_type, t_T, t_0, steps) if grid is None else grid)
                 orders = self.zero_end(multistep_orders(steps, order, lower_order_final), t_0)
-                x = dpm_solver_multistep(tr, x, ts, orders, solver_type, hooks)
+                x = dpm_solver_multistep(tr, x, ts, orders, solver_type, hooks, third_order)
                 last_step = steps
             else:
                 if method == "singlestep":
@@ -464,7 +477,7 @@ class DPMSolver(Solver):
                 atol: float = 0.0078, rtol: float = 0.05, return_intermediate: bool = False,
                 cuda_graph: bool = False, progress: bool = False,
                 times: Sequence[float] | torch.Tensor | None = None, max_steps: int = 2000,
-                ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+                third_order: str = "authors") -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Run the ODE forward, from data at t_start (default 1/N) to t_end (default T): DPM-Solver
         inversion (e.g. DDIM inversion with order=1). The arguments are those of `sample`; `times`, if given,
         increases."""
@@ -475,7 +488,8 @@ class DPMSolver(Solver):
         return self.sample(x, steps=steps, t_start=t_start, t_end=t_end, order=order, skip_type=skip_type,
                            method=method, lower_order_final=lower_order_final, denoise_to_zero=denoise_to_zero,
                            solver_type=solver_type, atol=atol, rtol=rtol, return_intermediate=return_intermediate,
-                           cuda_graph=cuda_graph, progress=progress, times=times, max_steps=max_steps)
+                           cuda_graph=cuda_graph, progress=progress, times=times, max_steps=max_steps,
+                           third_order=third_order)
 
 
 class SDEDPMSolverPP(Solver):
