@@ -1,4 +1,5 @@
-"""Samplers built on the fused solver step: DPM-Solver(++), UniPC, SDE-DPM-Solver++, DDIM/DDPM, PNDM.
+"""Samplers built on the fused solver step: DPM-Solver(++), UniPC, SDE-DPM-Solver++, DDIM/DDPM, PNDM, and
+samplers tuned to a model and a step budget (`tune` -> `TunedSampler`).
 
 Each solver class computes its coefficients once per configuration in float64, keeps them as a device
 table and runs one fused `pydpm.ops.solver_step` launch per model call; `sample(..., cuda_graph=True)`
@@ -13,6 +14,7 @@ import torch
 from pydpm.samplers.ddim import DDIM, DDPM
 from pydpm.samplers.dpm_solver import DPMSolver, SDEDPMSolverPP
 from pydpm.samplers.pndm import PNDM
+from pydpm.samplers.tune import TunedSampler, tune
 from pydpm.samplers.unipc import UniPC
 from pydpm.schedules import NoiseScheduleFlow, NoiseScheduleVP
 
@@ -85,4 +87,4 @@ def sample(model_fn: Callable[..., torch.Tensor], x: torch.Tensor, noise_schedul
     raise ValueError(f"method={method!r}; use one of {', '.join(map(repr, METHODS))}")
 
 
-__all__ = ["DDIM", "DDPM", "DPMSolver", "METHODS", "PNDM", "SDEDPMSolverPP", "UniPC", "sample"]
+__all__ = ["DDIM", "DDPM", "DPMSolver", "METHODS", "PNDM", "SDEDPMSolverPP", "TunedSampler", "UniPC", "sample", "tune"]

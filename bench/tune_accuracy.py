@@ -1,0 +1,107 @@
+"""Tuned samplers against every official DPM-Solver(++) and UniPC configuration, on the analytic Gaussian mixture
+of `sampler_accuracy` (CPU, float64).
+
+    python -m pydpm.bench.tune_accuracy [--nfe 5 10 20] [--schedule discrete linear]
+                                                        (from a checkout: python bench/tune_accuracy.py)
+
+Per schedule and NFE: the best of every official configuration (DPM-Solver and DPM-Solver++: orders 1-3,
+multistep / singlestep / singlestep_fixed, solver types dpmsolver / taylor; UniPC bh1 / bh2 / vary_coeff,
+orders 1-3, data and noise prediction; every skip type; lower_order_final on and off), chosen on the same
+evaluation samples it is scored on (which favours it), against `pydpm.samplers.tune` at that NFE, tuned on its
+own 4096 calibration samples (another seed) and scored once on the evaluation samples. Error: RMS distance at
+t = 1/N to the exact probability-flow ODE solution (RK4 in λ, 1000 steps); a few trajectories near the
+boundaries between components carry most of it, so the evaluation set is large (2048 by default: with 256,
+the ranking of close methods changes from one draw to the next). Prints a Markdown table; docs/samplers.md
+holds the last run. It needs the repository's tests/ folder.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Callable, Iterator
+
+import torch
+
+try:
+    from .sampler_accuracy import _import_helpers, _row, _schedules
+except ImportError:  # run as a script from a checkout
+    from sampler_accuracy import _import_helpers, _row, _schedules  # type: ignore[no-redef]
+
+
+def official(model, psched) -> Iterator[tuple[str, Callable[[torch.Tensor, int], torch.Tensor]]]:
+    """(name, run(x, nfe)) for every official DPM-Solver(++) and UniPC configuration."""
+    from pydpm.samplers import DPMSolver, UniPC
+
+    skips = ("time_uniform", "logSNR", "time_quadratic", "karras")
+    for alg in ("dpmsolver", "dpmsolver++"):
+        for order in (1, 2, 3):
+            for method in ("multistep", "singlestep", "singlestep_fixed"):
+                for solver_type in ("dpmsolver", "taylor"):
+                    for skip in skips:
+                        for lof in (True, False):
+                            yield (f"{alg} {method} order {order} {solver_type} {skip} lower_order_final={lof}",
+                                   lambda x, n, a=alg, o=order, m=method, s=solver_type, k=skip, f=lof:
+                                   DPMSolver(model, psched, algorithm_type=a).sample(
+                                       x, steps=n, order=o, method=m, solver_type=s, skip_type=k,
+                                       lower_order_final=f))
+    for variant in ("bh1", "bh2", "vary_coeff"):
+        for order in (1, 2, 3):
+            for pred in ("data_prediction", "noise_prediction"):
+                for skip in skips:
+                    for lof in (True, False):
+                        yield (f"UniPC {variant} order {order} {pred} {skip} lower_order_final={lof}",
+                               lambda x, n, v=variant, o=order, p=pred, k=skip, f=lof:
+                               UniPC(model, psched, variant=v, algorithm_type=p).sample(
+                                   x, steps=n, order=o, skip_type=k, lower_order_final=f))
+
+
+def run(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pydpm.bench.tune_accuracy", description=__doc__.split("\n")[0])
+    parser.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20])
+    parser.add_argument("--schedule", nargs="+", choices=("discrete", "linear"), default=["discrete", "linear"])
+    parser.add_argument("--calibration", type=int, default=4096, help="tune's n_calibration (default 4096)")
+    parser.add_argument("--iterations", type=int, default=1500, help="tune's iterations (default 1500)")
+    parser.add_argument("--eval", type=int, default=2048, help="evaluation samples (default 2048)")
+    args = parser.parse_args(argv)
+
+    gmm, oracle = _import_helpers()
+    from pydpm.samplers import tune
+    from pydpm.schedules import model_wrapper
+
+    torch.set_num_threads(1)
+    began = time.perf_counter()
+    print("| schedule | NFE | best official configuration | its error | tuned error | ratio | tuning: model calls, "
+          "seconds |")
+    print(_row("---", ["---:", "---", "---:", "---:", "---:", "---:"]))
+    for name in args.schedule:
+        osched, psched = _schedules(name, oracle)
+        mixture = gmm.GaussianMixture.random(osched, 64, components=4, seed=1, spread=0.5)
+        model = model_wrapper(mixture.model_fn("noise", total_N=osched.total_N if osched.discrete else None), psched)
+        x = torch.randn(args.eval, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        t_T, t_0 = psched.T, 1.0 / psched.total_N
+        exact = oracle.ode_solution(mixture.eps, osched, x, t_T, t_0, n=1000)
+
+        def error(y: torch.Tensor) -> float:
+            return float((y - exact).square().mean().sqrt())
+
+        for nfe in args.nfe:
+            best = (float("inf"), "")
+            for label, fn in official(model, psched):
+                try:
+                    e = error(fn(x, nfe))
+                except ValueError:  # e.g. fewer steps than the order
+                    continue
+                best = min(best, (e, label))
+            tuned = tune(model, psched, nfe, shape=(64,), n_calibration=args.calibration, iterations=args.iterations,
+                         dtype=torch.float64, seed=12345)
+            ours = error(tuned.sample(x))
+            r = tuned.report
+            print(_row(name, [str(nfe), best[1], f"{best[0]:.2e}", f"{ours:.2e}", f"{best[0] / ours:.2f}×",
+                              f"{r['model_calls']}, {r['seconds']:.0f}"]), flush=True)
+    print(f"\n({time.perf_counter() - began:.0f} s; torch {torch.__version__}; 4-component mixture in D = 64, "
+          f"{args.eval} evaluation samples (seed 0), calibration seed 12345)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run())

@@ -1,0 +1,482 @@
+"""A sampler tuned to one model and step budget: time steps and multistep coefficients learned on the
+library's own calibration noise against a fine-step solution.
+
+    sampler = tune(model_fn, noise_schedule, nfe=5, shape=(4, 64, 64))
+    x = sampler.sample(torch.randn(8, 4, 64, 64))           # nfe model calls, one fused step after each
+
+The objective: the mean squared distance, at t_end, between the sampler and DPM-Solver++(3M) with
+`reference_steps` λ-uniform steps, both started from the same calibration noise. The calibration noise comes
+from the tuner's own generator (`seed`): the x_T a tuned sampler later samples from are never seen. Three
+candidates are fitted and the best on the whole calibration set is returned:
+
+1. A learned linear multistep method over data predictions m_i = x̂₀(x_i, t_i):
+
+       x_{i+1} = a_i·x_i + Σ_k b_{i,k}·m_{i−k}        (k < min(history, i + 1); one fused solver_step per call)
+
+   It starts as the exponential integrator of the polynomial in λ through the last predictions (order 1:
+   DDIM; 2 and 3: the Taylor-consistent DPM-Solver++(2M)/(3M) updates) on the best of the standard time
+   grids; the step times, a_i and b_{i,k} are then fitted by gradient descent through the model (Adam,
+   cosine-decayed learning rate, minibatches), keeping the parameters with the lowest loss over the whole
+   calibration set (checked every `eval_every` iterations, the start included).
+2. The best standard solver configuration (DPM-Solver(++) and UniPC: orders, variants, prediction types,
+   time grids) on the calibration set, as it is.
+3. That configuration with its time steps searched (Nelder-Mead over the step sizes, no gradients).
+
+Measured on Gaussian mixtures (bench/tune_accuracy.py, docs/samplers.md), the learned method wins at few
+steps (5-10) and the searched standard solver at more (20).
+
+It needs the model's gradient with respect to its input and time (a differentiable `model_fn`: a network,
+a guided wrapper, an analytic model); memory grows with `batch` × `nfe` activations. VP schedules (discrete
+and continuous); flow schedules are refused for now (α = 0 at t = 1 makes the data prediction singular in
+the training loop).
+"""
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from pydpm.samplers._common import Solver, after_step, check_int
+from pydpm.samplers.dpm_solver import DPMSolver
+from pydpm.samplers.unipc import UniPC
+from pydpm.schedules import NoiseScheduleVP
+
+GRIDS = ("time_uniform", "logSNR", "time_quadratic", "karras")
+_STANDARD = {"DPMSolver": DPMSolver, "UniPC": UniPC}
+FORMAT = "pydpm-tuned-sampler-1"
+_NODES = 16  # Gauss-Legendre nodes per step: exact to rounding for a polynomial of degree < 4 times e^λ here
+
+
+class TunedSampler(Solver):
+    """A sampler tuned by `tune`: `sample(x)` runs len(times) − 1 model calls, each followed by one fused
+    solver step; `cuda_graph=True` captures the loop.
+
+    Either a learned multistep method (`a`, `b`) or a standard solver on tuned times (`solver`), never both.
+    Attributes: `times` (float64, decreasing, from t_start to t_end); `a` (one per step) and `b` (per step, the
+    weights of the last min(history, step + 1) data predictions, oldest first); `solver`: the configuration of
+    a DPM-Solver(++) or UniPC run (`{"class": "UniPC" | "DPMSolver", "init": {...}, "sample": {...}}`, the
+    keyword arguments of the constructor and of `sample`); `report`: what tuning cost and reached (model calls,
+    seconds, every candidate's calibration error)."""
+
+    algorithm_types = {"dpmsolver++": "data"}
+    default_algorithm = "dpmsolver++"
+
+    def __init__(self, model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP,
+                 times: Sequence[float], a: Sequence[float] | None = None, b: Sequence[Sequence[float]] | None = None,
+                 *, solver: dict[str, Any] | None = None, report: dict[str, Any] | None = None) -> None:
+        super().__init__(model_fn, noise_schedule, "dpmsolver++", None, None, 1.0, 0.995)
+        ts = self.explicit_times(times, None, None)
+        steps = ts.numel() - 1
+        if not bool((ts.diff() < 0).all()):
+            raise ValueError("TunedSampler: times must decrease (a tuned sampler samples; it does not invert)")
+        self.times, self.report = ts, dict(report or {})
+        if (solver is None) == (a is None or b is None):
+            raise ValueError("TunedSampler: give either a and b (a learned multistep method) or solver (a standard "
+                             "solver's configuration)")
+        self.solver, self._standard = solver, None
+        self.a, self.b = [], []
+        if solver is not None:
+            if not isinstance(solver, dict) or solver.get("class") not in _STANDARD:
+                raise ValueError(f"TunedSampler: solver must be a dict with 'class' one of {tuple(_STANDARD)}, 'init' "
+                                 f"and 'sample', got {solver!r}")
+            self._standard = _STANDARD[solver["class"]](model_fn, noise_schedule, **solver["init"])
+            return
+        assert a is not None and b is not None
+        if len(a) != steps or len(b) != steps:
+            raise ValueError(f"TunedSampler: {steps} steps need {steps} entries in a and in b, got {len(a)} and "
+                             f"{len(b)}")
+        for i, row in enumerate(b):
+            if not 1 <= len(row) <= i + 1:
+                raise ValueError(f"TunedSampler: b[{i}] weighs {len(row)} predictions; step {i} has 1 to {i + 1}")
+        values = [float(v) for v in a] + [float(v) for row in b for v in row]
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError("TunedSampler: a and b must be finite")
+        self.a = [float(v) for v in a]
+        self.b = [[float(v) for v in row] for row in b]
+
+    @property
+    def nfe(self) -> int:
+        return self.times.numel() - 1
+
+    def sample(self, x: torch.Tensor, *, return_intermediate: bool = False, cuda_graph: bool = False,
+               progress: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Sample from x (noise at times[0]) to times[-1] with `nfe` model calls. x: float32, float16 or
+        bfloat16 (float64 on the CPU), any shape with a leading batch dimension; not modified."""
+        if self._standard is not None:
+            assert self.solver is not None
+            return self._standard.sample(x, times=self.times, return_intermediate=return_intermediate,
+                                         cuda_graph=cuda_graph, progress=progress, **self.solver["sample"])
+        key = ("tuned", return_intermediate)
+
+        def program(tr, x):
+            hooks = after_step(tr, None, return_intermediate)
+            ps = tr.points(self.times)
+            x = hooks(x, ps[0], 0)
+            keep = max(len(row) for row in self.b)
+            ms: list = []
+            for i, (a, row) in enumerate(zip(self.a, self.b)):
+                ms = (ms + [tr.model(x, ps[i])])[-keep:]
+                y = a * x
+                for w, m in zip(row, ms[-len(row):]):
+                    y = y + w * m
+                x = hooks(y, ps[i + 1], i + 1)
+            return x
+
+        return self.run_traced(x, key, program, return_intermediate, cuda_graph, progress)
+
+    def state_dict(self) -> dict[str, Any]:
+        times = self.times.tolist()
+        return {"format": FORMAT, "times": times, "a": self.a or None, "b": self.b or None, "solver": self.solver,
+                "report": self.report, "schedule": _fingerprint(self.noise_schedule, times)}
+
+    def save(self, path: str | Path) -> None:
+        """Write the tuned sampler (times, coefficients, report, and the schedule it was tuned for) as JSON."""
+        Path(path).write_text(json.dumps(self.state_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path, model_fn: Callable[..., torch.Tensor],
+             noise_schedule: NoiseScheduleVP) -> TunedSampler:
+        """A sampler saved by `save`, for `model_fn` under `noise_schedule`, which must be the schedule it was
+        tuned for (checked: the same kind and the same λ at the tuned times)."""
+        state = json.loads(Path(path).read_text())
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise ValueError(f"TunedSampler.load: {path} is not a tuned sampler saved by pydpm ({FORMAT})")
+        saved, now = state["schedule"], _fingerprint(noise_schedule, state["times"])
+        if saved["kind"] != now["kind"] or not all(
+                math.isclose(p, q, rel_tol=1e-9, abs_tol=1e-9) for p, q in zip(saved["lambda"], now["lambda"])):
+            raise ValueError(f"TunedSampler.load: noise_schedule differs from the one {path} was tuned for "
+                             f"({saved['kind']}, λ at its times {saved['lambda'][:3]}...); tune again for this one")
+        return cls(model_fn, noise_schedule, state["times"], state["a"], state["b"], solver=state["solver"],
+                   report=state["report"])
+
+
+def _fingerprint(noise_schedule, times: Sequence[float]) -> dict[str, Any]:
+    """What identifies the schedule a sampler was tuned for: its kind and λ at the tuned times."""
+    ns = noise_schedule
+    return {"kind": f"{type(ns).__name__}:{getattr(ns, 'schedule', '')}",
+            "lambda": ns.marginal_lambda(torch.tensor(times, dtype=torch.float64)).tolist()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The tuner
+
+class _Multistep:
+    """The tuned sampler's update as a differentiable function of (times, a-scale, b-corrections): the
+    exponential-integrator weights of the order-`order` interpolating polynomial at the current times, plus
+    learned corrections (a_i scaled by 1 + da_i; b_{i,k} moved by c_i·db_{i,k}, c_i the row's initial size)."""
+
+    def __init__(self, ns: NoiseScheduleVP, t_T: float, t_0: float, nfe: int, order: int, history: int,
+                 init_times: torch.Tensor):
+        self.ns, self.t_T, self.t_0, self.nfe, self.order, self.history = ns, t_T, t_0, nfe, order, history
+        gaps = -init_times.diff()
+        self.u = torch.log(gaps / gaps.sum()).clone().requires_grad_(True)
+        self.da = torch.zeros(nfe, dtype=torch.float64, requires_grad=True)
+        self.db = torch.zeros(nfe, history, dtype=torch.float64, requires_grad=True)
+        nodes, weights = _gauss_legendre(_NODES)
+        self.nodes, self.weights = nodes, weights
+        with torch.no_grad():
+            _, _, _, b0 = self.coefficients()
+        self.scale = torch.stack([row.abs().sum() for row in b0]).clamp_min(1e-12)
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [self.u, self.da, self.db]
+
+    def times(self) -> torch.Tensor:
+        return _times(self.u, self.t_T, self.t_0)
+
+    def coefficients(self):
+        """(times, α, σ, [b_i]) with the base weights b_i (tensors of min(order, i + 1) entries, oldest first)."""
+        ts = self.times()
+        alpha, sigma = self.ns.marginal_alpha(ts), self.ns.marginal_std(ts)
+        lam = torch.log(alpha) - torch.log(sigma)
+        rows = []
+        for i in range(self.nfe):
+            hist = [lam[j] for j in range(max(0, i - self.order + 1), i + 1)]
+            lo, hi = lam[i], lam[i + 1]
+            tau = 0.5 * (hi - lo) * self.nodes + 0.5 * (hi + lo)
+            kernel = self.weights * 0.5 * (hi - lo) * torch.exp(tau - hi)  # e^τ·σ_{i+1} = α_{i+1}·e^(τ − λ_{i+1})
+            row = []
+            for k, lk in enumerate(hist):
+                basis = torch.ones_like(tau)
+                for j, lj in enumerate(hist):
+                    if j != k:
+                        basis = basis * (tau - lj) / (lk - lj)
+                row.append(alpha[i + 1] * (kernel * basis).sum())
+            rows.append(torch.stack(row))
+        return ts, alpha, sigma, rows
+
+    def weights_now(self):
+        """(times, α, σ, a [nfe], b: per step min(history, i + 1) weights, oldest first)."""
+        ts, alpha, sigma, rows = self.coefficients()
+        a = sigma[1:] / sigma[:-1] * (1.0 + self.da)
+        b = []
+        for i, row in enumerate(rows):
+            n = min(self.history, i + 1)
+            base = torch.cat([torch.zeros(n - row.numel(), dtype=torch.float64), row])
+            b.append(base + self.scale[i] * self.db[i, self.history - n:])
+        return ts, alpha, sigma, a, b
+
+    def run(self, model_fn, x: torch.Tensor) -> torch.Tensor:
+        ts, alpha, sigma, a, b = self.weights_now()
+        ms: list[torch.Tensor] = []
+        for i in range(self.nfe):
+            t = ts[i].to(x.dtype).expand(x.shape[0])
+            eps = model_fn(x, t)
+            if torch.is_grad_enabled() and not eps.requires_grad:
+                raise TypeError("tune: the model's output does not depend differentiably on its input and time (no "
+                                "grad): tune fits the sampler by gradient descent through model_fn")
+            ms = (ms + [(x - sigma[i].to(x.dtype) * eps) / alpha[i].to(x.dtype)])[-b[i].numel():]
+            y = a[i].to(x.dtype) * x
+            for w, m in zip(b[i].to(x.dtype), ms):
+                y = y + w * m
+            x = y
+        return x
+
+    def export(self) -> tuple[list[float], list[float], list[list[float]]]:
+        with torch.no_grad():
+            ts, _, _, a, b = self.weights_now()
+        return ts.tolist(), a.tolist(), [row.tolist() for row in b]
+
+
+def _times(u: torch.Tensor, t_T: float, t_0: float) -> torch.Tensor:
+    """Decreasing times from t_T to t_0 whose steps are the fractions softmax(u) of the interval (the ends exact)."""
+    c = torch.cumsum(torch.softmax(u, 0), 0)
+    inner = t_T + (t_0 - t_T) * c[:-1]
+    return torch.cat([torch.full((1,), t_T, dtype=torch.float64), inner, torch.full((1,), t_0, dtype=torch.float64)])
+
+
+def _log_gaps(ts: torch.Tensor) -> torch.Tensor:
+    gaps = -ts.diff()
+    return torch.log(gaps / gaps.sum())
+
+
+def _standard_configs() -> list[dict[str, Any]]:
+    """The standard solver configurations `tune` compares (each on every grid)."""
+    found: list[dict[str, Any]] = []
+    for variant in ("bh1", "bh2"):
+        for order in (1, 2, 3):
+            for pred in ("data_prediction", "noise_prediction"):
+                for lof in (True, False):
+                    found.append({"class": "UniPC", "init": {"variant": variant, "algorithm_type": pred},
+                                  "sample": {"order": order, "lower_order_final": lof}})
+    for alg in ("dpmsolver", "dpmsolver++"):
+        for order in (2, 3):
+            for solver_type in ("dpmsolver", "taylor"):
+                for third in ("authors", "corrected") if order == 3 else ("authors",):
+                    found.append({"class": "DPMSolver", "init": {"algorithm_type": alg},
+                                  "sample": {"order": order, "solver_type": solver_type, "third_order": third}})
+    return found
+
+
+def _nelder_mead(f: Callable[[torch.Tensor], float], x0: torch.Tensor, evaluations: int,
+                 step: float = 0.3) -> tuple[torch.Tensor, float]:
+    """Minimise f from x0 with the Nelder-Mead simplex (reflection 1, expansion 2, contraction ½, shrink ½)
+    within about `evaluations` calls of f; returns the best point and its value."""
+    n = x0.numel()
+    pts = [x0.clone()] + [x0 + step * torch.eye(n, dtype=x0.dtype)[i] for i in range(n)]
+    vals = [f(p) for p in pts]
+    used = n + 1
+    while used < evaluations:
+        order = sorted(range(n + 1), key=lambda i: vals[i])
+        pts, vals = [pts[i] for i in order], [vals[i] for i in order]
+        centre = torch.stack(pts[:-1]).mean(0)
+        xr = centre + (centre - pts[-1])
+        fr = f(xr)
+        used += 1
+        if fr < vals[0]:
+            xe = centre + 2.0 * (centre - pts[-1])
+            fe = f(xe)
+            used += 1
+            pts[-1], vals[-1] = (xe, fe) if fe < fr else (xr, fr)
+        elif fr < vals[-2]:
+            pts[-1], vals[-1] = xr, fr
+        else:
+            xc = centre + 0.5 * (pts[-1] - centre)
+            fc = f(xc)
+            used += 1
+            if fc < vals[-1]:
+                pts[-1], vals[-1] = xc, fc
+            else:
+                pts = [pts[0]] + [pts[0] + 0.5 * (p - pts[0]) for p in pts[1:]]
+                vals = [vals[0]] + [f(p) for p in pts[1:]]
+                used += n
+    best = min(range(n + 1), key=lambda i: vals[i])
+    return pts[best], vals[best]
+
+
+def _gauss_legendre(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nodes and weights on [−1, 1] (Golub–Welsch: the eigen-decomposition of the Jacobi matrix)."""
+    k = torch.arange(1, n, dtype=torch.float64)
+    off = k / torch.sqrt(4.0 * k * k - 1.0)
+    nodes, vectors = torch.linalg.eigh(torch.diag(off, 1) + torch.diag(off, -1))
+    return nodes, 2.0 * vectors[0] ** 2
+
+
+def _positive(name: str, value, kind=numbers.Real) -> float:
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise TypeError(f"tune: {name}={value!r} must be a positive number")
+    if not (math.isfinite(float(value)) and float(value) > 0):
+        raise ValueError(f"tune: {name}={value!r} must be a finite number > 0")
+    return float(value)
+
+
+def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP, nfe: int, *,
+         shape: Sequence[int], n_calibration: int = 1024, seed: int = 0, history: int = 3, iterations: int = 1500,
+         batch: int = 512, lr: float | None = None, reference_steps: int = 500, eval_every: int = 50,
+         search_evaluations: int | None = None,
+         t_start: float | None = None, t_end: float | None = None, device: torch.device | str = "cpu",
+         dtype: torch.dtype = torch.float32, progress: bool = False) -> TunedSampler:
+    """Tune a sampler with `nfe` model calls for `model_fn` (see the module docstring for what is learned).
+
+    Args:
+        model_fn: the model as a function of (x, t) returning the noise prediction (as the other solvers take
+            it: `pydpm.schedules.model_wrapper(...)`, guidance included), differentiable in x and t.
+        noise_schedule: a `pydpm.schedules.NoiseScheduleVP` (discrete or continuous).
+        nfe: model calls per sample, an int >= 1.
+        shape: the shape of one sample (without the batch dimension).
+        n_calibration: calibration samples (noise from the tuner's own generator), >= 1; the objective is a
+            mean over them, so a few hundred to a few thousand keep it from fitting a few hard trajectories.
+        seed: the calibration generator's seed.
+        history: the most data predictions a step combines (1-4).
+        iterations: Adam steps of the learned multistep method (0: its untuned start).
+        batch: calibration samples per Adam step.
+        lr: Adam's initial learning rate (cosine-decayed to 0); default 0.25/nfe², which the mixtures of
+            bench/tune_accuracy.py favoured (a larger rate diverged at 20 steps, a smaller one under-fitted at 5).
+        search_evaluations: objective evaluations of the time-step search on the best standard solver
+            (default 40·nfe; 0: no search). It and the choice of that solver use the first 1024 calibration
+            samples; the three candidates are compared on all.
+        reference_steps: steps of the DPM-Solver++(3M, λ-uniform, corrected third order) reference.
+        eval_every: iterations between evaluations on the whole calibration set (the best one is kept).
+        t_start, t_end: the interval (default: the schedule's T and 1/N).
+        device, dtype: where and in what the calibration runs (float64 makes the objective exact to rounding).
+        progress: print the calibration error at every evaluation to stderr.
+
+    Returns a `TunedSampler`; its `report` gives the model calls and seconds tuning took and the calibration
+    error of the start and of the result.
+    """
+    began = time.perf_counter()
+    if not isinstance(noise_schedule, NoiseScheduleVP):
+        raise TypeError(f"tune: noise_schedule must be a pydpm.schedules.NoiseScheduleVP, got "
+                        f"{type(noise_schedule).__name__} (flow schedules are not supported by the tuner yet: "
+                        f"α = 0 at t = 1 makes its data prediction singular)")
+    nfe = check_int("nfe", nfe, 1, " (model calls per sample)")
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence) or not all(
+            isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1 for n in shape):
+        raise TypeError(f"tune: shape={shape!r} must be the shape of one sample, a sequence of positive ints")
+    n_calibration = check_int("n_calibration", n_calibration, 1, " (calibration samples)")
+    history = check_int("history", history, 1, " (data predictions per step)")
+    if history > 4:
+        raise ValueError(f"tune: history={history}; at most 4 predictions per step")
+    iterations = check_int("iterations", iterations, 0, " (Adam steps)")
+    batch = check_int("batch", batch, 1, " (calibration samples per step)")
+    reference_steps = check_int("reference_steps", reference_steps, 1, " (steps of the reference solution)")
+    eval_every = check_int("eval_every", eval_every, 1, " (iterations between full evaluations)")
+    seed = check_int("seed", seed, 0, " (the calibration generator's seed)")
+    lr = 0.25 / nfe ** 2 if lr is None else _positive("lr", lr)
+    search_evaluations = 40 * nfe if search_evaluations is None else check_int(
+        "search_evaluations", search_evaluations, 0, " (objective evaluations of the time-step search)")
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"tune: dtype={dtype}; calibrate in torch.float32 or torch.float64")
+    reference_solver = DPMSolver(model_fn, noise_schedule)
+    t_T, t_0 = reference_solver.time_range(t_start, t_end)
+    if not t_T > t_0 > 0:
+        raise ValueError(f"tune: needs t_start > t_end > 0, got {t_T} and {t_0}")
+
+    calls = 0
+
+    def counted(x, t):
+        nonlocal calls
+        calls += 1
+        return model_fn(x, t)
+
+    gen = torch.Generator().manual_seed(seed)
+    x_cal = torch.randn((n_calibration, *shape), generator=gen, dtype=dtype).to(device)
+    with torch.no_grad():
+        reference = DPMSolver(counted, noise_schedule).sample(
+            x_cal, steps=reference_steps, order=3, skip_type="logSNR", third_order="corrected", t_start=t_T,
+            t_end=t_0)
+
+    def mse(method: _Multistep) -> float:
+        total = 0.0
+        with torch.no_grad():
+            for lo in range(0, n_calibration, 1024):
+                y = method.run(counted, x_cal[lo:lo + 1024])
+                total += float((y - reference[lo:lo + 1024]).double().square().sum())
+        return total / reference.numel()
+
+    starts = []
+    for grid in GRIDS:
+        ts = reference_solver.grid(grid, t_T, t_0, nfe)
+        for order in range(1, min(history, nfe) + 1):
+            method = _Multistep(noise_schedule, t_T, t_0, nfe, order, history, ts)
+            loss = mse(method)
+            if math.isfinite(loss):
+                starts.append((loss, grid, order, method))
+    if not starts:
+        raise FloatingPointError("tune: every standard start (grid × order) gave a non-finite error: check that "
+                                 "model_fn returns finite values on the calibration noise")
+    start_loss, grid, order, method = min(starts, key=lambda s: s[0])
+    best = (start_loss, method.export())
+    if progress:
+        print(f"tune: start {grid}, order {order}: calibration RMS {math.sqrt(start_loss):.3e}", file=sys.stderr)
+
+    if iterations:
+        optimizer = torch.optim.Adam(method.parameters(), lr=lr)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, iterations)
+        pick = torch.Generator().manual_seed(seed + 1)
+        for it in range(1, iterations + 1):
+            idx = torch.randint(0, n_calibration, (min(batch, n_calibration),), generator=pick).to(device)
+            loss = (method.run(counted, x_cal[idx]) - reference[idx]).square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            if it % eval_every == 0 or it == iterations:
+                now = mse(method)
+                if progress:
+                    print(f"tune: iteration {it}/{iterations}: calibration RMS {math.sqrt(now):.3e}", file=sys.stderr)
+                if math.isfinite(now) and now < best[0]:
+                    best = (now, method.export())
+    # 2 and 3: the best standard configuration, then its time steps searched
+    sub = slice(0, min(n_calibration, 1024))
+
+    def standard_mse(config: dict[str, Any], ts: torch.Tensor, part: slice = sub) -> float:
+        try:
+            y = TunedSampler(counted, noise_schedule, ts, solver=config).sample(x_cal[part])
+        except ValueError:  # an order the step count cannot take
+            return math.inf
+        loss = float((y - reference[part]).double().square().mean())
+        return loss if math.isfinite(loss) else math.inf
+
+    standards = [(standard_mse(config, reference_solver.grid(g, t_T, t_0, nfe)), g, config)
+                 for config in _standard_configs() for g in GRIDS]
+    _, standard_grid, config = min(standards, key=lambda s: s[0])
+    standard_times = reference_solver.grid(standard_grid, t_T, t_0, nfe)
+    searched_times = standard_times
+    if search_evaluations and nfe > 1:
+        z, _ = _nelder_mead(lambda z: standard_mse(config, _times(z, t_T, t_0)), _log_gaps(standard_times),
+                            search_evaluations)
+        searched_times = _times(z, t_T, t_0)
+    everything = slice(0, n_calibration)
+    candidates = {"learned": best[0], "standard": standard_mse(config, standard_times, everything),
+                  "searched": standard_mse(config, searched_times, everything)}
+    if progress:
+        print("tune: calibration RMS " + ", ".join(f"{k} {math.sqrt(v):.3e}" for k, v in candidates.items()),
+              file=sys.stderr)
+    chosen = min(candidates, key=lambda k: candidates[k])
+    report = {"nfe": nfe, "chosen": chosen, "calibration_rms": {k: math.sqrt(v) for k, v in candidates.items()},
+              "learned_start": {"grid": grid, "order": order, "calibration_rms": math.sqrt(start_loss)},
+              "standard": {"grid": standard_grid, **config}, "model_calls": calls,
+              "seconds": time.perf_counter() - began, "n_calibration": n_calibration, "iterations": iterations,
+              "search_evaluations": search_evaluations, "seed": seed, "reference_steps": reference_steps}
+    if chosen == "learned":
+        times, a, b = best[1]
+        return TunedSampler(model_fn, noise_schedule, times, a, b, report=report)
+    return TunedSampler(model_fn, noise_schedule, standard_times if chosen == "standard" else searched_times,
+                        solver=config, report=report)

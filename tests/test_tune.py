@@ -1,0 +1,187 @@
+"""`pydpm.samplers.tune` and `TunedSampler` on the analytic Gaussian mixture (exact noise prediction, float64):
+the fused sampler runs exactly the coefficients it holds, tuning improves on its start on held-out noise,
+depends only on its own seed, round-trips through a file, and refuses bad input naming the argument."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gaussian_mixture import GaussianMixture
+import samplers_oracle as O
+from pydpm.samplers import DPMSolver, TunedSampler, UniPC, tune
+from pydpm.schedules import NoiseScheduleFlow, NoiseScheduleVP, model_wrapper
+
+DIM = 8
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class Problem:
+    def __init__(self):
+        betas = torch.linspace(1e-4, 2e-2, 1000, dtype=torch.float64)
+        self.osched = O.VPDiscrete(betas=betas)
+        self.psched = NoiseScheduleVP("discrete", betas=betas, dtype=torch.float64)
+        self.gm = GaussianMixture.random(self.osched, DIM, components=3, seed=2, spread=0.5)
+        self.model = model_wrapper(self.gm.model_fn("noise", total_N=1000), self.psched)
+        self.x = torch.randn(512, DIM, generator=torch.Generator().manual_seed(99), dtype=torch.float64)
+        self.exact = O.ode_solution(self.gm.eps, self.osched, self.x, self.psched.T, 1e-3, n=1000)
+
+    def error(self, y: torch.Tensor) -> float:
+        return float((y - self.exact).square().mean().sqrt())
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return Problem()
+
+
+@pytest.fixture(scope="module")
+def tuned(problem):
+    return tune(problem.model, problem.psched, 4, shape=(DIM,), n_calibration=512, iterations=150, batch=128,
+                reference_steps=200, eval_every=25, dtype=torch.float64, seed=3)
+
+
+def _by_hand(problem, sampler: TunedSampler, x: torch.Tensor) -> torch.Tensor:
+    """The tuned update written out: x_{i+1} = a_i·x_i + Σ_k b_{i,k}·x̂₀ over the last predictions."""
+    ts = sampler.times
+    alpha, sigma = problem.psched.marginal_alpha(ts), problem.psched.marginal_std(ts)
+    ms = []
+    for i, (a, row) in enumerate(zip(sampler.a, sampler.b)):
+        eps = problem.model(x, ts[i].expand(x.shape[0]))
+        ms.append((x - sigma[i] * eps) / alpha[i])
+        x = a * x + sum(w * m for w, m in zip(row, ms[-len(row):]))
+    return x
+
+
+def test_the_fused_sampler_runs_its_coefficients(problem):
+    gen = torch.Generator().manual_seed(5)
+    times = [1.0, 0.6, 0.3, 0.1, 0.02, 1e-3]
+    sigma = problem.psched.marginal_std(torch.tensor(times, dtype=torch.float64)).tolist()
+    a = [sigma[i + 1] / sigma[i] for i in range(5)]
+    b = [(torch.rand(min(3, i + 1), generator=gen, dtype=torch.float64) / 3).tolist() for i in range(5)]
+    b[4] = b[4][1:]  # a row may weigh fewer predictions than the one before
+    sampler = TunedSampler(problem.model, problem.psched, times, a, b)
+    assert sampler.nfe == 5
+    torch.testing.assert_close(sampler.sample(problem.x), _by_hand(problem, sampler, problem.x), rtol=1e-10,
+                               atol=1e-10)
+
+
+def test_tuning_improves_on_its_start_and_on_the_standard_solvers(problem, tuned):
+    """On noise it never saw: better than its own untuned start and than DPM-Solver++(2M) and UniPC-bh2(2) at
+    the same NFE on every standard grid (a margin, not a tie: the fit must generalise)."""
+    report = tuned.report
+    rms = report["calibration_rms"]
+    assert report["chosen"] == min(rms, key=rms.get)
+    assert rms["learned"] < 0.8 * report["learned_start"]["calibration_rms"]
+    assert rms["searched"] <= rms["standard"] * (1 + 1e-9) or report["search_evaluations"] == 0
+    start = tune(problem.model, problem.psched, 4, shape=(DIM,), n_calibration=512, iterations=0,
+                 search_evaluations=0, reference_steps=200, dtype=torch.float64, seed=3)
+    assert start.report["calibration_rms"]["learned"] == pytest.approx(report["learned_start"]["calibration_rms"],
+                                                                      rel=1e-12)
+    ours = problem.error(tuned.sample(problem.x))
+    assert ours < 0.8 * problem.error(start.sample(problem.x))
+    for skip in ("time_uniform", "logSNR", "time_quadratic", "karras"):
+        dpm = DPMSolver(problem.model, problem.psched).sample(problem.x, steps=4, order=2, skip_type=skip)
+        unipc = UniPC(problem.model, problem.psched, variant="bh2").sample(problem.x, steps=4, order=2,
+                                                                            skip_type=skip)
+        assert ours < 0.8 * min(problem.error(dpm), problem.error(unipc)), skip
+
+
+def test_tuning_sees_only_its_own_calibration_noise(problem, tuned):
+    """What tune does is fixed by its seed (the same seed, the same sampler; another seed, another), and
+    sampling makes exactly nfe model calls, none of them before x_T is given."""
+    seen = []
+
+    def recording(x, t):
+        seen.append(x.detach().clone())
+        return problem.model(x, t)
+
+    again = tune(recording, problem.psched, 4, shape=(DIM,), n_calibration=512, iterations=150, batch=128,
+                 reference_steps=200, eval_every=25, dtype=torch.float64, seed=3)
+    assert (again.a, again.b, again.solver) == (tuned.a, tuned.b, tuned.solver)
+    assert torch.equal(again.times, tuned.times)
+    x_T = problem.x[:16]
+    assert not any(torch.isclose(v[..., None, :], x_T).all(-1).any() for v in seen)
+    calls = len(seen)
+    TunedSampler(recording, problem.psched, tuned.times, tuned.a or None, tuned.b or None,
+                 solver=tuned.solver).sample(x_T)
+    assert len(seen) - calls == tuned.nfe and torch.equal(seen[calls], x_T)
+    other = tune(problem.model, problem.psched, 4, shape=(DIM,), n_calibration=64, iterations=5, batch=16,
+                 reference_steps=50, dtype=torch.float64, seed=4)
+    assert other.report["calibration_rms"] != tuned.report["calibration_rms"]
+
+
+def test_save_and_load_round_trip(problem, tuned, tmp_path):
+    path = tmp_path / "tuned.json"
+    tuned.save(path)
+    loaded = TunedSampler.load(path, problem.model, problem.psched)
+    assert (loaded.a, loaded.b, loaded.solver, loaded.report) == (tuned.a, tuned.b, tuned.solver, tuned.report)
+    torch.testing.assert_close(loaded.sample(problem.x), tuned.sample(problem.x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="noise_schedule differs"):
+        TunedSampler.load(path, problem.model, NoiseScheduleVP("linear", dtype=torch.float64))
+    (tmp_path / "other.json").write_text('{"format": "something else"}')
+    with pytest.raises(ValueError, match="not a tuned sampler"):
+        TunedSampler.load(tmp_path / "other.json", problem.model, problem.psched)
+
+
+@pytest.mark.parametrize("kwargs, exc, names", [
+    (dict(nfe=0), ValueError, "nfe"),
+    (dict(nfe=2.0), TypeError, "nfe"),
+    (dict(shape="8"), TypeError, "shape"),
+    (dict(shape=(0,)), TypeError, "shape"),
+    (dict(n_calibration=0), ValueError, "n_calibration"),
+    (dict(history=5), ValueError, "history"),
+    (dict(iterations=-1), ValueError, "iterations"),
+    (dict(lr=float("nan")), ValueError, "lr"),
+    (dict(lr="fast"), TypeError, "lr"),
+    (dict(search_evaluations=-1), ValueError, "search_evaluations"),
+    (dict(dtype=torch.float16), ValueError, "dtype"),
+    (dict(t_start=1e-3, t_end=0.5), ValueError, "t_start"),
+])
+def test_bad_input_is_named(problem, kwargs, exc, names):
+    args = dict(nfe=3, shape=(DIM,), n_calibration=8, iterations=1, reference_steps=10)
+    args.update(kwargs)
+    nfe = args.pop("nfe")
+    with pytest.raises(exc, match=names):
+        tune(problem.model, problem.psched, nfe, **args)
+
+
+def test_refusals_of_what_tune_cannot_do(problem):
+    with pytest.raises(TypeError, match="noise_schedule must be a pydpm.schedules.NoiseScheduleVP"):
+        tune(problem.model, NoiseScheduleFlow(), 3, shape=(DIM,))
+
+    def frozen(x, t):  # no gradient reaches the sampler's coefficients through this model
+        return problem.model(x.detach(), t.detach()).detach()
+
+    with pytest.raises(TypeError, match="differentiabl"):
+        tune(frozen, problem.psched, 3, shape=(DIM,), n_calibration=8, iterations=1, reference_steps=10,
+             dtype=torch.float64)
+
+
+def test_tuned_sampler_checks_its_coefficients(problem):
+    times = [1.0, 0.5, 0.1]
+    with pytest.raises(ValueError, match="2 steps need 2 entries"):
+        TunedSampler(problem.model, problem.psched, times, [1.0], [[0.1], [0.1, 0.2]])
+    with pytest.raises(ValueError, match=r"b\[0\] weighs 2 predictions"):
+        TunedSampler(problem.model, problem.psched, times, [1.0, 1.0], [[0.1, 0.2], [0.1, 0.2]])
+    with pytest.raises(ValueError, match="times must decrease"):
+        TunedSampler(problem.model, problem.psched, times[::-1], [1.0, 1.0], [[0.1], [0.1, 0.2]])
+    with pytest.raises(ValueError, match="finite"):
+        TunedSampler(problem.model, problem.psched, times, [1.0, math.nan], [[0.1], [0.1, 0.2]])
+    with pytest.raises(ValueError, match="either a and b"):
+        TunedSampler(problem.model, problem.psched, times, [1.0, 1.0], [[0.1], [0.1, 0.2]],
+                     solver={"class": "UniPC", "init": {}, "sample": {}})
+    with pytest.raises(ValueError, match="solver must be a dict"):
+        TunedSampler(problem.model, problem.psched, times, solver={"class": "Euler"})
+
+
+def test_the_benchmark_runs(capsys):
+    """bench/tune_accuracy.py end to end at a toy size (its figures are not checked here)."""
+    from pydpm.bench import tune_accuracy
+
+    assert tune_accuracy.run(["--nfe", "2", "--schedule", "linear", "--calibration", "32", "--iterations", "2",
+                              "--eval", "16"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("| linear | 2 |") == 1 and "×" in out
