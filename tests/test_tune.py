@@ -210,3 +210,18 @@ def test_tuned_sampler_on_cuda_and_in_a_cuda_graph(learned):
     for graph in (False, True, True):  # capture, then replay
         y = sampler.sample(x.float().cuda(), cuda_graph=graph)
         torch.testing.assert_close(y.double().cpu(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_one_fused_launch_per_model_call(problem):
+    """A learned 25-step sampler over the last three predictions runs as 25 model calls, each followed by one
+    launch that reads the new output and the two stored predictions before it: tuning does not cost the loop its speed."""
+    times = torch.linspace(1.0, 1e-3, 26, dtype=torch.float64).tolist()
+    sigma = problem.psched.marginal_std(torch.tensor(times, dtype=torch.float64)).tolist()
+    b = [[0.1 / (k + 1) for k in range(min(3, i + 1))] for i in range(25)]
+    sampler = TunedSampler(problem.model, problem.psched, times, [sigma[i + 1] / sigma[i] for i in range(25)], b)
+    sampler.sample(problem.x[:4])
+    plan = next(iter(sampler._runners.values())).plan
+    assert plan.n_calls == 25 and len(plan.launches) == 25
+    assert all(launch.call is not None for launch in plan.launches)
+    assert max(len(launch.models) for launch in plan.launches) == 2  # stored predictions, besides the new output
+    assert plan.n_storage <= 3
