@@ -336,7 +336,10 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP,
 
     Args:
         model_fn: the model as a function of (x, t) returning the noise prediction (as the other solvers take
-            it: `pydpm.schedules.model_wrapper(...)`, guidance included), differentiable in x and t.
+            it: `pydpm.schedules.model_wrapper(...)`, guidance included), differentiable in x and t, for any
+            batch size (tuning runs minibatches of calibration noise: under classifier-free guidance the
+            condition must serve every row, e.g. one condition broadcast over the batch; a sampler tuned for one
+            condition and guidance scale is tuned for those).
         noise_schedule: a `pydpm.schedules.NoiseScheduleVP` (discrete or continuous).
         nfe: model calls per sample, an int >= 1.
         shape: the shape of one sample (without the batch dimension).
