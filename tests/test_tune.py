@@ -250,3 +250,20 @@ def test_tune_under_classifier_free_guidance(problem):
     assert ours < 0.8 * error(DPMSolver(guided, problem.psched).sample(x, steps=4, skip_type="logSNR"))
     rms = tuned.report["calibration_rms"]
     assert min(rms.values()) < 0.8 * tuned.report["learned_start"]["calibration_rms"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tune_on_cuda():
+    """Tuning itself on the GPU in float32 (calibration noise, reference and fit there): finite errors, and the
+    result samples CUDA tensors."""
+    ns = NoiseScheduleVP("linear", dtype=torch.float64)
+
+    def model(x, t):
+        return 0.3 * x + 0.1 * t.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+
+    sampler = tune(model, ns, 3, shape=(3, 8, 8), n_calibration=64, iterations=5, batch=16, reference_steps=20,
+                   device="cuda")
+    assert all(math.isfinite(v) for v in sampler.report["calibration_rms"].values())
+    y = sampler.sample(torch.randn(2, 3, 8, 8, device="cuda"))
+    assert y.is_cuda and bool(torch.isfinite(y).all())

@@ -174,8 +174,7 @@ class _Multistep:
     def __init__(self, ns: NoiseScheduleVP, t_T: float, t_0: float, nfe: int, order: int, history: int,
                  init_times: torch.Tensor):
         self.ns, self.t_T, self.t_0, self.nfe, self.order, self.history = ns, t_T, t_0, nfe, order, history
-        gaps = -init_times.diff()
-        self.u = torch.log(gaps / gaps.sum()).clone().requires_grad_(True)
+        self.u = _log_gaps(init_times).clone().requires_grad_(True)
         self.da = torch.zeros(nfe, dtype=torch.float64, requires_grad=True)
         self.db = torch.zeros(nfe, history, dtype=torch.float64, requires_grad=True)
         nodes, weights = _gauss_legendre(_NODES)
@@ -224,16 +223,18 @@ class _Multistep:
 
     def run(self, model_fn, x: torch.Tensor) -> torch.Tensor:
         ts, alpha, sigma, a, b = self.weights_now()
+        ts, alpha, sigma, a = (v.to(x.device, x.dtype) for v in (ts, alpha, sigma, a))  # the graph stays float64
+        b = [row.to(x.device, x.dtype) for row in b]
         ms: list[torch.Tensor] = []
         for i in range(self.nfe):
-            t = ts[i].to(x.dtype).expand(x.shape[0])
+            t = ts[i].expand(x.shape[0])
             eps = model_fn(x, t)
             if torch.is_grad_enabled() and not eps.requires_grad:
                 raise TypeError("tune: the model's output does not depend differentiably on its input and time (no "
                                 "grad): tune fits the sampler by gradient descent through model_fn")
-            ms = (ms + [(x - sigma[i].to(x.dtype) * eps) / alpha[i].to(x.dtype)])[-b[i].numel():]
-            y = a[i].to(x.dtype) * x
-            for w, m in zip(b[i].to(x.dtype), ms):
+            ms = (ms + [(x - sigma[i] * eps) / alpha[i]])[-b[i].numel():]
+            y = a[i] * x
+            for w, m in zip(b[i], ms):
                 y = y + w * m
             x = y
         return x
