@@ -6,8 +6,9 @@ library's own calibration noise against a fine-step solution.
 
 The objective: the mean squared distance, at t_end, between the sampler and DPM-Solver++(3M) with
 `reference_steps` λ-uniform steps, both started from the same calibration noise. The calibration noise comes
-from the tuner's own generator (`seed`): the x_T a tuned sampler later samples from are never seen. Three
-candidates are fitted and the best on the whole calibration set is returned:
+from the tuner's own generator (`seed`): the x_T a tuned sampler later samples from are never seen. A
+quarter of it is held out (the validation set); three candidates are fitted on the rest and the best on the
+validation set is returned:
 
 1. A learned linear multistep method over data predictions m_i = x̂₀(x_i, t_i):
 
@@ -16,10 +17,10 @@ candidates are fitted and the best on the whole calibration set is returned:
    It starts as the exponential integrator of the polynomial in λ through the last predictions (order 1:
    DDIM; 2 and 3: the Taylor-consistent DPM-Solver++(2M)/(3M) updates) on the best of the standard time
    grids; the step times, a_i and b_{i,k} are then fitted by gradient descent through the model (Adam,
-   cosine-decayed learning rate, minibatches), keeping the parameters with the lowest loss over the whole
-   calibration set (checked every `eval_every` iterations, the start included).
+   cosine-decayed learning rate, minibatches), keeping the parameters with the lowest validation loss
+   (checked every `eval_every` iterations, the start included).
 2. The best standard solver configuration (DPM-Solver(++) and UniPC: orders, variants, prediction types,
-   time grids) on the calibration set, as it is.
+   time grids) on the fit set, as it is.
 3. That configuration with its time steps searched (Nelder-Mead over the step sizes, no gradients).
 
 Measured on Gaussian mixtures (bench/tune_accuracy.py, docs/samplers.md), the learned method wins at few
@@ -62,7 +63,7 @@ class TunedSampler(Solver):
     weights of the last min(history, step + 1) data predictions, oldest first); `solver`: the configuration of
     a DPM-Solver(++) or UniPC run (`{"class": "UniPC" | "DPMSolver", "init": {...}, "sample": {...}}`, the
     keyword arguments of the constructor and of `sample`); `report`: what tuning cost and reached (model calls,
-    seconds, every candidate's calibration error)."""
+    seconds, every candidate's validation error)."""
 
     algorithm_types = {"dpmsolver++": "data"}
     default_algorithm = "dpmsolver++"
@@ -353,16 +354,16 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP,
         lr: Adam's initial learning rate (cosine-decayed to 0); default 0.25/nfe², which the mixtures of
             bench/tune_accuracy.py favoured (a larger rate diverged at 20 steps, a smaller one under-fitted at 5).
         search_evaluations: objective evaluations of the time-step search on the best standard solver
-            (default 40·nfe; 0: no search). It and the choice of that solver use the first 1024 calibration
-            samples; the three candidates are compared on all.
+            (default 40·nfe; 0: no search). It and the choice of that solver use the first 1024 samples of the
+            fit set; the three candidates are compared on the validation set (the last quarter).
         reference_steps: steps of the DPM-Solver++(3M, λ-uniform, corrected third order) reference.
-        eval_every: iterations between evaluations on the whole calibration set (the best one is kept).
+        eval_every: iterations between evaluations on the validation set (the best one is kept).
         t_start, t_end: the interval (default: the schedule's T and 1/N).
         device, dtype: where and in what the calibration runs (float64 makes the objective exact to rounding).
-        progress: print the calibration error at every evaluation to stderr.
+        progress: print the validation error at every evaluation to stderr.
 
-    Returns a `TunedSampler`; its `report` gives the model calls and seconds tuning took and the calibration
-    error of the start and of the result.
+    Returns a `TunedSampler`; its `report` gives the model calls and seconds tuning took, which candidate was
+    chosen and every candidate's validation error.
     """
     began = time.perf_counter()
     if not isinstance(noise_schedule, NoiseScheduleVP):
@@ -406,13 +407,21 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP,
             x_cal, steps=reference_steps, order=3, skip_type="logSNR", third_order="corrected", t_start=t_T,
             t_end=t_0)
 
-    def mse(method: _Multistep) -> float:
-        total = 0.0
+    # The fit set trains the learned method and searches the standard solvers; the held-out quarter (the
+    # validation set) picks the learned method's checkpoint and the candidate returned.
+    n_val = max(1, n_calibration // 4)
+    n_fit = max(1, n_calibration - n_val)
+    fit, val = slice(0, n_fit), slice(n_calibration - n_val, n_calibration)
+
+    def mse(method: _Multistep, part: slice = val) -> float:
+        total, count = 0.0, 0
         with torch.no_grad():
-            for lo in range(0, n_calibration, 1024):
-                y = method.run(counted, x_cal[lo:lo + 1024])
-                total += float((y - reference[lo:lo + 1024]).double().square().sum())
-        return total / reference.numel()
+            for lo in range(part.start, part.stop, 1024):
+                chunk = slice(lo, min(lo + 1024, part.stop))
+                y = method.run(counted, x_cal[chunk])
+                total += float((y - reference[chunk]).double().square().sum())
+                count += y.numel()
+        return total / count
 
     starts = []
     for grid in GRIDS:
@@ -428,14 +437,14 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP,
     start_loss, grid, order, method = min(starts, key=lambda s: s[0])
     best = (start_loss, method.export())
     if progress:
-        print(f"tune: start {grid}, order {order}: calibration RMS {math.sqrt(start_loss):.3e}", file=sys.stderr)
+        print(f"tune: start {grid}, order {order}: validation RMS {math.sqrt(start_loss):.3e}", file=sys.stderr)
 
     if iterations:
         optimizer = torch.optim.Adam(method.parameters(), lr=lr)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, iterations)
         pick = torch.Generator().manual_seed(seed + 1)
         for it in range(1, iterations + 1):
-            idx = torch.randint(0, n_calibration, (min(batch, n_calibration),), generator=pick).to(device)
+            idx = torch.randint(0, n_fit, (min(batch, n_fit),), generator=pick).to(device)
             loss = (method.run(counted, x_cal[idx]) - reference[idx]).square().mean()
             optimizer.zero_grad()
             loss.backward()
@@ -444,11 +453,11 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP,
             if it % eval_every == 0 or it == iterations:
                 now = mse(method)
                 if progress:
-                    print(f"tune: iteration {it}/{iterations}: calibration RMS {math.sqrt(now):.3e}", file=sys.stderr)
+                    print(f"tune: iteration {it}/{iterations}: validation RMS {math.sqrt(now):.3e}", file=sys.stderr)
                 if math.isfinite(now) and now < best[0]:
                     best = (now, method.export())
     # 2 and 3: the best standard configuration, then its time steps searched
-    sub = slice(0, min(n_calibration, 1024))
+    sub = slice(0, min(n_fit, 1024))
 
     def standard_mse(config: dict[str, Any], ts: torch.Tensor, part: slice = sub) -> float:
         try:
@@ -467,15 +476,14 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP,
         z, _ = _nelder_mead(lambda z: standard_mse(config, _times(z, t_T, t_0)), _log_gaps(standard_times),
                             search_evaluations)
         searched_times = _times(z, t_T, t_0)
-    everything = slice(0, n_calibration)
-    candidates = {"learned": best[0], "standard": standard_mse(config, standard_times, everything),
-                  "searched": standard_mse(config, searched_times, everything)}
+    candidates = {"learned": best[0], "standard": standard_mse(config, standard_times, val),
+                  "searched": standard_mse(config, searched_times, val)}
     if progress:
-        print("tune: calibration RMS " + ", ".join(f"{k} {math.sqrt(v):.3e}" for k, v in candidates.items()),
+        print("tune: validation RMS " + ", ".join(f"{k} {math.sqrt(v):.3e}" for k, v in candidates.items()),
               file=sys.stderr)
     chosen = min(candidates, key=lambda k: candidates[k])
-    report = {"nfe": nfe, "chosen": chosen, "calibration_rms": {k: math.sqrt(v) for k, v in candidates.items()},
-              "learned_start": {"grid": grid, "order": order, "calibration_rms": math.sqrt(start_loss)},
+    report = {"nfe": nfe, "chosen": chosen, "validation_rms": {k: math.sqrt(v) for k, v in candidates.items()},
+              "learned_start": {"grid": grid, "order": order, "validation_rms": math.sqrt(start_loss)},
               "standard": {"grid": standard_grid, **config}, "model_calls": calls,
               "seconds": time.perf_counter() - began, "n_calibration": n_calibration, "iterations": iterations,
               "search_evaluations": search_evaluations, "seed": seed, "reference_steps": reference_steps}
