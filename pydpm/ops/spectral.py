@@ -485,8 +485,9 @@ def _focal_forward_fake(pred, target, alpha, patch_factor, ave_spectrum, log_mat
 def _focal_backward(grad: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, spectrum: torch.Tensor,
                     alpha: float, patch_factor: int, ave_spectrum: bool, log_matrix: bool, batch_matrix: bool,
                     need_pred: bool, need_target: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    args = check_focal_frequency_loss(pred, target, alpha=alpha, patch_factor=patch_factor,
-                                      ave_spectrum=ave_spectrum, log_matrix=log_matrix, batch_matrix=batch_matrix)
+    # The forward checked these arguments; the backward runs on them as they are (as _fwmse_backward does).
+    args = SpectralArgs("focal", pred, target, alpha=float(alpha), patch=patch_factor, ave=ave_spectrum,
+                        log=log_matrix, batch=batch_matrix)
     args.backward, args.grad, args.need = True, grad, (need_pred, need_target)
     args.spectrum = spectrum if spectrum.numel() else None
     return _grads_out(args, FOCAL_OP(args))
@@ -682,7 +683,7 @@ def weight_sample_inputs(device="cpu", dtype=torch.float32, *, small=False, seed
     yield "non-contiguous", dict(x0=sample_tensor((2, 3, 6, 4), device, dtype, gen).transpose(2, 3), size=(3, 2))
 
 
-def _loss_bad_inputs(op: str, device, extra: dict):
+def _loss_bad_inputs(device, extra: dict):
     r = sample_maker(device)
     B, C, H, W = 2, 3, 4, 6
     shape = (B, C, H, W)
@@ -705,7 +706,7 @@ def fwmse_bad_inputs(device):
     r = sample_maker(device)
     B, C, H, W = 2, 3, 4, 6
     shape = (B, C, H, W)
-    yield from _loss_bad_inputs("frequency_weighted_mse", device, dict(weight=lambda: r(H, W).abs()))
+    yield from _loss_bad_inputs(device, dict(weight=lambda: r(H, W).abs()))
     yield BadInput("weight-shape", dict(pred=r(*shape), target=r(*shape), weight=r(H, W + 1)), ValueError, "weight")
     yield BadInput("weight-batch", dict(pred=r(*shape), target=r(*shape), weight=r(B + 1, 1, H, W)), ValueError,
                    "weight")
@@ -724,7 +725,7 @@ def focal_bad_inputs(device):
     r = sample_maker(device)
     B, C, H, W = 2, 3, 4, 6
     shape = (B, C, H, W)
-    yield from _loss_bad_inputs("focal_frequency_loss", device, {})
+    yield from _loss_bad_inputs(device, {})
     yield BadInput("patch_factor-divides", dict(pred=r(*shape), target=r(*shape), patch_factor=4), ValueError,
                    "patch_factor")
     yield BadInput("patch_factor-float", dict(pred=r(*shape), target=r(*shape), patch_factor=2.0), TypeError,
@@ -784,6 +785,8 @@ FOCAL_OP = register(Op(
     sample_inputs=focal_sample_inputs, dispatch_key=_dispatch_key, library_op=FOCAL_GRAD.overload,
     library_args=_focal_library_args, make_out=_loss_out, bad_inputs=focal_bad_inputs,
 ))
+
+
 @torch.library.custom_op("pydpm::spectrum_weight", mutates_args=())
 def _weight_library(x0: torch.Tensor, height: int, width: int, alpha: float, eps: float) -> torch.Tensor:
     return WEIGHT_OP(check_spectrum_weight(x0, (height, width), alpha=alpha, eps=eps))
