@@ -94,11 +94,13 @@ def _row(name: str, cells: list[str]) -> str:
 
 
 def run(argv: list[str] | None = None) -> int:
+    from pydpm.schedules import SKIP_TYPES
+
     parser = argparse.ArgumentParser(prog="python -m pydpm.bench.sampler_accuracy", description=__doc__.split("\n")[0])
     parser.add_argument("--schedule", choices=("discrete", "linear"), default="discrete",
                         help="discrete: DDPM's betas linspace(1e-4, 0.02, 1000) (default); linear: the VP SDE")
     parser.add_argument("--skip-type", default="time_uniform",
-                        choices=("time_uniform", "logSNR", "time_quadratic", "karras"))
+                        choices=SKIP_TYPES)
     parser.add_argument("--batch", type=int, default=256, help="starting points x_T (default 256)")
     parser.add_argument("--dim", type=int, default=64, help="data dimension (default 64)")
     args = parser.parse_args(argv)

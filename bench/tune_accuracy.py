@@ -32,8 +32,7 @@ except ImportError:  # run as a script from a checkout
 def official(model, psched) -> Iterator[tuple[str, Callable[[torch.Tensor, int], torch.Tensor]]]:
     """(name, run(x, nfe)) for every official DPM-Solver(++) and UniPC configuration."""
     from pydpm.samplers import DPMSolver, UniPC
-
-    skips = ("time_uniform", "logSNR", "time_quadratic", "karras")
+    from pydpm.schedules import SKIP_TYPES as skips
     for alg in ("dpmsolver", "dpmsolver++"):
         for order in (1, 2, 3):
             for method in ("multistep", "singlestep", "singlestep_fixed"):

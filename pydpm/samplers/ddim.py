@@ -6,6 +6,7 @@ import numbers
 
 from pydpm.samplers._common import Solver, after_step, check_choice
 from pydpm.samplers._program import Point
+from pydpm.schedules import SKIP_TYPES
 
 
 def ddim_update(tr, x, s: Point, t: Point, eta: float):
@@ -40,7 +41,7 @@ class DDIM(Solver):
     def sample(self, x, steps=20, t_start=None, t_end=None, skip_type="time_uniform", seed=0,
                return_intermediate=False, cuda_graph=False, progress=False):
         steps = self.check_steps(steps)
-        check_choice("skip_type", skip_type, ("time_uniform", "logSNR", "time_quadratic", "karras"))
+        check_choice("skip_type", skip_type, SKIP_TYPES)
         t_T, t_0 = self.time_range(t_start, t_end)
         key = ("ddim", steps, t_T, t_0, skip_type, self.eta, bool(return_intermediate))
 

@@ -14,7 +14,7 @@ import torch
 
 from pydpm.samplers._common import Solver, after_step, check_choice, check_int, check_order
 from pydpm.samplers._program import Point
-from pydpm.schedules import NoiseScheduleFlow, NoiseScheduleVP
+from pydpm.schedules import SKIP_TYPES, NoiseScheduleFlow, NoiseScheduleVP
 
 SOLVER_TYPES = ("dpmsolver", "taylor")
 THIRD_ORDER = ("authors", "corrected")
@@ -428,7 +428,7 @@ class DPMSolver(Solver):
             raise ValueError(f"method='multistep' needs steps >= order, got steps={steps}, order={order}")
         if method == "singlestep_fixed" and steps < order:
             raise ValueError(f"method='singlestep_fixed' needs steps >= order, got steps={steps}, order={order}")
-        check_choice("skip_type", skip_type, ("time_uniform", "logSNR", "time_quadratic", "karras"))
+        check_choice("skip_type", skip_type, SKIP_TYPES)
         spacing = skip_type if grid is None else tuple(grid.tolist())
         key = ("dpm", steps, t_T, t_0, order, spacing, method, bool(lower_order_final), bool(denoise_to_zero),
                solver_type, bool(return_intermediate), third_order)
@@ -507,7 +507,7 @@ class SDEDPMSolverPP(Solver):
                seed=0, return_intermediate=False, cuda_graph=False, progress=False):
         order = check_order(order, (1, 2))
         steps = self.check_steps(steps)
-        check_choice("skip_type", skip_type, ("time_uniform", "logSNR", "time_quadratic", "karras"))
+        check_choice("skip_type", skip_type, SKIP_TYPES)
         t_T, t_0 = self.time_range(t_start, t_end)
         key = ("sde-dpm++", steps, t_T, t_0, order, skip_type, bool(lower_order_final), bool(return_intermediate))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pydpm.samplers._common import Solver, after_step, check_choice
 from pydpm.samplers._program import Point
+from pydpm.schedules import SKIP_TYPES
 
 VARIANTS = ("plms", "s-pndm", "f-pndm")
 # Adams–Bashforth weights, newest first.
@@ -70,7 +71,7 @@ class PNDM(Solver):
     def sample(self, x, steps=20, t_start=None, t_end=None, skip_type="time_uniform", return_intermediate=False,
                cuda_graph=False, progress=False):
         steps = self.check_steps(steps)
-        check_choice("skip_type", skip_type, ("time_uniform", "logSNR", "time_quadratic", "karras"))
+        check_choice("skip_type", skip_type, SKIP_TYPES)
         t_T, t_0 = self.time_range(t_start, t_end)
         key = ("pndm", steps, t_T, t_0, skip_type, bool(return_intermediate))
 

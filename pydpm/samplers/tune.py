@@ -46,9 +46,8 @@ import torch
 from pydpm.samplers._common import Solver, after_step, check_int
 from pydpm.samplers.dpm_solver import DPMSolver
 from pydpm.samplers.unipc import UniPC
-from pydpm.schedules import NoiseScheduleVP
+from pydpm.schedules import SKIP_TYPES, NoiseScheduleVP
 
-GRIDS = ("time_uniform", "logSNR", "time_quadratic", "karras")
 _STANDARD = {"DPMSolver": DPMSolver, "UniPC": UniPC}
 FORMAT = "pydpm-tuned-sampler-1"
 _NODES = 16  # Gauss-Legendre nodes per step: exact to rounding for a polynomial of degree < 4 times e^λ here
@@ -178,8 +177,7 @@ class _Multistep:
         self.u = _log_gaps(init_times).clone().requires_grad_(True)
         self.da = torch.zeros(nfe, dtype=torch.float64, requires_grad=True)
         self.db = torch.zeros(nfe, history, dtype=torch.float64, requires_grad=True)
-        nodes, weights = _gauss_legendre(_NODES)
-        self.nodes, self.weights = nodes, weights
+        self.nodes, self.weights = _gauss_legendre(_NODES)
         with torch.no_grad():
             _, _, _, b0 = self.coefficients()
         self.scale = torch.stack([row.abs().sum() for row in b0]).clamp_min(1e-12)
@@ -320,8 +318,8 @@ def _gauss_legendre(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return nodes, 2.0 * vectors[0] ** 2
 
 
-def _positive(name: str, value, kind=numbers.Real) -> float:
-    if isinstance(value, bool) or not isinstance(value, kind):
+def _positive(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"tune: {name}={value!r} must be a positive number")
     if not (math.isfinite(float(value)) and float(value) > 0):
         raise ValueError(f"tune: {name}={value!r} must be a finite number > 0")
@@ -411,20 +409,21 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP,
     # validation set) picks the learned method's checkpoint and the candidate returned.
     n_val = max(1, n_calibration // 4)
     n_fit = max(1, n_calibration - n_val)
-    fit, val = slice(0, n_fit), slice(n_calibration - n_val, n_calibration)
+    val = slice(n_calibration - n_val, n_calibration)
 
-    def mse(method: _Multistep, part: slice = val) -> float:
+    def mse(method: _Multistep) -> float:
+        """The method's mean squared error on the validation set."""
         total, count = 0.0, 0
         with torch.no_grad():
-            for lo in range(part.start, part.stop, 1024):
-                chunk = slice(lo, min(lo + 1024, part.stop))
+            for lo in range(val.start, val.stop, 1024):
+                chunk = slice(lo, min(lo + 1024, val.stop))
                 y = method.run(counted, x_cal[chunk])
                 total += float((y - reference[chunk]).double().square().sum())
                 count += y.numel()
         return total / count
 
     starts = []
-    for grid in GRIDS:
+    for grid in SKIP_TYPES:
         ts = reference_solver.grid(grid, t_T, t_0, nfe)
         for order in range(1, min(history, nfe) + 1):
             method = _Multistep(noise_schedule, t_T, t_0, nfe, order, history, ts)
@@ -467,10 +466,10 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP,
         loss = float((y - reference[part]).double().square().mean())
         return loss if math.isfinite(loss) else math.inf
 
-    standards = [(standard_mse(config, reference_solver.grid(g, t_T, t_0, nfe)), g, config)
-                 for config in _standard_configs() for g in GRIDS]
+    grids = {g: reference_solver.grid(g, t_T, t_0, nfe) for g in SKIP_TYPES}
+    standards = [(standard_mse(config, ts), g, config) for config in _standard_configs() for g, ts in grids.items()]
     _, standard_grid, config = min(standards, key=lambda s: s[0])
-    standard_times = reference_solver.grid(standard_grid, t_T, t_0, nfe)
+    standard_times = grids[standard_grid]
     searched_times = standard_times
     if search_evaluations and nfe > 1:
         z, _ = _nelder_mead(lambda z: standard_mse(config, _times(z, t_T, t_0)), _log_gaps(standard_times),

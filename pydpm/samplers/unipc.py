@@ -15,7 +15,7 @@ import torch
 
 from pydpm.samplers._common import Solver, after_step, check_choice, check_int
 from pydpm.samplers._program import Point
-from pydpm.schedules import NoiseScheduleFlow, NoiseScheduleVP
+from pydpm.schedules import SKIP_TYPES, NoiseScheduleFlow, NoiseScheduleVP
 from pydpm.samplers.dpm_solver import METHODS as _DPM_METHODS
 
 VARIANTS = ("bh1", "bh2", "vary_coeff")
@@ -225,7 +225,7 @@ class UniPC(Solver):
             t_T, t_0 = self.time_range(t_start, t_end)
         if steps < order:
             raise ValueError(f"UniPC needs steps >= order, got steps={steps}, order={order}")
-        check_choice("skip_type", skip_type, ("time_uniform", "logSNR", "time_quadratic", "karras"))
+        check_choice("skip_type", skip_type, SKIP_TYPES)
         if t_0 == 0 and (denoise_to_zero or self.predict == "noise"):
             raise ValueError("t_end=0 (σ = 0) needs algorithm_type='data_prediction' (the noise-prediction update "
                              "has σ_t·(e^h − 1) = 0·∞ there) and no denoise_to_zero (it already ends at the data)")
