@@ -1,14 +1,17 @@
-"""Tuned samplers against every official DPM-Solver(++) and UniPC configuration, on the analytic Gaussian mixture
-of `sampler_accuracy` (CPU, float64).
+"""Tuned samplers and DPM-Solver-v3 against every official DPM-Solver(++) and UniPC configuration, on the analytic
+Gaussian mixture of `sampler_accuracy` (CPU, float64).
 
-    python -m pydpm.bench.tune_accuracy [--nfe 5 10 20] [--schedule discrete linear]
+    python -m pydpm.bench.tune_accuracy [--nfe 5 10 20] [--schedule discrete linear] [--methods tune v3]
                                                         (from a checkout: python bench/tune_accuracy.py)
 
 Per schedule and NFE: the best of every official configuration (DPM-Solver and DPM-Solver++: orders 1-3,
 multistep / singlestep / singlestep_fixed, solver types dpmsolver / taylor; UniPC bh1 / bh2 / vary_coeff,
 orders 1-3, data and noise prediction; every skip type; lower_order_final on and off), chosen on the same
 evaluation samples it is scored on (which favours it), against `pydpm.samplers.tune` at that NFE, tuned on its
-own 4096 calibration samples (another seed) and scored once on the evaluation samples. Error: RMS distance at
+own 4096 calibration samples (another seed) and scored once on the evaluation samples, and against DPM-Solver-v3
+with EMS computed by `compute_ems` from 4096 samples of the mixture (another seed; 101 grid points), order 3 with
+the pseudo-order corrector, its skip type and corrector use chosen on 512 calibration samples (seed 12345) against
+a 500-step DPM-Solver++(3M) solution, never on the evaluation samples. Error: RMS distance at
 t = 1/N to the exact probability-flow ODE solution (RK4 in λ, 1000 steps); a few trajectories near the
 boundaries between components carry most of it, so the evaluation set is large (2048 by default) and drawn
 twice (seeds 0 and 1: one row each, the best official configuration chosen per draw): how far the ratio
@@ -63,17 +66,21 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=1500, help="tune's iterations (default 1500)")
     parser.add_argument("--eval", type=int, default=2048, help="evaluation samples per draw (default 2048)")
     parser.add_argument("--eval-seeds", type=int, nargs="+", default=[0, 1], help="evaluation draws (default 0 1)")
+    parser.add_argument("--methods", nargs="+", choices=("tune", "v3"), default=["tune", "v3"])
+    parser.add_argument("--ems-samples", type=int, default=4096, help="data samples of the EMS (default 4096)")
+    parser.add_argument("--ems-points", type=int, default=101, help="grid points of the EMS (default 101)")
     args = parser.parse_args(argv)
 
     gmm, oracle = _import_helpers()
-    from pydpm.samplers import tune
-    from pydpm.schedules import model_wrapper
+    from pydpm.samplers import DPMSolver, DPMSolverV3, compute_ems, tune
+    from pydpm.schedules import SKIP_TYPES, model_wrapper
 
     torch.set_num_threads(1)
     began = time.perf_counter()
-    print("| schedule | NFE | draw | best official configuration | its error | tuned error | ratio | tuning: chosen, "
-          "model calls, seconds |")
-    print(_row("---", ["---:", "---:", "---", "---:", "---:", "---:", "---"]))
+    cols = (["tuned error", "ratio", "tuning: chosen, model calls, seconds"] if "tune" in args.methods else []) + (
+        ["v3 error", "ratio", "v3 configuration"] if "v3" in args.methods else [])
+    print("| schedule | NFE | draw | best official configuration | its error | " + " | ".join(cols) + " |")
+    print(_row("---", ["---:", "---:", "---", "---:"] + ["---:", "---:", "---"] * (len(cols) // 3)))
     for name in args.schedule:
         osched, psched = _schedules(name, oracle)
         mixture = gmm.GaussianMixture.random(osched, 64, components=4, seed=1, spread=0.5)
@@ -84,10 +91,21 @@ def run(argv: list[str] | None = None) -> int:
             x = torch.randn(args.eval, 64, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
             draws.append((seed, x, oracle.ode_solution(mixture.eps, osched, x, t_T, t_0, n=1000)))
 
+        if "v3" in args.methods:
+            data = mixture.sample(args.ems_samples, generator=torch.Generator().manual_seed(777))
+            ems = compute_ems(model, psched, data, points=args.ems_points, t_start=t_T, t_end=t_0, batch=4096)
+            x_cal = torch.randn(512, 64, generator=torch.Generator().manual_seed(12345), dtype=torch.float64)
+            ref_cal = DPMSolver(model, psched).sample(x_cal, steps=500, order=3, skip_type="logSNR",
+                                                      third_order="corrected")
         for nfe in args.nfe:
-            tuned = tune(model, psched, nfe, shape=(64,), n_calibration=args.calibration, iterations=args.iterations,
-                         dtype=torch.float64, seed=12345)
-            r = tuned.report
+            if "tune" in args.methods:
+                tuned = tune(model, psched, nfe, shape=(64,), n_calibration=args.calibration,
+                             iterations=args.iterations, dtype=torch.float64, seed=12345)
+                r = tuned.report
+            if "v3" in args.methods:
+                v3 = DPMSolverV3(model, psched, ems)
+                v3_config = min(({"skip_type": k, "use_corrector": c} for k in SKIP_TYPES for c in (True, False)),
+                                key=lambda cfg: float((v3.sample(x_cal, steps=nfe, **cfg) - ref_cal).square().mean()))
             for seed, x, exact in draws:
                 def error(y: torch.Tensor) -> float:
                     return float((y - exact).square().mean().sqrt())
@@ -99,12 +117,20 @@ def run(argv: list[str] | None = None) -> int:
                     except ValueError:  # e.g. fewer steps than the order
                         continue
                     best = min(best, (e, label))
-                ours = error(tuned.sample(x))
-                print(_row(name, [str(nfe), str(seed), best[1], f"{best[0]:.2e}", f"{ours:.2e}",
-                                  f"{best[0] / ours:.2f}×", f"{r['chosen']}, {r['model_calls']}, {r['seconds']:.0f}"]),
-                      flush=True)
+                cells = [str(nfe), str(seed), best[1], f"{best[0]:.2e}"]
+                if "tune" in args.methods:
+                    ours = error(tuned.sample(x))
+                    cells += [f"{ours:.2e}", f"{best[0] / ours:.2f}×",
+                              f"{r['chosen']}, {r['model_calls']}, {r['seconds']:.0f}"]
+                if "v3" in args.methods:
+                    e3 = error(v3.sample(x, steps=nfe, **v3_config))
+                    cells += [f"{e3:.2e}", f"{best[0] / e3:.2f}×",
+                              f"{v3_config['skip_type']}, corrector {'on' if v3_config['use_corrector'] else 'off'}"]
+                print(_row(name, cells), flush=True)
     print(f"\n({time.perf_counter() - began:.0f} s; torch {torch.__version__}; 4-component mixture in D = 64, "
-          f"{args.eval} evaluation samples per draw, calibration seed 12345)")
+          f"{args.eval} evaluation samples per draw, calibration seed 12345"
+          + (f"; EMS: {args.ems_samples} samples, {args.ems_points} points, {ems.info['seconds']:.0f} s)"
+             if "v3" in args.methods else ")"))
     return 0
 
 

@@ -160,6 +160,28 @@ def test_refusals_of_what_tune_cannot_do(problem):
              dtype=torch.float64)
 
 
+def test_tune_with_data_adds_dpm_solver_v3(problem, tmp_path):
+    """With data samples, tune computes EMS and DPM-Solver-v3 competes: on the mixture it wins on held-out noise by
+    a wide margin, and the chosen sampler round-trips through a file with its EMS."""
+    data = problem.gm.sample(512, generator=torch.Generator().manual_seed(8))
+    tuned = tune(problem.model, problem.psched, 4, shape=(DIM,), n_calibration=256, iterations=0,
+                 search_evaluations=0, reference_steps=200, dtype=torch.float64, seed=3, data=data, ems_points=41,
+                 t_end=1e-3)
+    rms = tuned.report["validation_rms"]
+    assert set(rms) == {"learned", "standard", "searched", "v3"} and tuned.report["chosen"] == "v3"
+    assert rms["v3"] < 0.5 * rms["standard"]
+    assert tuned.report["v3"]["ems"]["samples"] == 512 and tuned.ems is not None
+    assert problem.error(tuned.sample(problem.x)) < 0.5 * problem.error(
+        DPMSolver(problem.model, problem.psched).sample(problem.x, steps=4, t_end=1e-3, skip_type="logSNR"))
+    path = tmp_path / "v3.json"
+    tuned.save(path)
+    loaded = TunedSampler.load(path, problem.model, problem.psched)
+    assert torch.equal(loaded.ems.b, tuned.ems.b) and loaded.solver == tuned.solver
+    torch.testing.assert_close(loaded.sample(problem.x), tuned.sample(problem.x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="data must be a tensor"):
+        tune(problem.model, problem.psched, 3, shape=(DIM,), data=torch.zeros(4, DIM + 1))
+
+
 def test_tuned_sampler_checks_its_coefficients(problem):
     times = [1.0, 0.5, 0.1]
     with pytest.raises(ValueError, match="2 steps need 2 entries"):
@@ -182,9 +204,9 @@ def test_the_benchmark_runs(capsys):
     from pydpm.bench import tune_accuracy
 
     assert tune_accuracy.run(["--nfe", "2", "--schedule", "linear", "--calibration", "32", "--iterations", "2",
-                              "--eval", "16"]) == 0
+                              "--eval", "16", "--ems-samples", "16", "--ems-points", "5"]) == 0
     out = capsys.readouterr().out
-    assert out.count("| linear | 2 |") == 2 and "×" in out  # one row per evaluation draw
+    assert out.count("| linear | 2 |") == 2 and out.count("×") == 4  # one row per evaluation draw, two ratios each
 
 
 @pytest.mark.gpu

@@ -9,8 +9,10 @@ tracer materialises the vector there. `compile_plan` turns the trace into one fu
     x_new = a·x_cur + c_d·d_new + Σ c_j·(stored d's) (+ c_z·z)
 
 where x_cur is the last model input, d_new the prediction of the call on x_cur (converted from the raw
-model output inside the launch: model type and classifier-free guidance are folded into `convert`), and
-the stored d's are the history slots. Writing every vector in terms of the latest buffer is what makes
+model output inside the launch: model type and classifier-free guidance are folded into `convert`; a
+prediction is x₀, ε, or any fixed affine k_x·x + k_ε·ε), and the stored d's are the history slots. A
+sampler may also add constant tensors (one sample's shape, e.g. DPM-Solver-v3's bias terms): each launch
+reads the sum of its constant terms as one more stored operand, built in float64 when a workspace is made. Writing every vector in terms of the latest buffer is what makes
 UniPC's corrector and the next predictor one launch: the corrected sample is never materialised.
 
 All coefficients are computed once, in float64, when the plan is compiled; at run time they sit in a
@@ -115,12 +117,14 @@ class Lin:
 
 @dataclasses.dataclass
 class Call:
-    """A model evaluation on buffer `x` at `point`, predicting `predict` ('data' or 'noise') as `sym`."""
+    """A model evaluation on buffer `x` at `point`, predicting `predict` ('data', 'noise', or 'affine':
+    affine[0]·x + affine[1]·ε) as `sym`."""
 
     x: int
     point: Point
     predict: str
     sym: int
+    affine: tuple[float, float] | None = None
 
 
 @dataclasses.dataclass
@@ -172,6 +176,7 @@ class Tracer(_Times):
         self.x = Lin({0: 1.0})
         self.cur = 0
         self.pending: Call | None = None
+        self.constants: dict[int, torch.Tensor] = {}
 
     def _new(self, kind: str) -> int:
         self.kind.append(kind)
@@ -194,13 +199,20 @@ class Tracer(_Times):
             self.events.append(("flush", self.pending.sym))
             self.pending = None
 
-    def model(self, x: Lin, point: Point, predict: str | None = None) -> Lin:
+    def model(self, x: Lin, point: Point, predict: str | None = None,
+              affine: tuple[float, float] | None = None) -> Lin:
         buf = self._materialise(x)
         self._flush()
-        call = Call(buf, point, predict or self.predict, self._new("d"))
+        call = Call(buf, point, "affine" if affine else predict or self.predict, self._new("d"), affine)
         self.events.append(("call", call))
         self.pending = call
         return Lin({call.sym: 1.0})
+
+    def constant(self, value: torch.Tensor) -> Lin:
+        """A constant tensor of one sample's shape (float64), added to every sample of the batch."""
+        c = self._new("c")
+        self.constants[c] = value.detach().to("cpu", torch.float64)
+        return Lin({c: 1.0})
 
     def noise(self) -> Lin:
         z = self._new("z")
@@ -230,7 +242,8 @@ class Plan:
     n_storage: int
     n_calls: int
     predict: str
-    kinds: list[str]                 # symbol -> 'root', 'buf', 'd' or 'z'
+    kinds: list[str]                 # symbol -> 'root', 'buf', 'd', 'z' or 'c'
+    constants: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # a launch's summed constant
 
     def kind_of(self, sym: int) -> str:
         return self.kinds[sym]
@@ -273,6 +286,7 @@ def compile_plan(tr: Tracer) -> Plan:
     """Turn a trace into launches (coefficients, operands, slots) and assign storage by liveness."""
     events, cur, pending, noise_used, n_calls = [], 0, None, 0, 0
     z_index: dict[int, int] = {}
+    kinds, constants = list(tr.kind), {}
     for ev in tr.events:
         kind = ev[0]
         if kind == "call":
@@ -294,11 +308,20 @@ def compile_plan(tr: Tracer) -> Plan:
             zs = [s for s in res if tr.kind[s] == "z"]
             if len(zs) > 1 or any(s in z_index for s in zs):
                 raise RuntimeError("a noise term must be consumed by the launch that introduces it")
+            const = None
             for s, v in sorted(res.items()):
+                if tr.kind[s] == "c":
+                    const = v * tr.constants[s] if const is None else const + v * tr.constants[s]
+                    continue
                 if tr.kind[s] == "z":
                     continue
                 models.append(s)
                 coefs.append(v)
+            if const is not None:  # the launch's constant terms, summed into one operand
+                models.append(len(kinds))
+                coefs.append(1.0)
+                constants[len(kinds)] = const
+                kinds.append("c")
             if zs:
                 z_index[zs[0]] = noise = noise_used
                 noise_used += 1
@@ -321,11 +344,13 @@ def compile_plan(tr: Tracer) -> Plan:
     for e in events:
         if e[0] == "launch" and e[1].call is not None and e[1].call.sym in read_later and e[1].out != e[1].call.sym:
             e[1].save = True
-    storage, n_storage = _allocate(tr, events)
-    return Plan(events, storage, n_storage, n_calls, tr.predict, list(tr.kind))
+    storage, n_storage = _allocate(kinds, events)
+    for c in constants:  # constants are written once per workspace and never reused
+        storage[c], n_storage = n_storage, n_storage + 1
+    return Plan(events, storage, n_storage, n_calls, tr.predict, kinds, constants)
 
 
-def _allocate(tr: Tracer, events: list[Any]) -> tuple[dict[int, int], int]:
+def _allocate(kinds: list[str], events: list[Any]) -> tuple[dict[int, int], int]:
     """Storage for buffers and slots, reusing a tensor once its symbol is dead. Buffers and d slots use
     separate pools so an output never aliases a model operand other than x."""
     last: dict[int, int] = {}
@@ -352,8 +377,8 @@ def _allocate(tr: Tracer, events: list[Any]) -> tuple[dict[int, int], int]:
         if kind == "launch":
             for s in {e.x, *e.models}:  # operands read for the last time: an output may reuse them
                 if last.get(s) == i and s in storage:
-                    free["d" if tr.kind[s] == "d" else "buf"].append(storage[s])
-            take(e.out, "d" if tr.kind[e.out] == "d" else "buf")
+                    free["d" if kinds[s] == "d" else "buf"].append(storage[s])
+            take(e.out, "d" if kinds[e.out] == "d" else "buf")
             if e.save and e.call.sym not in storage:
                 take(e.call.sym, "d")
         elif kind == "hook" and e.out is not None:
@@ -397,7 +422,7 @@ class _Bound:
                 p = l.call.point
                 mt = "data" if opts.correcting_x0_fn is not None and l.call.predict == "data" else model_type
                 try:
-                    conv[i] = torch.tensor(_convert(mt, p, l.call.predict), dtype=torch.float64)
+                    conv[i] = torch.tensor(_convert(mt, p, l.call.predict, l.call.affine), dtype=torch.float64)
                 except ZeroDivisionError:
                     raise ValueError(f"the model output cannot be converted to a {l.call.predict} prediction at "
                                      f"t = {p.t} (α = {p.alpha}, σ = {p.sigma}); move t_start/t_end inside the "
@@ -418,9 +443,13 @@ class _Bound:
         self.wrapped = wrapped
 
 
-def _convert(model_type: str, p: Point, predict: str) -> tuple[float, float]:
+def _convert(model_type: str, p: Point, predict: str, affine: tuple[float, float] | None = None) -> tuple[float, float]:
     if model_type == "data":  # already an x₀ tensor (a user correcting_x0_fn ran on it)
         return (0.0, 1.0)
+    if predict == "affine":
+        assert affine is not None
+        e0, e1 = conversion(model_type, p.alpha, p.sigma, "noise")
+        return (affine[0] + affine[1] * e0, affine[1] * e1)
     return conversion(model_type, p.alpha, p.sigma, "data" if predict == "data" else "noise")
 
 
@@ -433,6 +462,8 @@ class _Workspace:
         self.bound, self.seed = b, opts.seed
         self.layout = (x.shape, x.dtype, x.device)  # what every sample of the workspace shares
         self.store: list[torch.Tensor | None] = [None] * plan.n_storage
+        for c, value in plan.constants.items():
+            self.store[plan.storage[c]] = torch.empty_like(x).copy_(value.to(x.device).expand(x.shape))
         self.output = next((e for kind, e in plan.events if kind == "output"), 0)
         self.steps: list[PlannedStep | None] = []
         li = 0
@@ -441,7 +472,7 @@ class _Workspace:
                 continue
             out = _slot(self.store, plan.storage[e.out], x)
             save = _slot(self.store, plan.storage[e.call.sym], x) if e.save else None
-            if all(plan.kind_of(s) == "d" for s in e.models):  # every operand but x stays put between runs
+            if all(plan.kind_of(s) in ("d", "c") for s in e.models):  # every operand but x stays put between runs
                 has_d = e.call is not None
                 pair = has_d and _pair(opts, b.wrapped, e.call)
                 mo = (torch.empty_like(x), torch.empty_like(x)) if pair else (torch.empty_like(x) if has_d else None)
@@ -659,8 +690,12 @@ class EagerTracer(_Times):
         t = torch.full((x.shape[0],), point.t, dtype=getattr(self.schedule, "dtype", torch.float32), device=x.device)
         return self.opts.correcting_xt_fn(x, t, step)
 
-    def model(self, x: torch.Tensor, point: Point, predict: str | None = None) -> torch.Tensor:
-        call = Call(0, point, predict or self.predict, 0)
+    def constant(self, value: torch.Tensor) -> torch.Tensor:
+        return value.to(self.x.device, self.x.dtype)
+
+    def model(self, x: torch.Tensor, point: Point, predict: str | None = None,
+              affine: tuple[float, float] | None = None) -> torch.Tensor:
+        call = Call(0, point, "affine" if affine else predict or self.predict, 0, affine)
         opts, batch = self.opts, x.shape[0]
         t_cont = torch.full((batch,), point.t, dtype=getattr(self.schedule, "dtype", torch.float32), device=x.device)
         raw, g = model_outputs(opts, self.wrapped, x, t_cont, self.schedule.model_time(t_cont), call)
@@ -668,7 +703,7 @@ class EagerTracer(_Times):
         corrected = opts.correcting_x0_fn is not None and call.predict == "data"
         mt = "data" if corrected else (opts.model_fn.model_type if self.wrapped else "noise")
         thr = opts.threshold if call.predict == "data" and not corrected else None
-        return solver_step(x, [], [0.0, 1.0], model_output=raw, convert=list(_convert(mt, point, call.predict)),
+        return solver_step(x, [], [0.0, 1.0], model_output=raw, convert=list(_convert(mt, point, call.predict, affine)),
                            guidance_scale=g, threshold=thr)
 
 
@@ -720,7 +755,7 @@ class Stepper:
 
     def __init__(self, plan: Plan, opts: Options):
         if any(kind == "hook" for kind, _ in plan.events) or any(
-                plan.kind_of(s) != "d" for kind, e in plan.events if kind == "launch" for s in e.models):
+                plan.kind_of(s) not in ("d", "c") for kind, e in plan.events if kind == "launch" for s in e.models):
             raise ValueError("a Stepper drives plans whose launches read only the caller's sample and stored "
                              "predictions (no correcting_xt_fn or intermediates)")
         self.plan, self.opts = plan, opts

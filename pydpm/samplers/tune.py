@@ -22,6 +22,8 @@ validation set is returned:
 2. The best standard solver configuration (DPM-Solver(++) and UniPC: orders, variants, prediction types,
    time grids) on the fit set, as it is.
 3. That configuration with its time steps searched (Nelder-Mead over the step sizes, no gradients).
+4. With `data` (samples of the data): DPM-Solver-v3 with statistics computed from them (`compute_ems`), its
+   order, corrector use and grid chosen on the fit set.
 
 Measured on Gaussian mixtures (bench/tune_accuracy.py, docs/samplers.md), the learned method wins at few
 steps (5-10) and the searched standard solver at more (20).
@@ -45,10 +47,12 @@ import torch
 
 from pydpm.samplers._common import Solver, after_step, check_int
 from pydpm.samplers.dpm_solver import DPMSolver
+from pydpm.samplers.dpm_solver_v3 import DPMSolverV3
+from pydpm.samplers.ems import EMS, compute_ems, gauss_legendre, guidance_of
 from pydpm.samplers.unipc import UniPC
 from pydpm.schedules import SKIP_TYPES, NoiseScheduleVP
 
-_STANDARD = {"DPMSolver": DPMSolver, "UniPC": UniPC}
+_STANDARD = {"DPMSolver": DPMSolver, "UniPC": UniPC, "DPMSolverV3": DPMSolverV3}
 FORMAT = "pydpm-tuned-sampler-1"
 _NODES = 16  # Gauss-Legendre nodes per step: exact to rounding for a polynomial of degree < 4 times e^λ here
 
@@ -69,7 +73,8 @@ class TunedSampler(Solver):
 
     def __init__(self, model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP,
                  times: Sequence[float], a: Sequence[float] | None = None, b: Sequence[Sequence[float]] | None = None,
-                 *, solver: dict[str, Any] | None = None, report: dict[str, Any] | None = None) -> None:
+                 *, solver: dict[str, Any] | None = None, report: dict[str, Any] | None = None,
+                 ems: EMS | None = None) -> None:
         super().__init__(model_fn, noise_schedule, "dpmsolver++", None, None, 1.0, 0.995)
         ts = self.explicit_times(times, None, None)
         steps = ts.numel() - 1
@@ -79,13 +84,16 @@ class TunedSampler(Solver):
         if (solver is None) == (a is None or b is None):
             raise ValueError("TunedSampler: give either a and b (a learned multistep method) or solver (a standard "
                              "solver's configuration)")
-        self.solver, self._standard = solver, None
+        self.solver, self._standard, self.ems = solver, None, ems
         self.a, self.b = [], []
         if solver is not None:
             if not isinstance(solver, dict) or solver.get("class") not in _STANDARD:
                 raise ValueError(f"TunedSampler: solver must be a dict with 'class' one of {tuple(_STANDARD)}, 'init' "
                                  f"and 'sample', got {solver!r}")
-            self._standard = _STANDARD[solver["class"]](model_fn, noise_schedule, **solver["init"])
+            if (solver["class"] == "DPMSolverV3") != (ems is not None):
+                raise ValueError("TunedSampler: a DPMSolverV3 configuration needs its ems, and only it takes them")
+            extra = {"ems": ems} if ems is not None else {}
+            self._standard = _STANDARD[solver["class"]](model_fn, noise_schedule, **solver["init"], **extra)
             return
         assert a is not None and b is not None
         if len(a) != steps or len(b) != steps:
@@ -136,8 +144,14 @@ class TunedSampler(Solver):
                 "report": self.report, "schedule": _fingerprint(self.noise_schedule, times)}
 
     def save(self, path: str | Path) -> None:
-        """Write the tuned sampler (times, coefficients, report, and the schedule it was tuned for) as JSON."""
-        Path(path).write_text(json.dumps(self.state_dict(), indent=1))
+        """Write the tuned sampler (times, coefficients, report, and the schedule it was tuned for) as JSON; a
+        DPM-Solver-v3 configuration's EMS go beside it, to `path` + '.ems.pt'."""
+        state = self.state_dict()
+        if self.ems is not None:
+            ems_path = Path(str(path) + ".ems.pt")
+            self.ems.save(ems_path)
+            state["ems"] = ems_path.name
+        Path(path).write_text(json.dumps(state, indent=1))
 
     @classmethod
     def load(cls, path: str | Path, model_fn: Callable[..., torch.Tensor],
@@ -152,8 +166,9 @@ class TunedSampler(Solver):
                 math.isclose(p, q, rel_tol=1e-9, abs_tol=1e-9) for p, q in zip(saved["lambda"], now["lambda"])):
             raise ValueError(f"TunedSampler.load: noise_schedule differs from the one {path} was tuned for "
                              f"({saved['kind']}, λ at its times {saved['lambda'][:3]}...); tune again for this one")
+        ems = EMS.load(Path(path).parent / state["ems"]) if state.get("ems") else None
         return cls(model_fn, noise_schedule, state["times"], state["a"], state["b"], solver=state["solver"],
-                   report=state["report"])
+                   report=state["report"], ems=ems)
 
 
 def _fingerprint(noise_schedule, times: Sequence[float]) -> dict[str, Any]:
@@ -177,7 +192,7 @@ class _Multistep:
         self.u = _log_gaps(init_times).clone().requires_grad_(True)
         self.da = torch.zeros(nfe, dtype=torch.float64, requires_grad=True)
         self.db = torch.zeros(nfe, history, dtype=torch.float64, requires_grad=True)
-        self.nodes, self.weights = _gauss_legendre(_NODES)
+        self.nodes, self.weights = gauss_legendre(_NODES)
         with torch.no_grad():
             _, _, _, b0 = self.coefficients()
         self.scale = torch.stack([row.abs().sum() for row in b0]).clamp_min(1e-12)
@@ -310,14 +325,6 @@ def _nelder_mead(f: Callable[[torch.Tensor], float], x0: torch.Tensor, evaluatio
     return pts[best], vals[best]
 
 
-def _gauss_legendre(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nodes and weights on [−1, 1] (Golub–Welsch: the eigen-decomposition of the Jacobi matrix)."""
-    k = torch.arange(1, n, dtype=torch.float64)
-    off = k / torch.sqrt(4.0 * k * k - 1.0)
-    nodes, vectors = torch.linalg.eigh(torch.diag(off, 1) + torch.diag(off, -1))
-    return nodes, 2.0 * vectors[0] ** 2
-
-
 def _positive(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"tune: {name}={value!r} must be a positive number")
@@ -331,7 +338,8 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP,
          batch: int = 512, lr: float | None = None, reference_steps: int = 500, eval_every: int = 50,
          search_evaluations: int | None = None,
          t_start: float | None = None, t_end: float | None = None, device: torch.device | str = "cpu",
-         dtype: torch.dtype = torch.float32, progress: bool = False) -> TunedSampler:
+         dtype: torch.dtype = torch.float32, progress: bool = False, data: torch.Tensor | None = None,
+         ems_points: int = 101) -> TunedSampler:
     """Tune a sampler with `nfe` model calls for `model_fn` (see the module docstring for what is learned).
 
     Args:
@@ -359,6 +367,10 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP,
         t_start, t_end: the interval (default: the schedule's T and 1/N).
         device, dtype: where and in what the calibration runs (float64 makes the objective exact to rounding).
         progress: print the validation error at every evaluation to stderr.
+        data: samples x₀ of the data ([N, *shape]): tune then computes DPM-Solver-v3's statistics
+            (`compute_ems`, `ems_points` grid points, 3·N·ems_points model calls) and adds a fourth candidate,
+            DPM-Solver-v3 (order 2 or 3, corrector on or off, every standard grid; chosen on the fit set).
+        ems_points: grid points of those statistics.
 
     Returns a `TunedSampler`; its `report` gives the model calls and seconds tuning took, which candidate was
     chosen and every candidate's validation error.
@@ -373,6 +385,10 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP,
             isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1 for n in shape):
         raise TypeError(f"tune: shape={shape!r} must be the shape of one sample, a sequence of positive ints")
     n_calibration = check_int("n_calibration", n_calibration, 1, " (calibration samples)")
+    ems_points = check_int("ems_points", ems_points, 2, " (grid points of the EMS)")
+    if data is not None and (not isinstance(data, torch.Tensor) or tuple(data.shape[1:]) != tuple(shape)):
+        raise ValueError(f"tune: data must be a tensor [N, *shape] of data samples with shape={tuple(shape)}, got "
+                         f"{tuple(data.shape) if isinstance(data, torch.Tensor) else type(data).__name__}")
     history = check_int("history", history, 1, " (data predictions per step)")
     if history > 4:
         raise ValueError(f"tune: history={history}; at most 4 predictions per step")
@@ -458,9 +474,9 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP,
     # 2 and 3: the best standard configuration, then its time steps searched
     sub = slice(0, min(n_fit, 1024))
 
-    def standard_mse(config: dict[str, Any], ts: torch.Tensor, part: slice = sub) -> float:
+    def standard_mse(config: dict[str, Any], ts: torch.Tensor, part: slice = sub, ems: EMS | None = None) -> float:
         try:
-            y = TunedSampler(counted, noise_schedule, ts, solver=config).sample(x_cal[part])
+            y = TunedSampler(counted, noise_schedule, ts, solver=config, ems=ems).sample(x_cal[part])
         except ValueError:  # an order the step count cannot take
             return math.inf
         loss = float((y - reference[part]).double().square().mean())
@@ -477,6 +493,16 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP,
         searched_times = _times(z, t_T, t_0)
     candidates = {"learned": best[0], "standard": standard_mse(config, standard_times, val),
                   "searched": standard_mse(config, searched_times, val)}
+    ems = v3_grid = v3_config = None
+    if data is not None:  # 4: DPM-Solver-v3 with statistics from the data
+        ems = compute_ems(counted, noise_schedule, data.to(device, dtype), points=ems_points, t_start=t_T, t_end=t_0,
+                          seed=seed, progress=progress)
+        v3_configs = [{"class": "DPMSolverV3", "init": {}, "sample": {"order": o, "use_corrector": c}}
+                      for o in (2, 3) for c in (True, False)]
+        _, v3_grid, v3_config = min(((standard_mse(c, ts, ems=ems), g, c) for c in v3_configs for g, ts in grids.items()),
+                                    key=lambda s: s[0])
+        candidates["v3"] = standard_mse(v3_config, grids[v3_grid], val, ems)
+        ems.guidance_scale = guidance_of(model_fn)  # computed through the counting wrapper: it belongs to model_fn
     if progress:
         print("tune: validation RMS " + ", ".join(f"{k} {math.sqrt(v):.3e}" for k, v in candidates.items()),
               file=sys.stderr)
@@ -486,6 +512,10 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP,
               "standard": {"grid": standard_grid, **config}, "model_calls": calls,
               "seconds": time.perf_counter() - began, "n_calibration": n_calibration, "iterations": iterations,
               "search_evaluations": search_evaluations, "seed": seed, "reference_steps": reference_steps}
+    if ems is not None:
+        report["v3"] = {"grid": v3_grid, **v3_config, "ems": ems.info}
+    if chosen == "v3":
+        return TunedSampler(model_fn, noise_schedule, grids[v3_grid], solver=v3_config, report=report, ems=ems)
     if chosen == "learned":
         times, a, b = best[1]
         return TunedSampler(model_fn, noise_schedule, times, a, b, report=report)
