@@ -141,6 +141,8 @@ class DPMSolverV3(Solver):
         else:
             ems.check(noise_schedule, guidance_of(model_fn), "DPMSolverV3")
         self.ems, self.degenerated = ems, degenerated
+        # Whether the EMS add a constant per step (then x must have their sample shape): once, not per call.
+        self.sample_shape = ems.sample_shape if ems is not None and bool(ems.b.abs().max() > 0) else None
 
     def sample(self, x: torch.Tensor, steps: int = 10, t_start: float | None = None, t_end: float | None = None,
                order: int = 3, skip_type: str = "time_uniform", p_pseudo: bool = False, use_corrector: bool = True,
@@ -185,8 +187,8 @@ class DPMSolverV3(Solver):
                 raise ValueError("DPMSolverV3 samples from t_start down to t_end (t_start > t_end)")
         if t_0 == 0:
             raise ValueError("DPMSolverV3: t_end=0 (σ = 0) has λ = ∞, outside any EMS grid; use t_end > 0")
-        if self.ems is not None and self.ems.b.abs().max() > 0 and tuple(x.shape[1:]) != self.ems.sample_shape:
-            raise ValueError(f"x has sample shape {tuple(x.shape[1:])}, the EMS {self.ems.sample_shape}: the "
+        if self.sample_shape is not None and isinstance(x, torch.Tensor) and tuple(x.shape[1:]) != self.sample_shape:
+            raise ValueError(f"x has sample shape {tuple(x.shape[1:])}, the EMS {self.sample_shape}: the "
                              f"statistics belong to samples of that shape")
         spacing = skip_type if grid is None else tuple(grid.tolist())
         key = ("v3", steps, t_T, t_0, order, spacing, p_pseudo, use_corrector, c_pseudo, lower_order_final,
