@@ -26,13 +26,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 T_START, T_END = 1.0, 1e-3
 
 
+def gaussian_mixture(dim, batch, seed, spread, x_seed):
+    """(schedule, mixture, its exact noise-prediction model, starting noise [batch, dim]) on the linear VP schedule."""
+    ns = NoiseScheduleVP("linear", dtype=torch.float64)
+    gm = GaussianMixture.random(O.VPLinear(), dim, seed=seed, spread=spread)
+    x = torch.randn(batch, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(x_seed))
+    return ns, gm, model_wrapper(gm.model_fn("noise"), ns), x
+
+
 @pytest.fixture(scope="module")
 def mixture():
-    ns = NoiseScheduleVP("linear", dtype=torch.float64)
-    gm = GaussianMixture.random(O.VPLinear(), 6, seed=3, spread=0.5)
-    model = model_wrapper(gm.model_fn("noise"), ns)
-    x = torch.randn(8, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    return ns, gm, model, x
+    return gaussian_mixture(6, 8, seed=3, spread=0.5, x_seed=1)
 
 
 def random_ems(ns, shape, seed=0, points=25):
@@ -315,10 +319,7 @@ def test_bad_arguments(mixture):
 
 @pytest.fixture(scope="module")
 def fitted():
-    ns = NoiseScheduleVP("linear", dtype=torch.float64)
-    gm = GaussianMixture.random(O.VPLinear(), 16, seed=1, spread=0.3)
-    model = model_wrapper(gm.model_fn("noise"), ns)
-    x = torch.randn(64, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ns, gm, model, x = gaussian_mixture(16, 64, seed=1, spread=0.3, x_seed=0)
     exact = O.ode_solution(gm.eps, O.VPLinear(), x, T_START, T_END, n=1000)
     ems = compute_ems(model, ns, gm.sample(1024, generator=torch.Generator().manual_seed(7)), points=61,
                       t_end=T_END, batch=1024)

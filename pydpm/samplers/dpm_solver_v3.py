@@ -64,7 +64,7 @@ def v3_update(tr, integ: Integrals, x, ps: list[Point], fs: list, t: Point, pseu
     y = (t.alpha / s.alpha * math.exp(L_s - L_t)) * x
     for j, f in enumerate(fs):
         y = y + (-t.alpha * math.exp(-float(S[j])) * float(W[j])) * f
-    if integ.has_b:
+    if integ.ems.has_b:
         b_nodes = integ.b_integral(s.lam, nodes)
         b_points = integ.b_integral(s.lam, lam[:-1])
         kappa = -t.alpha * (kernel @ b_nodes - W @ b_points)
@@ -140,9 +140,7 @@ class DPMSolverV3(Solver):
                             f"{type(ems).__name__}; degenerated=True runs without them (DPM-Solver++)")
         else:
             ems.check(noise_schedule, guidance_of(model_fn), "DPMSolverV3")
-        self.ems, self.degenerated = ems, degenerated
-        # Whether the EMS add a constant per step (then x must have their sample shape): once, not per call.
-        self.sample_shape = ems.sample_shape if ems is not None and bool(ems.b.abs().max() > 0) else None
+        self.ems = ems
 
     def sample(self, x: torch.Tensor, steps: int = 10, t_start: float | None = None, t_end: float | None = None,
                order: int = 3, skip_type: str = "time_uniform", p_pseudo: bool = False, use_corrector: bool = True,
@@ -187,8 +185,9 @@ class DPMSolverV3(Solver):
                 raise ValueError("DPMSolverV3 samples from t_start down to t_end (t_start > t_end)")
         if t_0 == 0:
             raise ValueError("DPMSolverV3: t_end=0 (σ = 0) has λ = ∞, outside any EMS grid; use t_end > 0")
-        if self.sample_shape is not None and isinstance(x, torch.Tensor) and tuple(x.shape[1:]) != self.sample_shape:
-            raise ValueError(f"x has sample shape {tuple(x.shape[1:])}, the EMS {self.sample_shape}: the "
+        if (self.ems is not None and self.ems.has_b and isinstance(x, torch.Tensor)
+                and tuple(x.shape[1:]) != self.ems.sample_shape):  # b adds a constant of one sample's shape
+            raise ValueError(f"x has sample shape {tuple(x.shape[1:])}, the EMS {self.ems.sample_shape}: the "
                              f"statistics belong to samples of that shape")
         spacing = skip_type if grid is None else tuple(grid.tolist())
         key = ("v3", steps, t_T, t_0, order, spacing, p_pseudo, use_corrector, c_pseudo, lower_order_final,

@@ -53,6 +53,7 @@ class EMS:
         if not all(bool(torch.isfinite(v).all()) for v in (l_, s_, b_)):
             raise ValueError("EMS: l, s and b must be finite")
         self.lambdas, self.l, self.s, self.b = lam, l_, s_, b_
+        self.has_b = bool(b_.abs().max() > 0)  # b = 0: no constant term in the solver's steps
         self.schedule, self.guidance_scale, self.info = schedule, guidance_scale, dict(info or {})
 
     @property
@@ -76,30 +77,36 @@ class EMS:
                    guidance_scale=state["guidance_scale"], info=state["info"])
 
     @classmethod
-    def degenerated(cls, lambdas: torch.Tensor, sample_shape: tuple[int, ...] = (1,)) -> EMS:
+    def degenerated(cls, lambdas: torch.Tensor) -> EMS:
         """l = 1, s = 0, b = 0: DPM-Solver-v3 is then the data-prediction DPM-Solver++ (Taylor form)."""
         k = lambdas.numel()
-        return cls(lambdas, torch.ones(k), torch.zeros(k), torch.zeros(k, *sample_shape))
+        return cls(lambdas, torch.ones(k), torch.zeros(k), torch.zeros(k, 1))
 
     def check(self, noise_schedule, guidance_scale: float | None, name: str) -> None:
-        """Refuse statistics computed for another schedule or guidance scale."""
-        if self.schedule is not None:
-            now = fingerprint(noise_schedule, self.lambdas)
-            if now["kind"] != self.schedule["kind"] or not torch.allclose(
-                    torch.tensor(now["times"]), torch.tensor(self.schedule["times"]), rtol=1e-9, atol=1e-12):
-                raise ValueError(f"{name}: these EMS were computed for another noise schedule ({self.schedule['kind']}); "
-                                 f"compute them for this one with pydpm.samplers.compute_ems")
-        if self.schedule is not None and self.guidance_scale != guidance_scale:
+        """Refuse statistics computed for another schedule or guidance scale (statistics built by hand, with no
+        schedule recorded, are taken as they are)."""
+        if self.schedule is None:
+            return
+        now = fingerprint(noise_schedule, self.lambdas)
+        if now["kind"] != self.schedule["kind"] or not torch.allclose(
+                torch.tensor(now["times"]), torch.tensor(self.schedule["times"]), rtol=1e-9, atol=1e-12):
+            raise ValueError(f"{name}: these EMS were computed for another noise schedule ({self.schedule['kind']}); "
+                             f"compute them for this one with pydpm.samplers.compute_ems")
+        if self.guidance_scale != guidance_scale:
             raise ValueError(f"{name}: these EMS were computed for guidance scale {self.guidance_scale}, the model "
                              f"function has {guidance_scale}: EMS depend on the guided model; compute them for this "
                              f"scale with pydpm.samplers.compute_ems")
 
 
+def schedule_kind(noise_schedule) -> str:
+    """The schedule's class and kind ('NoiseScheduleVP:discrete', ...): part of what a saved file belongs to."""
+    return f"{type(noise_schedule).__name__}:{getattr(noise_schedule, 'schedule', '')}"
+
+
 def fingerprint(noise_schedule, lambdas: torch.Tensor) -> dict[str, Any]:
     """The schedule's kind and the times of the λ grid under it."""
     times = noise_schedule.inverse_lambda(lambdas.to(torch.float64)).to(torch.float64)
-    return {"kind": f"{type(noise_schedule).__name__}:{getattr(noise_schedule, 'schedule', '')}",
-            "times": times.tolist()}
+    return {"kind": schedule_kind(noise_schedule), "times": times.tolist()}
 
 
 def guidance_of(model_fn) -> float | None:
@@ -133,7 +140,6 @@ class Integrals:
         for name, v in (("l", ems.l), ("s", ems.s)):
             self.cum[name] = torch.cat([torch.zeros(1, dtype=torch.float64),
                                         torch.cumsum(0.5 * self.width * (v[1:] + v[:-1]), 0)])
-        self.has_b = bool(ems.b.abs().max() > 0)
         self.b = ems.b.reshape(ems.b.shape[0], -1)
 
     def check_range(self, lams: list[float], name: str) -> None:
@@ -237,8 +243,8 @@ def compute_ems(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     dims = math.prod(shape)
     gen = torch.Generator().manual_seed(seed)
 
-    def draws(k: int):
-        """The noised samples at grid point k, in batches: (x₀ chunk, ε chunk, probe chunk)."""
+    def draws():
+        """The data in batches with fresh noise: (x₀ chunk, ε chunk, probe chunk)."""
         for lo in range(0, n, batch):
             m = min(batch, n - lo)
             eps = torch.randn((m, *shape), generator=gen, dtype=torch.float64).to(device, dtype)
@@ -261,7 +267,7 @@ def compute_ems(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         t = float(times[k])
         a, s = (float(v) for v in schedule_at(torch.tensor([t], dtype=torch.float64)))
         total = 0.0
-        for x0, eps, v in draws(k):
+        for x0, eps, v in draws():
             x = a * x0 + s * eps
             tt = torch.full((x.shape[0],), t, dtype=dtype, device=device)
             with torch.no_grad():
@@ -289,7 +295,7 @@ def compute_ems(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                                      (times[k:k + 1],), (torch.ones(1, dtype=torch.float64),))[1]) * dt
         lk, dlk = float(l[k]), float(dl[k])
         sums = {name: torch.zeros(shape, dtype=torch.float64, device=device) for name in ("f", "df", "ff", "fdf")}
-        for x0, eps, _ in draws(k):
+        for x0, eps, _ in draws():
             x = a * x0 + s * eps
             tt = torch.full((x.shape[0],), t, dtype=dtype, device=device)
 

@@ -48,7 +48,7 @@ import torch
 from pydpm.samplers._common import Solver, after_step, check_int
 from pydpm.samplers.dpm_solver import DPMSolver
 from pydpm.samplers.dpm_solver_v3 import DPMSolverV3
-from pydpm.samplers.ems import EMS, compute_ems, gauss_legendre, guidance_of
+from pydpm.samplers.ems import EMS, compute_ems, gauss_legendre, guidance_of, schedule_kind
 from pydpm.samplers.unipc import UniPC
 from pydpm.schedules import SKIP_TYPES, NoiseScheduleVP
 
@@ -174,7 +174,7 @@ class TunedSampler(Solver):
 def _fingerprint(noise_schedule, times: Sequence[float]) -> dict[str, Any]:
     """What identifies the schedule a sampler was tuned for: its kind and λ at the tuned times."""
     ns = noise_schedule
-    return {"kind": f"{type(ns).__name__}:{getattr(ns, 'schedule', '')}",
+    return {"kind": schedule_kind(ns),
             "lambda": ns.marginal_lambda(torch.tensor(times, dtype=torch.float64)).tolist()}
 
 
