@@ -1,6 +1,7 @@
 """Samplers built on the fused solver step: DPM-Solver(++), UniPC, SDE-DPM-Solver++, DDIM/DDPM, PNDM,
-DPM-Solver-v3 with the model statistics the library computes (`compute_ems` -> `EMS`), and samplers tuned to a
-model and a step budget (`tune` -> `TunedSampler`).
+DPM-Solver-v3 with the model statistics the library computes (`compute_ems` -> `EMS`), samplers tuned to a
+model and a step budget (`tune` -> `TunedSampler`), and the time-shift sampler against exposure bias
+(`DPMSolver.sample(..., time_shift=TimeShift(...))`).
 
 Each solver class computes its coefficients once per configuration in float64, keeps them as a device
 table and runs one fused `pydpm.ops.solver_step` launch per model call; `sample(..., cuda_graph=True)`
@@ -17,6 +18,7 @@ from pydpm.samplers.dpm_solver import DPMSolver, SDEDPMSolverPP
 from pydpm.samplers.dpm_solver_v3 import DPMSolverV3
 from pydpm.samplers.ems import EMS, compute_ems
 from pydpm.samplers.pndm import PNDM
+from pydpm.samplers.time_shift import TimeShift
 from pydpm.samplers.tune import TunedSampler, tune
 from pydpm.samplers.unipc import UniPC
 from pydpm.schedules import NoiseScheduleFlow, NoiseScheduleVP
@@ -90,5 +92,5 @@ def sample(model_fn: Callable[..., torch.Tensor], x: torch.Tensor, noise_schedul
     raise ValueError(f"method={method!r}; use one of {', '.join(map(repr, METHODS))}")
 
 
-__all__ = ["DDIM", "DDPM", "DPMSolver", "DPMSolverV3", "EMS", "METHODS", "PNDM", "SDEDPMSolverPP", "TunedSampler", "UniPC",
-           "compute_ems", "sample", "tune"]
+__all__ = ["DDIM", "DDPM", "DPMSolver", "DPMSolverV3", "EMS", "METHODS", "PNDM", "SDEDPMSolverPP", "TimeShift", "TunedSampler",
+           "UniPC", "compute_ems", "sample", "tune"]

@@ -50,16 +50,27 @@ def layout_key(x: torch.Tensor) -> tuple:
 
 
 class Point(NamedTuple):
-    """A time of the schedule with everything a solver reads there (float64)."""
+    """A time of the schedule with everything a solver reads there (float64). The fields are floats, or float64
+    tensors [B] for a point whose time differs per sample (the time-shift sampler)."""
 
-    t: float
-    log_alpha: float
-    sigma: float
-    lam: float
+    t: Any
+    log_alpha: Any
+    sigma: Any
+    lam: Any
 
     @property
-    def alpha(self) -> float:
-        return math.exp(self.log_alpha)
+    def alpha(self) -> Any:
+        return exp(self.log_alpha)
+
+
+def exp(v: Any) -> Any:
+    """e^v of a float or a tensor (a per-sample point's field)."""
+    return torch.exp(v) if isinstance(v, torch.Tensor) else math.exp(v)
+
+
+def expm1(v: Any) -> Any:
+    """e^v − 1 of a float or a tensor."""
+    return torch.expm1(v) if isinstance(v, torch.Tensor) else math.expm1(v)
 
 
 def points(noise_schedule, ts: torch.Tensor) -> list[Point]:
@@ -73,7 +84,8 @@ def points(noise_schedule, ts: torch.Tensor) -> list[Point]:
 
 
 class Lin:
-    """A linear combination Σ c_s·s of trace symbols with float64 coefficients."""
+    """A linear combination Σ c_s·s of trace symbols with float64 coefficients (floats, or per-sample float64
+    tensors [B] when the time-shift sampler evaluates an update at per-sample points)."""
 
     __slots__ = ("c",)
 
@@ -105,7 +117,7 @@ class Lin:
         return Lin({s: -v for s, v in self.c.items()})
 
     def __mul__(self, k):
-        if not isinstance(k, (int, float)):
+        if not isinstance(k, (int, float, torch.Tensor)):  # a tensor: per-sample coefficients [B]
             return NotImplemented
         return Lin({s: k * v for s, v in self.c.items()})
 

@@ -2,7 +2,8 @@
 
 Every update is written over "vectors" (`Lin` when traced, tensors when eager) exactly as in the papers:
 `predict='noise'` is DPM-Solver (ε-prediction, e^{h} terms), `predict='data'` DPM-Solver++ (x₀-prediction,
-e^{−h} terms). `p.t, p.alpha, p.sigma, p.lam` are the schedule at a `Point`.
+e^{−h} terms). `p.t, p.alpha, p.sigma, p.lam` are the schedule at a `Point`. The multistep updates also take
+points whose fields are per-sample tensors (the time-shift sampler): their coefficients are then tensors too.
 """
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from pydpm.samplers._common import Solver, after_step, check_choice, check_int, check_order
-from pydpm.samplers._program import Point
+from pydpm.samplers._common import Solver, after_step, check_choice, check_int, check_order, check_sample_input
+from pydpm.samplers._program import Point, exp, expm1
+from pydpm.samplers.time_shift import TimeShift, time_shifted_multistep
 from pydpm.schedules import SKIP_TYPES, NoiseScheduleFlow, NoiseScheduleVP
 
 SOLVER_TYPES = ("dpmsolver", "taylor")
@@ -25,8 +27,8 @@ def first_update(x, s: Point, t: Point, m_s, predict: str):
     """DPM-Solver-1 (DDIM) from s to t."""
     h = t.lam - s.lam
     if predict == "data":
-        return (t.sigma / s.sigma) * x - (t.alpha * math.expm1(-h)) * m_s
-    return math.exp(t.log_alpha - s.log_alpha) * x - (t.sigma * math.expm1(h)) * m_s
+        return (t.sigma / s.sigma) * x - (t.alpha * expm1(-h)) * m_s
+    return exp(t.log_alpha - s.log_alpha) * x - (t.sigma * expm1(h)) * m_s
 
 
 def multistep_second_update(x, ms, ps, t: Point, predict: str, solver_type: str):
@@ -37,13 +39,13 @@ def multistep_second_update(x, ms, ps, t: Point, predict: str, solver_type: str)
     r0 = h_0 / h
     D1_0 = (1.0 / r0) * (m0 - m1)
     if predict == "data":
-        phi_1 = math.expm1(-h)
+        phi_1 = expm1(-h)
         base = (t.sigma / p0.sigma) * x - (t.alpha * phi_1) * m0
         if solver_type == "dpmsolver":
             return base - 0.5 * (t.alpha * phi_1) * D1_0
         return base + (t.alpha * (phi_1 / h + 1.0)) * D1_0
-    phi_1 = math.expm1(h)
-    base = math.exp(t.log_alpha - p0.log_alpha) * x - (t.sigma * phi_1) * m0
+    phi_1 = expm1(h)
+    base = exp(t.log_alpha - p0.log_alpha) * x - (t.sigma * phi_1) * m0
     if solver_type == "dpmsolver":
         return base - 0.5 * (t.sigma * phi_1) * D1_0
     return base - (t.sigma * (phi_1 / h - 1.0)) * D1_0
@@ -65,15 +67,15 @@ def multistep_third_update(x, ms, ps, t: Point, predict: str, corrected: bool = 
     D1 = D1_0 + (r0 / (r0 + r1)) * (D1_0 - D1_1)
     D2 = ((2.0 if corrected else 1.0) / (r0 + r1)) * (D1_0 - D1_1)
     if predict == "data":
-        phi_1 = math.expm1(-h)
+        phi_1 = expm1(-h)
         phi_2 = phi_1 / h + 1.0
         phi_3 = phi_2 / h - 0.5
         return ((t.sigma / p0.sigma) * x - (t.alpha * phi_1) * m0 + (t.alpha * phi_2) * D1
                 - (t.alpha * phi_3) * D2)
-    phi_1 = math.expm1(h)
+    phi_1 = expm1(h)
     phi_2 = phi_1 / h - 1.0
     phi_3 = phi_2 / h - 0.5
-    return (math.exp(t.log_alpha - p0.log_alpha) * x - (t.sigma * phi_1) * m0 - (t.sigma * phi_2) * D1
+    return (exp(t.log_alpha - p0.log_alpha) * x - (t.sigma * phi_1) * m0 - (t.sigma * phi_2) * D1
             - (t.sigma * phi_3) * D2)
 
 
@@ -347,7 +349,8 @@ class DPMSolver(Solver):
                atol: float = 0.0078, rtol: float = 0.05, return_intermediate: bool = False,
                cuda_graph: bool = False, progress: bool = False,
                times: Sequence[float] | torch.Tensor | None = None, max_steps: int = 2000,
-               third_order: str = "authors") -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+               third_order: str = "authors", time_shift: TimeShift | None = None,
+               ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Sample from x at t_start to t_end with `steps` model evaluations.
 
         Args:
@@ -385,6 +388,11 @@ class DPMSolver(Solver):
             third_order: the update of method='multistep' at order 3: 'authors' (the official code's and
                 diffusers', which converges at order 2: its second-difference term is half what the φ3 weight
                 needs) or 'corrected' (that term doubled: order 3, same cost). Other methods and orders ignore it.
+            time_shift: a `TimeShift`: the time-shift sampler (per-sample shifted times against exposure bias,
+                `pydpm.samplers.time_shift`); method='multistep' sampling on a VP schedule only, without
+                cuda_graph, progress, correcting_x0_fn or correcting_xt_fn. Each step is one fused launch with
+                per-sample coefficients (plus a variance reduction and the small coefficient arithmetic on the
+                device), not a precompiled plan.
 
         Returns:
             The sample at t_end in x's dtype; with return_intermediate, (sample, list of samples).
@@ -429,6 +437,10 @@ class DPMSolver(Solver):
         if method == "singlestep_fixed" and steps < order:
             raise ValueError(f"method='singlestep_fixed' needs steps >= order, got steps={steps}, order={order}")
         check_choice("skip_type", skip_type, SKIP_TYPES)
+        if time_shift is not None:
+            return self._time_shifted(x, time_shift, grid if grid is not None else self.grid(skip_type, t_T, t_0, steps),
+                                      method, order, lower_order_final, denoise_to_zero, solver_type, third_order,
+                                      return_intermediate, cuda_graph, progress)
         spacing = skip_type if grid is None else tuple(grid.tolist())
         key = ("dpm", steps, t_T, t_0, order, spacing, method, bool(lower_order_final), bool(denoise_to_zero),
                solver_type, bool(return_intermediate), third_order)
@@ -470,6 +482,33 @@ class DPMSolver(Solver):
             return x
 
         return self.run_traced(x, key, program, return_intermediate, cuda_graph, progress)
+
+    def _time_shifted(self, x, shift, grid, method, order, lower_order_final, denoise_to_zero, solver_type,
+                      third_order, return_intermediate, cuda_graph, progress):
+        if not isinstance(shift, TimeShift):
+            raise TypeError(f"time_shift must be a pydpm.samplers.TimeShift (or None), got {type(shift).__name__}")
+        refused = [name for name, on in (("method=" + repr(method), method != "multistep"),
+                                         ("a flow schedule", not isinstance(self.noise_schedule, NoiseScheduleVP)),
+                                         ("an increasing time grid (inversion)", bool(grid[0] < grid[-1])),
+                                         ("cuda_graph=True", cuda_graph), ("progress=True", progress),
+                                         ("correcting_x0_fn", self.threshold is not None or self.correcting_x0_fn),
+                                         ("correcting_xt_fn", self.correcting_xt_fn is not None)) if on]
+        if refused:
+            raise ValueError(f"time_shift samples with method='multistep' down a VP schedule, eagerly: it does not "
+                             f"support {', '.join(refused)}")
+        check_sample_input(x)
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise ValueError("x requires grad; sampling is not differentiable: run under torch.no_grad()")
+        orders = multistep_orders(grid.numel() - 1, order, lower_order_final)
+
+        def update(x, ms, ps, t, o):
+            return multistep_update(x, ms, ps, t, o, self.predict, solver_type, third_order == "corrected")
+
+        inter: list[torch.Tensor] | None = [] if return_intermediate else None
+        with self.running(), torch.no_grad():
+            out = time_shifted_multistep(self.model_fn, self.noise_schedule, x, grid, orders, self.predict, update,
+                                         shift, denoise_to_zero, inter)
+        return (out, inter) if inter is not None else out
 
     def inverse(self, x: torch.Tensor, steps: int = 20, t_start: float | None = None, t_end: float | None = None,
                 order: int = 2, skip_type: str = "time_uniform", method: str = "multistep",

@@ -1,0 +1,228 @@
+"""The time-shift sampler (`DPMSolver.sample(..., time_shift=TimeShift(...))`).
+
+- with the window or the cut-off switching it off it is the plain multistep solver, to rounding;
+- it equals an independent float64 implementation (one sample at a time: the shifted time by brute force over
+  the window, DPM-Solver++ multistep updates written out from the paper);
+- a sample whose variance is that of a known time in the window is relabelled with exactly that time, per sample;
+- every sample's times keep decreasing; samples do not influence each other; bad settings are refused by name.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import samplers_oracle as O
+from gaussian_mixture import GaussianMixture
+from pydpm.samplers import DPMSolver, TimeShift
+from pydpm.schedules import NoiseScheduleFlow, NoiseScheduleVP, model_wrapper
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+N = 1000
+
+
+@pytest.fixture(scope="module")
+def mixture():
+    """(schedule, oracle schedule, mixture, its exact ε-model, starting noise [6, 16])."""
+    ns = NoiseScheduleVP("linear", dtype=torch.float64)
+    osched = O.VPLinear()
+    gm = GaussianMixture.random(osched, 16, seed=4, spread=0.7)
+    x = torch.randn(6, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    return ns, osched, gm, model_wrapper(gm.model_fn("noise"), ns), x
+
+
+class Recorder:
+    """A model that remembers the times it was called at."""
+
+    def __init__(self, fn):
+        self.fn, self.times = fn, []
+
+    def __call__(self, x, t):
+        self.times.append(t.detach().clone())
+        return self.fn(x, t)
+
+
+@pytest.mark.parametrize("algorithm", ["dpmsolver++", "dpmsolver"])
+@pytest.mark.parametrize("order,solver_type,third", [(1, "dpmsolver", "authors"), (2, "dpmsolver", "authors"),
+                                                     (2, "taylor", "authors"), (3, "dpmsolver", "authors"),
+                                                     (3, "dpmsolver", "corrected")])
+@pytest.mark.parametrize("off", [TimeShift(window=0), TimeShift(window=8, cutoff=1.0)])
+def test_switched_off_it_is_the_plain_solver(mixture, algorithm, order, solver_type, third, off):
+    ns, _, _, model, x = mixture
+    solver = DPMSolver(model, ns, algorithm_type=algorithm)
+    kw = dict(steps=7, order=order, solver_type=solver_type, third_order=third, skip_type="logSNR")
+    torch.testing.assert_close(solver.sample(x, time_shift=off, **kw), solver.sample(x, **kw), rtol=1e-12, atol=1e-12)
+
+
+def oracle(osched, gm, x, ts, shift, order, corrected):
+    """DPM-Solver++ multistep (solver_type 'dpmsolver'; lower_order_final as the authors) with TS-DPM's shifted
+    times, one sample at a time in float64."""
+    steps = len(ts) - 1
+    orders = [min(k, order) for k in range(1, steps + 1)]
+    if steps < 10:
+        orders = [min(o, steps + 1 - k) for k, o in zip(range(1, steps + 1), orders)]
+    lam = lambda t: float(osched.lam(torch.tensor(t, dtype=torch.float64)))  # noqa: E731
+    alpha = lambda t: float(osched.alpha(torch.tensor(t, dtype=torch.float64)))  # noqa: E731
+    sigma = lambda t: float(osched.sigma(torch.tensor(t, dtype=torch.float64)))  # noqa: E731
+
+    def relabel(i, xi):
+        t = ts[i]
+        if shift.window == 0 or t <= shift.cutoff:
+            return t
+        low = 0.5 * (ts[i] + ts[i + 1])
+        high = 1.0 if i == 0 else 0.5 * (ts[i - 1] + ts[i])
+        var = float(xi.var())
+        best = None
+        for k in range(-shift.window, shift.window + 1):
+            tau = t + k / N
+            if k != 0 and not low < tau <= high:
+                continue
+            cost = abs(var - (alpha(tau) ** 2 * shift.data_variance + sigma(tau) ** 2))
+            if best is None or cost < best[0]:
+                best = (cost, tau)
+        return best[1]
+
+    out = []
+    for xi in x:
+        xi = xi.clone()
+        ps, ds = [], []
+        for i in range(steps):
+            t_i = relabel(i, xi)
+            d = (xi - sigma(t_i) * gm.eps(xi[None], torch.tensor([t_i], dtype=torch.float64))[0]) / alpha(t_i)
+            ps, ds = (ps + [t_i])[-3:], (ds + [d])[-3:]
+            t = ts[i + 1]
+            h = lam(t) - lam(ps[-1])
+            phi_1 = math.expm1(-h)
+            xi_new = sigma(t) / sigma(ps[-1]) * xi - alpha(t) * phi_1 * ds[-1]
+            if orders[i] == 2:
+                r0 = (lam(ps[-1]) - lam(ps[-2])) / h
+                xi_new = xi_new - 0.5 * alpha(t) * phi_1 * (ds[-1] - ds[-2]) / r0
+            elif orders[i] == 3:
+                h0, h1 = lam(ps[-1]) - lam(ps[-2]), lam(ps[-2]) - lam(ps[-3])
+                r0, r1 = h0 / h, h1 / h
+                d1_0, d1_1 = (ds[-1] - ds[-2]) / r0, (ds[-2] - ds[-3]) / r1
+                d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+                d2 = (2.0 if corrected else 1.0) / (r0 + r1) * (d1_0 - d1_1)
+                phi_2 = phi_1 / h + 1.0
+                phi_3 = phi_2 / h - 0.5
+                xi_new = xi_new + alpha(t) * phi_2 * d1 - alpha(t) * phi_3 * d2
+            xi = xi_new
+        out.append(xi)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("order,third", [(1, "authors"), (2, "authors"), (3, "authors"), (3, "corrected")])
+@pytest.mark.parametrize("shift", [TimeShift(window=6, cutoff=0.3), TimeShift(window=20, cutoff=0.05,
+                                                                            data_variance=0.4)])
+def test_equals_an_independent_implementation(mixture, order, third, shift):
+    ns, osched, gm, model, x = mixture
+    rec = Recorder(model)
+    y = DPMSolver(rec, ns).sample(x, steps=8, order=order, third_order=third, time_shift=shift)
+    ts = DPMSolver(model, ns).grid("time_uniform", 1.0, 1e-3, 8).tolist()
+    torch.testing.assert_close(y, oracle(osched, gm, x, ts, shift, order, third == "corrected"), rtol=1e-10,
+                               atol=1e-10)
+    called = torch.stack(rec.times)                       # [steps, batch]
+    nominal = torch.tensor(ts[:-1], dtype=torch.float64)[:, None]
+    assert bool((called != nominal).any()), "the test must exercise shifted times"
+    assert bool((called[:, 1:] != called[:, :1]).any()), "the test must exercise times that differ per sample"
+
+
+def test_picks_the_time_whose_variance_matches(mixture):
+    """x scaled to the variance σ_τ² of a chosen τ in the window is called at exactly that τ."""
+    ns = mixture[0]
+    t0, targets = 0.5, [3, -2, 0, 5]
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for k in targets:
+        z = torch.randn(4096, dtype=torch.float64, generator=g)
+        z = (z - z.mean()) / z.std()                        # unbiased variance exactly 1
+        rows.append(z * ns.marginal_std(torch.tensor([t0 + k / N], dtype=torch.float64)))
+    rec = Recorder(lambda x, t: 0.5 * x)
+    DPMSolver(rec, ns).sample(torch.stack(rows), steps=3, t_start=t0, time_shift=TimeShift(window=5, cutoff=0.1))
+    expected = torch.tensor([t0 + k / N for k in targets], dtype=torch.float64)
+    torch.testing.assert_close(rec.times[0], expected, rtol=0, atol=1e-12)
+
+
+def test_times_decrease_and_samples_are_independent(mixture):
+    ns, _, _, model, x = mixture
+    rec = Recorder(model)
+    shift = TimeShift(window=300, cutoff=0.0)              # a window wider than the steps: the midpoints bound it
+    solver = DPMSolver(rec, ns)
+    y = solver.sample(x, steps=10, order=3, time_shift=shift)
+    called = torch.stack(rec.times)
+    assert bool((called.diff(dim=0) < 0).all())
+    assert bool((called[:, :, None] != called[:, None, :]).any())
+    alone = torch.cat([DPMSolver(model, ns).sample(x[i:i + 1], steps=10, order=3, time_shift=shift)
+                       for i in range(x.shape[0])])
+    torch.testing.assert_close(y, alone, rtol=1e-12, atol=1e-12)
+
+
+def test_return_intermediate_and_denoise_to_zero(mixture):
+    ns, _, _, model, x = mixture
+    shift = TimeShift(window=6, cutoff=0.3)
+    solver = DPMSolver(model, ns)
+    y, inter = solver.sample(x, steps=5, time_shift=shift, return_intermediate=True)
+    assert len(inter) == 6 and torch.equal(inter[-1], y) and torch.equal(inter[0], x)
+    z, inter = solver.sample(x, steps=5, time_shift=shift, return_intermediate=True, denoise_to_zero=True)
+    assert len(inter) == 7 and torch.equal(inter[-1], z) and not torch.equal(z, y)
+
+
+def test_low_precision_and_layouts(mixture):
+    ns, _, _, _, _ = mixture
+
+    def eps(x, t):                                          # analytic, any dtype
+        return 0.3 * x + 0.1 * t.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+
+    x = torch.randn(3, 2, 5, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    shift = TimeShift(window=10, cutoff=0.2)
+    expected = DPMSolver(eps, ns).sample(x, steps=6, order=3, time_shift=shift)
+    got = DPMSolver(eps, ns).sample(x.float(), steps=6, order=3, time_shift=shift)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
+    view = x.transpose(2, 3).contiguous().transpose(2, 3)   # non-contiguous, same values
+    torch.testing.assert_close(DPMSolver(eps, ns).sample(view, steps=6, order=3, time_shift=shift), expected,
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_bad_settings_are_refused(mixture):
+    ns, _, _, model, x = mixture
+    for bad, match in [(dict(window=-1), "window"), (dict(window=2.5), "window"), (dict(window=True), "window"),
+                       (dict(cutoff=-0.1), "cutoff"), (dict(cutoff=math.nan), "cutoff"),
+                       (dict(data_variance=-1.0), "data_variance")]:
+        with pytest.raises(ValueError, match=match):
+            TimeShift(**bad)
+    solver = DPMSolver(model, ns)
+    shift = TimeShift()
+    with pytest.raises(TypeError, match="time_shift"):
+        solver.sample(x, time_shift="on")
+    for kw, match in [(dict(method="singlestep"), "method='singlestep'"), (dict(cuda_graph=True), "cuda_graph"),
+                      (dict(progress=True), "progress"), (dict(times=[1e-3, 0.5, 1.0]), "inversion")]:
+        with pytest.raises(ValueError, match=match):
+            solver.sample(x, time_shift=shift, **kw)
+    with pytest.raises(ValueError, match="correcting_x0_fn"):
+        DPMSolver(model, ns, correcting_x0_fn="dynamic_thresholding").sample(x, time_shift=shift)
+    with pytest.raises(ValueError, match="correcting_xt_fn"):
+        DPMSolver(model, ns, correcting_xt_fn=lambda x, t, i: x).sample(x, time_shift=shift)
+    flow = NoiseScheduleFlow()
+    with pytest.raises(ValueError, match="flow schedule"):
+        DPMSolver(lambda x, t: x, flow).sample(x.float(), time_shift=shift)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_on_cuda(dtype):
+    """On the GPU (per-sample tables on the device) it equals the float64 CPU run."""
+    ns = NoiseScheduleVP("linear", dtype=torch.float64)
+
+    def eps(x, t):
+        return 0.3 * x + 0.1 * t.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    shift = TimeShift(window=10, cutoff=0.2)
+    expected = DPMSolver(eps, ns).sample(x, steps=6, order=3, time_shift=shift)
+    y = DPMSolver(eps, ns).sample(x.to("cuda", dtype), steps=6, order=3, time_shift=shift)
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.float16 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(y.double().cpu(), expected, **tol)
