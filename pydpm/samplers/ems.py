@@ -141,6 +141,8 @@ class Integrals:
             self.cum[name] = torch.cat([torch.zeros(1, dtype=torch.float64),
                                         torch.cumsum(0.5 * self.width * (v[1:] + v[:-1]), 0)])
         self.b = ems.b.reshape(ems.b.shape[0], -1)
+        whole = self._from_point(self.lam[1:], torch.arange(self.lam.numel() - 1))      # row k: interval k
+        self._grid_b = torch.cat([torch.zeros(1, self.lam.numel(), dtype=torch.float64), whole.cumsum(0)])
 
     def check_range(self, lams: list[float], name: str) -> None:
         lo, hi = float(self.lam[0]), float(self.lam[-1])
@@ -182,14 +184,30 @@ class Integrals:
         weights = (half[:, None] * self.weights[None]).reshape(-1)
         return nodes, weights if b >= a else -weights
 
+    def _from_point(self, lams: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        """[Q, K+1]: ∫ from the grid point λ_i to λ of e^{−S}·hat (one Gauss–Legendre rule per λ: inside one
+        interval the integrand is smooth)."""
+        start = self.lam[i]
+        half, mid = 0.5 * (lams - start), 0.5 * (lams + start)
+        nodes = mid[:, None] + half[:, None] * self.nodes[None]                        # [Q, G]
+        w = half[:, None] * self.weights[None] * torch.exp(-self.integral("s", nodes.reshape(-1))).reshape(nodes.shape)
+        u = (nodes - start[:, None]) / self.width[i][:, None]                          # the hat's weight on λ_{i+1}
+        out = torch.zeros(lams.numel(), self.lam.numel(), dtype=torch.float64)
+        rows = torch.arange(lams.numel())
+        out[rows, i] = (w * (1.0 - u)).sum(1)
+        out[rows, i + 1] = (w * u).sum(1)
+        return out
+
+    def _cumulative_b(self, lams: torch.Tensor) -> torch.Tensor:
+        """[Q, K+1]: B(λ) − B(λ_0) = ∫_{λ_0}^λ e^{−S} b as weights on b's grid values: the whole intervals below λ
+        (summed once per EMS) plus the part of λ's own interval."""
+        i = self._interval(lams)
+        return self._grid_b[i] + self._from_point(lams, i)
+
     def b_integral(self, lo: float, lams: torch.Tensor) -> torch.Tensor:
         """[Q, K+1]: B(λ) − B(lo) = ∫_lo^λ e^{−S} b as weights on b's grid values, for each λ of lams."""
-        rows = []
-        for v in lams.tolist():
-            nodes, weights = self.quadrature(lo, v)
-            w = weights * torch.exp(-self.integral("s", nodes))
-            rows.append(w @ self.hat(nodes))
-        return torch.stack(rows) if rows else torch.zeros(0, self.lam.numel(), dtype=torch.float64)
+        lams = lams.to(torch.float64).reshape(-1)
+        return self._cumulative_b(lams) - self._cumulative_b(torch.tensor([lo], dtype=torch.float64))
 
 
 # ---------------------------------------------------------------------------------------------------------------
