@@ -15,7 +15,9 @@ implementation is one whole sampling loop from fresh noise x:
                      `for t in timesteps: x = step(x, t, x).prev_sample`
 
 Cases: `dpm2m-20` (DPM-Solver++(2M)) and `unipc-20` (UniPC-bh2, order 2), each with pydpm eager, pydpm graph
-and diffusers' loop of the same algorithm, so `vs peer` is the ratio to diffusers' loop of that algorithm; at
+and diffusers' loop of the same algorithm, so `vs peer` is the ratio to diffusers' loop of that algorithm;
+`fewer-steps-20`: DPM-Solver-v3, a tuned sampler and the time-shift sampler beside DPM-Solver++(3M) (whether
+the samplers for fewer steps keep the loop's speed: the footer gives each loop's time over DPM++3M's); at
 (1,4,64,64) and (16,4,128,128), fp16 and fp32 on CUDA; on the CPU (1,4,64,64) fp32 only, to stay short,
 and the CUDA graph rows are skipped with the reason.
 
@@ -231,10 +233,85 @@ def loop_case(algorithm: Algorithm, shape, dtype, device) -> Case:
     return Case("samplers", algorithm.case, shape, dtype, device, inputs, oracle, impls, nbytes=nbytes)
 
 
+FEWER_STEPS = "fewer-steps-20"
+
+
+def _random_ems(ns, shape: tuple[int, ...]):
+    """DPM-Solver-v3 statistics with every term active (l and s varying over λ, b per element; the loop's cost
+    does not depend on their values): 101 points over the sampling interval."""
+    from pydpm.samplers import EMS
+
+    g = torch.Generator().manual_seed(0)
+    lam = ns.marginal_lambda(torch.tensor([float(ns.T), 1.0 / ns.total_N], dtype=torch.float64)).double()
+    lambdas = torch.linspace(float(lam[0]), float(lam[1]), 101, dtype=torch.float64)
+    u = torch.linspace(0, 1, 101, dtype=torch.float64)
+    return EMS(lambdas, 0.8 + 0.2 * torch.sin(5 * u), 0.3 * torch.cos(4 * u) - 0.1,
+               0.1 * torch.randn(101, *shape[1:], generator=g, dtype=torch.float64))
+
+
+def fewer_steps_case(shape, dtype, device) -> Case:
+    """The samplers for fewer steps in a 20-step loop on the identity model, beside DPM-Solver++(3M) (the loop they
+    extend): DPM-Solver-v3 (order 3 with its corrector, constant b terms), a tuned learned multistep sampler (three
+    predictions per step) and DPM-Solver++(2M) with the time-shift sampler (per-sample times: eager only). The
+    DPM++3M rows are checked against the same program unfused in float64; the others compute other methods, so
+    they are not (their GPU results are tested against the CPU in float64 in tests/)."""
+    from pydpm.samplers import DPMSolver, DPMSolverV3, TimeShift, TunedSampler
+    from pydpm.samplers.tune import _Multistep
+    from pydpm.schedules import model_wrapper
+
+    ns = schedule()
+    model = model_wrapper(identity, ns, model_type="noise")
+    unfused = DPMSolver(model, ns)
+    unfused.eager = True
+    grid = unfused.grid("time_uniform", float(ns.T), 1.0 / ns.total_N, NUM_STEPS)
+    kw = dict(steps=NUM_STEPS, order=3, third_order="corrected")
+
+    def inputs() -> Inputs:
+        return {"x": torch.randn(shape, dtype=dtype, device=device)}
+
+    def oracle(t: Inputs) -> torch.Tensor:
+        return unfused.sample(t["x"].double(), **kw)
+
+    def impl(label: str, build: Callable[[], Callable[..., torch.Tensor]], graph: bool, checked: bool) -> Impl:
+        def make():
+            sample = build()
+            return lambda t: sample(t["x"], cuda_graph=graph)
+
+        def reasons(t: Inputs) -> list[str]:
+            return ["CUDA graphs need a CUDA device"] if graph and not t["x"].is_cuda else []
+
+        return Impl(f"pydpm {label} {'graph' if graph else 'eager'}", make, ours=True, check=checked,
+                    reasons=reasons)
+
+    def dpm3m():
+        solver = DPMSolver(model, ns)
+        return lambda x, cuda_graph: solver.sample(x, cuda_graph=cuda_graph, **kw)
+
+    def v3():
+        solver = DPMSolverV3(model, ns, _random_ems(ns, shape))
+        return lambda x, cuda_graph: solver.sample(x, steps=NUM_STEPS, cuda_graph=cuda_graph)
+
+    def tuned():
+        times, a, b = _Multistep(ns, float(ns.T), 1.0 / ns.total_N, NUM_STEPS, 3, 3, grid).export()
+        sampler = TunedSampler(model, ns, times, a, b)
+        return lambda x, cuda_graph: sampler.sample(x, cuda_graph=cuda_graph)
+
+    def time_shift():
+        solver, shift = DPMSolver(model, ns), TimeShift(window=10, cutoff=0.2)
+        return lambda x, cuda_graph: solver.sample(x, steps=NUM_STEPS, order=2, time_shift=shift)
+
+    impls = [impl(label, build, graph, label == "DPM++3M") for label, build in
+             (("DPM++3M", dpm3m), ("DPM-Solver-v3", v3), ("tuned", tuned)) for graph in (False, True)]
+    impls.append(impl("DPM++2M time-shift", time_shift, False, False))
+    nbytes = NUM_STEPS * 5 * math.prod(shape) * dtype.itemsize
+    return Case("samplers", FEWER_STEPS, shape, dtype, device, inputs, oracle, impls, nbytes=nbytes)
+
+
 def cases(device: torch.device, quick: bool) -> list[Case]:
     AGREEMENT.clear()
-    return [loop_case(algorithm, shape, dtype, device) for dtype in dtypes(device)
-            for shape in shapes(device, quick) for algorithm in (DPM, UNIPC)]
+    return [case for dtype in dtypes(device) for shape in shapes(device, quick) for case in
+            [loop_case(algorithm, shape, dtype, device) for algorithm in (DPM, UNIPC)]
+            + [fewer_steps_case(shape, dtype, device)]]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -252,15 +329,21 @@ def footer(results: list[tuple[Case, list[Row]]]) -> list[str]:
              f"ms per loop | us per step | x diffusers' loop of the same algorithm"]
     worst: dict[str, dict[str, float]] = {"graph_ms": {}, "speedup": {}, "step_us": {}}
     for case, rows in results:
+        fewer = case.name == FEWER_STEPS  # against DPM-Solver++(3M)'s loop of the same kind, not diffusers'
         peer = _peer(rows)
         for r in rows:
             if not r.loop_us:
                 continue
-            ratio = peer.loop_us / r.loop_us if peer and r.ours else None
+            if fewer:
+                base = next((b for b in rows if b.impl == f"pydpm DPM++3M {r.impl.split()[-1]}" and b.loop_us), None)
+                ratio = r.loop_us / base.loop_us if base else None
+            else:
+                ratio = peer.loop_us / r.loop_us if peer and r.ours else None
             lines.append(f"{case.name} {shape_str(case.shape)} {dtype_str(case.dtype)} {r.impl}: "
                          f"{r.loop_us / 1e3:.3f} ms | {r.loop_us / NUM_STEPS:.1f} us/step"
-                         + (f" | {ratio:.1f}x" if ratio else "") + (f" ({r.note.split(':')[0]})" if r.note else ""))
-            if case.shape != SMALL or not r.ours or r.note:
+                         + (f" | {ratio:.2f}x the DPM++3M loop's time" if fewer and ratio else
+                            f" | {ratio:.1f}x" if ratio else "") + (f" ({r.note.split(':')[0]})" if r.note else ""))
+            if case.shape != SMALL or not r.ours or r.note or fewer:
                 continue
             if r.impl.endswith("graph"):
                 worst["graph_ms"][r.impl] = max(worst["graph_ms"].get(r.impl, 0.0), r.loop_us / 1e3)

@@ -16,6 +16,7 @@ import torch
 from pydpm.samplers._common import Solver, after_step, check_choice, check_int, check_order, check_sample_input
 from pydpm.samplers._program import Point, exp, expm1
 from pydpm.samplers.time_shift import TimeShift, time_shifted_multistep
+from pydpm.samplers.time_shift import plan as time_shift_plan
 from pydpm.schedules import SKIP_TYPES, NoiseScheduleFlow, NoiseScheduleVP
 
 SOLVER_TYPES = ("dpmsolver", "taylor")
@@ -483,7 +484,7 @@ class DPMSolver(Solver):
 
         return self.run_traced(x, key, program, return_intermediate, cuda_graph, progress)
 
-    def _time_shifted(self, x, shift, grid, method, order, lower_order_final, denoise_to_zero, solver_type,
+    def _time_shifted(self, x, shift: TimeShift, grid, method, order, lower_order_final, denoise_to_zero, solver_type,
                       third_order, return_intermediate, cuda_graph, progress):
         if not isinstance(shift, TimeShift):
             raise TypeError(f"time_shift must be a pydpm.samplers.TimeShift (or None), got {type(shift).__name__}")
@@ -504,10 +505,14 @@ class DPMSolver(Solver):
         def update(x, ms, ps, t, o):
             return multistep_update(x, ms, ps, t, o, self.predict, solver_type, third_order == "corrected")
 
+        key = ("time-shift", tuple(grid.tolist()), shift, x.device)
+        ts_plan = self._runners.get(key)
+        if ts_plan is None:
+            ts_plan = self._runners.put(key, time_shift_plan(self.noise_schedule, grid, shift, x.device))
         inter: list[torch.Tensor] | None = [] if return_intermediate else None
         with self.running(), torch.no_grad():
-            out = time_shifted_multistep(self.model_fn, self.noise_schedule, x, grid, orders, self.predict, update,
-                                         shift, denoise_to_zero, inter)
+            out = time_shifted_multistep(self.model_fn, self.noise_schedule, x, ts_plan, orders, self.predict, update,
+                                         denoise_to_zero, inter)
         return (out, inter) if inter is not None else out
 
     def inverse(self, x: torch.Tensor, steps: int = 20, t_start: float | None = None, t_end: float | None = None,

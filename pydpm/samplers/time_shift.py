@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -92,27 +92,38 @@ def _table(coefficients: list[Any], batch: int, device: torch.device) -> torch.T
                         torch.full((batch,), float(c), dtype=torch.float64, device=device) for c in coefficients], 1)
 
 
-def time_shifted_multistep(model_fn: Callable[..., torch.Tensor], noise_schedule: Any, x: torch.Tensor,
-                           ts: torch.Tensor, orders: list[int], predict: str, update: Callable[..., Any],
-                           shift: TimeShift, denoise_to_zero: bool, intermediates: list[torch.Tensor] | None,
-                           ) -> torch.Tensor:
+class Plan(NamedTuple):
+    """What a time-shifted loop needs, built once per grid, settings and device: the candidate tables on the
+    device, which points shift, and the nominal points."""
+
+    tables: dict[str, torch.Tensor]
+    shifted: list[bool]
+    nominal: list[Point]
+
+
+def plan(noise_schedule: Any, ts: torch.Tensor, shift: TimeShift, device: torch.device) -> Plan:
+    tables = {k: v.to(device) for k, v in candidate_tables(noise_schedule, ts, shift).items()}
+    return Plan(tables, tables["shifted"].tolist(), points(noise_schedule, ts))
+
+
+def time_shifted_multistep(model_fn: Callable[..., torch.Tensor], noise_schedule: Any, x: torch.Tensor, p: Plan,
+                           orders: list[int], predict: str, update: Callable[..., Any], denoise_to_zero: bool,
+                           intermediates: list[torch.Tensor] | None) -> torch.Tensor:
     """The multistep loop of `DPMSolver.sample` with per-sample shifted times: `update(x, ms, ps, t, order)` is
     the solver's multistep update over Lin vectors (x: symbol 0, ms[j]: symbol j + 1)."""
     batch, device = x.shape[0], x.device
-    tables = {k: v.to(device) for k, v in candidate_tables(noise_schedule, ts, shift).items()}
-    shifted = tables["shifted"].tolist()
-    nominal = points(noise_schedule, ts)
+    tables, shifted, nominal = p
     time_dtype = getattr(noise_schedule, "dtype", torch.float32)
     keep = max(orders)
 
-    def prediction(x: torch.Tensor, p: Point, predict: str) -> torch.Tensor:
-        t = p.t.to(time_dtype) if isinstance(p.t, torch.Tensor) else torch.full((batch,), p.t, dtype=time_dtype,
-                                                                                device=device)
+    def prediction(x: torch.Tensor, pt: Point, predict: str) -> torch.Tensor:
+        t = pt.t.to(time_dtype) if isinstance(pt.t, torch.Tensor) else torch.full((batch,), pt.t, dtype=time_dtype,
+                                                                                  device=device)
         eps = model_fn(x, t)
         _check_model_output(eps, x)
         if predict == "noise":
             return eps
-        return solver_step(x, [eps], _table([1.0 / p.alpha, -p.sigma / p.alpha], batch, device))  # (x − σ·ε)/α
+        return solver_step(x, [eps], _table([1.0 / pt.alpha, -pt.sigma / pt.alpha], batch, device))  # (x − σ·ε)/α
 
     def point(i: int, x: torch.Tensor) -> Point:
         return _per_sample(tables, i, x) if shifted[i] else nominal[i]
