@@ -30,11 +30,15 @@ steps (5-10) and the searched standard solver at more (20).
 
 It needs the model's gradient with respect to its input and time (a differentiable `model_fn`: a network,
 a guided wrapper, an analytic model); memory grows with `batch` × `nfe` activations. VP schedules (discrete
-and continuous); flow schedules are refused for now (α = 0 at t = 1 makes the data prediction singular in
-the training loop).
+and continuous) and flow schedules. A flow sampler starts at t = 1, where α = 0 and λ = −∞: the data
+prediction there comes from the raw output of a `model_wrapper` model (a velocity or x₀ model; an ε-model
+carries no x₀ at α = 0), the learned method's first step starts as the exact first-order step from λ = −∞, and
+later steps' interpolations leave that prediction out (its weight in the λ-polynomial is 0 in the limit); the
+grids uniform in λ (logSNR, karras) are skipped.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import numbers
@@ -50,7 +54,7 @@ from pydpm.samplers.dpm_solver import DPMSolver
 from pydpm.samplers.dpm_solver_v3 import DPMSolverV3
 from pydpm.samplers.ems import EMS, compute_ems, gauss_legendre, guidance_of, schedule_kind
 from pydpm.samplers.unipc import UniPC
-from pydpm.schedules import SKIP_TYPES, NoiseScheduleVP
+from pydpm.schedules import SKIP_TYPES, NoiseScheduleFlow, NoiseScheduleVP, WrappedModel, conversion
 
 _STANDARD = {"DPMSolver": DPMSolver, "UniPC": UniPC, "DPMSolverV3": DPMSolverV3}
 FORMAT = "pydpm-tuned-sampler-1"
@@ -71,7 +75,7 @@ class TunedSampler(Solver):
     algorithm_types = {"dpmsolver++": "data"}
     default_algorithm = "dpmsolver++"
 
-    def __init__(self, model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP,
+    def __init__(self, model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP | NoiseScheduleFlow,
                  times: Sequence[float], a: Sequence[float] | None = None, b: Sequence[Sequence[float]] | None = None,
                  *, solver: dict[str, Any] | None = None, report: dict[str, Any] | None = None,
                  ems: EMS | None = None) -> None:
@@ -155,7 +159,7 @@ class TunedSampler(Solver):
 
     @classmethod
     def load(cls, path: str | Path, model_fn: Callable[..., torch.Tensor],
-             noise_schedule: NoiseScheduleVP) -> TunedSampler:
+             noise_schedule: NoiseScheduleVP | NoiseScheduleFlow) -> TunedSampler:
         """A sampler saved by `save`, for `model_fn` under `noise_schedule`, which must be the schedule it was
         tuned for (checked: the same kind and the same λ at the tuned times)."""
         state = json.loads(Path(path).read_text())
@@ -186,7 +190,7 @@ class _Multistep:
     exponential-integrator weights of the order-`order` interpolating polynomial at the current times, plus
     learned corrections (a_i scaled by 1 + da_i; b_{i,k} moved by c_i·db_{i,k}, c_i the row's initial size)."""
 
-    def __init__(self, ns: NoiseScheduleVP, t_T: float, t_0: float, nfe: int, order: int, history: int,
+    def __init__(self, ns: NoiseScheduleVP | NoiseScheduleFlow, t_T: float, t_0: float, nfe: int, order: int, history: int,
                  init_times: torch.Tensor):
         self.ns, self.t_T, self.t_0, self.nfe, self.order, self.history = ns, t_T, t_0, nfe, order, history
         self.u = _log_gaps(init_times).clone().requires_grad_(True)
@@ -210,8 +214,12 @@ class _Multistep:
         lam = torch.log(alpha) - torch.log(sigma)
         rows = []
         for i in range(self.nfe):
-            hist = [lam[j] for j in range(max(0, i - self.order + 1), i + 1)]
+            # λ = −∞ (a flow schedule's t = 1) takes no part in an interpolation: its weight is the limit, 0
+            hist = [lam[j] for j in range(max(0, i - self.order + 1), i + 1) if torch.isfinite(lam[j])]
             lo, hi = lam[i], lam[i + 1]
+            if not torch.isfinite(lo):  # the first step from λ = −∞: first order, α_{i+1}·∫ e^{τ−λ_{i+1}} dτ = α_{i+1}
+                rows.append(alpha[i + 1].reshape(1))
+                continue
             tau = 0.5 * (hi - lo) * self.nodes + 0.5 * (hi + lo)
             kernel = self.weights * 0.5 * (hi - lo) * torch.exp(tau - hi)  # e^τ·σ_{i+1} = α_{i+1}·e^(τ − λ_{i+1})
             row = []
@@ -236,17 +244,12 @@ class _Multistep:
         return ts, alpha, sigma, a, b
 
     def run(self, model_fn, x: torch.Tensor) -> torch.Tensor:
-        ts, alpha, sigma, a, b = self.weights_now()
-        ts, alpha, sigma, a = (v.to(x.device, x.dtype) for v in (ts, alpha, sigma, a))  # the graph stays float64
+        ts, _, _, a, b = self.weights_now()
+        ts, a = (v.to(x.device, x.dtype) for v in (ts, a))  # the graph stays float64
         b = [row.to(x.device, x.dtype) for row in b]
         ms: list[torch.Tensor] = []
         for i in range(self.nfe):
-            t = ts[i].expand(x.shape[0])
-            eps = model_fn(x, t)
-            if torch.is_grad_enabled() and not eps.requires_grad:
-                raise TypeError("tune: the model's output does not depend differentiably on its input and time (no "
-                                "grad): tune fits the sampler by gradient descent through model_fn")
-            ms = (ms + [(x - sigma[i] * eps) / alpha[i]])[-b[i].numel():]
+            ms = (ms + [data_prediction(model_fn, self.ns, x, ts[i])])[-b[i].numel():]
             y = a[i] * x
             for w, m in zip(b[i], ms):
                 y = y + w * m
@@ -257,6 +260,50 @@ class _Multistep:
         with torch.no_grad():
             ts, _, _, a, b = self.weights_now()
         return ts.tolist(), a.tolist(), [row.tolist() for row in b]
+
+
+def data_prediction(model_fn, ns, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x̂₀ at the time t (a 0-d tensor, differentiable) for every row of x: from a `model_wrapper` model's raw
+    output(s) through its model type's conversion (finite at α = 0 for velocity and x₀ models), else from the
+    noise prediction, (x − σ·ε)/α."""
+    t_vec = t.expand(x.shape[0])
+    alpha, sigma = ns.marginal_alpha(t), ns.marginal_std(t)
+    wrapped = isinstance(model_fn, WrappedModel) and model_fn.fusable
+    if wrapped:
+        out = model_fn.outputs(x, ns.model_time(t_vec.to(getattr(ns, "dtype", x.dtype))))
+        if model_fn.pair:
+            cond, uncond = out
+            out = uncond + model_fn.guidance_scale * (cond - uncond)
+    else:
+        out = model_fn(x, t_vec)
+    if torch.is_grad_enabled() and not out.requires_grad:
+        raise TypeError("tune: the model's output does not depend differentiably on its input and time (no grad): "
+                        "tune fits the sampler by gradient descent through model_fn")
+    if wrapped:
+        k_x, k_out = conversion(model_fn.model_type, alpha, sigma, "data")
+        return k_x * x + k_out * out
+    return (x - sigma * out) / alpha
+
+
+def _counting(model_fn, count: Callable[[], None]):
+    """model_fn with every evaluation counted; a `model_wrapper` model stays one (its conversion and guidance
+    still fuse into the samplers' steps)."""
+    if isinstance(model_fn, WrappedModel):
+        counted = copy.copy(model_fn)
+        inner = model_fn.model
+
+        def model(*args, **kwargs):
+            count()
+            return inner(*args, **kwargs)
+
+        counted.model = model
+        return counted
+
+    def fn(x, t):
+        count()
+        return model_fn(x, t)
+
+    return fn
 
 
 def _times(u: torch.Tensor, t_T: float, t_0: float) -> torch.Tensor:
@@ -333,7 +380,7 @@ def _positive(name: str, value) -> float:
     return float(value)
 
 
-def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP, nfe: int, *,
+def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP | NoiseScheduleFlow, nfe: int, *,
          shape: Sequence[int], n_calibration: int = 1024, seed: int = 0, history: int = 3, iterations: int = 1500,
          batch: int = 512, lr: float | None = None, reference_steps: int = 500, eval_every: int = 50,
          search_evaluations: int | None = None,
@@ -348,7 +395,8 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP,
             batch size (tuning runs minibatches of calibration noise: under classifier-free guidance the
             condition must serve every row, e.g. one condition broadcast over the batch; a sampler tuned for one
             condition and guidance scale is tuned for those).
-        noise_schedule: a `pydpm.schedules.NoiseScheduleVP` (discrete or continuous).
+        noise_schedule: a `pydpm.schedules.NoiseScheduleVP` (discrete or continuous) or `NoiseScheduleFlow` (from
+            t = 1 with a velocity, x₀ or v `model_wrapper` model; see the module docstring).
         nfe: model calls per sample, an int >= 1.
         shape: the shape of one sample (without the batch dimension).
         n_calibration: calibration samples (noise from the tuner's own generator), >= 1; the objective is a
@@ -376,10 +424,9 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP,
     chosen and every candidate's validation error.
     """
     began = time.perf_counter()
-    if not isinstance(noise_schedule, NoiseScheduleVP):
-        raise TypeError(f"tune: noise_schedule must be a pydpm.schedules.NoiseScheduleVP, got "
-                        f"{type(noise_schedule).__name__} (flow schedules are not supported by the tuner yet: "
-                        f"α = 0 at t = 1 makes its data prediction singular)")
+    if not isinstance(noise_schedule, (NoiseScheduleVP, NoiseScheduleFlow)):
+        raise TypeError(f"tune: noise_schedule must be a pydpm.schedules.NoiseScheduleVP or NoiseScheduleFlow, got "
+                        f"{type(noise_schedule).__name__}")
     nfe = check_int("nfe", nfe, 1, " (model calls per sample)")
     if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence) or not all(
             isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1 for n in shape):
@@ -407,19 +454,28 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP,
     if not t_T > t_0 > 0:
         raise ValueError(f"tune: needs t_start > t_end > 0, got {t_T} and {t_0}")
 
+    flow_start = not math.isfinite(float(noise_schedule.marginal_lambda(torch.tensor(t_T, dtype=torch.float64))))
+    if flow_start and data is not None:
+        raise ValueError(f"tune: data (DPM-Solver-v3's statistics) needs a finite λ at t_start; λ = −∞ at "
+                         f"t_start={t_T} of this flow schedule: leave data=None, or tune from a t_start < 1")
+    if flow_start and not (isinstance(model_fn, WrappedModel) and model_fn.fusable
+                           and model_fn.model_type in ("flow", "x_start", "v")):
+        raise ValueError(f"tune: sampling from t_start={t_T} (α = 0) needs the data prediction there, which a noise "
+                         f"prediction does not carry: pass a model_wrapper(..., model_type='flow' | 'x_start' | 'v') "
+                         f"model, or a t_start < 1")
     calls = 0
 
-    def counted(x, t):
+    def count() -> None:
         nonlocal calls
         calls += 1
-        return model_fn(x, t)
 
+    counted = _counting(model_fn, count)
     gen = torch.Generator().manual_seed(seed)
     x_cal = torch.randn((n_calibration, *shape), generator=gen, dtype=dtype).to(device)
     with torch.no_grad():
         reference = DPMSolver(counted, noise_schedule).sample(
-            x_cal, steps=reference_steps, order=3, skip_type="logSNR", third_order="corrected", t_start=t_T,
-            t_end=t_0)
+            x_cal, steps=reference_steps, order=3, skip_type="time_uniform" if flow_start else "logSNR",
+            third_order="corrected", t_start=t_T, t_end=t_0)
 
     # The fit set trains the learned method and searches the standard solvers; the held-out quarter (the
     # validation set) picks the learned method's checkpoint and the candidate returned.
@@ -438,9 +494,14 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP,
                 count += y.numel()
         return total / count
 
-    starts = []
+    grids = {}
     for grid in SKIP_TYPES:
-        ts = reference_solver.grid(grid, t_T, t_0, nfe)
+        try:
+            grids[grid] = reference_solver.grid(grid, t_T, t_0, nfe)
+        except ValueError:  # a grid uniform in λ cannot start at λ = −∞
+            continue
+    starts = []
+    for grid, ts in grids.items():
         for order in range(1, min(history, nfe) + 1):
             method = _Multistep(noise_schedule, t_T, t_0, nfe, order, history, ts)
             loss = mse(method)
@@ -482,7 +543,6 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP,
         loss = float((y - reference[part]).double().square().mean())
         return loss if math.isfinite(loss) else math.inf
 
-    grids = {g: reference_solver.grid(g, t_T, t_0, nfe) for g in SKIP_TYPES}
     standards = [(standard_mse(config, ts), g, config) for config in _standard_configs() for g, ts in grids.items()]
     _, standard_grid, config = min(standards, key=lambda s: s[0])
     standard_times = grids[standard_grid]
