@@ -27,6 +27,10 @@ from pydpm.ops import solver_step
 from pydpm.samplers._program import Lin, Point, _check_model_output, points
 
 
+# The most candidate combinations one step's coefficient table holds (float64 rows of up to 4 coefficients).
+MAX_ROWS = 1 << 20
+
+
 @dataclasses.dataclass(frozen=True)
 class TimeShift:
     """The time-shift sampler's settings.
@@ -77,72 +81,111 @@ def candidate_tables(noise_schedule: Any, ts: torch.Tensor, shift: TimeShift) ->
     return field
 
 
-def _per_sample(tables: dict[str, torch.Tensor], i: int, x: torch.Tensor) -> Point:
-    """The point of model call i for every sample: the candidate whose promised variance is nearest x's."""
-    var = x.reshape(x.shape[0], -1).to(torch.float32 if x.dtype != torch.float64 else x.dtype).var(dim=1)
-    pick = (var.double()[:, None] - tables["promised"][i][None, :]).abs().argmin(dim=1)
-    return Point(*(tables[name][i][pick] for name in ("t", "log_alpha", "sigma", "lam")))
+class Step(NamedTuple):
+    """One update of the loop: its coefficients for every combination of the candidates of the points it reads
+    (a list of floats when none of them shifts, else a [combinations, n] float64 table on the device) and, per
+    point it reads (oldest first, the model calls they are, counted back from the newest), the stride of that
+    point's candidate index in a row number."""
 
-
-def _table(coefficients: list[Any], batch: int, device: torch.device) -> torch.Tensor | list[float]:
-    """solver_step's coefficients: a list of floats, or a per-sample [B, n] float64 table on the device."""
-    if not any(isinstance(c, torch.Tensor) for c in coefficients):
-        return [float(c) for c in coefficients]
-    return torch.stack([c.expand(batch) if isinstance(c, torch.Tensor) else
-                        torch.full((batch,), float(c), dtype=torch.float64, device=device) for c in coefficients], 1)
+    coefficients: list[float] | torch.Tensor
+    strides: list[tuple[int, int]]
 
 
 class Plan(NamedTuple):
-    """What a time-shifted loop needs, built once per grid, settings and device: the candidate tables on the
-    device, which points shift, and the nominal points."""
+    """What a time-shifted loop needs, built once per grid, settings and device."""
 
-    tables: dict[str, torch.Tensor]
-    shifted: list[bool]
-    nominal: list[Point]
-
-
-def plan(noise_schedule: Any, ts: torch.Tensor, shift: TimeShift, device: torch.device) -> Plan:
-    tables = {k: v.to(device) for k, v in candidate_tables(noise_schedule, ts, shift).items()}
-    return Plan(tables, tables["shifted"].tolist(), points(noise_schedule, ts))
+    promised: torch.Tensor        # [P, K]: the variance each candidate promises (+inf: not allowed)
+    times: torch.Tensor           # [P, K]: the candidates' times, in the schedule's dtype (the model's input)
+    convert: torch.Tensor         # [P, K, 2]: x̂₀ = c₀·x + c₁·ε at each candidate
+    shifted: list[bool]           # per point: whether its time can shift
+    nominal: list[Point]          # the grid's points
+    steps: list[Step]
 
 
-def time_shifted_multistep(model_fn: Callable[..., torch.Tensor], noise_schedule: Any, x: torch.Tensor, p: Plan,
-                           orders: list[int], predict: str, update: Callable[..., Any], denoise_to_zero: bool,
-                           intermediates: list[torch.Tensor] | None) -> torch.Tensor:
-    """The multistep loop of `DPMSolver.sample` with per-sample shifted times: `update(x, ms, ps, t, order)` is
-    the solver's multistep update over Lin vectors (x: symbol 0, ms[j]: symbol j + 1)."""
-    batch, device = x.shape[0], x.device
-    tables, shifted, nominal = p
-    time_dtype = getattr(noise_schedule, "dtype", torch.float32)
+def plan(noise_schedule: Any, ts: torch.Tensor, shift: TimeShift, device: torch.device, orders: list[int],
+         update: Callable[..., Any]) -> Plan:
+    """The loop's tables. Step i's update reads the last orders[i] points; evaluated once over Points whose fields
+    are tensors holding every candidate of each point along its own axis, the update's Lin gives each coefficient
+    for every combination of candidates at once, flattened row-major into the step's table. A sample's row is
+    then Σ (its candidate index at a point)·(that point's stride): one gather per step at run time."""
+    field = candidate_tables(noise_schedule, ts, shift)
+    shifted = field["shifted"].tolist()
+    nominal = points(noise_schedule, ts)
+    # each point's allowed candidates, moved to the front of its row (the rest stay +inf: never picked)
+    order_in_row = torch.argsort(torch.isinf(field["promised"]).to(torch.int8), dim=1, stable=True)
+    field = {k: v.gather(1, order_in_row) if v.dim() == 2 else v for k, v in field.items()}
+    allowed = torch.isfinite(field["promised"]).sum(1).tolist()
+    cand = [Point(*(field[name][i, :allowed[i]] for name in ("t", "log_alpha", "sigma", "lam")))
+            for i in range(len(shifted))]
     keep = max(orders)
+    steps = []
+    for step, order in enumerate(orders, start=1):
+        reads = list(range(step - order, step))                     # the points the update reads, oldest first
+        axes = [i for i in reads if shifted[i]]
+        ps = []
+        for i in reads:
+            shape = [1] * len(axes)
+            if shifted[i]:
+                shape[axes.index(i)] = -1
+            ps.append(Point(*(v.reshape(shape) for v in cand[i])) if axes else nominal[i])
+        stored = min(keep, step)
+        y = update(Lin({0: 1.0}), [Lin({j + 1: 1.0}) for j in range(stored)], ps, nominal[step], order)
+        cs = [y.c.get(j, 0.0) for j in range(stored + 1)]
+        if not axes:
+            steps.append(Step([float(c) for c in cs], []))
+            continue
+        sizes = [cand[i].t.numel() for i in axes]
+        if math.prod(sizes) > MAX_ROWS:
+            raise ValueError(f"time_shift: step {step} reads {len(axes)} shifted times with {sizes} candidates: "
+                             f"{math.prod(sizes)} combinations, more than the {MAX_ROWS} its coefficient table "
+                             f"holds; use a smaller TimeShift window or a lower order")
+        table = torch.stack([torch.as_tensor(c, dtype=torch.float64).expand(sizes).reshape(-1) for c in cs], 1)
+        strides = [(step - i, int(torch.tensor(sizes[k + 1:], dtype=torch.int64).prod())) for k, i in enumerate(axes)]
+        steps.append(Step(table.to(device), strides))
+    alpha, sigma = field["log_alpha"].exp(), field["sigma"]
+    convert = torch.stack([1.0 / alpha, -sigma / alpha], -1)
+    return Plan(field["promised"].to(device), field["t"].to(device, getattr(noise_schedule, "dtype", torch.float32)),
+                convert.to(device), shifted, nominal, steps)
 
-    def prediction(x: torch.Tensor, pt: Point, predict: str) -> torch.Tensor:
-        t = pt.t.to(time_dtype) if isinstance(pt.t, torch.Tensor) else torch.full((batch,), pt.t, dtype=time_dtype,
-                                                                                  device=device)
+
+def time_shifted_multistep(model_fn: Callable[..., torch.Tensor], x: torch.Tensor, p: Plan, predict: str,
+                           denoise_to_zero: bool, intermediates: list[torch.Tensor] | None) -> torch.Tensor:
+    """The multistep loop of `DPMSolver.sample` with per-sample shifted times, on the tables of `plan`."""
+    batch, device = x.shape[0], x.device
+    time_dtype = p.times.dtype
+    keep = max(len(st.coefficients) if isinstance(st.coefficients, list) else st.coefficients.shape[1]
+               for st in p.steps) - 1
+    picks: list[torch.Tensor | None] = []                          # per model call: each sample's candidate
+
+    def call(x: torch.Tensor, i: int, predict: str) -> torch.Tensor:
+        if i < len(p.shifted) and p.shifted[i]:
+            var = x.reshape(batch, -1).to(torch.float32 if x.dtype != torch.float64 else x.dtype).var(dim=1)
+            pick = (var.double()[:, None] - p.promised[i][None, :]).abs().argmin(dim=1)
+            t, conv = p.times[i][pick], p.convert[i][pick]
+        else:
+            pick, pt = None, p.nominal[i]
+            t = torch.full((batch,), pt.t, dtype=time_dtype, device=device)
+            conv = [1.0 / pt.alpha, -pt.sigma / pt.alpha]
+        picks.append(pick)
         eps = model_fn(x, t)
         _check_model_output(eps, x)
-        if predict == "noise":
-            return eps
-        return solver_step(x, [eps], _table([1.0 / pt.alpha, -pt.sigma / pt.alpha], batch, device))  # (x − σ·ε)/α
+        return eps if predict == "noise" else solver_step(x, [eps], conv)  # x̂₀ = (x − σ·ε)/α
 
-    def point(i: int, x: torch.Tensor) -> Point:
-        return _per_sample(tables, i, x) if shifted[i] else nominal[i]
-
-    steps = len(orders)
-    ps = [point(0, x)]
-    ms = [prediction(x, ps[0], predict)]
+    ms = [call(x, 0, predict)]
     if intermediates is not None:
         intermediates.append(x.clone())
-    for step in range(1, steps + 1):
-        y = update(Lin({0: 1.0}), [Lin({j + 1: 1.0}) for j in range(len(ms))], ps, nominal[step], orders[step - 1])
-        x = solver_step(x, ms, _table([y.c.get(s, 0.0) for s in range(len(ms) + 1)], batch, device))
+    for step, st in enumerate(p.steps, start=1):
+        coefficients = st.coefficients
+        if st.strides:
+            row = sum(stride * picks[-back] for back, stride in st.strides)
+            coefficients = coefficients[row]
+        x = solver_step(x, ms, coefficients)
         if intermediates is not None:
             intermediates.append(x.clone())
-        if step < steps:
-            ps = (ps + [point(step, x)])[-keep:]
-            ms = (ms + [prediction(x, ps[-1], predict)])[-keep:]
+        if step < len(p.steps):
+            ms = (ms + [call(x, step, predict)])[-keep:]
     if denoise_to_zero:
-        x = prediction(x, nominal[-1], "data")
+        x = call(x, len(p.steps), "data")
         if intermediates is not None:
             intermediates.append(x.clone())
     return x
