@@ -304,7 +304,10 @@ def fewer_steps_case(shape, dtype, device) -> Case:
              (("DPM++3M", dpm3m), ("DPM-Solver-v3", v3), ("tuned", tuned)) for graph in (False, True)]
     impls.append(impl("DPM++2M time-shift", time_shift, False, False))
     nbytes = NUM_STEPS * 5 * math.prod(shape) * dtype.itemsize
-    return Case("samplers", FEWER_STEPS, shape, dtype, device, inputs, oracle, impls, nbytes=nbytes)
+    # fp16: the third-order differences of fp16-stored data predictions (x̂₀ = x·(1 − σ)/α, large near t = 1 with
+    # this model) reach 1.5e-2 of max |x| against float64 on the H200, above the default 1e-2
+    return Case("samplers", FEWER_STEPS, shape, dtype, device, inputs, oracle, impls, nbytes=nbytes,
+                tolerance=3e-2 if dtype == torch.float16 else None)
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:

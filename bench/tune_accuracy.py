@@ -8,7 +8,8 @@ Per schedule and NFE: the best of every official configuration (DPM-Solver and D
 multistep / singlestep / singlestep_fixed, solver types dpmsolver / taylor; UniPC bh1 / bh2 / vary_coeff,
 orders 1-3, data and noise prediction; every skip type; lower_order_final on and off), chosen on the same
 evaluation samples it is scored on (which favours it), against `pydpm.samplers.tune` at that NFE, tuned on its
-own 4096 calibration samples (another seed) and scored once on the evaluation samples, and against DPM-Solver-v3
+own 4096 calibration samples (another seed), given the data samples below (so DPM-Solver-v3, on standard and on
+searched time steps, is among its candidates) and scored once on the evaluation samples, and against DPM-Solver-v3
 with EMS computed by `compute_ems` from 4096 samples of the mixture (another seed; 101 grid points), order 3 with
 the pseudo-order corrector, its skip type and corrector use chosen on 512 calibration samples (seed 12345) against
 a 500-step DPM-Solver++(3M) solution, never on the evaluation samples. Error: RMS distance at
@@ -91,8 +92,8 @@ def run(argv: list[str] | None = None) -> int:
             x = torch.randn(args.eval, 64, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
             draws.append((seed, x, oracle.ode_solution(mixture.eps, osched, x, t_T, t_0, n=1000)))
 
+        data = mixture.sample(args.ems_samples, generator=torch.Generator().manual_seed(777))
         if "v3" in args.methods:
-            data = mixture.sample(args.ems_samples, generator=torch.Generator().manual_seed(777))
             ems = compute_ems(model, psched, data, points=args.ems_points, t_start=t_T, t_end=t_0, batch=4096)
             x_cal = torch.randn(512, 64, generator=torch.Generator().manual_seed(12345), dtype=torch.float64)
             ref_cal = DPMSolver(model, psched).sample(x_cal, steps=500, order=3, skip_type="logSNR",
@@ -100,7 +101,8 @@ def run(argv: list[str] | None = None) -> int:
         for nfe in args.nfe:
             if "tune" in args.methods:
                 tuned = tune(model, psched, nfe, shape=(64,), n_calibration=args.calibration,
-                             iterations=args.iterations, dtype=torch.float64, seed=12345)
+                             iterations=args.iterations, dtype=torch.float64, seed=12345, data=data,
+                             ems_points=args.ems_points)
                 r = tuned.report
             if "v3" in args.methods:
                 v3 = DPMSolverV3(model, psched, ems)

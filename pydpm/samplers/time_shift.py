@@ -9,10 +9,12 @@ around the nominal one, whose marginal variance best matches the sample's own:
 
 (Var over the sample's elements; v the data's per-sample variance, 0 in the paper, which compares with
 σ_τ² = 1 − ᾱ_τ). The model is called at t_s and the next step starts from t_s; the multistep update then reads
-per-sample times, so its coefficients differ per sample: they are computed on the device from the chosen times
-by the same update code as the plain solver (`multistep_update` over per-sample points) and the step runs as
-one `solver_step` launch with a per-sample [B, n] coefficient table. No extra model calls, no host
-synchronisation; one variance reduction per shifted step.
+per-sample times, so its coefficients differ per sample. They are computed once per grid and settings, in
+float64, by the same update code as the plain solver (`multistep_update`, evaluated over points that hold every
+allowed candidate of each time it reads) for every combination of candidates; at run time each sample's row is
+gathered from that table and the step is one `solver_step` launch with a per-sample [B, n] coefficient table. No
+extra model calls and no host synchronisation: per shifted step one variance reduction, an argmin and a few
+gathers.
 """
 from __future__ import annotations
 

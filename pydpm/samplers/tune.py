@@ -23,7 +23,8 @@ validation set is returned:
    time grids) on the fit set, as it is.
 3. That configuration with its time steps searched (Nelder-Mead over the step sizes, no gradients).
 4. With `data` (samples of the data): DPM-Solver-v3 with statistics computed from them (`compute_ems`), its
-   order, corrector use and grid chosen on the fit set.
+   order, corrector use and grid chosen on the fit set; and 5., that configuration with its time steps searched
+   as in 3.
 
 Measured on Gaussian mixtures (bench/tune_accuracy.py, docs/samplers.md), the learned method wins at few
 steps (5-10) and the searched standard solver at more (20).
@@ -416,8 +417,9 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP 
         device, dtype: where and in what the calibration runs (float64 makes the objective exact to rounding).
         progress: print the validation error at every evaluation to stderr.
         data: samples x₀ of the data ([N, *shape]): tune then computes DPM-Solver-v3's statistics
-            (`compute_ems`, `ems_points` grid points, 3·N·ems_points model calls) and adds a fourth candidate,
-            DPM-Solver-v3 (order 2 or 3, corrector on or off, every standard grid; chosen on the fit set).
+            (`compute_ems`, `ems_points` grid points, 3·N·ems_points model calls) and adds two candidates,
+            DPM-Solver-v3 (order 2 or 3, corrector on or off, every standard grid; chosen on the fit set) and
+            that configuration on searched time steps (`search_evaluations` more evaluations).
         ems_points: grid points of those statistics.
 
     Returns a `TunedSampler`; its `report` gives the model calls and seconds tuning took, which candidate was
@@ -553,7 +555,7 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP 
         searched_times = _times(z, t_T, t_0)
     candidates = {"learned": best[0], "standard": standard_mse(config, standard_times, val),
                   "searched": standard_mse(config, searched_times, val)}
-    ems = v3_grid = v3_config = None
+    ems = v3_grid = v3_config = v3_times = v3_searched = None
     if data is not None:  # 4: DPM-Solver-v3 with statistics from the data
         ems = compute_ems(counted, noise_schedule, data.to(device, dtype), points=ems_points, t_start=t_T, t_end=t_0,
                           seed=seed, progress=progress)
@@ -561,7 +563,13 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP 
                       for o in (2, 3) for c in (True, False)]
         _, v3_grid, v3_config = min(((standard_mse(c, ts, ems=ems), g, c) for c in v3_configs for g, ts in grids.items()),
                                     key=lambda s: s[0])
-        candidates["v3"] = standard_mse(v3_config, grids[v3_grid], val, ems)
+        v3_times = grids[v3_grid]
+        candidates["v3"] = standard_mse(v3_config, v3_times, val, ems)
+        if search_evaluations and nfe > 1:
+            z, _ = _nelder_mead(lambda z: standard_mse(v3_config, _times(z, t_T, t_0), ems=ems), _log_gaps(v3_times),
+                                search_evaluations)
+            v3_searched = _times(z, t_T, t_0)
+            candidates["v3-searched"] = standard_mse(v3_config, v3_searched, val, ems)
         ems.guidance_scale = guidance_of(model_fn)  # computed through the counting wrapper: it belongs to model_fn
     if progress:
         print("tune: validation RMS " + ", ".join(f"{k} {math.sqrt(v):.3e}" for k, v in candidates.items()),
@@ -574,8 +582,9 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP 
               "search_evaluations": search_evaluations, "seed": seed, "reference_steps": reference_steps}
     if ems is not None:
         report["v3"] = {"grid": v3_grid, **v3_config, "ems": ems.info}
-    if chosen == "v3":
-        return TunedSampler(model_fn, noise_schedule, grids[v3_grid], solver=v3_config, report=report, ems=ems)
+    if chosen in ("v3", "v3-searched"):
+        return TunedSampler(model_fn, noise_schedule, v3_times if chosen == "v3" else v3_searched, solver=v3_config,
+                            report=report, ems=ems)
     if chosen == "learned":
         times, a, b = best[1]
         return TunedSampler(model_fn, noise_schedule, times, a, b, report=report)
