@@ -129,6 +129,28 @@ def test_equals_an_independent_implementation(mixture, order, third, shift):
     assert bool((called[:, 1:] != called[:, :1]).any()), "the test must exercise times that differ per sample"
 
 
+def test_model_types_and_guidance_convert_like_the_noise_model(mixture):
+    """A model_wrapper model's raw output (x₀, v, a classifier-free pair) is converted inside the loop at each
+    sample's own time: the same samples as through the wrapper's own noise prediction (a plain function)."""
+    ns, _, gm, _, x = mixture
+    raw = gm.model_fn("noise", conditional=True)
+    cond = torch.linspace(-0.5, 0.5, 16, dtype=torch.float64)[None]
+
+    def net(x, t_input, c):  # the wrapper stacks [uncond; cond] for [x; x]
+        return raw(x, t_input, c.repeat_interleave(x.shape[0] // c.shape[0], 0))
+
+    shift = TimeShift(window=6, cutoff=0.3)
+    for model in (model_wrapper(gm.model_fn("x_start"), ns, model_type="x_start"),
+                  model_wrapper(gm.model_fn("v"), ns, model_type="v"),
+                  model_wrapper(net, ns, guidance_type="classifier-free", condition=cond,
+                                unconditional_condition=torch.zeros_like(cond), guidance_scale=3.0)):
+        for algorithm in ("dpmsolver++", "dpmsolver"):
+            fused = DPMSolver(model, ns, algorithm_type=algorithm).sample(x, steps=6, time_shift=shift)
+            plain = DPMSolver(lambda x, t: model(x, t), ns, algorithm_type=algorithm).sample(x, steps=6,
+                                                                                           time_shift=shift)
+            torch.testing.assert_close(fused, plain, rtol=1e-10, atol=1e-10)
+
+
 def test_picks_the_time_whose_variance_matches(mixture):
     """x scaled to the variance σ_τ² of a chosen τ in the window is called at exactly that τ."""
     ns = mixture[0]

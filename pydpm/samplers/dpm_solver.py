@@ -509,11 +509,12 @@ class DPMSolver(Solver):
                x.device)
         ts_plan = self._runners.get(key)
         if ts_plan is None:
-            ts_plan = self._runners.put(key, time_shift_plan(self.noise_schedule, grid, shift, x.device, orders,
-                                                             update))
+            ts_plan = self._runners.put(key, time_shift_plan(self.model_fn, self.noise_schedule, grid, shift, x.device,
+                                                             orders, self.predict, update))
         inter: list[torch.Tensor] | None = [] if return_intermediate else None
         with self.running(), torch.no_grad():
-            out = time_shifted_multistep(self.model_fn, x, ts_plan, self.predict, denoise_to_zero, inter)
+            out = time_shifted_multistep(self.model_fn, self.noise_schedule, x, ts_plan, self.predict,
+                                         denoise_to_zero, inter)
         return (out, inter) if inter is not None else out
 
     def inverse(self, x: torch.Tensor, steps: int = 20, t_start: float | None = None, t_end: float | None = None,

@@ -27,6 +27,7 @@ import torch
 
 from pydpm.ops import solver_step
 from pydpm.samplers._program import Lin, Point, _check_model_output, points
+from pydpm.schedules import WrappedModel, conversion
 
 
 # The most candidate combinations one step's coefficient table holds (float64 rows of up to 4 coefficients).
@@ -94,18 +95,23 @@ class Step(NamedTuple):
 
 
 class Plan(NamedTuple):
-    """What a time-shifted loop needs, built once per grid, settings and device."""
+    """What a time-shifted loop needs, built once per model, grid, settings and device."""
 
     promised: torch.Tensor        # [P, K]: the variance each candidate promises (+inf: not allowed)
-    times: torch.Tensor           # [P, K]: the candidates' times, in the schedule's dtype (the model's input)
-    convert: torch.Tensor         # [P, K, 2]: x̂₀ = c₀·x + c₁·ε at each candidate
+    times: torch.Tensor           # [P, K]: the time the model takes at each candidate, in the schedule's dtype
+    convert: torch.Tensor         # [P, K, 2]: the prediction = c₀·x + c₁·(raw model output) at each candidate
     shifted: list[bool]           # per point: whether its time can shift
     nominal: list[Point]          # the grid's points
     steps: list[Step]
 
 
-def plan(noise_schedule: Any, ts: torch.Tensor, shift: TimeShift, device: torch.device, orders: list[int],
-         update: Callable[..., Any]) -> Plan:
+def _wrapped(model_fn: Any) -> bool:
+    """A `model_wrapper` model whose raw output(s) the loop converts itself (as the fused solvers do)."""
+    return isinstance(model_fn, WrappedModel) and model_fn.fusable
+
+
+def plan(model_fn: Any, noise_schedule: Any, ts: torch.Tensor, shift: TimeShift, device: torch.device,
+         orders: list[int], predict: str, update: Callable[..., Any]) -> Plan:
     """The loop's tables. Step i's update reads the last orders[i] points; evaluated once over Points whose fields
     are tensors holding every candidate of each point along its own axis, the update's Lin gives each coefficient
     for every combination of candidates at once, flattened row-major into the step's table. A sample's row is
@@ -145,33 +151,48 @@ def plan(noise_schedule: Any, ts: torch.Tensor, shift: TimeShift, device: torch.
         strides = [(step - i, int(torch.tensor(sizes[k + 1:], dtype=torch.int64).prod())) for k, i in enumerate(axes)]
         steps.append(Step(table.to(device), strides))
     alpha, sigma = field["log_alpha"].exp(), field["sigma"]
-    convert = torch.stack([1.0 / alpha, -sigma / alpha], -1)
-    return Plan(field["promised"].to(device), field["t"].to(device, getattr(noise_schedule, "dtype", torch.float32)),
+    model_type = model_fn.model_type if _wrapped(model_fn) else "noise"
+    convert = torch.stack([torch.as_tensor(c, dtype=torch.float64).expand_as(alpha)
+                           for c in conversion(model_type, alpha, sigma, predict)], -1)
+    times = noise_schedule.model_time(field["t"]) if _wrapped(model_fn) else field["t"]
+    return Plan(field["promised"].to(device), times.to(device, getattr(noise_schedule, "dtype", torch.float32)),
                 convert.to(device), shifted, nominal, steps)
 
 
-def time_shifted_multistep(model_fn: Callable[..., torch.Tensor], x: torch.Tensor, p: Plan, predict: str,
-                           denoise_to_zero: bool, intermediates: list[torch.Tensor] | None) -> torch.Tensor:
+def time_shifted_multistep(model_fn: Callable[..., torch.Tensor], noise_schedule: Any, x: torch.Tensor, p: Plan,
+                           predict: str, denoise_to_zero: bool, intermediates: list[torch.Tensor] | None,
+                           ) -> torch.Tensor:
     """The multistep loop of `DPMSolver.sample` with per-sample shifted times, on the tables of `plan`."""
     batch, device = x.shape[0], x.device
-    time_dtype = p.times.dtype
+    wrapped = _wrapped(model_fn)
     keep = max(len(st.coefficients) if isinstance(st.coefficients, list) else st.coefficients.shape[1]
                for st in p.steps) - 1
     picks: list[torch.Tensor | None] = []                          # per model call: each sample's candidate
 
-    def call(x: torch.Tensor, i: int, predict: str) -> torch.Tensor:
+    def call(x: torch.Tensor, i: int, target: str) -> torch.Tensor:
+        """The model's prediction (`target`) at model call i: at each sample's picked candidate time when point i
+        shifts, else at the nominal one. A model_wrapper model's raw output is converted here, in one launch."""
         if i < len(p.shifted) and p.shifted[i]:
             var = x.reshape(batch, -1).to(torch.float32 if x.dtype != torch.float64 else x.dtype).var(dim=1)
             pick = (var.double()[:, None] - p.promised[i][None, :]).abs().argmin(dim=1)
             t, conv = p.times[i][pick], p.convert[i][pick]
         else:
             pick, pt = None, p.nominal[i]
-            t = torch.full((batch,), pt.t, dtype=time_dtype, device=device)
-            conv = [1.0 / pt.alpha, -pt.sigma / pt.alpha]
+            t_cont = torch.full((batch,), pt.t, dtype=p.times.dtype, device=device)
+            t = noise_schedule.model_time(t_cont) if wrapped else t_cont
+            conv = [float(c) for c in conversion(model_fn.model_type if wrapped else "noise", pt.alpha, pt.sigma,
+                                                 target)]
         picks.append(pick)
-        eps = model_fn(x, t)
-        _check_model_output(eps, x)
-        return eps if predict == "noise" else solver_step(x, [eps], conv)  # x̂₀ = (x − σ·ε)/α
+        if not wrapped:
+            out = model_fn(x, t)
+        elif model_fn.pair:
+            cond, uncond = model_fn.outputs(x, t)
+            _check_model_output(cond, x)
+            out = solver_step(uncond, [cond], [1.0 - model_fn.guidance_scale, model_fn.guidance_scale])
+        else:
+            out = model_fn.outputs(x, t)
+        _check_model_output(out, x)
+        return solver_step(x, [out], conv)
 
     ms = [call(x, 0, predict)]
     if intermediates is not None:
