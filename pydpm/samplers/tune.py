@@ -7,8 +7,9 @@ library's own calibration noise against a fine-step solution.
 The objective: the mean squared distance, at t_end, between the sampler and DPM-Solver++(3M) with
 `reference_steps` λ-uniform steps, both started from the same calibration noise. The calibration noise comes
 from the tuner's own generator (`seed`): the x_T a tuned sampler later samples from are never seen. A
-quarter of it is held out (the validation set); three candidates are fitted on the rest and the best on the
-validation set is returned:
+quarter of it is held out (the validation set, which picks the learned method's checkpoint); the candidates are
+fitted on the rest, and the one returned is the best on `n_selection` further samples of that generator that
+neither a fit nor a checkpoint choice saw:
 
 1. A learned linear multistep method over data predictions m_i = x̂₀(x_i, t_i):
 
@@ -71,7 +72,7 @@ class TunedSampler(Solver):
     weights of the last min(history, step + 1) data predictions, oldest first); `solver`: the configuration of
     a DPM-Solver(++) or UniPC run (`{"class": "UniPC" | "DPMSolver", "init": {...}, "sample": {...}}`, the
     keyword arguments of the constructor and of `sample`); `report`: what tuning cost and reached (model calls,
-    seconds, every candidate's validation error)."""
+    seconds, every candidate's error on the selection set)."""
 
     algorithm_types = {"dpmsolver++": "data"}
     default_algorithm = "dpmsolver++"
@@ -382,7 +383,7 @@ def _positive(name: str, value) -> float:
 
 
 def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP | NoiseScheduleFlow, nfe: int, *,
-         shape: Sequence[int], n_calibration: int = 1024, seed: int = 0, history: int = 3, iterations: int = 1500,
+         shape: Sequence[int], n_calibration: int = 1024, n_selection: int | None = None, seed: int = 0, history: int = 3, iterations: int = 1500,
          batch: int = 512, lr: float | None = None, reference_steps: int = 500, eval_every: int = 50,
          search_evaluations: int | None = None,
          t_start: float | None = None, t_end: float | None = None, device: torch.device | str = "cpu",
@@ -402,6 +403,9 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP 
         shape: the shape of one sample (without the batch dimension).
         n_calibration: calibration samples (noise from the tuner's own generator), >= 1; the objective is a
             mean over them, so a few hundred to a few thousand keep it from fitting a few hard trajectories.
+        n_selection: fresh calibration samples (default n_calibration) on which the candidates are compared
+            once they are fitted: no fit, search or checkpoint choice saw them, so the comparison is not biased
+            towards the candidate whose checkpoint was picked on the validation set.
         seed: the calibration generator's seed.
         history: the most data predictions a step combines (1-4).
         iterations: Adam steps of the learned multistep method (0: its untuned start).
@@ -410,7 +414,7 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP 
             bench/tune_accuracy.py favoured (a larger rate diverged at 20 steps, a smaller one under-fitted at 5).
         search_evaluations: objective evaluations of the time-step search on the best standard solver
             (default 40·nfe; 0: no search). It and the choice of that solver use the first 1024 samples of the
-            fit set; the three candidates are compared on the validation set (the last quarter).
+            fit set.
         reference_steps: steps of the DPM-Solver++(3M, λ-uniform, corrected third order) reference.
         eval_every: iterations between evaluations on the validation set (the best one is kept).
         t_start, t_end: the interval (default: the schedule's T and 1/N).
@@ -423,7 +427,7 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP 
         ems_points: grid points of those statistics.
 
     Returns a `TunedSampler`; its `report` gives the model calls and seconds tuning took, which candidate was
-    chosen and every candidate's validation error.
+    chosen and every candidate's RMS error on the selection set.
     """
     began = time.perf_counter()
     if not isinstance(noise_schedule, (NoiseScheduleVP, NoiseScheduleFlow)):
@@ -434,6 +438,8 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP 
             isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1 for n in shape):
         raise TypeError(f"tune: shape={shape!r} must be the shape of one sample, a sequence of positive ints")
     n_calibration = check_int("n_calibration", n_calibration, 1, " (calibration samples)")
+    n_selection = n_calibration if n_selection is None else check_int(
+        "n_selection", n_selection, 1, " (samples that choose between the candidates)")
     ems_points = check_int("ems_points", ems_points, 2, " (grid points of the EMS)")
     if data is not None and (not isinstance(data, torch.Tensor) or tuple(data.shape[1:]) != tuple(shape)):
         raise ValueError(f"tune: data must be a tensor [N, *shape] of data samples with shape={tuple(shape)}, got "
@@ -474,13 +480,19 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP 
     counted = _counting(model_fn, count)
     gen = torch.Generator().manual_seed(seed)
     x_cal = torch.randn((n_calibration, *shape), generator=gen, dtype=dtype).to(device)
-    with torch.no_grad():
-        reference = DPMSolver(counted, noise_schedule).sample(
-            x_cal, steps=reference_steps, order=3, skip_type="time_uniform" if flow_start else "logSNR",
-            third_order="corrected", t_start=t_T, t_end=t_0)
+    x_sel = torch.randn((n_selection, *shape), generator=gen, dtype=dtype).to(device)
+
+    def solve(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return DPMSolver(counted, noise_schedule).sample(
+                x, steps=reference_steps, order=3, skip_type="time_uniform" if flow_start else "logSNR",
+                third_order="corrected", t_start=t_T, t_end=t_0)
+
+    reference, ref_sel = solve(x_cal), solve(x_sel)
 
     # The fit set trains the learned method and searches the standard solvers; the held-out quarter (the
-    # validation set) picks the learned method's checkpoint and the candidate returned.
+    # validation set) picks the learned method's checkpoint; the selection set, fresh noise that no fit or
+    # checkpoint saw, picks the candidate returned.
     n_val = max(1, n_calibration // 4)
     n_fit = max(1, n_calibration - n_val)
     val = slice(n_calibration - n_val, n_calibration)
@@ -537,13 +549,17 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP 
     # 2 and 3: the best standard configuration, then its time steps searched
     sub = slice(0, min(n_fit, 1024))
 
-    def standard_mse(config: dict[str, Any], ts: torch.Tensor, part: slice = sub, ems: EMS | None = None) -> float:
+    def sampler_mse(sampler: Callable[[], TunedSampler], x: torch.Tensor, ref: torch.Tensor) -> float:
         try:
-            y = TunedSampler(counted, noise_schedule, ts, solver=config, ems=ems).sample(x_cal[part])
+            y = sampler().sample(x)
         except ValueError:  # an order the step count cannot take
             return math.inf
-        loss = float((y - reference[part]).double().square().mean())
+        loss = float((y - ref).double().square().mean())
         return loss if math.isfinite(loss) else math.inf
+
+    def standard_mse(config: dict[str, Any], ts: torch.Tensor, part: slice = sub, ems: EMS | None = None) -> float:
+        return sampler_mse(lambda: TunedSampler(counted, noise_schedule, ts, solver=config, ems=ems), x_cal[part],
+                           reference[part])
 
     standards = [(standard_mse(config, ts), g, config) for config in _standard_configs() for g, ts in grids.items()]
     _, standard_grid, config = min(standards, key=lambda s: s[0])
@@ -553,8 +569,10 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP 
         z, _ = _nelder_mead(lambda z: standard_mse(config, _times(z, t_T, t_0)), _log_gaps(standard_times),
                             search_evaluations)
         searched_times = _times(z, t_T, t_0)
-    candidates = {"learned": best[0], "standard": standard_mse(config, standard_times, val),
-                  "searched": standard_mse(config, searched_times, val)}
+    candidates: dict[str, Callable[[], TunedSampler]] = {
+        "learned": lambda: TunedSampler(counted, noise_schedule, *best[1]),
+        "standard": lambda: TunedSampler(counted, noise_schedule, standard_times, solver=config),
+        "searched": lambda: TunedSampler(counted, noise_schedule, searched_times, solver=config)}
     ems = v3_grid = v3_config = v3_times = v3_searched = None
     if data is not None:  # 4: DPM-Solver-v3 with statistics from the data
         ems = compute_ems(counted, noise_schedule, data.to(device, dtype), points=ems_points, t_start=t_T, t_end=t_0,
@@ -564,19 +582,23 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP 
         _, v3_grid, v3_config = min(((standard_mse(c, ts, ems=ems), g, c) for c in v3_configs for g, ts in grids.items()),
                                     key=lambda s: s[0])
         v3_times = grids[v3_grid]
-        candidates["v3"] = standard_mse(v3_config, v3_times, val, ems)
+        candidates["v3"] = lambda: TunedSampler(counted, noise_schedule, v3_times, solver=v3_config, ems=ems)
         if search_evaluations and nfe > 1:
             z, _ = _nelder_mead(lambda z: standard_mse(v3_config, _times(z, t_T, t_0), ems=ems), _log_gaps(v3_times),
                                 search_evaluations)
             v3_searched = _times(z, t_T, t_0)
-            candidates["v3-searched"] = standard_mse(v3_config, v3_searched, val, ems)
+            candidates["v3-searched"] = lambda: TunedSampler(counted, noise_schedule, v3_searched, solver=v3_config,
+                                                             ems=ems)
         ems.guidance_scale = guidance_of(model_fn)  # computed through the counting wrapper: it belongs to model_fn
+    errors = {k: sampler_mse(make, x_sel, ref_sel) for k, make in candidates.items()}
     if progress:
-        print("tune: validation RMS " + ", ".join(f"{k} {math.sqrt(v):.3e}" for k, v in candidates.items()),
+        print("tune: selection RMS " + ", ".join(f"{k} {math.sqrt(v):.3e}" for k, v in errors.items()),
               file=sys.stderr)
-    chosen = min(candidates, key=lambda k: candidates[k])
-    report = {"nfe": nfe, "chosen": chosen, "validation_rms": {k: math.sqrt(v) for k, v in candidates.items()},
+    chosen = min(errors, key=lambda k: errors[k])
+    report = {"nfe": nfe, "chosen": chosen, "selection_rms": {k: math.sqrt(v) for k, v in errors.items()},
+              "n_selection": n_selection,
               "learned_start": {"grid": grid, "order": order, "validation_rms": math.sqrt(start_loss)},
+              "learned_validation_rms": math.sqrt(best[0]),
               "standard": {"grid": standard_grid, **config}, "model_calls": calls,
               "seconds": time.perf_counter() - began, "n_calibration": n_calibration, "iterations": iterations,
               "search_evaluations": search_evaluations, "seed": seed, "reference_steps": reference_steps}
