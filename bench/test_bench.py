@@ -7,7 +7,6 @@ so `python -m pytest tests` never collects it.
 from __future__ import annotations
 
 import math
-import re
 import warnings
 
 import pytest
@@ -62,27 +61,3 @@ def run(benchmark, case, impl):
         benchmark.group = case.label
         benchmark(lambda: (fn(inputs), sync()))
 
-
-def test_tune_digits(capsys):
-    """bench/tune_digits.py end to end at a toy size: every row of the table is there, with a finite positive
-    distance (and ratio) in each numeric cell (the figures themselves are not checked: the model is barely
-    trained)."""
-    pytest.importorskip("sklearn")
-    from . import tune_digits
-
-    assert tune_digits.run(["--nfe", "5", "--train-steps", "20", "--eval", "32", "--reference-steps", "100",
-                            "--calibration", "16", "--iterations", "2"]) == 0
-    out = capsys.readouterr().out
-    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| ")]
-    header, rows = rows[0], rows[2:]
-    assert header[3:5] == ["Fréchet distance", "RMS distance"] and all(len(row) == len(header) == 7 for row in rows)
-    samplers = [(row[0], row[1]) for row in rows]
-    assert samplers[:3] == [("100", "reference halves"), ("50", "reference, half the steps"),
-                            ("5", "best official (Fréchet)")] and samplers[-1] == ("5", "tune"), samplers
-    assert rows[-1][2].startswith("chosen ")
-    for row in rows:
-        numbers = [float(cell.rstrip("×")) for cell in row[3:] if cell != "—"]
-        assert len(numbers) == (1 if row[0] == "100" else 2 if row[0] == "50" else 4), row
-        assert all(math.isfinite(v) and v > 0 for v in numbers), row
-    ran = re.search(r"official configurations that ran: (\d+) of (\d+) at NFE 5\)", out)
-    assert ran and 0 < int(ran[1]) <= int(ran[2]), out.splitlines()[-1]

@@ -129,8 +129,8 @@ def train(images: torch.Tensor, steps: int, seed: int) -> tuple[nn.Module, float
     return ema.model, sum(losses) / len(losses), time.perf_counter() - began
 
 
-def time_shift_table(model, ns, x: torch.Tensor, ref: torch.Tensor, images: torch.Tensor, nfes: list[int],
-                     frechet_distance) -> None:
+def time_shift_table(model, ns, x: torch.Tensor, ref: torch.Tensor, steps: int, images: torch.Tensor,
+                     nfes: list[int], frechet_distance) -> None:
     """DPM-Solver++(2M) (time_uniform, the time-shift paper's base solver) with and without the time-shift sampler
     (the paper's rule, data_variance = 0, at two window / cut-off settings, and the rule with the training images'
     mean per-image variance): the Fréchet distance of its samples to the training images (what exposure bias is
@@ -144,7 +144,7 @@ def time_shift_table(model, ns, x: torch.Tensor, ref: torch.Tensor, images: torc
     flat_images, flat_ref = images.flatten(1), ref.flatten(1)
     print("| NFE | time shift | Fréchet distance to the training images | Fréchet distance to the reference |")
     print(_row("---:", ["---", "---:", "---:"]))
-    print(_row("1000", ["reference (DPM-Solver++(3M))", f"{frechet_distance(flat_ref, flat_images):.3e}", "0"]))
+    print(_row(str(steps), ["reference (DPM-Solver++(3M))", f"{frechet_distance(flat_ref, flat_images):.3e}", "0"]))
     for nfe in nfes:
         for name, shift in settings:
             with torch.no_grad():
@@ -219,7 +219,7 @@ def run(argv: list[str] | None = None) -> int:
         return frechet_distance(y.flatten(1), flat_ref), float((y - ref).square().mean().sqrt())
 
     if args.time_shift:
-        time_shift_table(model, ns, x, ref, images, args.nfe, frechet_distance)
+        time_shift_table(model, ns, x, ref, steps, images, args.nfe, frechet_distance)
         print(f"\n({time.perf_counter() - began:.0f} s; torch {torch.__version__}; {args.threads} thread(s); "
               f"model: {args.train_steps} training steps, final loss {train_loss:.4f}; {args.eval} evaluation noises "
               f"(seed {args.seed + 1}); the training images' variance per image, averaged: "

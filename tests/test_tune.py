@@ -4,6 +4,7 @@ depends only on its own seed, round-trips through a file, and refuses bad input 
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -212,6 +213,36 @@ def test_the_benchmark_runs(capsys):
                               "--eval", "16", "--ems-samples", "16", "--ems-points", "5"]) == 0
     out = capsys.readouterr().out
     assert out.count("| linear | 2 |") == 2 and out.count("×") == 4  # one row per evaluation draw, two ratios each
+
+
+def test_tune_digits(capsys):
+    """bench/tune_digits.py end to end at a toy size: every row of the table is there, with a finite positive
+    distance (and ratio) in each numeric cell (the figures themselves are not checked: the model is barely
+    trained)."""
+    pytest.importorskip("sklearn")
+    from pydpm.bench import tune_digits
+
+    assert tune_digits.run(["--nfe", "5", "--train-steps", "20", "--eval", "32", "--reference-steps", "100",
+                            "--calibration", "16", "--iterations", "2"]) == 0
+    out = capsys.readouterr().out
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| ")]
+    header, rows = rows[0], rows[2:]
+    assert header[3:5] == ["Fréchet distance", "RMS distance"] and all(len(row) == len(header) == 7 for row in rows)
+    samplers = [(row[0], row[1]) for row in rows]
+    assert samplers[:3] == [("100", "reference halves"), ("50", "reference, half the steps"),
+                            ("5", "best official (Fréchet)")] and samplers[-1] == ("5", "tune"), samplers
+    assert rows[-1][2].startswith("chosen ")
+    for row in rows:
+        numbers = [float(cell.rstrip("×")) for cell in row[3:] if cell != "—"]
+        assert len(numbers) == (1 if row[0] == "100" else 2 if row[0] == "50" else 4), row
+        assert all(math.isfinite(v) and v > 0 for v in numbers), row
+    ran = re.search(r"official configurations that ran: (\d+) of (\d+) at NFE 5\)", out)
+    assert ran and 0 < int(ran[1]) <= int(ran[2]), out.splitlines()[-1]
+    assert tune_digits.run(["--time-shift", "--nfe", "5", "--train-steps", "20", "--eval", "32",
+                            "--reference-steps", "20"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][2:]
+    assert [row[0].strip() for row in rows] == ["20"] + ["5"] * 4
+    assert all(math.isfinite(float(cell)) and float(cell) >= 0 for row in rows for cell in row[2:])
 
 
 @pytest.mark.gpu
