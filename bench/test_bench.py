@@ -60,4 +60,3 @@ def run(benchmark, case, impl):
             warnings.warn(f"{impl.name} on {case.label}: {mismatch}", stacklevel=1)
         benchmark.group = case.label
         benchmark(lambda: (fn(inputs), sync()))
-

@@ -305,6 +305,12 @@ def is_diffusers_model(obj: Any) -> bool:
     return diffusers is not None and isinstance(obj, diffusers.ModelMixin)
 
 
+def fused_wrapper(model_fn: Any) -> bool:
+    """Whether `model_fn` is a `model_wrapper` model whose raw output(s) a sampler converts itself (its model-type
+    conversion and classifier-free guidance folded into the fused step): every one but classifier guidance."""
+    return isinstance(model_fn, WrappedModel) and model_fn.fusable
+
+
 class WrappedModel:
     """The continuous-time model `model_wrapper` returns: call it as `model_fn(x, t)` for the noise
     prediction (the reference's behaviour). The samplers instead call `outputs(x, t_input)` and fold

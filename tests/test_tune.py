@@ -152,7 +152,8 @@ def test_bad_input_is_named(problem, kwargs, exc, names):
 
 
 def test_refusals_of_what_tune_cannot_do(problem):
-    with pytest.raises(TypeError, match="noise_schedule must be a pydpm.schedules.NoiseScheduleVP or NoiseScheduleFlow"):
+    with pytest.raises(TypeError, match="noise_schedule must be a pydpm.schedules.NoiseScheduleVP or "
+                                        "NoiseScheduleFlow"):
         tune(problem.model, "linear", 3, shape=(DIM,))
 
     def frozen(x, t):  # no gradient reaches the sampler's coefficients through this model

@@ -92,5 +92,5 @@ def sample(model_fn: Callable[..., torch.Tensor], x: torch.Tensor, noise_schedul
     raise ValueError(f"method={method!r}; use one of {', '.join(map(repr, METHODS))}")
 
 
-__all__ = ["DDIM", "DDPM", "DPMSolver", "DPMSolverV3", "EMS", "METHODS", "PNDM", "SDEDPMSolverPP", "TimeShift", "TunedSampler",
-           "UniPC", "compute_ems", "sample", "tune"]
+__all__ = ["DDIM", "DDPM", "DPMSolver", "DPMSolverV3", "EMS", "METHODS", "PNDM", "SDEDPMSolverPP", "TimeShift",
+           "TunedSampler", "UniPC", "compute_ems", "sample", "tune"]

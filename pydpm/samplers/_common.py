@@ -66,6 +66,13 @@ def check_sample_input(x: Any) -> None:
                          f"first sample): pass at least one sample")
 
 
+def check_start(x: Any) -> None:
+    """x as the start of a sampling run: a valid sample (check_sample_input) that does not require grad."""
+    check_sample_input(x)
+    if torch.is_grad_enabled() and x.requires_grad:
+        raise ValueError("x requires grad; sampling is not differentiable: run under torch.no_grad()")
+
+
 def check_model_fn(name: str, model_fn: Any, noise_schedule: Any) -> None:
     """Refuse what cannot be a continuous-time model function: a diffusers model (it takes the training
     timestep and returns an output object); warn on a bare torch module under a discrete schedule (it would
@@ -237,9 +244,7 @@ class Solver:
         object at a time). `stochastic`: the program draws noise, which the fused step draws in x's memory
         order; a non-contiguous x (channels-last, a transposed view) is then sampled as x.contiguous() so that
         the result does not depend on the layout, and handed back in x's layout."""
-        check_sample_input(x)
-        if torch.is_grad_enabled() and x.requires_grad:
-            raise ValueError("x requires grad; sampling is not differentiable: run under torch.no_grad()")
+        check_start(x)
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 63:
             raise (ValueError if isinstance(seed, numbers.Integral) and not isinstance(seed, bool) else TypeError)(
                 f"seed={seed!r} must be an int in [0, 2**63) (the Philox seed of the in-kernel noise)")

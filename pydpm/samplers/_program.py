@@ -32,7 +32,7 @@ from pydpm._cache import BoundedCache
 from pydpm.ops import solver_step
 from pydpm.ops._framework import forced_backend
 from pydpm.ops.solver_step import MAX_MODELS, PhiloxNoise, PlannedStep, Threshold, check_args, philox_normal
-from pydpm.schedules import WrappedModel, conversion
+from pydpm.schedules import conversion, fused_wrapper
 
 # Residual coefficients this small relative to the terms that produced them are float64 cancellation
 # noise of an exact identity (e.g. an old history entry that UniPC's corrector folds away): dropped.
@@ -426,7 +426,7 @@ class _Bound:
         width = max((len(l.coefs) for l in launches), default=1)
         table = torch.zeros(max(len(launches), 1), width, dtype=torch.float64)
         conv = torch.zeros(max(len(launches), 1), 2, dtype=torch.float64)
-        wrapped = isinstance(opts.model_fn, WrappedModel) and opts.model_fn.fusable
+        wrapped = fused_wrapper(opts.model_fn)
         model_type = opts.model_fn.model_type if wrapped else (opts.model_type or "noise")
         for i, l in enumerate(launches):
             table[i, :len(l.coefs)] = torch.tensor(l.coefs, dtype=torch.float64)
@@ -684,7 +684,7 @@ class EagerTracer(_Times):
 
     def __init__(self, predict: str, opts: Options, x: torch.Tensor):
         self.predict, self.opts, self.schedule, self.x = predict, opts, opts.noise_schedule, x
-        self.wrapped = isinstance(opts.model_fn, WrappedModel) and opts.model_fn.fusable
+        self.wrapped = fused_wrapper(opts.model_fn)
         self.intermediates: list[torch.Tensor] = []
         self.n_noise = 0
 

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from pydpm.samplers._common import Solver, after_step, check_choice, check_int, check_order, check_sample_input
+from pydpm.samplers._common import Solver, after_step, check_choice, check_int, check_order, check_start
 from pydpm.samplers._program import Point, exp, expm1
 from pydpm.samplers.time_shift import TimeShift, time_shifted_multistep
 from pydpm.samplers.time_shift import plan as time_shift_plan
@@ -392,8 +392,8 @@ class DPMSolver(Solver):
             time_shift: a `TimeShift`: the time-shift sampler (per-sample shifted times against exposure bias,
                 `pydpm.samplers.time_shift`); method='multistep' sampling on a VP schedule only, without
                 cuda_graph, progress, correcting_x0_fn or correcting_xt_fn. Each step is one fused launch with
-                per-sample coefficients (plus a variance reduction and the small coefficient arithmetic on the
-                device), not a precompiled plan.
+                per-sample coefficients gathered from tables built once per grid and settings (plus, where times
+                shift, a variance reduction and an argmin on the device); the loop runs eagerly.
 
         Returns:
             The sample at t_end in x's dtype; with return_intermediate, (sample, list of samples).
@@ -439,9 +439,9 @@ class DPMSolver(Solver):
             raise ValueError(f"method='singlestep_fixed' needs steps >= order, got steps={steps}, order={order}")
         check_choice("skip_type", skip_type, SKIP_TYPES)
         if time_shift is not None:
-            return self._time_shifted(x, time_shift, grid if grid is not None else self.grid(skip_type, t_T, t_0, steps),
-                                      method, order, lower_order_final, denoise_to_zero, solver_type, third_order,
-                                      return_intermediate, cuda_graph, progress)
+            ts = grid if grid is not None else self.grid(skip_type, t_T, t_0, steps)
+            return self._time_shifted(x, time_shift, ts, method, order, lower_order_final, denoise_to_zero,
+                                      solver_type, third_order, return_intermediate, cuda_graph, progress)
         spacing = skip_type if grid is None else tuple(grid.tolist())
         key = ("dpm", steps, t_T, t_0, order, spacing, method, bool(lower_order_final), bool(denoise_to_zero),
                solver_type, bool(return_intermediate), third_order)
@@ -497,9 +497,7 @@ class DPMSolver(Solver):
         if refused:
             raise ValueError(f"time_shift samples with method='multistep' down a VP schedule, eagerly: it does not "
                              f"support {', '.join(refused)}")
-        check_sample_input(x)
-        if torch.is_grad_enabled() and x.requires_grad:
-            raise ValueError("x requires grad; sampling is not differentiable: run under torch.no_grad()")
+        check_start(x)
         orders = multistep_orders(grid.numel() - 1, order, lower_order_final)
 
         def update(x, ms, ps, t, o):

@@ -27,7 +27,7 @@ import torch
 
 from pydpm.ops import solver_step
 from pydpm.samplers._program import Lin, Point, _check_model_output, points
-from pydpm.schedules import WrappedModel, conversion
+from pydpm.schedules import conversion, fused_wrapper
 
 
 # The most candidate combinations one step's coefficient table holds (float64 rows of up to 4 coefficients).
@@ -105,11 +105,6 @@ class Plan(NamedTuple):
     steps: list[Step]
 
 
-def _wrapped(model_fn: Any) -> bool:
-    """A `model_wrapper` model whose raw output(s) the loop converts itself (as the fused solvers do)."""
-    return isinstance(model_fn, WrappedModel) and model_fn.fusable
-
-
 def plan(model_fn: Any, noise_schedule: Any, ts: torch.Tensor, shift: TimeShift, device: torch.device,
          orders: list[int], predict: str, update: Callable[..., Any]) -> Plan:
     """The loop's tables. Step i's update reads the last orders[i] points; evaluated once over Points whose fields
@@ -151,10 +146,10 @@ def plan(model_fn: Any, noise_schedule: Any, ts: torch.Tensor, shift: TimeShift,
         strides = [(step - i, int(torch.tensor(sizes[k + 1:], dtype=torch.int64).prod())) for k, i in enumerate(axes)]
         steps.append(Step(table.to(device), strides))
     alpha, sigma = field["log_alpha"].exp(), field["sigma"]
-    model_type = model_fn.model_type if _wrapped(model_fn) else "noise"
+    model_type = model_fn.model_type if fused_wrapper(model_fn) else "noise"
     convert = torch.stack([torch.as_tensor(c, dtype=torch.float64).expand_as(alpha)
                            for c in conversion(model_type, alpha, sigma, predict)], -1)
-    times = noise_schedule.model_time(field["t"]) if _wrapped(model_fn) else field["t"]
+    times = noise_schedule.model_time(field["t"]) if fused_wrapper(model_fn) else field["t"]
     return Plan(field["promised"].to(device), times.to(device, getattr(noise_schedule, "dtype", torch.float32)),
                 convert.to(device), shifted, nominal, steps)
 
@@ -164,14 +159,15 @@ def time_shifted_multistep(model_fn: Callable[..., torch.Tensor], noise_schedule
                            ) -> torch.Tensor:
     """The multistep loop of `DPMSolver.sample` with per-sample shifted times, on the tables of `plan`."""
     batch, device = x.shape[0], x.device
-    wrapped = _wrapped(model_fn)
+    wrapped = fused_wrapper(model_fn)
     keep = max(len(st.coefficients) if isinstance(st.coefficients, list) else st.coefficients.shape[1]
                for st in p.steps) - 1
     picks: list[torch.Tensor | None] = []                          # per model call: each sample's candidate
 
     def call(x: torch.Tensor, i: int, target: str) -> torch.Tensor:
         """The model's prediction (`target`) at model call i: at each sample's picked candidate time when point i
-        shifts, else at the nominal one. A model_wrapper model's raw output is converted here, in one launch."""
+        shifts, else at the nominal one. A model_wrapper model's raw output (or classifier-free pair) is converted
+        in solver_step's model-output stage, one launch, as the fused solvers do."""
         if i < len(p.shifted) and p.shifted[i]:
             var = x.reshape(batch, -1).to(torch.float32 if x.dtype != torch.float64 else x.dtype).var(dim=1)
             pick = (var.double()[:, None] - p.promised[i][None, :]).abs().argmin(dim=1)
@@ -183,16 +179,10 @@ def time_shifted_multistep(model_fn: Callable[..., torch.Tensor], noise_schedule
             conv = [float(c) for c in conversion(model_fn.model_type if wrapped else "noise", pt.alpha, pt.sigma,
                                                  target)]
         picks.append(pick)
-        if not wrapped:
-            out = model_fn(x, t)
-        elif model_fn.pair:
-            cond, uncond = model_fn.outputs(x, t)
-            _check_model_output(cond, x)
-            out = solver_step(uncond, [cond], [1.0 - model_fn.guidance_scale, model_fn.guidance_scale])
-        else:
-            out = model_fn.outputs(x, t)
+        out = model_fn.outputs(x, t) if wrapped else model_fn(x, t)
         _check_model_output(out, x)
-        return solver_step(x, [out], conv)
+        guidance = model_fn.guidance_scale if wrapped and model_fn.pair else None
+        return solver_step(x, [], [0.0, 1.0], model_output=out, convert=conv, guidance_scale=guidance)
 
     ms = [call(x, 0, predict)]
     if intermediates is not None:

@@ -56,7 +56,7 @@ from pydpm.samplers.dpm_solver import DPMSolver
 from pydpm.samplers.dpm_solver_v3 import DPMSolverV3
 from pydpm.samplers.ems import EMS, compute_ems, gauss_legendre, guidance_of, schedule_kind
 from pydpm.samplers.unipc import UniPC
-from pydpm.schedules import SKIP_TYPES, NoiseScheduleFlow, NoiseScheduleVP, WrappedModel, conversion
+from pydpm.schedules import SKIP_TYPES, NoiseScheduleFlow, NoiseScheduleVP, WrappedModel, conversion, fused_wrapper
 
 _STANDARD = {"DPMSolver": DPMSolver, "UniPC": UniPC, "DPMSolverV3": DPMSolverV3}
 FORMAT = "pydpm-tuned-sampler-1"
@@ -192,8 +192,8 @@ class _Multistep:
     exponential-integrator weights of the order-`order` interpolating polynomial at the current times, plus
     learned corrections (a_i scaled by 1 + da_i; b_{i,k} moved by c_i·db_{i,k}, c_i the row's initial size)."""
 
-    def __init__(self, ns: NoiseScheduleVP | NoiseScheduleFlow, t_T: float, t_0: float, nfe: int, order: int, history: int,
-                 init_times: torch.Tensor):
+    def __init__(self, ns: NoiseScheduleVP | NoiseScheduleFlow, t_T: float, t_0: float, nfe: int, order: int,
+                 history: int, init_times: torch.Tensor):
         self.ns, self.t_T, self.t_0, self.nfe, self.order, self.history = ns, t_T, t_0, nfe, order, history
         self.u = _log_gaps(init_times).clone().requires_grad_(True)
         self.da = torch.zeros(nfe, dtype=torch.float64, requires_grad=True)
@@ -270,7 +270,7 @@ def data_prediction(model_fn, ns, x: torch.Tensor, t: torch.Tensor) -> torch.Ten
     noise prediction, (x − σ·ε)/α."""
     t_vec = t.expand(x.shape[0])
     alpha, sigma = ns.marginal_alpha(t), ns.marginal_std(t)
-    wrapped = isinstance(model_fn, WrappedModel) and model_fn.fusable
+    wrapped = fused_wrapper(model_fn)
     if wrapped:
         out = model_fn.outputs(x, ns.model_time(t_vec.to(getattr(ns, "dtype", x.dtype))))
         if model_fn.pair:
@@ -281,10 +281,8 @@ def data_prediction(model_fn, ns, x: torch.Tensor, t: torch.Tensor) -> torch.Ten
     if torch.is_grad_enabled() and not out.requires_grad:
         raise TypeError("tune: the model's output does not depend differentiably on its input and time (no grad): "
                         "tune fits the sampler by gradient descent through model_fn")
-    if wrapped:
-        k_x, k_out = conversion(model_fn.model_type, alpha, sigma, "data")
-        return k_x * x + k_out * out
-    return (x - sigma * out) / alpha
+    k_x, k_out = conversion(model_fn.model_type if wrapped else "noise", alpha, sigma, "data")
+    return k_x * x + k_out * out
 
 
 def _counting(model_fn, count: Callable[[], None]):
@@ -383,8 +381,8 @@ def _positive(name: str, value) -> float:
 
 
 def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP | NoiseScheduleFlow, nfe: int, *,
-         shape: Sequence[int], n_calibration: int = 1024, n_selection: int | None = None, seed: int = 0, history: int = 3, iterations: int = 1500,
-         batch: int = 512, lr: float | None = None, reference_steps: int = 500, eval_every: int = 50,
+         shape: Sequence[int], n_calibration: int = 1024, n_selection: int | None = None, seed: int = 0,
+         history: int = 3, iterations: int = 1500, batch: int = 512, lr: float | None = None, reference_steps: int = 500, eval_every: int = 50,
          search_evaluations: int | None = None,
          t_start: float | None = None, t_end: float | None = None, device: torch.device | str = "cpu",
          dtype: torch.dtype = torch.float32, progress: bool = False, data: torch.Tensor | None = None,
@@ -466,8 +464,7 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP 
     if flow_start and data is not None:
         raise ValueError(f"tune: data (DPM-Solver-v3's statistics) needs a finite λ at t_start; λ = −∞ at "
                          f"t_start={t_T} of this flow schedule: leave data=None, or tune from a t_start < 1")
-    if flow_start and not (isinstance(model_fn, WrappedModel) and model_fn.fusable
-                           and model_fn.model_type in ("flow", "x_start", "v")):
+    if flow_start and not (fused_wrapper(model_fn) and model_fn.model_type in ("flow", "x_start", "v")):
         raise ValueError(f"tune: sampling from t_start={t_T} (α = 0) needs the data prediction there, which a noise "
                          f"prediction does not carry: pass a model_wrapper(..., model_type='flow' | 'x_start' | 'v') "
                          f"model, or a t_start < 1")
@@ -549,16 +546,16 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP 
     # 2 and 3: the best standard configuration, then its time steps searched
     sub = slice(0, min(n_fit, 1024))
 
-    def sampler_mse(sampler: Callable[[], TunedSampler], x: torch.Tensor, ref: torch.Tensor) -> float:
+    def sampler_mse(sampler: Callable[..., TunedSampler], x: torch.Tensor, ref: torch.Tensor) -> float:
         try:
-            y = sampler().sample(x)
+            y = sampler(counted).sample(x)
         except ValueError:  # an order the step count cannot take
             return math.inf
         loss = float((y - ref).double().square().mean())
         return loss if math.isfinite(loss) else math.inf
 
     def standard_mse(config: dict[str, Any], ts: torch.Tensor, part: slice = sub, ems: EMS | None = None) -> float:
-        return sampler_mse(lambda: TunedSampler(counted, noise_schedule, ts, solver=config, ems=ems), x_cal[part],
+        return sampler_mse(lambda fn: TunedSampler(fn, noise_schedule, ts, solver=config, ems=ems), x_cal[part],
                            reference[part])
 
     standards = [(standard_mse(config, ts), g, config) for config in _standard_configs() for g, ts in grids.items()]
@@ -569,11 +566,12 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP 
         z, _ = _nelder_mead(lambda z: standard_mse(config, _times(z, t_T, t_0)), _log_gaps(standard_times),
                             search_evaluations)
         searched_times = _times(z, t_T, t_0)
-    candidates: dict[str, Callable[[], TunedSampler]] = {
-        "learned": lambda: TunedSampler(counted, noise_schedule, *best[1]),
-        "standard": lambda: TunedSampler(counted, noise_schedule, standard_times, solver=config),
-        "searched": lambda: TunedSampler(counted, noise_schedule, searched_times, solver=config)}
-    ems = v3_grid = v3_config = v3_times = v3_searched = None
+    # each candidate as a builder of its sampler for a model function (the counted one while tuning)
+    candidates: dict[str, Callable[..., TunedSampler]] = {
+        "learned": lambda fn, **kw: TunedSampler(fn, noise_schedule, *best[1], **kw),
+        "standard": lambda fn, **kw: TunedSampler(fn, noise_schedule, standard_times, solver=config, **kw),
+        "searched": lambda fn, **kw: TunedSampler(fn, noise_schedule, searched_times, solver=config, **kw)}
+    ems = v3_grid = v3_config = None
     if data is not None:  # 4: DPM-Solver-v3 with statistics from the data
         ems = compute_ems(counted, noise_schedule, data.to(device, dtype), points=ems_points, t_start=t_T, t_end=t_0,
                           seed=seed, progress=progress)
@@ -582,13 +580,14 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP 
         _, v3_grid, v3_config = min(((standard_mse(c, ts, ems=ems), g, c) for c in v3_configs for g, ts in grids.items()),
                                     key=lambda s: s[0])
         v3_times = grids[v3_grid]
-        candidates["v3"] = lambda: TunedSampler(counted, noise_schedule, v3_times, solver=v3_config, ems=ems)
+        candidates["v3"] = lambda fn, **kw: TunedSampler(fn, noise_schedule, v3_times, solver=v3_config, ems=ems,
+                                                         **kw)
         if search_evaluations and nfe > 1:
             z, _ = _nelder_mead(lambda z: standard_mse(v3_config, _times(z, t_T, t_0), ems=ems), _log_gaps(v3_times),
                                 search_evaluations)
             v3_searched = _times(z, t_T, t_0)
-            candidates["v3-searched"] = lambda: TunedSampler(counted, noise_schedule, v3_searched, solver=v3_config,
-                                                             ems=ems)
+            candidates["v3-searched"] = lambda fn, **kw: TunedSampler(fn, noise_schedule, v3_searched,
+                                                                      solver=v3_config, ems=ems, **kw)
         ems.guidance_scale = guidance_of(model_fn)  # computed through the counting wrapper: it belongs to model_fn
     errors = {k: sampler_mse(make, x_sel, ref_sel) for k, make in candidates.items()}
     if progress:
@@ -604,11 +603,4 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP 
               "search_evaluations": search_evaluations, "seed": seed, "reference_steps": reference_steps}
     if ems is not None:
         report["v3"] = {"grid": v3_grid, **v3_config, "ems": ems.info}
-    if chosen in ("v3", "v3-searched"):
-        return TunedSampler(model_fn, noise_schedule, v3_times if chosen == "v3" else v3_searched, solver=v3_config,
-                            report=report, ems=ems)
-    if chosen == "learned":
-        times, a, b = best[1]
-        return TunedSampler(model_fn, noise_schedule, times, a, b, report=report)
-    return TunedSampler(model_fn, noise_schedule, standard_times if chosen == "standard" else searched_times,
-                        solver=config, report=report)
+    return candidates[chosen](model_fn, report=report)
