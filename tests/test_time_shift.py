@@ -246,7 +246,15 @@ def test_on_cuda(dtype):
 
     x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     shift = TimeShift(window=10, cutoff=0.2)
-    expected = DPMSolver(eps, ns).sample(x, steps=6, order=3, time_shift=shift)
-    y = DPMSolver(eps, ns).sample(x.to("cuda", dtype), steps=6, order=3, time_shift=shift)
     tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.float16 else dict(rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(y.double().cpu(), expected, **tol)
+    cond = torch.full((1, 3, 8, 8), 0.2, dtype=torch.float64)
+
+    def net(x, t, c):  # the wrapper stacks [uncond; cond] for [x; x]
+        return eps(x, t) + c.repeat_interleave(x.shape[0] // c.shape[0], 0).to(x)
+
+    guided = model_wrapper(net, ns, model_type="x_start", guidance_type="classifier-free", condition=cond,
+                           unconditional_condition=-cond, guidance_scale=2.0)  # per-sample convert and a pair
+    for model in (eps, guided):
+        expected = DPMSolver(model, ns).sample(x, steps=6, order=3, time_shift=shift)
+        y = DPMSolver(model, ns).sample(x.to("cuda", dtype), steps=6, order=3, time_shift=shift)
+        torch.testing.assert_close(y.double().cpu(), expected, **tol)
