@@ -12,7 +12,7 @@ import torch
 from gaussian_mixture import GaussianMixture
 import samplers_oracle as O
 from pydpm.samplers import DPMSolver, TunedSampler, UniPC, tune
-from pydpm.samplers.tune import _Multistep
+from pydpm.samplers.tune import _Multistep, _search_sample
 from pydpm.schedules import NoiseScheduleFlow, NoiseScheduleVP, model_wrapper
 
 DIM = 8
@@ -187,6 +187,28 @@ def test_tune_with_data_adds_dpm_solver_v3(problem, tmp_path):
     torch.testing.assert_close(loaded.sample(problem.x), tuned.sample(problem.x), rtol=0, atol=0)
     with pytest.raises(ValueError, match="data must be a tensor"):
         tune(problem.model, problem.psched, 3, shape=(DIM,), data=torch.zeros(4, DIM + 1))
+
+
+def test_the_search_sample_keeps_the_worst_and_estimates_the_mean_without_bias():
+    """The searches run on the half of `search_samples` with the largest pilot error on any grid, in full, and a
+    weighted uniform draw from the rest: Σ weight·e estimates the mean of e over every fit sample, without bias,
+    and a rare large error is always counted (a plain subsample of that size would usually miss it)."""
+    gen = torch.Generator().manual_seed(0)
+    errors = torch.rand(3, 1000, generator=gen, dtype=torch.float64)
+    errors[1, 17] = 1e3  # one sample far worse on one grid only
+    e = torch.rand(1000, generator=gen, dtype=torch.float64) + 1e3 * (torch.arange(1000) == 17)
+    idx, w = _search_sample(errors, 64, torch.Generator().manual_seed(1))
+    assert idx.numel() == 64 and idx.unique().numel() == 64 and 17 in idx.tolist()
+    assert set(idx[:32].tolist()) == set(errors.amax(0).argsort(descending=True)[:32].tolist())
+    torch.testing.assert_close(w.sum(), torch.tensor(1.0, dtype=torch.float64))
+    estimates = torch.stack([(e[i] * v).sum() for i, v in (
+        _search_sample(errors, 64, torch.Generator().manual_seed(s)) for s in range(400))])
+    assert abs(float(estimates.mean() - e.mean())) < 4 * float(estimates.std()) / 20 + 1e-12
+    plain = torch.stack([e[torch.randperm(1000, generator=torch.Generator().manual_seed(s))[:64]].mean()
+                         for s in range(400)])
+    assert float(estimates.std()) < 0.1 * float(plain.std())  # the outlier drives a plain subsample's spread
+    all_idx, all_w = _search_sample(errors[:, :50], 64, gen)
+    assert torch.equal(all_idx, torch.arange(50)) and torch.equal(all_w, torch.full((50,), 1 / 50, dtype=torch.float64))
 
 
 def test_tuned_sampler_checks_its_coefficients(problem):
