@@ -140,6 +140,7 @@ def test_save_and_load_round_trip(problem, tuned, tmp_path):
     (dict(lr=float("nan")), ValueError, "lr"),
     (dict(lr="fast"), TypeError, "lr"),
     (dict(search_evaluations=-1), ValueError, "search_evaluations"),
+    (dict(search_samples=1), ValueError, "search_samples"),
     (dict(dtype=torch.float16), ValueError, "dtype"),
     (dict(t_start=1e-3, t_end=0.5), ValueError, "t_start"),
 ])
