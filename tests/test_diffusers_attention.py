@@ -81,6 +81,25 @@ def test_restore_attention_puts_the_previous_processors_back():
     assert all(type(p) is AttnProcessor for p in processors(unet).values())
 
 
+def test_self_attention_with_its_own_group_norm_reads_normalised_keys():
+    """UNet2DModel's attention blocks normalise inside the Attention module (attn.group_norm): diffusers takes
+    the keys and values of self-attention from the normalised states, and so must pydpm's processor (it once
+    took them from the raw states: 0.17 off on outputs of size 1.3)."""
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
+                                 attention_head_dim=8).eval()
+    blocks = [m for m in unet.modules() if isinstance(m, Attention)]
+    assert blocks and all(m.group_norm is not None for m in blocks)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = unet(x, 500).sample
+        use_pydpm_attention(unet)
+        got = unet(x, 500).sample
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
+
+
 def test_classic_attn_processor_taken_only_where_it_matches():
     """diffusers' AttnProcessor scales by attn.scale and ignores q/k norms: blocks where that agrees with
     pydpm's processor are taken (same outputs); one with scale_qk=False (scale 1) or with q/k norms is not."""

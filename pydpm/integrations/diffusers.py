@@ -33,6 +33,7 @@ listed in docs/diffusers.md.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import math
 import numbers
@@ -51,6 +52,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from pydpm._cache import BoundedCache
+from pydpm.integrations._graph import GraphedForward
 from pydpm.ops import PhiloxNoise, Threshold, solver_step
 from pydpm.ops._framework import forced_backend
 from pydpm.ops.attention import OP as _ATTENTION, attention, check_args as _check_attention
@@ -669,13 +671,14 @@ class PydpmAttnProcessor:
         if input_ndim == 4:
             batch, channel, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        batch, n_keys = context.shape[:2]
+        batch, n_keys = (hidden_states if encoder_hidden_states is None else encoder_hidden_states).shape[:2]
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, n_keys, batch)
             attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        # self-attention reads its keys and values from the normalised states, as diffusers' processor does
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         query = attn.to_q(hidden_states)
         if encoder_hidden_states is not None and attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
@@ -772,5 +775,132 @@ def restore_attention(model) -> int:
     return restored
 
 
-__all__ = ["DDIMScheduler", "DPMSolverMultistepScheduler", "MODEL_TYPES", "PydpmAttnProcessor",
-           "UniPCMultistepScheduler", "restore_attention", "use_pydpm_attention"]
+_DROP_INS = {"DPMSolverMultistepScheduler": DPMSolverMultistepScheduler, "UniPCMultistepScheduler":
+             UniPCMultistepScheduler, "DDIMScheduler": DDIMScheduler}
+
+
+@dataclasses.dataclass
+class Acceleration:
+    """What `accelerate` did: `swapped` (part -> what it runs now), `left` (part -> why it was left as it was),
+    `graph` (the `GraphedForward` replaying the denoiser: its `captures`, `replays`, `eager_calls`, `reset()`;
+    None when nothing is captured)."""
+
+    swapped: dict[str, str]
+    left: dict[str, str]
+    graph: GraphedForward | None
+
+    def __str__(self) -> str:
+        lines = [f"swapped  {k}: {v}" for k, v in self.swapped.items()]
+        return "\n".join(lines + [f"left     {k}: {v}" for k, v in self.left.items()])
+
+
+class _Accelerated:
+    """What `restore` needs to undo an `accelerate` call."""
+
+    def __init__(self, denoiser, report: Acceleration, scheduler=None):
+        self.denoiser, self.report, self.scheduler = denoiser, report, scheduler
+
+
+_ACCELERATED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _denoiser(obj):
+    if isinstance(obj, torch.nn.Module):
+        return obj
+    if isinstance(obj, diffusers.DiffusionPipeline):
+        for name in ("unet", "transformer"):
+            model = getattr(obj, name, None)
+            if isinstance(model, torch.nn.Module):
+                return model
+        raise TypeError(f"accelerate: the {type(obj).__name__} has no `unet` or `transformer` model to accelerate")
+    raise TypeError(f"accelerate: obj is a {type(obj).__name__}; pass a diffusers pipeline (DiffusionPipeline) or "
+                    f"a diffusers model (torch.nn.Module such as UNet2DConditionModel or DiTTransformer2DModel)")
+
+
+def accelerate(obj, *, cuda_graph: bool = True, attention: bool = True, scheduler: bool = True,
+               max_graphs: int = 8) -> Acceleration:
+    """Make a diffusers pipeline or model faster in place; `restore(obj)` undoes it.
+
+    - attention: every attention block whose processor pydpm's reproduces runs `PydpmAttnProcessor`
+      (`use_pydpm_attention`); the others are listed in the report's `left`;
+    - scheduler (pipelines): a `DPMSolverMultistepScheduler`, `UniPCMultistepScheduler` or `DDIMScheduler` is
+      replaced by pydpm's fused drop-in of the same class built from its config (one fused launch per step);
+      a configuration the drop-in refuses, or another class, is left, with the reason;
+    - cuda_graph: on CUDA the denoiser's inference forward is replayed from CUDA graphs, one per input
+      signature (shapes, dtypes, arguments), at most `max_graphs`, captured on first use (see
+      `pydpm.integrations._graph` for what runs eagerly and what a weight change does). On CPU nothing is
+      captured.
+
+    The pipeline's own `__call__` runs unchanged. Calling `accelerate` again on the same object starts over
+    (the graphs are captured afresh). Returns an `Acceleration` report."""
+    for name, flag in (("cuda_graph", cuda_graph), ("attention", attention), ("scheduler", scheduler)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"accelerate: {name}={flag!r}; pass True or False")
+    if isinstance(max_graphs, bool) or not isinstance(max_graphs, numbers.Integral) or max_graphs < 1:
+        raise ValueError(f"accelerate: max_graphs={max_graphs!r} must be an int >= 1 (graphs kept per model)")
+    model = _denoiser(obj)
+    for other, state in list(_ACCELERATED.items()):  # this object, or a pipeline around the same model
+        if other is obj or state.denoiser is model:
+            restore(other)
+    report = Acceleration({}, {}, None)
+    state = _Accelerated(model, report)
+    if attention:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the report lists the blocks left
+                processor = use_pydpm_attention(model)
+            taken = sum(1 for m in model.modules() if getattr(m, "processor", None) is processor)
+            report.swapped["attention"] = f"PydpmAttnProcessor on {taken} blocks"
+            for name, kind in processor.skipped.items():
+                report.left[f"attention {name}"] = (f"keeps {kind}: pydpm's processor reproduces diffusers' "
+                                                    f"AttnProcessor2_0 / AttnProcessor only")
+        except TypeError as e:
+            report.left["attention"] = str(e)
+    if scheduler and not isinstance(obj, torch.nn.Module):
+        current = getattr(obj, "scheduler", None)
+        name = type(current).__name__
+        drop_in = _DROP_INS.get(name)
+        if isinstance(current, tuple(_DROP_INS.values())):
+            report.left["scheduler"] = f"{name} is pydpm's already"
+        elif drop_in is None or type(current) is not getattr(diffusers, name, None):
+            report.left["scheduler"] = (f"{name}: pydpm has fused drop-ins for {', '.join(_DROP_INS)} only")
+        else:
+            try:
+                obj.scheduler = drop_in.from_config(current.config)
+                state.scheduler = current
+                report.swapped["scheduler"] = f"pydpm.integrations.diffusers.{name}"
+            except (ValueError, NotImplementedError) as e:  # a configuration the drop-in refuses, named
+                report.left["scheduler"] = f"{name} kept: {e}"
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    if not cuda_graph:
+        report.left["cuda_graph"] = "cuda_graph=False"
+    elif device.type != "cuda":
+        report.left["cuda_graph"] = f"the model is on {device}: CUDA graphs need CUDA, so nothing is captured"
+    else:
+        try:
+            report.graph = GraphedForward(model, max_graphs=max_graphs)
+            report.swapped["cuda_graph"] = (f"{type(model).__name__}.forward replayed from CUDA graphs "
+                                            f"(at most {max_graphs} input signatures)")
+        except ValueError as e:
+            report.left["cuda_graph"] = str(e)
+    _ACCELERATED[obj] = state
+    return report
+
+
+def restore(obj) -> bool:
+    """Undo `accelerate(obj)`: the denoiser's forward, its attention processors and the pipeline's scheduler
+    as they were (the scheduler object itself, with its state). Returns whether there was anything to undo."""
+    state = _ACCELERATED.pop(obj, None)
+    if state is None:
+        return False
+    if state.report.graph is not None:
+        state.report.graph.remove()
+    if "attention" in state.report.swapped:
+        restore_attention(state.denoiser)
+    if state.scheduler is not None:
+        obj.scheduler = state.scheduler
+    return True
+
+
+__all__ = ["Acceleration", "DDIMScheduler", "DPMSolverMultistepScheduler", "MODEL_TYPES", "PydpmAttnProcessor",
+           "UniPCMultistepScheduler", "accelerate", "restore", "restore_attention", "use_pydpm_attention"]

@@ -1,0 +1,198 @@
+"""`pydpm.integrations.diffusers.accelerate` / `restore` on tiny random diffusers models and pipelines: what it
+swaps and what it reports it left, outputs against the untouched eager model, restore puts every part back,
+bad arguments are named; on CUDA, the graphed forward against eager (re-capture on a new signature, the cache
+bound, weight changes, training calls)."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers.models.attention_processor import Attention  # noqa: E402
+
+from pydpm.integrations import diffusers as pd  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+
+
+def unet2d_condition(device="cpu", dtype=torch.float32):
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24, attention_head_dim=8, norm_num_groups=8).eval().to(device, dtype)
+
+
+def unet2d():
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
+                                 attention_head_dim=8).eval()
+
+
+def processors(model) -> dict:
+    return {name: m.processor for name, m in model.named_modules() if isinstance(m, Attention)}
+
+
+def inputs(device="cpu", dtype=torch.float32, batch=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 4, 8, 8, generator=g).to(device, dtype), torch.tensor([500] * batch, device=device),
+            torch.randn(batch, 5, 24, generator=g).to(device, dtype))
+
+
+def test_a_model_on_cpu_gets_pydpm_attention_and_no_graph():
+    model = unet2d_condition()
+    x, t, ctx = inputs()
+    with torch.no_grad():
+        want = model(x, t, encoder_hidden_states=ctx).sample
+    before = processors(model)
+    report = pd.accelerate(model)
+    assert report.swapped == {"attention": f"PydpmAttnProcessor on {len(before)} blocks"}
+    assert report.graph is None and "nothing is captured" in report.left["cuda_graph"]
+    assert "forward" not in model.__dict__
+    assert all(isinstance(p, pd.PydpmAttnProcessor) for p in processors(model).values())
+    with torch.no_grad():
+        got = model(x, t, encoder_hidden_states=ctx).sample
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert pd.restore(model) is True and pd.restore(model) is False
+    assert processors(model) == before
+
+
+def test_a_pipeline_gets_the_fused_scheduler_and_restore_puts_the_old_one_back():
+    unet = unet2d()
+    original = diffusers.DPMSolverMultistepScheduler()
+    pipe = diffusers.DDPMPipeline(unet=unet, scheduler=original)
+    pipe.set_progress_bar_config(disable=True)
+    want = pipe(batch_size=2, num_inference_steps=6, generator=torch.Generator().manual_seed(0),
+                output_type="np").images
+    report = pd.accelerate(pipe)
+    assert type(pipe.scheduler) is pd.DPMSolverMultistepScheduler
+    assert report.swapped["scheduler"] == "pydpm.integrations.diffusers.DPMSolverMultistepScheduler"
+    assert report.swapped["attention"] == f"PydpmAttnProcessor on {len(processors(unet))} blocks"
+    got = pipe(batch_size=2, num_inference_steps=6, generator=torch.Generator().manual_seed(0),
+               output_type="np").images
+    assert abs(got - want).max() < 1e-4
+    assert "scheduler" in str(report) and "cuda_graph" in str(report)
+    pd.restore(pipe)
+    assert pipe.scheduler is original
+
+
+def test_accelerate_twice_starts_over_and_a_pipeline_and_its_model_do_not_stack():
+    pipe = diffusers.DDPMPipeline(unet=unet2d(), scheduler=diffusers.DDIMScheduler())
+    first = processors(pipe.unet)
+    pd.accelerate(pipe)
+    pd.accelerate(pipe)
+    assert type(pipe.scheduler) is pd.DDIMScheduler
+    pd.accelerate(pipe.unet)  # the model on its own: the pipeline's acceleration is undone first
+    assert type(pipe.scheduler) is diffusers.DDIMScheduler
+    pd.restore(pipe.unet)
+    assert processors(pipe.unet) == first
+
+
+def test_what_it_cannot_swap_is_left_and_reported():
+    euler = diffusers.DDPMPipeline(unet=unet2d(), scheduler=diffusers.EulerDiscreteScheduler())
+    report = pd.accelerate(euler)
+    assert "fused drop-ins for DPMSolverMultistepScheduler" in report.left["scheduler"]
+    assert type(euler.scheduler) is diffusers.EulerDiscreteScheduler
+    refused = diffusers.DDPMPipeline(unet=unet2d(), scheduler=diffusers.DPMSolverMultistepScheduler(
+        algorithm_type="sde-dpmsolver++"))
+    try:
+        pd.DPMSolverMultistepScheduler.from_config(refused.scheduler.config)
+        pytest.skip("the drop-in takes this configuration now; pick another it refuses")
+    except (ValueError, NotImplementedError) as e:
+        reason = str(e)
+    report = pd.accelerate(refused)
+    assert report.left["scheduler"] == f"DPMSolverMultistepScheduler kept: {reason}"
+    off = pd.accelerate(diffusers.DDPMPipeline(unet=unet2d(), scheduler=diffusers.DDIMScheduler()),
+                        attention=False, scheduler=False, cuda_graph=False)
+    assert off.swapped == {} and off.left == {"cuda_graph": "cuda_graph=False"}
+
+
+@pytest.mark.parametrize("kwargs,exc,names", [
+    (dict(obj="unet"), TypeError, "obj is a str"),
+    (dict(max_graphs=0), ValueError, "max_graphs"),
+    (dict(max_graphs=2.5), ValueError, "max_graphs"),
+    (dict(cuda_graph="yes"), TypeError, "cuda_graph"),
+    (dict(attention=None), TypeError, "attention"),
+])
+def test_bad_arguments_are_named(kwargs, exc, names):
+    args = {"obj": unet2d(), **kwargs}
+    with pytest.raises(exc, match=names):
+        pd.accelerate(args.pop("obj"), **args)
+
+
+needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_the_graphed_forward_equals_eager_and_recaptures_per_signature(dtype):
+    model = unet2d_condition("cuda", dtype)
+    x, t, ctx = inputs("cuda", dtype)
+    report = pd.accelerate(model, max_graphs=2)
+    graph = report.graph
+    with torch.no_grad():
+        eager = graph.eager(x, t, encoder_hidden_states=ctx).sample
+        first = model(x, t, encoder_hidden_states=ctx).sample
+        again = model(x * 2, t - 100, encoder_hidden_states=ctx).sample  # same signature: a replay
+        eager2 = graph.eager(x * 2, t - 100, encoder_hidden_states=ctx).sample
+        scalar = model(x, 500, encoder_hidden_states=ctx).sample  # a Python timestep: one more graph
+        scalar2 = model(x, 321, encoder_hidden_states=ctx).sample  # ... that serves every timestep
+        eager3 = graph.eager(x, 321, encoder_hidden_states=ctx).sample
+    torch.testing.assert_close(first, eager, rtol=0, atol=0)
+    torch.testing.assert_close(again, eager2, rtol=0, atol=0)
+    torch.testing.assert_close(scalar, eager, rtol=0, atol=0)
+    torch.testing.assert_close(scalar2, eager3, rtol=0, atol=0)
+    assert graph.captures == 2 and graph.replays == 4
+    assert first.data_ptr() != again.data_ptr()  # outputs are copies: the next replay does not overwrite them
+    x3, t3, ctx3 = inputs("cuda", dtype, batch=3)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        third = model(x3, t3, encoder_hidden_states=ctx3).sample  # over the bound of 2: eager, one warning
+        model(x3, t3, encoder_hidden_states=ctx3)
+        want3 = graph.eager(x3, t3, encoder_hidden_states=ctx3).sample
+    assert sum("max_graphs=2" in str(w.message) for w in caught) == 1
+    torch.testing.assert_close(third, want3, rtol=0, atol=0)
+    assert graph.captures == 2 and graph.eager_calls == 2
+    pd.restore(model)
+    assert "forward" not in model.__dict__
+
+
+@needs_cuda
+def test_weight_changes_reach_the_graph():
+    model = unet2d_condition("cuda")
+    x, t, ctx = inputs("cuda")
+    graph = pd.accelerate(model).graph
+    conv = model.conv_out
+    with torch.no_grad():
+        model(x, t, encoder_hidden_states=ctx)
+        conv.weight.mul_(2)  # in place: the graph reads it
+        in_place = model(x, t, encoder_hidden_states=ctx).sample
+        torch.testing.assert_close(in_place, graph.eager(x, t, encoder_hidden_states=ctx).sample, rtol=0, atol=0)
+        assert graph.captures == 1
+        conv.weight.data = conv.weight.data * 0.5  # a new tensor: every graph dropped, captured again
+        replaced = model(x, t, encoder_hidden_states=ctx).sample
+        torch.testing.assert_close(replaced, graph.eager(x, t, encoder_hidden_states=ctx).sample, rtol=0, atol=0)
+        assert graph.captures == 2
+        model.conv_out = torch.nn.Sequential(conv, torch.nn.Identity()).cuda()  # a module registered
+        model(x, t, encoder_hidden_states=ctx)
+        assert graph.captures == 3
+        model.train()  # the mode flag is part of the signature
+        model(x, t, encoder_hidden_states=ctx)
+        assert graph.captures == 4
+    pd.restore(model)
+
+
+@needs_cuda
+def test_training_calls_run_eagerly_with_gradients():
+    model = unet2d_condition("cuda")
+    x, t, ctx = inputs("cuda")
+    graph = pd.accelerate(model).graph
+    loss = model(x, t, encoder_hidden_states=ctx).sample.square().mean()
+    loss.backward()
+    assert graph.captures == 0 and graph.eager_calls == 1
+    assert model.conv_out.weight.grad is not None and float(model.conv_out.weight.grad.abs().sum()) > 0
+    pd.restore(model)
