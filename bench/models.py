@@ -13,7 +13,8 @@ Cases:
 Implementations: `diffusers` (its own attention processors: torch's scaled_dot_product_attention), `pydpm`
 (`pydpm.integrations.diffusers.use_pydpm_attention(model)`: every attention block through pydpm.ops.attention,
 whose dispatch picks pydpm's kernel or one of torch's per call class), `pydpm[triton]` (the same with
-pydpm's kernel forced everywhere) and, without --quick, `torch.compile` of the diffusers model. The model is
+pydpm's kernel forced everywhere), `accelerate` (`pydpm.integrations.diffusers.accelerate(model)`: pydpm's
+attention and the forward replayed from a CUDA graph; inference cases only) and, without --quick, `torch.compile` of the diffusers model. The model is
 built once per case and shared; each implementation sets the processors it needs before its calls (their eager
 loops take turns, bench/harness.py `eager_loops`). Outputs are checked against
 the same model in float32 (the loss, for the training step). Flops come from torch's FlopCounterMode.
@@ -52,15 +53,26 @@ def _diffusers_processor():
 
 
 def _use_diffusers(model) -> None:
+    from pydpm.integrations.diffusers import restore
+
+    restore(model)
     processor = _diffusers_processor()
     for block in _attention_blocks(model):
         block.set_processor(processor)
 
 
 def _use_pydpm(model) -> None:
-    from pydpm.integrations.diffusers import use_pydpm_attention
+    from pydpm.integrations.diffusers import restore, use_pydpm_attention
 
+    restore(model)
     use_pydpm_attention(model)
+
+
+def _use_accelerate(model) -> None:
+    from pydpm.integrations.diffusers import accelerate
+
+    _use_diffusers(model)
+    accelerate(model)
 
 
 class _Model:
@@ -165,6 +177,8 @@ def model_case(name: str, kind: str, shape: tuple[int, ...], dtype: torch.dtype,
              _impl("pydpm", holder, kind, train, _use_pydpm, ours=True),
              _impl("pydpm[triton]", holder, kind, train, _use_pydpm, ours=True,
                    context=functools.partial(use_backend, "triton"))]
+    if not train:
+        impls.append(_impl("accelerate", holder, kind, train, _use_accelerate, ours=True))
     if not quick:
         impls.append(_impl("torch.compile", holder, kind, train, _use_diffusers, ours=False, compiled=True))
     case = Case("models", name, shape, dtype, device, inputs, oracle, impls)
@@ -191,7 +205,7 @@ def footer(results: list[tuple[Case, list[Row]]]) -> list[str]:
         if base is None:
             continue
         parts = []
-        for impl in ("pydpm", "pydpm[triton]", "torch.compile"):
+        for impl in ("pydpm", "pydpm[triton]", "accelerate", "torch.compile"):
             r = by.get(impl)
             if r is not None:
                 parts.append(f"{impl} {r.loop_us / 1e3:.2f} ms ({base.loop_us / r.loop_us:.2f}x)")
