@@ -29,19 +29,24 @@ import collections
 import numbers
 import threading
 import warnings
+import weakref
 from typing import Any, Callable
 
 import torch
 from torch.utils import _pytree as pytree
 
-_generation = 0  # bumped on every module / parameter / buffer registration anywhere (see _registered)
 _hooks_lock = threading.Lock()
 _hooks: list[Any] = []
+_live: weakref.WeakSet = weakref.WeakSet()  # every GraphedForward in use
 
 
-def _registered(*_args) -> None:
-    global _generation
-    _generation += 1
+def _registered(parent: torch.nn.Module, *_args) -> None:
+    """A module, parameter or buffer registered on `parent`: a wrapper whose model holds `parent` must check its
+    weights again. (Registrations on modules outside every model, such as the ModuleList a slice like
+    `self.resnets[1:]` builds on each forward, change nothing.)"""
+    for wrapper in _live:
+        if id(parent) in wrapper.members:
+            wrapper.dirty = True
 
 
 def _install_hooks() -> None:
@@ -89,10 +94,12 @@ class GraphedForward:
         self.eager: Callable[..., Any] = module.forward  # the bound method of the class
         self.max_graphs, self.warmup = max_graphs, warmup
         self.graphs: collections.OrderedDict[Any, _Graph] = collections.OrderedDict()
-        self.pool = torch.cuda.graph_pool_handle()
         self.captures = self.replays = self.eager_calls = 0
         self._warned = False
-        self._weights: tuple[list[torch.Tensor], tuple[int, ...], int] | None = None
+        self._weights: tuple[list[torch.Tensor], tuple[int, ...]] = ([], ())
+        self.members: set[int] = set()  # id() of every module of the model, for the registration hooks
+        self.dirty = True
+        _live.add(self)
         module.forward = self
 
     def reset(self) -> None:
@@ -104,13 +111,17 @@ class GraphedForward:
         if self.module.__dict__.get("forward") is self:
             del self.module.forward
         self.graphs.clear()
+        _live.discard(self)
 
     def _weights_changed(self) -> bool:
-        tensors, ptrs, generation = self._weights if self._weights else ([], (), -1)
-        if generation == _generation and all(t.data_ptr() == p for t, p in zip(tensors, ptrs)):
+        """Whether a weight was replaced or something registered in the model since the last check."""
+        tensors, ptrs = self._weights
+        if not self.dirty and all(t.data_ptr() == p for t, p in zip(tensors, ptrs)):
             return False
+        self.dirty = False
+        self.members = {id(m) for m in self.module.modules()}
         tensors = [*self.module.parameters(), *self.module.buffers()]
-        self._weights = (tensors, tuple(t.data_ptr() for t in tensors), _generation)
+        self._weights = (tensors, tuple(t.data_ptr() for t in tensors))
         return True
 
     def _signature(self, args: tuple, kwargs: dict) -> tuple[Any, list[torch.Tensor]] | None:
@@ -158,6 +169,8 @@ class GraphedForward:
                 self.eager_calls += 1
                 return self.eager(*args, **kwargs)
             entry = self._capture(args, kwargs, tensors)
+            if self._weights_changed():  # the warm-up registered or replaced weights: older graphs may be stale
+                self.graphs.clear()
             self.graphs[key] = entry
         else:
             self.graphs.move_to_end(key)
@@ -194,7 +207,7 @@ class GraphedForward:
                     self.eager(*s_args, **s_kwargs)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph):  # a private pool each: a dropped graph frees its memory
                 output = self.eager(*s_args, **s_kwargs)
         self.captures += 1
         return _Graph(graph, statics, output)
