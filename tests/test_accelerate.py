@@ -196,3 +196,17 @@ def test_training_calls_run_eagerly_with_gradients():
     assert graph.captures == 0 and graph.eager_calls == 1
     assert model.conv_out.weight.grad is not None and float(model.conv_out.weight.grad.abs().sum()) > 0
     pd.restore(model)
+
+
+def test_the_example_runs():
+    """examples/accelerate_pipeline.py at its small size on the CPU: the accelerated pipeline's images equal
+    the eager ones."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "accelerate_pipeline.py"
+    spec = importlib.util.spec_from_file_location("accelerate_pipeline_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    result = example.main("small", steps=4, device="cuda" if CUDA else "cpu", verbose=False)
+    assert result["max_abs_diff"] < 1e-4
