@@ -200,7 +200,8 @@ def test_training_calls_run_eagerly_with_gradients():
 
 def test_the_example_runs():
     """examples/accelerate_pipeline.py at its small size on the CPU: the accelerated pipeline's images equal
-    the eager ones."""
+    the eager ones. (On CUDA an fp32 model's attention runs pydpm's kernel in TF32, so the images differ by
+    more; the example reports by how much.)"""
     import importlib.util
     import pathlib
 
@@ -208,5 +209,5 @@ def test_the_example_runs():
     spec = importlib.util.spec_from_file_location("accelerate_pipeline_example", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    result = example.main("small", steps=4, device="cuda" if CUDA else "cpu", verbose=False)
+    result = example.main("small", steps=4, device="cpu", verbose=False)
     assert result["max_abs_diff"] < 1e-4
