@@ -211,3 +211,38 @@ def test_the_example_runs():
     spec.loader.exec_module(example)
     result = example.main("small", steps=4, device="cpu", verbose=False)
     assert result["max_abs_diff"] < 1e-4
+
+
+@needs_cuda
+@pytest.mark.parametrize("kind", ["unet-sd15", "dit-xl2"])
+def test_full_size_models_keep_the_low_precision_rule(kind):
+    """SD1.5's UNet and DiT-XL/2 at full size, random weights, fp16: the accelerated forward's error against the
+    float32 model is at most twice the eager fp16 forward's (the rule for low-precision outputs)."""
+    from pydpm.bench.models import DIT_XL2_256, SD15_UNET
+
+    torch.manual_seed(0)
+    if kind == "unet-sd15":
+        model32 = diffusers.UNet2DConditionModel(**SD15_UNET).cuda().eval()
+        g = torch.Generator(device="cuda").manual_seed(0)
+        args = (torch.randn(2, 4, 64, 64, device="cuda", generator=g), torch.tensor([999, 999], device="cuda"))
+        kwargs = {"encoder_hidden_states": torch.randn(2, 77, 768, device="cuda", generator=g)}
+    else:
+        model32 = diffusers.DiTTransformer2DModel(**DIT_XL2_256).cuda().eval()
+        g = torch.Generator(device="cuda").manual_seed(0)
+        args = (torch.randn(8, 4, 32, 32, device="cuda", generator=g),)
+        kwargs = {"timestep": torch.randint(0, 1000, (8,), device="cuda", generator=g),
+                  "class_labels": torch.randint(0, 1000, (8,), device="cuda", generator=g)}
+    half = lambda v: v.half() if v.is_floating_point() else v  # noqa: E731
+    args16, kwargs16 = tuple(map(half, args)), {k: half(v) for k, v in kwargs.items()}
+    with torch.no_grad():
+        want = model32(*args, **kwargs).sample.double()
+        model16 = model32.half()
+        eager = model16(*args16, **kwargs16).sample.double()
+        report = pd.accelerate(model16)
+        model16(*args16, **kwargs16)  # captures, then replays
+        fast = model16(*args16, **kwargs16).sample.double()
+    assert report.graph.captures == 1 and report.graph.replays == 2
+    eager_err, fast_err = (eager - want).abs().max().item(), (fast - want).abs().max().item()
+    print(f"{kind}: max error against float32: eager fp16 {eager_err:.3e}, accelerated fp16 {fast_err:.3e}")
+    assert fast_err <= 2 * eager_err, (fast_err, eager_err)
+    pd.restore(model16)
