@@ -6,7 +6,8 @@ forward once per signature into a CUDA graph with static input buffers; a later 
 its tensors into the buffers, replays the graph (one launch from the host) and returns copies of the outputs.
 
 A signature is the call's structure: every tensor's shape, strides, dtype and device, and every other argument's
-value (a `timestep` given as a Python number is made a tensor first, so the graph does not depend on it). The
+value (the forward's `timestep` argument, positional or keyword, given as a Python number is made a tensor
+first, so the graph does not depend on it). The
 graphs are kept in a bounded cache (`max_graphs`, least recently used first out); a call that finds no graph
 and no room runs eagerly, with one warning per wrapper.
 
@@ -26,6 +27,7 @@ are baked into the graph when it is captured; after such a change call `reset()`
 from __future__ import annotations
 
 import collections
+import inspect
 import numbers
 import threading
 import warnings
@@ -92,6 +94,8 @@ class GraphedForward:
         _install_hooks()
         self.module, self.device = module, next(iter(devices))
         self.eager: Callable[..., Any] = module.forward  # the bound method of the class
+        names = list(inspect.signature(self.eager).parameters)  # where the forward takes `timestep` positionally
+        self.timestep_index = names.index("timestep") if "timestep" in names else None
         self.max_graphs, self.warmup = max_graphs, warmup
         self.graphs: collections.OrderedDict[Any, _Graph] = collections.OrderedDict()
         self.captures = self.replays = self.eager_calls = 0
@@ -191,8 +195,9 @@ class GraphedForward:
             return v
         if "timestep" in kwargs:
             kwargs = {**kwargs, "timestep": as_tensor(kwargs["timestep"])}
-        elif len(args) >= 2:
-            args = (args[0], as_tensor(args[1]), *args[2:])
+        elif self.timestep_index is not None and len(args) > self.timestep_index:
+            i = self.timestep_index
+            args = (*args[:i], as_tensor(args[i]), *args[i + 1:])
         return args, kwargs
 
     def _capture(self, args: tuple, kwargs: dict, tensors: list[torch.Tensor]) -> _Graph:
