@@ -9,10 +9,11 @@ multistep / singlestep / singlestep_fixed, solver types dpmsolver / taylor; UniP
 orders 1-3, data and noise prediction; every skip type; lower_order_final on and off), chosen on the same
 evaluation samples it is scored on (which favours it), against `pydpm.samplers.tune` at that NFE, tuned on its
 own 16384 calibration samples (another seed; the trajectories that end in the wrong component, which carry
-most of the error at 20 NFE, are about one in 4000, so a smaller pool holds too few for the search to see), given the data samples below (so DPM-Solver-v3, on standard and on
-searched time steps, is among its candidates) and scored once on the evaluation samples, and against DPM-Solver-v3
-with EMS computed by `compute_ems` from 4096 samples of the mixture (another seed; 101 grid points), order 3 with
-the pseudo-order corrector, its skip type and corrector use chosen on 512 calibration samples (seed 12345) against
+most of the error at 20 NFE, are about one in 4000, so a smaller pool holds too few for the search to see),
+given the data samples below (so DPM-Solver-v3, on standard and on searched time steps, is among its
+candidates) and scored once on the evaluation samples, and against DPM-Solver-v3 with EMS computed by
+`compute_ems` from 4096 samples of the mixture (another seed; 101 grid points), order 3 with the pseudo-order
+corrector, its skip type and corrector use chosen on 512 calibration samples (seed 12345) against
 a 500-step DPM-Solver++(3M) solution, never on the evaluation samples. Error: RMS distance at
 t = 1/N to the exact probability-flow ODE solution (RK4 in λ, 1000 steps); a few trajectories near the
 boundaries between components carry most of it, so the evaluation set is large (2048 by default) and drawn

@@ -17,12 +17,12 @@ argument is neither a tensor nor hashable.
 
 Weights. The graphs read the parameters and buffers in place: an in-place update (`load_state_dict`,
 `copy_`, an optimizer step) is seen by the next replay. A parameter or buffer replaced by another tensor
-(`p.data = ...`, a new `nn.Parameter`) and any module, parameter or buffer registered anywhere (PEFT
-injecting LoRA layers, `fuse_lora` replacing weights) drop every graph, and the next call captures again.
-What a graph cannot see is a change that is none of these: Python numbers and attributes the forward reads
-(a LoRA scale set by `set_adapters`, an attention processor set with `set_processor`; the module's own
-`training` flag is part of the signature)
-are baked into the graph when it is captured; after such a change call `reset()` (or `accelerate` again).
+(`p.data = ...`, a new `nn.Parameter`) and any module, parameter or buffer registered on a module of the
+model (PEFT injecting LoRA layers, `fuse_lora` replacing weights) drop every graph, and the next call captures
+again. What a graph cannot see is a change that is none of these: Python numbers and attributes the forward
+reads (a LoRA scale set by `set_adapters`, an attention processor set with `set_processor`; the module's own
+`training` flag is part of the signature) are baked into the graph when it is captured; after such a change
+call `reset()` (or `accelerate` again).
 """
 from __future__ import annotations
 
@@ -67,17 +67,6 @@ class _Graph:
 
     def __init__(self, graph: torch.cuda.CUDAGraph, inputs: list[torch.Tensor], output: Any):
         self.graph, self.inputs, self.output = graph, inputs, output
-
-
-def _clone(out: Any) -> Any:
-    """A copy of the graph's static output (the next replay overwrites it), in the same structure."""
-    if isinstance(out, torch.Tensor):
-        return out.clone()
-    if isinstance(out, tuple) and not hasattr(out, "_fields"):
-        return tuple(_clone(o) for o in out)
-    if isinstance(out, dict):  # diffusers' BaseOutput is an OrderedDict whose fields are its keys
-        return type(out)(**{k: _clone(v) for k, v in out.items()})
-    return out
 
 
 class GraphedForward:
@@ -183,7 +172,8 @@ class GraphedForward:
                 static.copy_(t)
         entry.graph.replay()
         self.replays += 1
-        return _clone(entry.output)
+        # copies: the next replay overwrites the static output (diffusers' BaseOutput is a pytree node)
+        return pytree.tree_map_only(torch.Tensor, torch.Tensor.clone, entry.output)
 
     def _tensor_timestep(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """A Python-number timestep as the 0-dim tensor diffusers' models would make of it (int64 / float64),

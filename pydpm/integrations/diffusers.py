@@ -849,8 +849,7 @@ def accelerate(obj, *, cuda_graph: bool = True, attention: bool = True, schedule
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the report lists the blocks left
                 processor = use_pydpm_attention(model)
-            taken = sum(1 for m in model.modules() if getattr(m, "processor", None) is processor)
-            report.swapped["attention"] = f"PydpmAttnProcessor on {taken} blocks"
+            report.swapped["attention"] = f"PydpmAttnProcessor on {len(processor._previous)} blocks"
             for name, kind in processor.skipped.items():
                 report.left[f"attention {name}"] = (f"keeps {kind}: pydpm's processor reproduces diffusers' "
                                                     f"AttnProcessor2_0 / AttnProcessor only")

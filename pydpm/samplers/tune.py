@@ -404,8 +404,9 @@ def _positive(name: str, value) -> float:
 
 def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP | NoiseScheduleFlow, nfe: int, *,
          shape: Sequence[int], n_calibration: int = 1024, n_selection: int | None = None, seed: int = 0,
-         history: int = 3, iterations: int = 1500, batch: int = 512, lr: float | None = None, reference_steps: int = 500, eval_every: int = 50,
-         search_evaluations: int | None = None, search_samples: int = 2048,
+         history: int = 3, iterations: int = 1500, batch: int = 512, lr: float | None = None,
+         reference_steps: int = 500, eval_every: int = 50, search_evaluations: int | None = None,
+         search_samples: int = 2048,
          t_start: float | None = None, t_end: float | None = None, device: torch.device | str = "cpu",
          dtype: torch.dtype = torch.float32, progress: bool = False, data: torch.Tensor | None = None,
          ems_points: int = 101) -> TunedSampler:
@@ -608,8 +609,7 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP 
 
     def search_mse(config: dict[str, Any], ts: torch.Tensor, ems: EMS | None = None) -> float:
         """The estimate of the mean squared error over the fit set from the search samples."""
-        errors = sample_errors(standard(config, ts, ems), x_search, ref_search)
-        return float((errors * search_weights).sum()) / numel if bool(torch.isfinite(errors).all()) else math.inf
+        return float((sample_errors(standard(config, ts, ems), x_search, ref_search) * search_weights).sum()) / numel
 
     searched_times = standard_times
     if search_evaluations and nfe > 1:
