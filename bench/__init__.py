@@ -1,5 +1,5 @@
-"""pydpm's benchmark suite: `pydpm bench [--quick] [--ops ...] [--cases REGEX] [--device cpu|cuda] [--out DIR]`,
-`pydpm bench --compare OLD NEW [--threshold PCT]` and `pydpm bench --plot RESULTS... [--out DIR]`.
+"""pydpm's benchmark suite: `pydpm bench [--quick] [--ops ... | --models] [--cases REGEX] [--device cpu|cuda]
+[--out DIR]`, `pydpm bench --compare OLD NEW [--threshold PCT]` and `pydpm bench --plot RESULTS... [--out DIR]`.
 
 One harness (harness.py) and one thin file per op family that declares its cases and peers; compare.py and
 plot.py read results.json files. From a checkout, `python -m bench` runs the same suite;
@@ -17,7 +17,7 @@ import torch
 from . import harness
 
 # One module of this package per op family, and `models`: pydpm inside real diffusers models.
-OPS = ("solver_step", "samplers", "wavelet", "frequency", "spectral", "attention", "models")
+OPS = ("solver_step", "samplers", "wavelet", "frequency", "spectral", "norm", "geglu", "attention", "models")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,7 +28,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="results folder, a new one (default: a new folder per run, "
                         "bench-results/<UTC time>-<card>-<commit>[-quick]); with --plot, the folder for the "
                         "plots (default: beside the results)")
-    parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS), help="op families to run (default: all)")
+    parser.add_argument("--ops", nargs="+", choices=OPS, help="op families to run (default: all)")
+    parser.add_argument("--models", action="store_true", help="the model benchmarks alone (bench/models.py: "
+                        "diffusers' SD1.5, SDXL, DiT-XL/2 and PixArt-alpha with random weights, CUDA only); the same "
+                        "as --ops models")
     parser.add_argument("--quick", action="store_true", help="small sizes and few repetitions")
     parser.add_argument("--cases", metavar="REGEX", help="only the cases whose label ('attn+bwd (2,8,4096,40) fp16') "
                         "matches REGEX (re.search)")
@@ -52,6 +55,9 @@ def run(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.compare and args.plot:
         parser.error("--compare and --plot: one at a time")
+    if args.models and args.ops:
+        parser.error("--models is --ops models: give one of them")
+    args.ops = ["models"] if args.models else args.ops or list(OPS)
     if args.compare:
         from . import compare
 

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import datetime
 import functools
+import gc
 import importlib.metadata
 import itertools
 import json
@@ -82,6 +83,7 @@ class Case:
     nbytes: int = 0  # bytes one call must read and write (bandwidth-bound cases) ...
     flops: int = 0  # ... or the flops of one call (compute-bound cases)
     tolerance: float | None = None  # the check's relative tolerance, when the dtype's default does not fit
+    peak_memory: bool = False  # CUDA: record each implementation's peak device memory (Row.peak_mib)
 
     @property
     def label(self) -> str:
@@ -109,6 +111,8 @@ class Row:
     vs_best_peer_eager: float | None = None  # best peer loop_us / this loop_us: what users pay (the headline)
     note: str = ""  # FAILED, MISMATCH (ours) or WARNING (a peer): a row the targets leave out
     ceiling_note: str = ""  # why of_ceiling is above 1
+    error: float | None = None  # the first output's max error over max |expected| against the float64 oracle
+    peak_mib: float | None = None  # device memory reserved at the peak of the timed calls (Case.peak_memory)
 
     @property
     def notes(self) -> str:
@@ -215,6 +219,49 @@ def dtype_str(dtype: torch.dtype) -> str:
 # --------------------------------------------------------------------------------------------------
 # Implementations of pydpm ops
 # --------------------------------------------------------------------------------------------------
+
+def op_targets(results: list[tuple[Case, list[Row]]], family: str, ours: str, eager: str, compiled: str,
+               bandwidth: float, speedup: float) -> list[str]:
+    """The block-op targets, each read off `ours`'s rows (the worst case, and every case's value): >= `bandwidth`
+    of the measured copy bandwidth, >= `speedup` x `eager` and >= `compiled` in device time, host cost per
+    call <= `eager`'s."""
+    ours_timed = any(r.impl == ours and r.median_ms and not r.note for _, rows in results for r in rows)
+
+    def target(what: str, value: Callable[[Row, dict[str, Row]], float | None], fmt: str, goal: float,
+               peer: str = "") -> str:
+        found = []
+        for case, rows in results:
+            timed_rows = {r.impl: r for r in rows if r.median_ms and not r.note}
+            mine = timed_rows.get(ours)
+            v = value(mine, timed_rows) if mine is not None else None
+            if v is not None:
+                found.append((v, f"{case.name} {shape_str(case.shape)} {dtype_str(case.dtype)}"))
+        if not found:
+            why = f"no timed {peer} row" if ours_timed else f"no timed {ours} row: it runs on CUDA only"
+            return f"{what}: not measured in this run ({why})"
+        worst = min(found)
+        detail = ", ".join(f"{where} {fmt.format(v)}" for v, where in found)
+        return (f"{what}: worst {fmt.format(worst[0])} at {worst[1]} ({'met' if worst[0] >= goal else 'NOT met'}; "
+                f"{detail})")
+
+    def vs(peer: str, field: str) -> Callable[[Row, dict[str, Row]], float | None]:
+        def ratio(mine: Row, rows: dict[str, Row]) -> float | None:
+            theirs = rows.get(peer)
+            a, b = getattr(theirs, field, None), getattr(mine, field)
+            return a / b if a and b else None
+        return ratio
+
+    return [
+        target(f"{family} {ours} >= {bandwidth:.0%} of copy bandwidth", lambda mine, rows: mine.of_ceiling,
+               "{:.1%}", bandwidth),
+        target(f"{family} {ours} >= {speedup:.0f}x eager (device time)", vs(eager, "median_ms"), "{:.2f}x",
+               speedup, eager),
+        target(f"{family} {ours} >= torch.compile(eager)'s kernels (device time)", vs(compiled, "median_ms"),
+               "{:.2f}x", 1.0, compiled),
+        target(f"{family} {ours} host cost per call <= eager's (host us, eager's over ours)", vs(eager, "host_us"),
+               "{:.2f}x", 1.0, eager),
+    ]
+
 
 def backend_impls(op, check: Callable[[Inputs], Any], call: Callable[[Inputs], Any], auto: bool = False
                   ) -> list[Impl]:
@@ -438,11 +485,36 @@ def first_output(y: Any) -> torch.Tensor:
     return y[0] if isinstance(y, (tuple, list)) else y
 
 
+def relative_error(y: torch.Tensor, expected: torch.Tensor) -> float:
+    """Max |y - expected| over max |expected| (the float64 oracle)."""
+    return ((y.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
 def check(y: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, tolerance: float | None = None) -> str:
     """'' when y matches the float64 oracle to `tolerance` (default CHECK_TOLERANCE), else what differs."""
-    err = ((y.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+    return mismatch(relative_error(y, expected), dtype, tolerance)
+
+
+def mismatch(err: float, dtype: torch.dtype, tolerance: float | None = None) -> str:
+    """'' when the relative error `err` is within `tolerance` (default CHECK_TOLERANCE), else what differs."""
     tol = CHECK_TOLERANCE[dtype] if tolerance is None else tolerance
     return "" if err <= tol else f"max error {err:.1e} of max |expected| > {tol:.0e} against the float64 oracle"
+
+
+@contextlib.contextmanager
+def peak_memory(case: Case, row: Row):
+    """For a CUDA case with `peak_memory`: `row.peak_mib`, the device memory reserved at the peak of the calls
+    inside, counted from what is live when they start (the cache emptied of blocks nothing holds first).
+    Reserved, not allocated: a CUDA graph's replay allocates nothing, its memory is the private pool reserved
+    when it was captured."""
+    if not (case.peak_memory and case.device.type == "cuda"):
+        yield
+        return
+    gc.collect()  # what the implementations before left in reference cycles (graphs, compiled code)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(case.device)
+    yield
+    row.peak_mib = torch.cuda.max_memory_reserved(case.device) / 2**20
 
 
 def _error(exc: Exception) -> str:
@@ -473,9 +545,13 @@ def run_case(case: Case, ceilings: Ceilings, timing: Timing, report: Report,
         try:
             with impl.context():
                 fn = impl.make()
-                mismatch = check(first_output(fn(sets[0])), expected, case.dtype, case.tolerance) if impl.check else ""
+                differs = ""
+                if impl.check:
+                    row.error = relative_error(first_output(fn(sets[0])), expected)
+                    differs = mismatch(row.error, case.dtype, case.tolerance)
                 rotation = itertools.cycle([functools.partial(fn, s) for s in sets])
-                row.median_ms, row.p20_ms, row.p80_ms = measure(lambda: next(rotation)(), case.device, timing)
+                with peak_memory(case, row):
+                    row.median_ms, row.p20_ms, row.p80_ms = measure(lambda: next(rotation)(), case.device, timing)
                 calls = max(10, min(timing.host_calls, int(timing.rep_ms / row.median_ms)))
                 row.host_device_us = synced_call_us(functools.partial(fn, sets[0]), case.device, calls)
                 timed.append((impl, row, functools.partial(fn, sets[0]), calls))
@@ -488,9 +564,9 @@ def run_case(case: Case, ceilings: Ceilings, timing: Timing, report: Report,
             report.failed = True
             row.note = f"FAILED: {_error(exc)}"
         else:
-            if mismatch:
+            if differs:
                 report.failed |= impl.ours
-                row.note = f"{'MISMATCH' if impl.ours else 'WARNING'}: {mismatch}"
+                row.note = f"{'MISMATCH' if impl.ours else 'WARNING'}: {differs}"
         rows.append(row)
     doing("eager loops, the implementations taking turns")
     eager_loops(timed, case.device)

@@ -32,3 +32,15 @@ def target_programs(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     return _TARGET_PROGRAMS * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def bcs_strides(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """Strides (batch, channel, spatial) of t viewed as [B, C, S] with S the flattened dims after the
+    first two, or None when those dims do not flatten to one stride (e.g. H and W transposed)."""
+    if t.is_contiguous():
+        return t.stride(0), t.stride(1), 1
+    inner = [(n, st) for n, st in zip(t.shape[2:], t.stride()[2:]) if n != 1]
+    for (n_out, st_out), (n_in, st_in) in zip(inner, inner[1:]):
+        if st_out != st_in * n_in:
+            return None
+    return t.stride(0), t.stride(1), inner[-1][1] if inner else 1

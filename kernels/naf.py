@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ._common import acc as _acc
-from ._common import MAX_GRID_YZ, target_programs
+from ._common import MAX_GRID_YZ, bcs_strides, target_programs
 from ._launch import Kernel
 
 _NUM_WARPS = 4
@@ -114,16 +114,6 @@ _FWD = Kernel(_simple_gate_fwd_kernel, specialized=("xsb", "xsc", "xss", "half",
                                                      "dss", "S", "chunk"))
 _BWD = Kernel(_simple_gate_bwd_kernel, specialized=("ssb", "ssc", "sss", "xsb", "xsc", "xss", "half", "osb", "osc",
                                                      "oss", "ohalf", "S"))
-
-
-def bcs_strides(t: torch.Tensor) -> tuple[int, int, int] | None:
-    """Strides (batch, channel, spatial) of t viewed as [B, C, S] with S the flattened dims after the
-    first two, or None when those dims do not flatten to one stride (e.g. H and W transposed)."""
-    inner = [(n, st) for n, st in zip(t.shape[2:], t.stride()[2:]) if n != 1]
-    for (n_out, st_out), (n_in, st_in) in zip(inner, inner[1:]):
-        if st_out != st_in * n_in:
-            return None
-    return t.stride(0), t.stride(1), inner[-1][1] if inner else 1
 
 
 def _tile(C: int, S: int, sc: int, ss: int) -> tuple[int, int]:

@@ -1,5 +1,6 @@
 """The benchmark report (pydpm.bench): results folders, the missing-peer classification, captured warnings, the
-legend, --compare and --plot, on a toy op family and synthetic results (CPU, a few seconds)."""
+legend, --compare and --plot, on a toy op family and synthetic results; the model benchmark's cases on tiny
+configurations of its diffusers models, its footer on synthetic rows and `--models` (CPU, seconds)."""
 from __future__ import annotations
 
 import io
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from pydpm import bench
-from pydpm.bench import compare, harness, plot
+from pydpm.bench import compare, harness, models, plot
 from pydpm.bench.progress import Progress
 
 CEILINGS = harness.Ceilings(10.0, 0.1, "a fixed copy", "a fixed matmul")
@@ -212,3 +213,150 @@ def test_progress_off_a_terminal_writes_a_line_per_family():
     assert len(lines) == 3
     assert "one: cases 1-1 of 2" in lines[0] and "two: cases 2-2 of 2" in lines[1] and "left" in lines[1]
     assert "three: no cases (needs CUDA)" in lines[2]
+
+
+# The model benchmark's four models at toy sizes, with every conditioning input of the published configurations.
+_TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
+                  norm_num_groups=8)
+TINY_MODELS = {
+    "unet-sd15": ("UNet2DConditionModel", _TINY_UNET),
+    "unet-sdxl": ("UNet2DConditionModel", dict(
+        _TINY_UNET, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8)),
+    "dit-xl2": ("DiTTransformer2DModel", dict(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
+        patch_size=2, num_embeds_ada_norm=10, norm_type="ada_norm_zero")),
+    "pixart-1024": ("PixArtTransformer2DModel", dict(  # the width a multiple of 3: the size conditions split it so
+        num_attention_heads=3, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+        cross_attention_dim=24, caption_channels=40, sample_size=8, patch_size=2, norm_type="ada_norm_single",
+        num_embeds_ada_norm=1000, use_additional_conditions=True, norm_num_groups=4)),
+}
+COMPILED = set(models.COMPILE_MODES)
+
+
+@pytest.fixture
+def tiny_models(monkeypatch, one_thread):
+    """The model benchmark's MODELS at toy sizes; its shared model released afterwards."""
+    pytest.importorskip("diffusers")
+    monkeypatch.setattr(models, "MODELS", TINY_MODELS)
+    yield
+    models._SHARED.release()
+
+
+@pytest.mark.parametrize(("name", "kind"), [("unet-sd15", "forward"), ("unet-sd15", "loop"), ("unet-sd15", "train"),
+                                            ("unet-sdxl", "forward"), ("dit-xl2", "forward"),
+                                            ("pixart-1024", "forward")])
+def test_model_cases_match_their_oracle(tiny_models, name, kind):
+    """Each case builds its model and inputs, its float32 oracle counts the flops, and every implementation but
+    torch.compile's (minutes of C++ compilation on a CPU) agrees with the oracle; in the loop accelerate swaps
+    the pipeline's scheduler for pydpm's drop-in and the diffusers row gets diffusers' back."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from pydpm.integrations import diffusers as integration
+
+    case = models.model_case(name, kind, 2, torch.float32, torch.device("cpu"), quick=False, steps=3)
+    expected_impls = {"diffusers", "accelerate[no graph]", "torch.compile"}
+    if kind != "train":
+        expected_impls |= {"accelerate", "torch.compile[max-autotune]"}
+    assert {impl.name for impl in case.impls} == expected_impls
+    assert case.peak_memory and case.shape == ((1 if kind == "loop" else 2), 4, 8, 8)
+    inputs = case.inputs()
+    expected = case.oracle(inputs)
+    assert case.flops > 0
+    for impl in case.impls:
+        if impl.name in COMPILED:
+            continue
+        fn = impl.make()
+        assert harness.relative_error(harness.first_output(fn(inputs)), expected) < 1e-4, impl.name
+        if kind == "loop":
+            scheduler = models._SHARED.pipeline.scheduler
+            drop_in = impl.name.startswith("accelerate")
+            assert isinstance(scheduler, integration.DPMSolverMultistepScheduler) == drop_in
+            assert isinstance(scheduler, DPMSolverMultistepScheduler)
+    if kind == "loop":
+        assert case.name == "unet-sd15-cfg3" and models._kind(case) == "loop"
+
+
+def test_model_case_rows_carry_error_and_the_footer_lists_them(tiny_models):
+    case = models.model_case("dit-xl2", "forward", 2, torch.float32, torch.device("cpu"), quick=True)
+    case.impls = [impl for impl in case.impls if impl.name not in COMPILED]
+    report = harness.Report()
+    rows = harness.run_case(case, CEILINGS, harness.Timing(1, 5, 5), report)
+    assert [r.impl for r in rows] == ["diffusers", "accelerate[no graph]", "accelerate"] and not report.failed
+    assert all(r.error is not None and r.error < 1e-4 and r.peak_mib is None and r.unit == "TFLOP/s" for r in rows)
+    lines = models.footer([(case, rows)])
+    assert sum(line.startswith(f"{case.label} ") for line in lines) == 3
+    assert any("accelerate:" in line and "x diffusers eager" in line and "error" in line for line in lines)
+    assert any(line.startswith("SD1.5 20-step CFG loop") and "not measured in this run" in line for line in lines)
+
+
+def test_peak_memory_is_the_reserved_peak_of_the_timed_calls(monkeypatch):
+    """Graph replays allocate nothing: the peak is read from the memory reserved, counted from a cache emptied
+    of what nothing holds."""
+    steps = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: steps.append("empty"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: steps.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device: 3 << 20)
+    case = harness.Case("toy", "x", (1,), torch.float16, torch.device("cuda"), dict, lambda t: t, [], peak_memory=True)
+    row = harness.Row("toy", "x", "(1)", "fp16", "impl", True)
+    with harness.peak_memory(case, row):
+        steps.append("timed")
+    assert steps == ["empty", "reset", "timed"] and row.peak_mib == 3.0
+    case.peak_memory, row.peak_mib = False, None
+    with harness.peak_memory(case, row):
+        pass
+    assert row.peak_mib is None and steps == ["empty", "reset", "timed"]
+
+
+def _model_rows(case_name: str, shape: str, figures: dict[str, tuple[float, float | None, float | None]]):
+    """Rows of one synthetic model case: impl -> (eager us, fraction of the matmul peak, peak MiB)."""
+    return [harness.Row("models", case_name, shape, "fp16", impl, impl.startswith("accelerate"), median_ms=1.0,
+                        throughput=1.0, unit="TFLOP/s", of_ceiling=peak_share, loop_us=us, peak_mib=mib)
+            for impl, (us, peak_share, mib) in figures.items()]
+
+
+def test_model_footer_reads_the_targets_off_the_rows(monkeypatch):
+    monkeypatch.setattr(models, "MODELS", TINY_MODELS)
+    cpu = torch.device("cpu")
+
+    def case(name, kind):
+        return models.model_case(name, kind, 2, torch.float16, cpu, quick=False)
+
+    loop, train, dit = case("unet-sd15", "loop"), case("unet-sd15", "train"), case("dit-xl2", "forward")
+    results = [
+        (loop, _model_rows(loop.name, "(1,4,8,8)", {
+            "diffusers": (3000.0, 0.1, 1000.0), "accelerate": (900.0, 0.4, 1100.0),
+            "torch.compile": (1500.0, 0.2, 1000.0), "torch.compile[max-autotune]": (1200.0, 0.3, 1300.0)})),
+        (train, _model_rows(train.name, "(2,4,8,8)", {
+            "diffusers": (100.0, 0.1, 1000.0), "accelerate[no graph]": (90.0, 0.1, 1200.0)})),
+        (dit, _model_rows(dit.name, "(2,4,8,8)", {
+            "diffusers": (30.0, 0.1, 1000.0), "accelerate[no graph]": (25.0, 0.2, 1000.0),
+            "accelerate": (8.0, 0.5, 1100.0)})),
+    ]
+    lines = models.footer(results)
+    targets = {line.split(":")[0]: line for line in lines[-5:]}
+    assert targets["SD1.5 20-step CFG loop"].endswith("3.33x eager, 1.33x its best, torch.compile[max-autotune] (met)")
+    assert "dit-xl2 (2,4,8,8) fp16 3.75x (met)" in targets["DiT-XL/2, PixArt-sized and SDXL-sized forward"]
+    assert targets["forward at >= 40% of the measured matmul peak (accelerate, device time)"].endswith("50.0% (met)")
+    assert targets["training step"].endswith("1.11x (NOT met)")
+    memory = targets["peak memory <= diffusers eager + 15% (pydpm's rows)"]
+    assert "unet-sd15-train (2,4,8,8) fp16 accelerate[no graph] 1.20x" in memory and memory.endswith("(NOT met)")
+    assert any(line.startswith("unet-sd15-cfg20 (1,4,8,8) fp16 accelerate: 0.90 ms per call, 3.33x diffusers eager")
+               and "peak memory 1.07 GiB (1.10x diffusers')" in line for line in lines)
+    assert models.footer([]) == ["model targets: not measured in this run (they need CUDA and diffusers)"]
+
+
+def test_models_flag_runs_the_model_family(tmp_path, monkeypatch):
+    monkeypatch.setattr(harness, "measure_ceilings", lambda device, timing: CEILINGS)
+    monkeypatch.setattr(plot, "available", lambda: False)
+    assert bench.run(["--models", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["arguments"]["ops"] == ["models"] and not data["rows"]
+    assert "needs CUDA: full-size diffusers models" in data["missing_peers"]["the models family"]["reasons"]
+    with pytest.raises(SystemExit) as exit_info:
+        bench.run(["--models", "--ops", "samplers", "--device", "cpu"])
+    assert exit_info.value.code == 2

@@ -4,7 +4,9 @@ from pydpm.ops._framework import REGISTRY, BackendUnavailable, forced_backend, u
 from pydpm.ops.attention import attention, attention_reference
 from pydpm.ops.solver_step import PhiloxNoise, Threshold, philox_normal, solver_step, solver_step_reference
 from pydpm.ops.ff_parser import ff_parser
+from pydpm.ops.geglu import geglu
 from pydpm.ops.naf import simple_gate, simple_gate_sca, simplified_channel_attention
+from pydpm.ops.norm import group_norm, layer_norm_modulate
 from pydpm.ops.spectral import (focal_frequency_loss, frequency_weighted_mse, spectral_distill_loss,
                                 spectrum_weight)
 from pydpm.ops.wavelet import (haar_dwt2, haar_idwt2, haar_waverec2, haar_wavedec2, wavelet_gate_down,
@@ -14,6 +16,6 @@ __all__ = [
     "REGISTRY", "BackendUnavailable", "PhiloxNoise", "Threshold", "forced_backend", "philox_normal", "solver_step",
     "solver_step_reference", "use_backend", "haar_dwt2", "haar_idwt2", "haar_wavedec2", "haar_waverec2",
     "wavelet_gate_down", "wavelet_gate_up", "ff_parser", "simple_gate", "simple_gate_sca",
-    "simplified_channel_attention", "attention", "attention_reference", "focal_frequency_loss",
-    "frequency_weighted_mse", "spectral_distill_loss", "spectrum_weight",
+    "simplified_channel_attention", "geglu", "attention", "attention_reference", "focal_frequency_loss",
+    "frequency_weighted_mse", "spectral_distill_loss", "spectrum_weight", "group_norm", "layer_norm_modulate",
 ]

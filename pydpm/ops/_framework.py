@@ -516,9 +516,13 @@ def _deliver(result: Any, out: Any) -> Any:
     return out
 
 
-def _requires_grad(inputs: tuple) -> bool:
+def _requires_grad(inputs: tuple | list) -> bool:
+    """Whether a tensor among the inputs (or in a tuple or list among them: a pair of operands) requires grad."""
     for t in inputs:
-        if isinstance(t, torch.Tensor) and t.requires_grad:
+        if isinstance(t, torch.Tensor):
+            if t.requires_grad:
+                return True
+        elif isinstance(t, (tuple, list)) and _requires_grad(t):
             return True
     return False
 
