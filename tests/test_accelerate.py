@@ -43,22 +43,115 @@ def inputs(device="cpu", dtype=torch.float32, batch=2, seed=1):
             torch.randn(batch, 5, 24, generator=g).to(device, dtype))
 
 
-def test_a_model_on_cpu_gets_pydpm_attention_and_no_graph():
+def test_a_model_on_cpu_gets_pydpm_attention_and_blocks_and_no_graph():
     model = unet2d_condition()
     x, t, ctx = inputs()
     with torch.no_grad():
         want = model(x, t, encoder_hidden_states=ctx).sample
     before = processors(model)
-    report = pd.accelerate(model)
-    assert report.swapped == {"attention": f"PydpmAttnProcessor on {len(before)} blocks"}
+    report = pd.accelerate(model, blocks=True)
+    resnets = [m for m in model.modules() if isinstance(m, diffusers.models.resnet.ResnetBlock2D)]
+    gegl = [m for m in model.modules() if isinstance(m, diffusers.models.activations.GEGLU)]
+    assert report.swapped == {"attention": f"PydpmAttnProcessor on {len(before)} blocks",
+                              "blocks": f"GEGLU ×{len(gegl)}, GroupNorm ×4, ResnetBlock2D (GroupNorm+SiLU) ×{len(resnets)}, "
+                                        f"conv_norm_out (GroupNorm+SiLU) ×1"}
     assert report.graph is None and "nothing is captured" in report.left["cuda_graph"]
-    assert "forward" not in model.__dict__
+    assert "forward" not in model.__dict__ and all("forward" in m.__dict__ for m in resnets + gegl)
+    assert type(model.conv_act) is torch.nn.Identity
     assert all(isinstance(p, pd.PydpmAttnProcessor) for p in processors(model).values())
     with torch.no_grad():
         got = model(x, t, encoder_hidden_states=ctx).sample
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert pd.restore(model) is True and pd.restore(model) is False
     assert processors(model) == before
+    assert not [name for name, m in model.named_modules() if "forward" in m.__dict__]
+    assert type(model.conv_act) is torch.nn.SiLU
+
+
+def _tiny(kind: str):
+    """Small random models of the other families accelerate swaps blocks of (float64: the swapped forwards
+    must compute what diffusers' do, to rounding)."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    if kind == "unet2d-scale-shift":
+        model = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                      block_out_channels=(8, 16), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                      up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
+                                      attention_head_dim=8, resnet_time_scale_shift="scale_shift")
+        args, kwargs = (torch.randn(2, 3, 8, 8, generator=g), torch.tensor([10, 900])), {}
+    elif kind == "dit":
+        model = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                                out_channels=8, num_layers=2, sample_size=8, patch_size=2,
+                                                num_embeds_ada_norm=10, norm_type="ada_norm_zero")
+        args = (torch.randn(2, 4, 8, 8, generator=g),)
+        kwargs = {"timestep": torch.tensor([3, 700]), "class_labels": torch.tensor([1, 7])}
+    else:
+        model = diffusers.PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                                   out_channels=8, num_layers=2, sample_size=8, patch_size=2,
+                                                   cross_attention_dim=16, caption_channels=12, norm_type="ada_norm_single")
+        args = (torch.randn(2, 4, 8, 8, generator=g),)
+        kwargs = {"encoder_hidden_states": torch.randn(2, 5, 12, generator=g), "timestep": torch.tensor([3, 700]),
+                  "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+    double = lambda v: v.double() if torch.is_tensor(v) and v.is_floating_point() else v  # noqa: E731
+    return model.eval().double(), tuple(map(double, args)), {k: double(v) for k, v in kwargs.items()}
+
+
+def test_blocks_are_swapped_by_default_only_where_the_forward_is_graphed():
+    model = unet2d()
+    report = pd.accelerate(model)
+    assert "blocks" not in report.swapped and "host time" in report.left["blocks"]
+    assert not [name for name, m in model.named_modules() if "forward" in m.__dict__]
+    pd.restore(model)
+
+
+@pytest.mark.parametrize("kind, swapped", [
+    ("unet2d-scale-shift", "GroupNorm ×3, ResnetBlock2D (GroupNorm+SiLU) ×8, conv_norm_out (GroupNorm+SiLU) ×1"),
+    ("dit", "AdaLayerNormZero (LayerNorm+modulate) ×2"),
+    ("pixart", None),
+])
+def test_the_swapped_blocks_compute_what_diffusers_does(kind, swapped):
+    model, args, kwargs = _tiny(kind)
+    with torch.no_grad():
+        want = model(*args, **kwargs).sample
+    report = pd.accelerate(model, attention=False, blocks=True)
+    assert report.swapped.get("blocks") == swapped
+    with torch.no_grad():
+        got = model(*args, **kwargs).sample
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    pd.restore(model)
+
+
+def test_training_through_the_swapped_blocks_gives_diffusers_gradients():
+    """The fused ops' backwards inside a real model: every parameter's gradient (GroupNorm weights and biases,
+    the time embedding through scale/shift, the convolutions before the norms) equals eager autograd's."""
+    model, args, kwargs = _tiny("unet2d-scale-shift")
+    model.train()
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        model(*args, **kwargs).sample.square().mean().backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    want = grads()
+    pd.accelerate(model, attention=False, blocks=True)
+    got = grads()
+    pd.restore(model)
+    assert got.keys() == want.keys() and len(got) > 40
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+def test_blocks_it_cannot_fuse_are_left_with_the_reason():
+    torch.manual_seed(0)
+    model = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                  block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+                                  up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4, act_fn="mish")
+    report = pd.accelerate(model, attention=False, blocks=True)
+    left = {k: v for k, v in report.left.items() if k.startswith("blocks ")}
+    assert len(left) == 8 and all(v == "activation Mish: pydpm fuses SiLU" for v in left.values())
+    # the ResNet blocks' own norms run fused on their own; UNet2DModel's output activation is SiLU whatever act_fn
+    assert report.swapped["blocks"] == "GroupNorm ×17, conv_norm_out (GroupNorm+SiLU) ×1"
+    pd.restore(model)
 
 
 def test_a_pipeline_gets_the_fused_scheduler_and_restore_puts_the_old_one_back():
@@ -107,7 +200,7 @@ def test_what_it_cannot_swap_is_left_and_reported():
     report = pd.accelerate(refused)
     assert report.left["scheduler"] == f"DPMSolverMultistepScheduler kept: {reason}"
     off = pd.accelerate(diffusers.DDPMPipeline(unet=unet2d(), scheduler=diffusers.DDIMScheduler()),
-                        attention=False, scheduler=False, cuda_graph=False)
+                        attention=False, blocks=False, scheduler=False, cuda_graph=False)
     assert off.swapped == {} and off.left == {"cuda_graph": "cuda_graph=False"}
 
 
@@ -117,6 +210,7 @@ def test_what_it_cannot_swap_is_left_and_reported():
     (dict(max_graphs=2.5), ValueError, "max_graphs"),
     (dict(cuda_graph="yes"), TypeError, "cuda_graph"),
     (dict(attention=None), TypeError, "attention"),
+    (dict(blocks=1), TypeError, "blocks"),
 ])
 def test_bad_arguments_are_named(kwargs, exc, names):
     args = {"obj": unet2d(), **kwargs}

@@ -52,6 +52,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from pydpm._cache import BoundedCache
+from pydpm.integrations._blocks import BlockSwaps, swap_blocks
 from pydpm.integrations._graph import GraphedForward
 from pydpm.ops import PhiloxNoise, Threshold, solver_step
 from pydpm.ops._framework import forced_backend
@@ -797,8 +798,8 @@ class Acceleration:
 class _Accelerated:
     """What `restore` needs to undo an `accelerate` call."""
 
-    def __init__(self, denoiser, report: Acceleration, scheduler=None):
-        self.denoiser, self.report, self.scheduler = denoiser, report, scheduler
+    def __init__(self, denoiser, report: Acceleration, scheduler=None, blocks: BlockSwaps | None = None):
+        self.denoiser, self.report, self.scheduler, self.blocks = denoiser, report, scheduler, blocks
 
 
 _ACCELERATED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -817,12 +818,19 @@ def _denoiser(obj):
                     f"a diffusers model (torch.nn.Module such as UNet2DConditionModel or DiTTransformer2DModel)")
 
 
-def accelerate(obj, *, cuda_graph: bool = True, attention: bool = True, scheduler: bool = True,
-               max_graphs: int = 8) -> Acceleration:
+def accelerate(obj, *, cuda_graph: bool = True, attention: bool = True, blocks: bool | None = None,
+               scheduler: bool = True, max_graphs: int = 8) -> Acceleration:
     """Make a diffusers pipeline or model faster in place; `restore(obj)` undoes it.
 
     - attention: every attention block whose processor pydpm's reproduces runs `PydpmAttnProcessor`
       (`use_pydpm_attention`); the others are listed in the report's `left`;
+    - blocks: diffusers' ResnetBlock2D (GroupNorm → modulation → SiLU), the UNet's output GroupNorm + SiLU,
+      every other nn.GroupNorm, GEGLU and AdaLayerNormZero run pydpm's fused block ops (`group_norm`,
+      `geglu`, `layer_norm_modulate`: `pydpm.integrations._blocks`); other classes are listed in `left`.
+      None (the default) swaps them where they pay: when the forward is replayed from CUDA graphs, where
+      their fewer, faster kernels are all that counts. Called eagerly each block op costs more host time than
+      the one or two torch ops it replaces, which a host-bound model pays (an SD1.5 UNet at batch 2 is one);
+      True swaps them anyway (training with their fused backwards, CPU models on their reference paths);
     - scheduler (pipelines): a `DPMSolverMultistepScheduler`, `UniPCMultistepScheduler` or `DDIMScheduler` is
       replaced by pydpm's fused drop-in of the same class built from its config (one fused launch per step);
       a configuration the drop-in refuses, or another class, is left, with the reason;
@@ -833,9 +841,10 @@ def accelerate(obj, *, cuda_graph: bool = True, attention: bool = True, schedule
 
     The pipeline's own `__call__` runs unchanged. Calling `accelerate` again on the same object starts over
     (the graphs are captured afresh). Returns an `Acceleration` report."""
-    for name, flag in (("cuda_graph", cuda_graph), ("attention", attention), ("scheduler", scheduler)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"accelerate: {name}={flag!r}; pass True or False")
+    for name, flag in (("cuda_graph", cuda_graph), ("attention", attention), ("blocks", blocks),
+                       ("scheduler", scheduler)):
+        if not isinstance(flag, bool) and not (name == "blocks" and flag is None):
+            raise TypeError(f"accelerate: {name}={flag!r}; pass True or False{' (or None)' if name == 'blocks' else ''}")
     if isinstance(max_graphs, bool) or not isinstance(max_graphs, numbers.Integral) or max_graphs < 1:
         raise ValueError(f"accelerate: max_graphs={max_graphs!r} must be an int >= 1 (graphs kept per model)")
     model = _denoiser(obj)
@@ -855,6 +864,16 @@ def accelerate(obj, *, cuda_graph: bool = True, attention: bool = True, schedule
                                                     f"AttnProcessor2_0 / AttnProcessor only")
         except TypeError as e:
             report.left["attention"] = str(e)
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    graphed = cuda_graph and device.type == "cuda"
+    if blocks is None and not graphed:
+        report.left["blocks"] = ("called eagerly (no CUDA graph), pydpm's block ops cost more host time than the torch "
+                                 "ops they replace; blocks=True swaps them anyway")
+    elif blocks or blocks is None:
+        state.blocks = swap_blocks(model)
+        if state.blocks.swapped:
+            report.swapped["blocks"] = state.blocks.summary()
+        report.left.update({f"blocks {name}": reason for name, reason in state.blocks.left.items()})
     if scheduler and not isinstance(obj, torch.nn.Module):
         current = getattr(obj, "scheduler", None)
         name = type(current).__name__
@@ -870,7 +889,6 @@ def accelerate(obj, *, cuda_graph: bool = True, attention: bool = True, schedule
                 report.swapped["scheduler"] = f"pydpm.integrations.diffusers.{name}"
             except (ValueError, NotImplementedError) as e:  # a configuration the drop-in refuses, named
                 report.left["scheduler"] = f"{name} kept: {e}"
-    device = next(iter(model.parameters()), torch.empty(0)).device
     if not cuda_graph:
         report.left["cuda_graph"] = "cuda_graph=False"
     elif device.type != "cuda":
@@ -887,8 +905,8 @@ def accelerate(obj, *, cuda_graph: bool = True, attention: bool = True, schedule
 
 
 def restore(obj) -> bool:
-    """Undo `accelerate(obj)`: the denoiser's forward, its attention processors and the pipeline's scheduler
-    as they were (the scheduler object itself, with its state). Returns whether there was anything to undo."""
+    """Undo `accelerate(obj)`: the denoiser's forward, its attention processors, its blocks and the pipeline's
+    scheduler as they were (the scheduler object itself, with its state). Returns whether there was anything to undo."""
     state = _ACCELERATED.pop(obj, None)
     if state is None:
         return False
@@ -896,6 +914,8 @@ def restore(obj) -> bool:
         state.report.graph.remove()
     if "attention" in state.report.swapped:
         restore_attention(state.denoiser)
+    if state.blocks is not None:
+        state.blocks.undo()
     if state.scheduler is not None:
         obj.scheduler = state.scheduler
     return True

@@ -1,0 +1,160 @@
+"""The block swaps of `accelerate`: diffusers modules whose forward pydpm's fused block ops compute in fewer
+launches, swapped in place (an instance `forward`) and swapped back by `BlockSwaps.undo`.
+
+    ResnetBlock2D       norm1 → SiLU as one `group_norm(..., activation="silu")`; norm2 → (1 + scale, shift)
+                        → SiLU as one `group_norm(..., activation="silu", scale_shift=temb.chunk(2, dim=1))`
+                        (time_embedding_norm="scale_shift"), or `h + temb` then one GroupNorm+SiLU ("default")
+    conv_norm_out       a UNet's last GroupNorm with the SiLU after it (`conv_act` becomes nn.Identity)
+    GroupNorm           any other nn.GroupNorm (Transformer2DModel's input norm, attention group norms)
+    GEGLU               the feed-forward's `proj → chunk → a·gelu(b)` as `geglu(proj(h))`
+    AdaLayerNormZero    DiT's `LN(x)·(1 + scale) + shift` as one `layer_norm_modulate`
+
+Each swapped forward is diffusers' own, line for line, with the fused op where diffusers calls the modules
+it replaces; a module of another class (a subclass included), another activation, a GroupNorm without affine
+parameters in a ResNet block or another `time_embedding_norm` is left as it is, and named with the reason.
+"""
+from __future__ import annotations
+
+import collections
+import types
+from typing import Callable
+
+import torch
+from torch import nn
+
+from pydpm.ops import geglu, group_norm, layer_norm_modulate
+
+
+def _gn(norm: nn.GroupNorm, x: torch.Tensor, activation=None, scale_shift=None) -> torch.Tensor:
+    return group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, activation, scale_shift)
+
+
+def _resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """diffusers' ResnetBlock2D.forward with its two GroupNorm → (modulation →) SiLU runs fused."""
+    hidden_states = _gn(self.norm1, input_tensor, "silu")
+    if self.upsample is not None:
+        if hidden_states.shape[0] >= 64:  # as diffusers: upsample_nearest_nhwc fails with large batches
+            input_tensor = input_tensor.contiguous()
+            hidden_states = hidden_states.contiguous()
+        input_tensor = self.upsample(input_tensor)
+        hidden_states = self.upsample(hidden_states)
+    elif self.downsample is not None:
+        input_tensor = self.downsample(input_tensor)
+        hidden_states = self.downsample(hidden_states)
+    hidden_states = self.conv1(hidden_states)
+    if self.time_emb_proj is not None:
+        if not self.skip_time_act:
+            temb = self.nonlinearity(temb)
+        temb = self.time_emb_proj(temb)[:, :, None, None]
+    if self.time_embedding_norm == "scale_shift":
+        if temb is None:
+            raise ValueError(f" `temb` should not be None when `time_embedding_norm` is {self.time_embedding_norm}")
+        hidden_states = _gn(self.norm2, hidden_states, "silu", temb.chunk(2, dim=1))
+    else:
+        if temb is not None:
+            hidden_states = hidden_states + temb
+        hidden_states = _gn(self.norm2, hidden_states, "silu")
+    hidden_states = self.dropout(hidden_states)
+    hidden_states = self.conv2(hidden_states)
+    if self.conv_shortcut is not None:
+        if self.training:
+            input_tensor = input_tensor.contiguous()
+        input_tensor = self.conv_shortcut(input_tensor)
+    return (input_tensor + hidden_states) / self.output_scale_factor
+
+
+def _group_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return _gn(self, x)
+
+
+def _group_norm_silu_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return _gn(self, x, "silu")
+
+
+def _geglu_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """diffusers' GEGLU.forward: proj, then hidden·gelu(gate) of its two halves, fused."""
+    return geglu(self.proj(hidden_states))
+
+
+def _ada_norm_zero_forward(self, x, timestep=None, class_labels=None, hidden_dtype=None, emb=None):
+    """diffusers' AdaLayerNormZero.forward with its LayerNorm and modulation fused."""
+    if self.emb is not None:
+        emb = self.emb(timestep, class_labels, hidden_dtype=hidden_dtype)
+    emb = self.linear(self.silu(emb))
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
+    norm = self.norm
+    x = layer_norm_modulate(x, norm.weight, norm.bias, shift_msa, scale_msa, norm.eps)
+    return x, gate_msa, shift_mlp, scale_mlp, gate_mlp
+
+
+def _affine_group_norm(m) -> bool:
+    return type(m) is nn.GroupNorm and m.affine
+
+
+def _resnet_reason(block) -> str | None:
+    if not (_affine_group_norm(block.norm1) and _affine_group_norm(block.norm2)):
+        return f"norms {type(block.norm1).__name__} / {type(block.norm2).__name__}: pydpm fuses affine nn.GroupNorm"
+    if type(block.nonlinearity) is not nn.SiLU:
+        return f"activation {type(block.nonlinearity).__name__}: pydpm fuses SiLU"
+    if block.time_embedding_norm not in ("default", "scale_shift"):
+        return f"time_embedding_norm={block.time_embedding_norm!r}: pydpm fuses 'default' and 'scale_shift'"
+    return None
+
+
+class BlockSwaps:
+    """The swaps made on one model: `swapped` (class -> count), `left` (module name -> reason), `undo()`."""
+
+    def __init__(self) -> None:
+        self.swapped: collections.Counter[str] = collections.Counter()
+        self.left: dict[str, str] = {}
+        self._undo: list[Callable[[], None]] = []
+
+    def _forward(self, module: nn.Module, forward: Callable, label: str) -> None:
+        module.forward = types.MethodType(forward, module)
+        self._undo.append(lambda: module.__dict__.pop("forward", None))
+        self.swapped[label] += 1
+
+    def undo(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+    def summary(self) -> str:
+        return ", ".join(f"{label} ×{n}" for label, n in sorted(self.swapped.items()))
+
+
+def swap_blocks(model: nn.Module) -> BlockSwaps:
+    """Swap every block of `model` that pydpm's fused ops compute (the module docstring's table)."""
+    from diffusers.models.activations import GEGLU
+    from diffusers.models.normalization import AdaLayerNormZero
+    from diffusers.models.resnet import ResnetBlock2D
+
+    swaps = BlockSwaps()
+    taken: set[int] = set()  # GroupNorms a swapped forward calls through the fused op already
+    for name, m in model.named_modules():
+        if isinstance(m, ResnetBlock2D):
+            reason = _resnet_reason(m) if type(m) is ResnetBlock2D else f"{type(m).__name__} subclasses ResnetBlock2D"
+            if reason is None:
+                swaps._forward(m, _resnet_forward, "ResnetBlock2D (GroupNorm+SiLU)")
+                taken.update((id(m.norm1), id(m.norm2)))
+            else:
+                swaps.left[name] = reason
+        elif isinstance(m, GEGLU):
+            if type(m) is GEGLU:
+                swaps._forward(m, _geglu_forward, "GEGLU")
+            else:
+                swaps.left[name] = f"{type(m).__name__} subclasses GEGLU"
+        elif isinstance(m, AdaLayerNormZero):
+            if type(m) is AdaLayerNormZero and type(m.norm) is nn.LayerNorm:
+                swaps._forward(m, _ada_norm_zero_forward, "AdaLayerNormZero (LayerNorm+modulate)")
+            else:
+                swaps.left[name] = f"{type(m).__name__} with {type(m.norm).__name__}: pydpm fuses nn.LayerNorm"
+    norm_out, act = getattr(model, "conv_norm_out", None), getattr(model, "conv_act", None)
+    if isinstance(norm_out, nn.GroupNorm) and _affine_group_norm(norm_out) and type(act) is nn.SiLU:
+        swaps._forward(norm_out, _group_norm_silu_forward, "conv_norm_out (GroupNorm+SiLU)")
+        model.conv_act = nn.Identity()
+        swaps._undo.append(lambda: setattr(model, "conv_act", act))
+        taken.add(id(norm_out))
+    for m in model.modules():
+        if type(m) is nn.GroupNorm and id(m) not in taken:
+            swaps._forward(m, _group_norm_forward, "GroupNorm")
+    return swaps
