@@ -1,8 +1,10 @@
 """Triton backend of the normalisation blocks (`pydpm.ops.norm`): GroupNorm with the per-sample modulation and
 SiLU of diffusers' ResNet blocks, and the AdaLN modulate of DiT / PixArt.
 
-`_group_norm_fwd_kernel`   one program per (sample, group): the group's mean and variance (tile statistics
-                           merged by Chan's formula: no E[x²] − E[x]² cancellation), then one pass writing
+`_group_norm_fwd_kernel`   one program per (sample, group), or per (sample, group, share of the positions) when
+                           there are fewer groups than the card holds programs (then two launches): the
+                           group's mean and variance (tile statistics merged by Chan's formula: no
+                           E[x²] − E[x]² cancellation), then one pass writing
                            u = (x − μ)·σ⁻¹·w·(1 + scale) + b·(1 + scale) + shift and y = u or u·sigmoid(u)
 `_group_norm_bwd_kernel`   one program per (sample, group): du = dy·act'(u) reduced per channel to Σ du and
                            Σ du·x̂ (stored: the parameter, scale and shift gradients come from them), then
@@ -62,60 +64,82 @@ def _channel_coefficients(weight, bias, scale, ssb, ssc, shift, tsb, tsc, b64, c
     return k, q
 
 
-@triton.jit(do_not_specialize=["G", "cpg"])
+@triton.jit
+def _chan_merge(n, mean, m2, n_b, mean_b, m2_b):
+    """Chan's merge of two (count, mean, M2) summaries: exact, no E[x²] − E[x]² cancellation."""
+    total = n + n_b
+    delta = mean_b - mean
+    return total, mean + delta * (n_b / total), m2 + m2_b + delta * delta * (n * n_b / total)
+
+
+@triton.jit(do_not_specialize=["G", "cpg", "n_split"])
 def _group_norm_fwd_kernel(x, xsb, xsc, xss,
                            out, osb, osc, oss,
                            weight, bias, scale, ssb, ssc, shift, tsb, tsc,
-                           stats, G, cpg, S, eps_hi, eps_lo,
+                           stats, partial, G, cpg, S, chunk, n_split, eps_hi, eps_lo,
                            HAS_W: tl.constexpr, HAS_B: tl.constexpr, SCALE: tl.constexpr, SHIFT: tl.constexpr,
-                           SILU: tl.constexpr, STATS: tl.constexpr, BC: tl.constexpr, BS: tl.constexpr,
-                           F64: tl.constexpr):
+                           SILU: tl.constexpr, STATS: tl.constexpr, PHASE: tl.constexpr, BC: tl.constexpr,
+                           BS: tl.constexpr, F64: tl.constexpr):
+    """Program (group, split) covers the spatial positions [split·chunk, (split + 1)·chunk) of every channel of
+    the group. PHASE 0 (one split): statistics and output. PHASE 1: the split's (count, mean, M2) into
+    `partial`. PHASE 2: the group's statistics merged from `partial`, then the split's output."""
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     b64 = (pid // G).to(tl.int64)
     c0 = (pid % G) * cpg
+    s_lo = split * chunk
+    s_hi = tl.minimum(s_lo + chunk, S)
     x_b = x + b64 * xsb
     o_b = out + b64 * osb
+    one = tl.arange(0, 1)
     n = _acc(tl.zeros([1], tl.float32), F64)
     mean = _acc(tl.zeros([1], tl.float32), F64)
     m2 = _acc(tl.zeros([1], tl.float32), F64)
-    for cs in range(0, cpg, BC):
-        c = cs + tl.arange(0, BC)[:, None]
-        c_ok = c < cpg
-        x_c = x_b + (c0 + c).to(tl.int64) * xsc
-        cnt_c = tl.minimum(cpg - cs, BC)
-        for ss in range(0, S, BS):
-            s = ss + tl.arange(0, BS)[None, :]
-            m = c_ok & (s < S)
-            v = _acc(tl.load(x_c + s.to(tl.int64) * xss, mask=m, other=0.0), F64)
-            cnt = (cnt_c * tl.minimum(S - ss, BS)).to(v.dtype)
-            t_mean = tl.sum(tl.sum(v, axis=1), axis=0) / cnt
-            d = tl.where(m, v - t_mean, 0.0)
-            t_m2 = tl.sum(tl.sum(d * d, axis=1), axis=0)
-            delta = t_mean - mean
-            total = n + cnt
-            mean += delta * (cnt / total)
-            m2 += t_m2 + delta * delta * (n * cnt / total)
-            n = total
-    rstd = 1.0 / tl.sqrt(m2 / n + eps_hi + eps_lo)  # float64 variance + float32 halves: exact
-    if STATS:
-        one = tl.arange(0, 1)
-        tl.store(stats + 2 * pid + one, mean)
-        tl.store(stats + 2 * pid + 1 + one, rstd)
-    for cs in range(0, cpg, BC):
-        c = cs + tl.arange(0, BC)[:, None]
-        c_ok = c < cpg
-        k, q = _channel_coefficients(weight, bias, scale, ssb, ssc, shift, tsb, tsc, b64, c0 + c, c_ok,
-                                     HAS_W, HAS_B, SCALE, SHIFT, F64)
-        k = k * rstd
-        x_c = x_b + (c0 + c).to(tl.int64) * xsc
-        o_c = o_b + (c0 + c).to(tl.int64) * osc
-        for ss in range(0, S, BS):
-            s = (ss + tl.arange(0, BS)[None, :]).to(tl.int64)
-            m = c_ok & (s < S)
-            u = (_acc(tl.load(x_c + s * xss, mask=m, other=0.0), F64) - mean) * k + q
-            if SILU:
-                u, _ = _silu_and_grad(u)
-            tl.store(o_c + s * oss, u.to(out.dtype.element_ty), mask=m)
+    if PHASE == 2:
+        row = partial + 3 * (pid.to(tl.int64) * n_split)
+        for i in range(0, n_split):
+            n, mean, m2 = _chan_merge(n, mean, m2, tl.load(row + 3 * i + one), tl.load(row + 3 * i + 1 + one),
+                                      tl.load(row + 3 * i + 2 + one))
+    else:
+        for cs in range(0, cpg, BC):
+            c = cs + tl.arange(0, BC)[:, None]
+            c_ok = c < cpg
+            x_c = x_b + (c0 + c).to(tl.int64) * xsc
+            cnt_c = tl.minimum(cpg - cs, BC)
+            for ss in range(s_lo, s_hi, BS):
+                s = ss + tl.arange(0, BS)[None, :]
+                m = c_ok & (s < s_hi)
+                v = _acc(tl.load(x_c + s.to(tl.int64) * xss, mask=m, other=0.0), F64)
+                cnt = (cnt_c * tl.minimum(s_hi - ss, BS)).to(v.dtype)
+                t_mean = tl.sum(tl.sum(v, axis=1), axis=0) / cnt
+                d = tl.where(m, v - t_mean, 0.0)
+                n, mean, m2 = _chan_merge(n, mean, m2, cnt, t_mean, tl.sum(tl.sum(d * d, axis=1), axis=0))
+    if PHASE == 1:
+        row = partial + 3 * (pid.to(tl.int64) * n_split + split)
+        tl.store(row + one, n)
+        tl.store(row + 1 + one, mean)
+        tl.store(row + 2 + one, m2)
+    else:
+        rstd = 1.0 / tl.sqrt(m2 / n + eps_hi + eps_lo)  # float64 variance + float32 halves: exact
+        if STATS:
+            if split == 0:
+                tl.store(stats + 2 * pid + one, mean)
+                tl.store(stats + 2 * pid + 1 + one, rstd)
+        for cs in range(0, cpg, BC):
+            c = cs + tl.arange(0, BC)[:, None]
+            c_ok = c < cpg
+            k, q = _channel_coefficients(weight, bias, scale, ssb, ssc, shift, tsb, tsc, b64, c0 + c, c_ok,
+                                         HAS_W, HAS_B, SCALE, SHIFT, F64)
+            k = k * rstd
+            x_c = x_b + (c0 + c).to(tl.int64) * xsc
+            o_c = o_b + (c0 + c).to(tl.int64) * osc
+            for ss in range(s_lo, s_hi, BS):
+                s = (ss + tl.arange(0, BS)[None, :]).to(tl.int64)
+                m = c_ok & (s < s_hi)
+                u = (_acc(tl.load(x_c + s * xss, mask=m, other=0.0), F64) - mean) * k + q
+                if SILU:
+                    u, _ = _silu_and_grad(u)
+                tl.store(o_c + s * oss, u.to(out.dtype.element_ty), mask=m)
 
 
 @triton.jit(do_not_specialize=["C", "G", "cpg"])
@@ -252,7 +276,7 @@ def _layer_norm_bwd_kernel(dy, dsb, dsn, dsc,
 # Strides and the spatial size stay specialised as Triton's JIT would (a unit stride makes the loads
 # contiguous); sample, group and row counts do not change the code.
 _GN_FWD = Kernel(_group_norm_fwd_kernel, specialized=("xsb", "xsc", "xss", "osb", "osc", "oss", "ssb", "ssc",
-                                                     "tsb", "tsc", "S"))
+                                                     "tsb", "tsc", "S", "chunk"))
 _GN_BWD = Kernel(_group_norm_bwd_kernel, specialized=("dsb", "dsc", "dss", "xsb", "xsc", "xss", "osb", "osc", "oss",
                                                      "ssb", "ssc", "tsb", "tsc", "S"))
 _LN_FWD = Kernel(_layer_norm_fwd_kernel, specialized=("xsb", "xsn", "xsc", "osb", "osn", "osc", "ssb", "ssc", "tsb",
@@ -266,12 +290,23 @@ def _f64(t: torch.Tensor) -> bool:
 
 
 def _gn_tile(cpg: int, S: int, sc: int, ss: int) -> tuple[int, int]:
-    """(BC, BS): a tile of at most _TILE elements, long along the dimension that is contiguous in memory."""
+    """(BC, BS): a tile of at most _TILE elements over (channels of a group, S spatial positions), long along
+    the dimension that is contiguous in memory."""
     if sc == 1 and ss != 1:  # channels-last: the group's channels are adjacent
         bc = max(2, min(triton.next_power_of_2(cpg), 64))
         return bc, max(2, min(triton.next_power_of_2(S), _TILE // bc))
     bs = max(2, min(triton.next_power_of_2(S), _TILE))
     return max(2, min(triton.next_power_of_2(cpg), _TILE // bs)), bs
+
+
+def gn_splits(groups: int, S: int, device: torch.device) -> int:
+    """How many programs share one group's positions: enough for about two programs per SM when the groups are
+    fewer (SD's 32 groups at batch 2 would fill half an H200), at least 256 positions each; 1 under the
+    interpreter."""
+    sms = target_programs(device) // 8
+    if sms == 0 or groups >= 2 * sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, groups), S // 256))
 
 
 def _pair_strides(t: torch.Tensor | None) -> tuple[int, int]:
@@ -320,10 +355,11 @@ def _stats(shape: tuple[int, ...], x: torch.Tensor, keep: bool) -> torch.Tensor 
 
 
 def group_norm_fwd(x: torch.Tensor, out: torch.Tensor, groups: int, weight, bias, scale, shift, eps: float,
-                   silu: bool, keep_stats: bool) -> torch.Tensor | None:
+                   silu: bool, keep_stats: bool, splits: int | None = None) -> torch.Tensor | None:
     """GroupNorm of x [B, C, S...] into out (both views `bcs_strides` accepts) with the optional affine
     (weight, bias [C]), per-sample modulation (scale, shift: [B, C] views, any strides) and SiLU; with
-    `keep_stats` returns the statistics [B, G, 2] (mean, 1/σ) in fp32 (fp64 for fp64), else None."""
+    `keep_stats` returns the statistics [B, G, 2] (mean, 1/σ) in fp32 (fp64 for fp64), else None. `splits`
+    programs per group (default `gn_splits`): above one, a statistics launch then an output launch."""
     B, C = x.shape[0], x.shape[1]
     S = math.prod(x.shape[2:])
     cpg = C // groups
@@ -332,13 +368,20 @@ def group_norm_fwd(x: torch.Tensor, out: torch.Tensor, groups: int, weight, bias
         return None if stats is None else stats.fill_(math.nan)
     xs, os_ = bcs_strides(x), bcs_strides(out)
     assert xs is not None and os_ is not None, "group_norm_fwd: a tensor does not view as [B, C, S]"
-    bc, bs = _gn_tile(cpg, S, xs[1], xs[2])
+    n_split = splits or gn_splits(B * groups, S, x.device)
+    chunk = triton.cdiv(S, n_split)
+    n_split = triton.cdiv(S, chunk)
+    bc, bs = _gn_tile(cpg, chunk, xs[1], xs[2])
     operands = _operands(weight, bias, scale, shift)
-    key = ("gn_fwd", operands, silu, keep_stats, bc, bs, x.dtype, out.dtype)
-    _GN_FWD((B * groups,), [x, *xs, out, *os_, *_modulation(weight, bias, scale, shift, x),
-                            stats if keep_stats else x, groups, cpg, S, *_eps_pair(eps)], key,
-            _constexprs(key, lambda: dict(_has(operands), SILU=silu, STATS=keep_stats, BC=bc, BS=bs, F64=_f64(x))),
-            num_warps=_GN_WARPS)
+    partial = torch.empty((B * groups, n_split, 3), dtype=torch.float64 if _f64(x) else torch.float32,
+                          device=x.device) if n_split > 1 else x
+    args = [x, *xs, out, *os_, *_modulation(weight, bias, scale, shift, x), stats if keep_stats else x, partial,
+            groups, cpg, S, chunk, n_split, *_eps_pair(eps)]
+    for phase in ((1, 2) if n_split > 1 else (0,)):
+        key = ("gn_fwd", phase, operands, silu, keep_stats, bc, bs, x.dtype, out.dtype)
+        _GN_FWD((B * groups, n_split), list(args), key,
+                _constexprs(key, lambda: dict(_has(operands), SILU=silu, STATS=keep_stats, PHASE=phase, BC=bc, BS=bs,
+                                              F64=_f64(x))), num_warps=_GN_WARPS)
     return stats
 
 
