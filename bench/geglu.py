@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from pydpm.ops import geglu
 from pydpm.ops.geglu import OP, check_geglu
 
-from .frequency import COMPILED, EAGER, oracle_of, timed
+from .frequency import COMPILED, EAGER, _randn, oracle_of, timed
 from .harness import Case, Impl, Inputs, Row, backend_impls, op_targets
 
 SD15_SHAPES = ((2, 4096, 2560), (2, 1024, 5120), (2, 256, 10240))
@@ -49,10 +49,6 @@ def eager_geglu(h: torch.Tensor) -> torch.Tensor:
     """diffusers' GEGLU.forward after self.proj."""
     hidden_states, gate = h.chunk(2, dim=-1)
     return hidden_states * F.gelu(gate)
-
-
-def _randn(shape, device, dtype, grad=False):
-    return torch.randn(shape, device=device, dtype=torch.float32).to(dtype).requires_grad_(grad)
 
 
 def geglu_case(shape, dtype, device, backward: bool) -> Case:

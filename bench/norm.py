@@ -36,7 +36,7 @@ from pydpm.ops import group_norm, layer_norm_modulate
 from pydpm.ops.norm import (GROUP_NORM_OP, LAYER_NORM_OP, check_group_norm, check_layer_norm_modulate,
                             group_norm_eager, layer_norm_modulate_eager)
 
-from .frequency import COMPILED, EAGER, oracle_of, timed
+from .frequency import COMPILED, EAGER, _randn, oracle_of, timed
 from .harness import Case, Impl, Inputs, Row, backend_impls, op_targets
 
 GROUPS = 32
@@ -46,10 +46,6 @@ DIT_SHAPE, PIXART_SHAPE = (8, 256, 1152), (2, 4096, 1152)
 OURS = "pydpm[triton]"
 BANDWIDTH_TARGET = 0.70   # of the measured copy bandwidth
 SPEEDUP_TARGET = 3.0      # device time against eager
-
-
-def _randn(shape, device, dtype, grad=False, **kw):
-    return torch.randn(shape, device=device, dtype=torch.float32, **kw).to(dtype).requires_grad_(grad)
 
 
 def gn_case(shape, dtype, device, *, scale_shift: bool, backward: bool, channels_last: bool = False) -> Case:
@@ -94,7 +90,8 @@ def ln_case(shape, dtype, device, *, backward: bool) -> Case:
     scales = (1.0, 1.0)
 
     def inputs() -> Inputs:
-        t = {"x": _randn(shape, device, dtype, grad=backward), "table": _randn((B, 6, C), device, dtype, grad=backward)}
+        t = {"x": _randn(shape, device, dtype, grad=backward),
+             "table": _randn((B, 6, C), device, dtype, grad=backward)}
         if backward:
             t["dy"] = _randn(shape, device, dtype)
         return t

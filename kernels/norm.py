@@ -442,8 +442,9 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, weight, 
     blocks = triton.cdiv(N, rows)
     partial = torch.empty((B, blocks, 2, C), dtype=stats.dtype, device=x.device)
     w = weight if weight is not None else x
+    key = ("ln_bwd", weight is not None, block, dy.dtype, x.dtype, dx.dtype, w.dtype, scale.dtype)
     _LN_BWD((B, blocks), [dy, *dy.stride(), x, *x.stride(), dx, *dx.stride(), w, scale, *_pair_strides(scale), stats,
-                          partial, N, C, rows],
-            (weight is not None, block, dy.dtype, x.dtype, dx.dtype, w.dtype, scale.dtype),
-            dict(HAS_W=weight is not None, BLOCK=block, F64=_f64(x)), num_warps=_ln_warps(block))
+                          partial, N, C, rows], key,
+            _constexprs(key, lambda: dict(HAS_W=weight is not None, BLOCK=block, F64=_f64(x))),
+            num_warps=_ln_warps(block))
     return partial[:, 0] if blocks == 1 else partial.sum(1)

@@ -36,6 +36,12 @@ def backend_params():
     return params
 
 
+def randn(*shape, dtype=torch.float64, device="cpu", gen=None) -> torch.Tensor:
+    """Standard normals drawn in float64 from `gen` (the same values on every device and dtype), then cast and
+    moved."""
+    return torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
 def map_tensors(obj, fn):
     """Apply fn to every tensor in a nested structure of dicts, lists and tuples (NamedTuples kept)."""
     if isinstance(obj, torch.Tensor):

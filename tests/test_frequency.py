@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pydpm import nn as pnn
 from pydpm.ops import (BackendUnavailable, ff_parser, simple_gate, simple_gate_sca, simplified_channel_attention,
                        use_backend)
-from _support import HAS_CUDA
+from _support import HAS_CUDA, backend_device, randn
 
 ffp = importlib.import_module("pydpm.ops.ff_parser")  # the module (pydpm.ops.ff_parser is also the op's name)
 
@@ -25,12 +25,6 @@ BACKENDS = ["reference", "triton"]
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")  # triton runs on CUDA, or on the CPU through the interpreter
 
 
-def _device(backend):
-    return DEVICE if backend == "triton" else torch.device("cpu")
-
-
-def _randn(*shape, dtype=torch.float64, device="cpu", gen=None):
-    return torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
 @pytest.fixture
@@ -82,10 +76,10 @@ FF_SHAPES = [(1, 1, 1, 1), (2, 3, 5, 7), (1, 7, 2, 2), (3, 1, 4, 6), (1, 3, 6, 4
 @pytest.mark.parametrize("shape", FF_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_ff_parser_matches_eager_forward_and_backward(backend, shape, gen):
     B, C, H, W = shape
-    device = _device(backend)
-    x = _randn(*shape, device=device, gen=gen).requires_grad_()
-    w = _randn(C, H, W // 2 + 1, 2, device=device, gen=gen).requires_grad_()
-    dy = _randn(*shape, device=device, gen=gen)
+    device = backend_device(backend)
+    x = randn(*shape, device=device, gen=gen).requires_grad_()
+    w = randn(C, H, W // 2 + 1, 2, device=device, gen=gen).requires_grad_()
+    dy = randn(*shape, device=device, gen=gen)
     y_ref, g_ref = _grads(eager_ff_parser, (x, w), dy)
     with use_backend(backend):
         y, g = _grads(ff_parser, (x, w), dy)
@@ -96,10 +90,10 @@ def test_ff_parser_matches_eager_forward_and_backward(backend, shape, gen):
 @pytest.mark.parametrize("wants", ["x", "weight"])
 def test_ff_parser_gradient_of_one_input(backend, wants, gen, monkeypatch):
     """Only the needed side is computed: no spectrum kept without a weight gradient, no dx without x's."""
-    device = _device(backend)
-    x = _randn(2, 3, 5, 6, device=device, gen=gen).requires_grad_(wants == "x")
-    w = _randn(3, 5, 4, 2, device=device, gen=gen).requires_grad_(wants == "weight")
-    dy = _randn(2, 3, 5, 6, device=device, gen=gen)
+    device = backend_device(backend)
+    x = randn(2, 3, 5, 6, device=device, gen=gen).requires_grad_(wants == "x")
+    w = randn(3, 5, 4, 2, device=device, gen=gen).requires_grad_(wants == "weight")
+    dy = randn(2, 3, 5, 6, device=device, gen=gen)
     seen = []
     original = ffp._ff_run
 
@@ -117,9 +111,9 @@ def test_ff_parser_gradient_of_one_input(backend, wants, gen, monkeypatch):
 
 
 def test_ff_parser_complex_weight_and_module(gen):
-    x = _randn(2, 3, 4, 6, gen=gen).requires_grad_()
-    wc = torch.view_as_complex(_randn(3, 4, 4, 2, gen=gen)).requires_grad_()
-    dy = _randn(2, 3, 4, 6, gen=gen)
+    x = randn(2, 3, 4, 6, gen=gen).requires_grad_()
+    wc = torch.view_as_complex(randn(3, 4, 4, 2, gen=gen)).requires_grad_()
+    dy = randn(2, 3, 4, 6, gen=gen)
     y_ref, g_ref = _grads(eager_ff_parser, (x, wc), dy)
     y, g = _grads(ff_parser, (x, wc), dy)
     _assert_all_close([y, *g], [y_ref, *g_ref])
@@ -135,17 +129,17 @@ def test_ff_parser_complex_weight_and_module(gen):
 
 def test_ff_parser_gradcheck_full_jacobian_triton(gen):
     """Every Jacobian column of the Triton path (packed spectrum, H odd) on a tiny shape."""
-    x = _randn(1, 1, 3, 4, device=DEVICE, gen=gen).requires_grad_()
-    w = _randn(1, 3, 3, 2, device=DEVICE, gen=gen).requires_grad_()
+    x = randn(1, 1, 3, 4, device=DEVICE, gen=gen).requires_grad_()
+    w = randn(1, 3, 3, 2, device=DEVICE, gen=gen).requires_grad_()
     with use_backend("triton"):
         assert torch.autograd.gradcheck(ff_parser, (x, w))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ff_parser_gradcheck(backend, gen):
-    device = _device(backend)
-    x = _randn(2, 2, 3, 4, device=device, gen=gen).requires_grad_()
-    w = _randn(2, 3, 3, 2, device=device, gen=gen).requires_grad_()
+    device = backend_device(backend)
+    x = randn(2, 2, 3, 4, device=device, gen=gen).requires_grad_()
+    w = randn(2, 3, 3, 2, device=device, gen=gen).requires_grad_()
     with use_backend(backend):  # fast mode under the interpreter: a few random projections, not every column
         assert torch.autograd.gradcheck(ff_parser, (x, w), fast_mode=backend == "triton" and not HAS_CUDA)
 
@@ -154,10 +148,10 @@ def test_ff_parser_gradcheck(backend, gen):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ff_parser_low_precision_gradients(backend, dtype, gen):
     """fp16/bf16 x with an fp32 weight (the mixed-precision setting): FFTs and accumulation in fp32."""
-    device = _device(backend)
-    x64 = _randn(2, 3, 8, 8, gen=gen)
-    w = _randn(3, 8, 5, 2, gen=gen)
-    dy64 = _randn(2, 3, 8, 8, gen=gen)
+    device = backend_device(backend)
+    x64 = randn(2, 3, 8, 8, gen=gen)
+    w = randn(3, 8, 5, 2, gen=gen)
+    dy64 = randn(2, 3, 8, 8, gen=gen)
     y_ref, g_ref = _grads(eager_ff_parser, (x64.requires_grad_(), w.clone().requires_grad_()), dy64)
     x = x64.detach().to(device, dtype).requires_grad_()
     w32 = w.to(device, torch.float32).requires_grad_()
@@ -171,8 +165,8 @@ def test_ff_parser_low_precision_gradients(backend, dtype, gen):
 
 
 def test_ff_parser_channels_last_and_expanded_grad(gen):
-    x = _randn(2, 3, 6, 10, gen=gen).contiguous(memory_format=torch.channels_last).requires_grad_()
-    w = _randn(3, 6, 6, 2, gen=gen).requires_grad_()
+    x = randn(2, 3, 6, 10, gen=gen).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = randn(3, 6, 6, 2, gen=gen).requires_grad_()
     ff_parser(x, w).sum().backward()  # dy is an expanded ones tensor
     gx, gw = x.grad, w.grad
     x.grad = w.grad = None
@@ -196,8 +190,8 @@ def _layout(x, layout):
 
 
 def _sca_params(C, device, gen, bias=True):
-    w = (_randn(C, C, 1, 1, device=device, gen=gen) / math.sqrt(C)).requires_grad_()
-    b = _randn(C, device=device, gen=gen).requires_grad_() if bias else None
+    w = (randn(C, C, 1, 1, device=device, gen=gen) / math.sqrt(C)).requires_grad_()
+    b = randn(C, device=device, gen=gen).requires_grad_() if bias else None
     return w, b
 
 
@@ -206,12 +200,12 @@ def _sca_params(C, device, gen, bias=True):
 @pytest.mark.parametrize("shape", GATE_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_gate_ops_match_eager_forward_and_backward(backend, shape, layout, gen):
     B, C, H, W = shape
-    device = _device(backend)
-    xg = _layout(_randn(B, 2 * C, H, W, device=device, gen=gen), layout).requires_grad_()
-    x = _layout(_randn(*shape, device=device, gen=gen), layout).requires_grad_()
+    device = backend_device(backend)
+    xg = _layout(randn(B, 2 * C, H, W, device=device, gen=gen), layout).requires_grad_()
+    x = _layout(randn(*shape, device=device, gen=gen), layout).requires_grad_()
     w, b = _sca_params(C, device, gen, bias=C != 3)
-    dy = _randn(*shape, device=device, gen=gen)
-    ds = _randn(B, C, device=device, gen=gen)
+    dy = randn(*shape, device=device, gen=gen)
+    ds = randn(B, C, device=device, gen=gen)
 
     def gate_sca_eager(x, w, b):
         g = eager_simple_gate(x)
@@ -240,12 +234,12 @@ def test_gate_ops_match_eager_forward_and_backward(backend, shape, layout, gen):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gate_ops_other_ranks_and_partial_gradients(backend, gen):
     """[B, C] and [B, C, L] inputs; gradients of one input only; one output of simple_gate_sca unused."""
-    device = _device(backend)
+    device = backend_device(backend)
     for shape in [(3, 3), (2, 3, 9)]:
         B, C = shape[:2]
-        x = _randn(B, 2 * C, *shape[2:], device=device, gen=gen).requires_grad_()
-        w = _randn(C, C, device=device, gen=gen).requires_grad_()
-        b = _randn(C, device=device, gen=gen)
+        x = randn(B, 2 * C, *shape[2:], device=device, gen=gen).requires_grad_()
+        w = randn(C, C, device=device, gen=gen).requires_grad_()
+        b = randn(C, device=device, gen=gen)
         with use_backend(backend):
             g, s = simple_gate_sca(x, w, b)
             gx, gw = torch.autograd.grad(s.sum(), (x, w))  # g unused: its gradient is None, not zeros
@@ -261,9 +255,9 @@ def test_gate_ops_other_ranks_and_partial_gradients(backend, gen):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gate_ops_gradcheck(backend, gen):
-    device = _device(backend)
-    xg = _randn(2, 4, 2, 3, device=device, gen=gen).requires_grad_()
-    x = _randn(2, 3, 2, 3, device=device, gen=gen).requires_grad_()
+    device = backend_device(backend)
+    xg = randn(2, 4, 2, 3, device=device, gen=gen).requires_grad_()
+    x = randn(2, 3, 2, 3, device=device, gen=gen).requires_grad_()
     w, b = _sca_params(3, device, gen)
     w2, b2 = _sca_params(2, device, gen)
     fast = backend == "triton" and not HAS_CUDA
@@ -276,10 +270,10 @@ def test_gate_ops_gradcheck(backend, gen):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gate_ops_low_precision_gradients(backend, dtype, gen):
-    device = _device(backend)
-    x64 = _randn(2, 6, 5, 7, gen=gen)
+    device = backend_device(backend)
+    x64 = randn(2, 6, 5, 7, gen=gen)
     w64, b64 = _sca_params(3, "cpu", gen)
-    dy64, ds64 = _randn(2, 3, 5, 7, gen=gen), _randn(2, 3, gen=gen)
+    dy64, ds64 = randn(2, 3, 5, 7, gen=gen), randn(2, 3, gen=gen)
     x = x64.to(device, dtype).requires_grad_()
     w, b = (t.detach().to(device, dtype).requires_grad_() for t in (w64, b64))
     with use_backend(backend):
@@ -329,8 +323,8 @@ def test_forced_backend_reaches_the_backward(gen, monkeypatch):
     for kernels, name in ((ff_kernels, "ff_parser_bwd"), (naf_kernels, "simple_gate_bwd")):
         original = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, _f=original, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
-    x = _randn(1, 2, 3, 4, device=DEVICE, gen=gen).requires_grad_()
-    w = _randn(2, 3, 3, 2, device=DEVICE, gen=gen).requires_grad_()
+    x = randn(1, 2, 3, 4, device=DEVICE, gen=gen).requires_grad_()
+    w = randn(2, 3, 3, 2, device=DEVICE, gen=gen).requires_grad_()
     with use_backend("triton"):
         y = simple_gate(ff_parser(x, w))
     y.sum().backward()
@@ -355,7 +349,7 @@ def _naf_block(c, **kwargs):
 def test_naf_block_matches_nafnet_definition(c, size, layout, fold, gen):
     torch.manual_seed(0)
     block = _naf_block(c, fold=fold)
-    x = _layout(_randn(2 if c != 3 else 1, c, *size, gen=gen), layout).requires_grad_()
+    x = _layout(randn(2 if c != 3 else 1, c, *size, gen=gen), layout).requires_grad_()
     params = [x, *block.parameters()]
     y = block(x)
     dy = torch.randn_like(y)
@@ -367,7 +361,7 @@ def test_naf_block_matches_nafnet_definition(c, size, layout, fold, gen):
 def test_naf_block_triton_path_and_dropout(gen):
     torch.manual_seed(0)
     block = _naf_block(4, dw_expand=2, ffn_expand=3).to(DEVICE)
-    x = _randn(2, 4, 5, 6, device=DEVICE, gen=gen).requires_grad_()
+    x = randn(2, 4, 5, 6, device=DEVICE, gen=gen).requires_grad_()
     with use_backend("triton"):
         y = block(x)
         grads = torch.autograd.grad(y.square().sum(), [x, *block.parameters()])
@@ -393,7 +387,7 @@ def test_naf_block_starts_as_identity_and_loads_nafnet_keys():
 
 
 def test_modules_forward(gen):
-    x = _randn(2, 6, 3, 4, gen=gen)
+    x = randn(2, 6, 3, 4, gen=gen)
     torch.testing.assert_close(pnn.SimpleGate()(x), eager_simple_gate(x))
     sca = pnn.SimplifiedChannelAttention(6).double()
     torch.testing.assert_close(sca(x), eager_sca(x, sca[1].weight, sca[1].bias))
@@ -442,7 +436,7 @@ def test_errors_name_the_argument():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch(backend):
-    device = _device(backend)
+    device = backend_device(backend)
     x = torch.randn(0, 3, 4, 6, device=device, requires_grad=True)
     w = torch.randn(3, 4, 4, 2, device=device, requires_grad=True)
     xg = torch.randn(0, 6, 4, 6, device=device, requires_grad=True)
@@ -456,8 +450,8 @@ def test_empty_batch(backend):
 
 
 def test_out_is_written_and_returned(gen):
-    x64 = _randn(2, 4, 3, 5, gen=gen)
-    w64 = _randn(2, 2, gen=gen)
+    x64 = randn(2, 4, 3, 5, gen=gen)
+    w64 = randn(2, 2, gen=gen)
     for backend in BACKENDS:
         dev = DEVICE if backend == "triton" else torch.device("cpu")
         x, w = x64.to(dev), w64.to(dev)

@@ -13,19 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from pydpm.ops import geglu, use_backend
-from _support import HAS_CUDA
+from _support import HAS_CUDA, backend_device, randn
 
 BACKENDS = ["reference", "triton"]
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")  # triton runs on CUDA, or on the CPU through the interpreter
 APPROXIMATIONS = ["none", "tanh"]
 
 
-def _device(backend):
-    return DEVICE if backend == "triton" else torch.device("cpu")
-
-
-def _randn(*shape, dtype=torch.float64, device="cpu", gen=None):
-    return torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
 @pytest.fixture
@@ -48,9 +42,9 @@ def test_matches_diffusers_geglu_module(backend, gen):
     activations = pytest.importorskip("diffusers.models.activations",
                                       reason="diffusers is not installed (pip install diffusers)")
     torch.manual_seed(0)
-    device = _device(backend)
+    device = backend_device(backend)
     module = activations.GEGLU(24, 10).double().to(device)
-    x = _randn(2, 7, 24, device=device, gen=gen)
+    x = randn(2, 7, 24, device=device, gen=gen)
     with torch.no_grad():
         expected = module(x)
         with use_backend(backend):
@@ -65,11 +59,11 @@ def test_matches_diffusers_geglu_module(backend, gen):
 @pytest.mark.parametrize("approximate", APPROXIMATIONS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck(backend, approximate, gen):
-    device = _device(backend)
+    device = backend_device(backend)
     fast = backend == "triton" and not HAS_CUDA  # the interpreter: one random direction, not the full Jacobian
-    inputs = [_randn(3, 10, device=device, gen=gen),
-              _randn(2, 3, 2, 6, device=device, gen=gen),
-              _randn(3, 4, 9, device=device, gen=gen)[..., 1:7]]  # rows with a stride other than 2D
+    inputs = [randn(3, 10, device=device, gen=gen),
+              randn(2, 3, 2, 6, device=device, gen=gen),
+              randn(3, 4, 9, device=device, gen=gen)[..., 1:7]]  # rows with a stride other than 2D
     with use_backend(backend):
         for h in inputs:
             h.requires_grad_()
@@ -88,9 +82,9 @@ LAYOUTS = {
 @pytest.mark.parametrize("approximate", APPROXIMATIONS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_forward_and_backward_match_eager_in_float64(backend, approximate, layout, gen):
-    device = _device(backend)
-    h = LAYOUTS[layout](_randn(3, 5, 2 * 7, device=device, gen=gen)).requires_grad_()
-    dy = _randn(3, 5, 7, device=device, gen=gen)
+    device = backend_device(backend)
+    h = LAYOUTS[layout](randn(3, 5, 2 * 7, device=device, gen=gen)).requires_grad_()
+    dy = randn(3, 5, 7, device=device, gen=gen)
     h_ref = h.detach().clone().requires_grad_()
     y_ref = eager_geglu(h_ref, approximate)
     (dh_ref,) = torch.autograd.grad(y_ref, h_ref, dy)
@@ -104,7 +98,7 @@ def test_forward_and_backward_match_eager_in_float64(backend, approximate, layou
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backward_of_a_sum_reads_the_broadcast_gradient(backend, gen):
     """y.sum().backward() hands the backward an expand()ed dy (every stride 0)."""
-    h = _randn(4, 6, device=_device(backend), gen=gen).requires_grad_()
+    h = randn(4, 6, device=backend_device(backend), gen=gen).requires_grad_()
     with use_backend(backend):
         geglu(h, approximate="tanh").sum().backward()
     h_ref = h.detach().clone().requires_grad_()
@@ -116,8 +110,8 @@ def test_backward_of_a_sum_reads_the_broadcast_gradient(backend, gen):
 @pytest.mark.parametrize("approximate", APPROXIMATIONS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_low_precision_forward_and_backward(backend, approximate, dtype, gen):
-    device = _device(backend)
-    h64, dy64 = _randn(2, 9, 2 * 24, gen=gen), _randn(2, 9, 24, gen=gen)
+    device = backend_device(backend)
+    h64, dy64 = randn(2, 9, 2 * 24, gen=gen), randn(2, 9, 24, gen=gen)
     h = h64.to(device, dtype).requires_grad_()
     with use_backend(backend):
         y = geglu(h, approximate=approximate)
@@ -139,7 +133,7 @@ def test_forced_backend_reaches_the_backward(gen, monkeypatch):
     calls = []
     original = kernels.geglu_bwd
     monkeypatch.setattr(kernels, "geglu_bwd", lambda *a, **k: (calls.append("geglu_bwd"), original(*a, **k))[1])
-    h = _randn(3, 8, device=DEVICE, gen=gen).requires_grad_()
+    h = randn(3, 8, device=DEVICE, gen=gen).requires_grad_()
     with use_backend("triton"):
         y = geglu(h)
     y.sum().backward()
@@ -162,7 +156,7 @@ def _wide_gate(device, dtype):
 def test_gelu_matches_torch_over_a_wide_range(backend, approximate):
     """In float64 to rounding; in float32 within torch's own float32 error (the tanh form is computed through
     exp(-2|u|), which neither overflows nor cancels) plus half an ulp of the result; gradients alike."""
-    device = _device(backend)
+    device = backend_device(backend)
     for dtype, atol in ((torch.float64, 1e-13), (torch.float32, 2e-6)):
         h, b = _wide_gate(device, dtype)
         h.requires_grad_()
@@ -179,7 +173,7 @@ def test_gelu_matches_torch_over_a_wide_range(backend, approximate):
 
 
 def test_the_approximations_differ_and_default_to_erf(gen):
-    h = _randn(4, 2 * 16, gen=gen)
+    h = randn(4, 2 * 16, gen=gen)
     exact, tanh = geglu(h), geglu(h, approximate="tanh")
     torch.testing.assert_close(exact, eager_geglu(h, "none"), atol=1e-15, rtol=1e-15)
     torch.testing.assert_close(tanh, eager_geglu(h, "tanh"), atol=1e-15, rtol=1e-15)
@@ -192,10 +186,10 @@ def test_the_approximations_differ_and_default_to_erf(gen):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_error_messages(backend, gen):
-    device = _device(backend)
-    h = _randn(2, 3, 8, device=device, gen=gen)
+    device = backend_device(backend)
+    h = randn(2, 3, 8, device=device, gen=gen)
     cases = [
-        (dict(h=_randn(2, 7, device=device, gen=gen)), ValueError, r"geglu: h has shape \(2, 7\); its last dim \(7\) "
+        (dict(h=randn(2, 7, device=device, gen=gen)), ValueError, r"geglu: h has shape \(2, 7\); its last dim \(7\) "
                                                                    r"must be even"),
         (dict(h=torch.tensor(1.0, device=device)), ValueError, r"geglu: h has shape \(\); it must be \[\.\.\., 2D\]"),
         (dict(h=h.to(torch.int32)), ValueError, r"geglu: h has dtype torch.int32; pass float32"),
@@ -218,8 +212,8 @@ def test_error_messages(backend, gen):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_out_is_written_and_returned(backend, gen):
-    device = _device(backend)
-    h = _randn(3, 5, 2 * 6, device=device, gen=gen)
+    device = backend_device(backend)
+    h = randn(3, 5, 2 * 6, device=device, gen=gen)
     for out in (torch.empty(3, 5, 6, device=device, dtype=h.dtype),
                 torch.empty(5, 3, 6, device=device, dtype=h.dtype).transpose(0, 1)):  # written through a copy
         with use_backend(backend):

@@ -9,13 +9,10 @@ import torch
 from pydpm import _backend
 from pydpm.ops import group_norm, layer_norm_modulate, use_backend
 from pydpm.ops.norm import group_norm_reference, layer_norm_modulate_reference
-from _support import HAS_CUDA, TRITON_ON_CPU
+from _support import HAS_CUDA, TRITON_ON_CPU, randn
 
 BACKENDS = ["reference", TRITON_ON_CPU]
 
-
-def _randn(*shape, gen, dtype=torch.float64, device="cpu"):
-    return torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
 @pytest.fixture
@@ -26,11 +23,11 @@ def gen():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_group_norm_equals_torch_modules(backend, gen):
     """nn.GroupNorm, then diffusers' `h * (1 + scale) + shift`, then nn.SiLU: an oracle written by others."""
-    x, temb = _randn(2, 12, 5, 7, gen=gen), _randn(2, 24, 1, 1, gen=gen)
+    x, temb = randn(2, 12, 5, 7, gen=gen), randn(2, 24, 1, 1, gen=gen)
     norm = torch.nn.GroupNorm(4, 12).double()
     with torch.no_grad():
-        norm.weight.copy_(_randn(12, gen=gen))
-        norm.bias.copy_(_randn(12, gen=gen))
+        norm.weight.copy_(randn(12, gen=gen))
+        norm.bias.copy_(randn(12, gen=gen))
         scale, shift = temb.chunk(2, dim=1)
         want = torch.nn.SiLU()(norm(x) * (1 + scale) + shift)
         with use_backend(backend):
@@ -40,7 +37,7 @@ def test_group_norm_equals_torch_modules(backend, gen):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_layer_norm_modulate_equals_torch_modules(backend, gen):
-    x, table = _randn(2, 9, 24, gen=gen), _randn(2, 6, 24, gen=gen)
+    x, table = randn(2, 9, 24, gen=gen), randn(2, 6, 24, gen=gen)
     norm = torch.nn.LayerNorm(24, elementwise_affine=False, eps=1e-6).double()
     shift, scale = table[:, 0], table[:, 1]
     want = norm(x) * (1 + scale[:, None]) + shift[:, None]
@@ -53,12 +50,12 @@ def test_layer_norm_modulate_equals_torch_modules(backend, gen):
 @pytest.mark.parametrize("variant", ["plain", "silu", "scale-shift-silu", "no-affine-scale-shift", "channels-last"])
 def test_group_norm_gradients(backend, variant, gen):
     """torch.autograd.gradcheck in float64: x, weight, bias, scale and shift (chunks of one temb)."""
-    x = _randn(2, 6, 2, 3, gen=gen)
+    x = randn(2, 6, 2, 3, gen=gen)
     if variant == "channels-last":
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
-    w, b = _randn(6, gen=gen).requires_grad_(), _randn(6, gen=gen).requires_grad_()
-    temb = _randn(2, 12, 1, 1, gen=gen).requires_grad_()
+    w, b = randn(6, gen=gen).requires_grad_(), randn(6, gen=gen).requires_grad_()
+    temb = randn(2, 12, 1, 1, gen=gen).requires_grad_()
     silu = None if variant == "plain" else "silu"
     affine = variant != "no-affine-scale-shift"
     modulated = "scale-shift" in variant or variant == "channels-last"
@@ -74,9 +71,9 @@ def test_group_norm_gradients(backend, variant, gen):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("affine", [True, False])
 def test_layer_norm_modulate_gradients(backend, affine, gen):
-    x = _randn(2, 3, 7, gen=gen).requires_grad_()
-    table = _randn(2, 6, 7, gen=gen).requires_grad_()
-    w, b = _randn(7, gen=gen).requires_grad_(), _randn(7, gen=gen).requires_grad_()
+    x = randn(2, 3, 7, gen=gen).requires_grad_()
+    table = randn(2, 6, 7, gen=gen).requires_grad_()
+    w, b = randn(7, gen=gen).requires_grad_(), randn(7, gen=gen).requires_grad_()
 
     def f(x, table, w, b):
         return layer_norm_modulate(x, w if affine else None, b if affine else None, table[:, 0:1], table[:, 1:2],
@@ -90,7 +87,7 @@ def test_the_backward_runs_on_the_forced_backend(monkeypatch, gen):
     """A backward re-enters the backend forced for its forward (autograd may run it on another thread)."""
     from pydpm.ops import norm
 
-    x = _randn(2, 4, 3, 3, gen=gen).requires_grad_()
+    x = randn(2, 4, 3, 3, gen=gen).requires_grad_()
     with use_backend("reference"):
         y = group_norm(x, 2, activation="silu")
     calls = []
@@ -110,7 +107,7 @@ def test_statistics_survive_a_large_mean(backend, gen):
     """float32 inputs with mean 1e4 and standard deviation 1: E[x²] − E[x]² would lose every digit of the
     variance (1e8 against 1, float32 keeps 7); the merged statistics keep the error at the float32 rounding of
     the inputs' mean (≈ 1e4 · 2⁻²⁴ / σ ≈ 6e-4)."""
-    x = (_randn(2, 8, 16, 16, gen=gen) + 1e4).float()
+    x = (randn(2, 8, 16, 16, gen=gen) + 1e4).float()
     x64 = x.double()
     want = group_norm_reference(x64, 2)
     with torch.no_grad(), use_backend(backend):
@@ -120,7 +117,7 @@ def test_statistics_survive_a_large_mean(backend, gen):
     true_var = x64.reshape(2, 2, -1).var(-1, unbiased=False)
     assert (naive_var.double() - true_var).abs().max().item() > 0.1  # the test would catch the naive formula
     assert err < 2e-3, err
-    xl = (_randn(2, 5, 64, gen=gen) + 1e4).float()
+    xl = (randn(2, 5, 64, gen=gen) + 1e4).float()
     shift, scale = torch.zeros(2, 64), torch.zeros(2, 64)
     with torch.no_grad(), use_backend(backend):
         got = layer_norm_modulate(xl, None, None, shift, scale, 1e-6).double()
@@ -137,9 +134,9 @@ def test_the_split_group_norm_launch(splits, gen):
     device = torch.device("cuda" if HAS_CUDA else "cpu")
     k = _backend.kernels("norm")
     for layout in (torch.contiguous_format, torch.channels_last):
-        x = _randn(2, 6, 9, 11, gen=gen, device=device).contiguous(memory_format=layout)
-        w, b = _randn(6, gen=gen, device=device), _randn(6, gen=gen, device=device)
-        scale, shift = _randn(2, 6, gen=gen, device=device), _randn(2, 6, gen=gen, device=device)
+        x = randn(2, 6, 9, 11, gen=gen, device=device).contiguous(memory_format=layout)
+        w, b = randn(6, gen=gen, device=device), randn(6, gen=gen, device=device)
+        scale, shift = randn(2, 6, gen=gen, device=device), randn(2, 6, gen=gen, device=device)
         out = torch.full_like(x, float("nan"))
         stats = k.group_norm_fwd(x, out, 3, w, b, scale, shift, 1e-5, True, True, splits=splits)
         want = group_norm_reference(x.cpu(), 3, w.cpu(), b.cpu(), 1e-5, "silu", (scale.cpu(), shift.cpu()))

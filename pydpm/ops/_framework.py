@@ -135,16 +135,17 @@ def check_param(op: str, name: str, t, shape: Sequence[int], x: torch.Tensor, hi
         fail(op, f"{name} has shape {tuple(t.shape)}; x of shape {tuple(x.shape)} needs {list(shape)} ({hint})")
 
 
-def check_out(op: str, name: str, out, shape: Sequence[int], dtype: torch.dtype, x: torch.Tensor) -> None:
-    """A caller's out= tensor: `shape` and `dtype` on x's device."""
+def check_out(op: str, name: str, out, shape: Sequence[int], dtype: torch.dtype, x: torch.Tensor,
+              anchor: str = "x") -> None:
+    """A caller's out= tensor: `shape` and `dtype` on the device of x (the input named `anchor`)."""
     if not isinstance(out, torch.Tensor):
         fail_type(op, f"{name} must be a torch.Tensor of shape {list(shape)}, got {type(out).__name__}")
     if out.device != x.device:
-        fail(op, f"{name} is on {out.device} but x is on {x.device}; allocate it on x's device")
+        fail(op, f"{name} is on {out.device} but {anchor} is on {x.device}; allocate it on {anchor}'s device")
     if out.dtype != dtype:
-        fail(op, f"{name} has dtype {out.dtype}; it must be {dtype} (x's dtype)")
+        fail(op, f"{name} has dtype {out.dtype}; it must be {dtype} ({anchor}'s dtype)")
     if tuple(out.shape) != tuple(shape):
-        fail(op, f"{name} has shape {tuple(out.shape)}; it must be {list(shape)}")
+        fail(op, f"{name} has shape {tuple(out.shape)}; {anchor} of shape {tuple(x.shape)} gives {list(shape)}")
 
 
 # --------------------------------------------------------------------------------------------------

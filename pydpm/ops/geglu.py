@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from pydpm import _backend
 from pydpm.ops._framework import (ELEMENTWISE_TOLERANCES, FLOAT_DTYPES, Backend, BadInput, Differentiable, Entry,
-                                  Op, acc_dtype, check_no_alias, check_tensor, fail, fail_type, register,
+                                  Op, acc_dtype, check_no_alias, check_out, check_tensor, fail, fail_type, register,
                                   sample_maker, sample_tensor, tensor_mutations, triton_reasons)
 
 APPROXIMATIONS = ("none", "tanh")
@@ -74,7 +74,7 @@ def check_geglu(h, *, approximate="none", out=None) -> GegluArgs:
     if not ok:
         _explain(h, approximate)
     if out is not None:
-        _check_out(out, h)
+        check_out("geglu", "out", out, _out_shape(h), h.dtype, h, anchor="h")
         check_no_alias("geglu", (("out", out),), (("h", h),))
     return GegluArgs("forward", h, approximate, out)
 
@@ -90,18 +90,6 @@ def _explain(h, approximate) -> None:
                       f"{type(approximate).__name__} {approximate!r}")
     fail(op, f"approximate is {approximate!r}; pass 'none' (the exact, erf GELU) or 'tanh' (its tanh approximation), "
              f"as torch.nn.functional.gelu takes")
-
-
-def _check_out(out, h: torch.Tensor) -> None:
-    op, shape = "geglu", list(_out_shape(h))
-    if not isinstance(out, torch.Tensor):
-        fail_type(op, f"out must be a torch.Tensor of shape {shape}, got {type(out).__name__}")
-    if out.device != h.device:
-        fail(op, f"out is on {out.device} but h is on {h.device}; allocate it on h's device")
-    if out.dtype != h.dtype:
-        fail(op, f"out has dtype {out.dtype}; it must be {h.dtype} (h's dtype)")
-    if list(out.shape) != shape:
-        fail(op, f"out has shape {tuple(out.shape)}; h of shape {tuple(h.shape)} gives {shape} (half its last dim)")
 
 
 # --------------------------------------------------------------------------------------------------

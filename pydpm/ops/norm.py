@@ -157,16 +157,25 @@ def _sample_operand(op: str, name: str, t, x: torch.Tensor, B: int, C: int, shap
     return t if t.dim() == 2 else t.reshape(B, C)
 
 
-def _scale_shift(op: str, scale_shift, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _pair(op: str, scale_shift) -> tuple:
+    """scale_shift as the two tensors the custom op takes (None, None for None); a malformed pair raises the
+    check's own message."""
     if scale_shift is None:
         return None, None
     if not isinstance(scale_shift, (tuple, list)) or len(scale_shift) != 2:
         fail_type(op, f"scale_shift must be a pair (scale, shift) of [B, C] tensors (e.g. temb.chunk(2, dim=1)) or "
                       f"None, got {type(scale_shift).__name__}")
+    return scale_shift[0], scale_shift[1]
+
+
+def _scale_shift(op: str, scale_shift, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    if scale_shift is None:
+        return None, None
+    scale, shift = _pair(op, scale_shift)
     B, C = x.shape[0], x.shape[1]
     shapes = ((B, C), (B, C) + (1,) * (x.dim() - 2))
-    return (_sample_operand(op, "scale_shift[0] (scale)", scale_shift[0], x, B, C, shapes),
-            _sample_operand(op, "scale_shift[1] (shift)", scale_shift[1], x, B, C, shapes))
+    return (_sample_operand(op, "scale_shift[0] (scale)", scale, x, B, C, shapes),
+            _sample_operand(op, "scale_shift[1] (shift)", shift, x, B, C, shapes))
 
 
 def check_group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None, scale_shift=None, *,
@@ -269,18 +278,19 @@ def _channel_terms(args: NormArgs, C: int, dt: torch.dtype):
     return k, q
 
 
+def _moments(t: torch.Tensor, eps: float) -> torch.Tensor:
+    """The statistics the kernels keep, over t's last dim: [..., 2] = (mean, 1/√(variance + eps))."""
+    mean = t.mean(dim=-1)
+    return torch.stack([mean, torch.rsqrt((t - mean[..., None]).square().mean(dim=-1) + eps)], dim=-1)
+
+
 def _run_group_norm_reference(args: NormArgs):
     x = args.x
     dt = acc_dtype(x.dtype)
     B, C, G = x.shape[0], x.shape[1], args.groups
     S = math.prod(x.shape[2:])
     xg = x.to(dt).reshape(B, G, C // G * S)
-    if args.stage == "group_norm":
-        mean = xg.mean(dim=2)
-        rstd = torch.rsqrt((xg - mean[..., None]).square().mean(dim=2) + args.eps)
-        stats = torch.stack([mean, rstd], dim=2)
-    else:
-        stats = args.stats
+    stats = _moments(xg, args.eps) if args.stage == "group_norm" else args.stats
     xhat = ((xg - stats[..., 0:1]) * stats[..., 1:2]).reshape(B, C, S)
     k, q = _channel_terms(args, C, dt)
     u = xhat * k[..., None] + q[..., None]
@@ -303,12 +313,7 @@ def _run_layer_norm_reference(args: NormArgs):
     x = args.x
     dt = acc_dtype(x.dtype)
     xa = x.to(dt)
-    if args.stage == "layer_norm_modulate":
-        mean = xa.mean(dim=2)
-        rstd = torch.rsqrt((xa - mean[..., None]).square().mean(dim=2) + args.eps)
-        stats = torch.stack([mean, rstd], dim=2)
-    else:
-        stats = args.stats
+    stats = _moments(xa, args.eps) if args.stage == "layer_norm_modulate" else args.stats
     xhat = (xa - stats[..., 0:1]) * stats[..., 1:2]
     k, q = _channel_terms(args, x.shape[2], dt)
     if args.stage == "layer_norm_modulate":
@@ -348,17 +353,6 @@ def _ln_dispatch_key(args) -> tuple:
 # --------------------------------------------------------------------------------------------------
 # The forward ops also return the statistics (marked non-differentiable), the backward ops the per-channel
 # sums; the parameter, scale and shift gradients are [C] / [B, C] products of those sums, computed here.
-
-def _pair(op: str, scale_shift) -> tuple:
-    """scale_shift as the two tensors the custom op takes (None, None for None); a malformed pair raises the
-    check's own message."""
-    if scale_shift is None:
-        return None, None
-    if not isinstance(scale_shift, (tuple, list)) or len(scale_shift) != 2:
-        fail_type(op, f"scale_shift must be a pair (scale, shift) of [B, C] tensors (e.g. temb.chunk(2, dim=1)) or "
-                      f"None, got {type(scale_shift).__name__}")
-    return scale_shift[0], scale_shift[1]
-
 
 def _gn_library_inputs(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None, scale_shift=None):
     """The public arguments as the custom op's: tensors first, then num_groups, eps and the SiLU flag (the
