@@ -141,6 +141,61 @@ def test_training_through_the_swapped_blocks_gives_diffusers_gradients():
         torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("linear_projection", [False, True])
+def test_channels_last_computes_what_diffusers_does_and_restore_gives_the_weights_back(linear_projection):
+    """The model in channels-last memory (float64, with the fused blocks): the same outputs and gradients as the
+    NCHW model, outputs in the input's layout, the same Parameter objects converted in place and back."""
+    torch.manual_seed(0)
+    model = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24, attention_head_dim=8, norm_num_groups=8,
+        use_linear_projection=linear_projection).double()
+    x, t, ctx = (v.double() if v.is_floating_point() else v for v in inputs())
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    params = dict(model.named_parameters())
+
+    def run(sample):
+        model.zero_grad(set_to_none=True)
+        out = model(sample, t, encoder_hidden_states=ctx).sample
+        out.square().mean().backward()
+        return out.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+    want, want_grads = run(x)
+    report = pd.accelerate(model, channels_last=True, blocks=True)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+    assert report.swapped["channels_last"].startswith("4-D weights in channels-last ×")
+    transformers = [m for m in model.modules() if type(m) is diffusers.Transformer2DModel]
+    assert f"Transformer2DModel output in the residual's layout ×{len(transformers)}" in report.swapped["channels_last"]
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) and not m.weight.is_contiguous()
+               for m in convs)
+    got, got_grads = run(x)
+    assert got.is_contiguous()  # an NCHW sample gets an NCHW output
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-10, atol=1e-12,
+                                   msg=lambda m: f"{name}: {m}")
+    nhwc, _ = run(x.contiguous(memory_format=torch.channels_last))
+    assert not nhwc.is_contiguous() and nhwc.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(nhwc, want, rtol=1e-12, atol=1e-12)
+    pd.restore(model)
+    assert dict(model.named_parameters()) == params  # the same Parameter objects
+    for name, p in model.named_parameters():
+        assert p.is_contiguous() and p.stride() == weights[name].stride(), name
+        torch.testing.assert_close(p.detach(), weights[name], rtol=0, atol=0)
+    assert not [name for name, m in model.named_modules() if "_get_output_for_continuous_inputs" in m.__dict__]
+    assert not model._forward_hooks
+
+
+def test_channels_last_by_default_only_for_convolutional_networks_on_cuda():
+    model, args, kwargs = _tiny("dit")
+    assert "model is on cpu" in pd.accelerate(model).left["channels_last"]
+    report = pd.accelerate(model, channels_last=True)
+    assert report.swapped["channels_last"] == "4-D weights in channels-last ×1"  # the patch embedding
+    pd.restore(model)
+    assert model.pos_embed.proj.weight.is_contiguous()
+
+
 def test_blocks_it_cannot_fuse_are_left_with_the_reason():
     torch.manual_seed(0)
     model = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
@@ -200,7 +255,7 @@ def test_what_it_cannot_swap_is_left_and_reported():
     report = pd.accelerate(refused)
     assert report.left["scheduler"] == f"DPMSolverMultistepScheduler kept: {reason}"
     off = pd.accelerate(diffusers.DDPMPipeline(unet=unet2d(), scheduler=diffusers.DDIMScheduler()),
-                        attention=False, blocks=False, scheduler=False, cuda_graph=False)
+                        attention=False, blocks=False, channels_last=False, scheduler=False, cuda_graph=False)
     assert off.swapped == {} and off.left == {"cuda_graph": "cuda_graph=False"}
 
 
@@ -211,6 +266,7 @@ def test_what_it_cannot_swap_is_left_and_reported():
     (dict(cuda_graph="yes"), TypeError, "cuda_graph"),
     (dict(attention=None), TypeError, "attention"),
     (dict(blocks=1), TypeError, "blocks"),
+    (dict(channels_last="auto"), TypeError, "channels_last"),
 ])
 def test_bad_arguments_are_named(kwargs, exc, names):
     args = {"obj": unet2d(), **kwargs}

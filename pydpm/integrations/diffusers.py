@@ -40,6 +40,7 @@ import numbers
 import threading
 import warnings
 import weakref
+from typing import Any
 
 import diffusers
 import numpy as np
@@ -52,7 +53,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from pydpm._cache import BoundedCache
-from pydpm.integrations._blocks import BlockSwaps, swap_blocks
+from pydpm.integrations._blocks import BlockSwaps, swap_blocks, swap_layout
 from pydpm.integrations._graph import GraphedForward
 from pydpm.ops import PhiloxNoise, Threshold, solver_step
 from pydpm.ops._framework import forced_backend
@@ -798,8 +799,11 @@ class Acceleration:
 class _Accelerated:
     """What `restore` needs to undo an `accelerate` call."""
 
-    def __init__(self, denoiser, report: Acceleration, scheduler=None, blocks: BlockSwaps | None = None):
-        self.denoiser, self.report, self.scheduler, self.blocks = denoiser, report, scheduler, blocks
+    def __init__(self, denoiser, report: Acceleration):
+        self.denoiser, self.report = denoiser, report
+        self.scheduler: Any = None
+        self.blocks: BlockSwaps | None = None
+        self.layout: BlockSwaps | None = None
 
 
 _ACCELERATED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -819,7 +823,7 @@ def _denoiser(obj):
 
 
 def accelerate(obj, *, cuda_graph: bool = True, attention: bool = True, blocks: bool | None = None,
-               scheduler: bool = True, max_graphs: int = 8) -> Acceleration:
+               channels_last: bool | None = None, scheduler: bool = True, max_graphs: int = 8) -> Acceleration:
     """Make a diffusers pipeline or model faster in place; `restore(obj)` undoes it.
 
     - attention: every attention block whose processor pydpm's reproduces runs `PydpmAttnProcessor`
@@ -831,6 +835,10 @@ def accelerate(obj, *, cuda_graph: bool = True, attention: bool = True, blocks: 
       their fewer, faster kernels are all that counts. Called eagerly each block op costs more host time than
       the one or two torch ops it replaces, which a host-bound model pays (an SD1.5 UNet at batch 2 is one);
       True swaps them anyway (training with their fused backwards, CPU models on their reference paths);
+    - channels_last: the model in channels-last memory (`pydpm.integrations._blocks.swap_layout`): cuDNN's
+      half-precision convolutions compute in NHWC and convert every NCHW input first. None (the default):
+      convolutional networks on CUDA (more than one nn.Conv2d: the UNets, not the transformers, whose only
+      convolution is the patch embedding); the outputs keep the input's layout either way;
     - scheduler (pipelines): a `DPMSolverMultistepScheduler`, `UniPCMultistepScheduler` or `DDIMScheduler` is
       replaced by pydpm's fused drop-in of the same class built from its config (one fused launch per step);
       a configuration the drop-in refuses, or another class, is left, with the reason;
@@ -842,9 +850,10 @@ def accelerate(obj, *, cuda_graph: bool = True, attention: bool = True, blocks: 
     The pipeline's own `__call__` runs unchanged. Calling `accelerate` again on the same object starts over
     (the graphs are captured afresh). Returns an `Acceleration` report."""
     for name, flag in (("cuda_graph", cuda_graph), ("attention", attention), ("blocks", blocks),
-                       ("scheduler", scheduler)):
-        if not isinstance(flag, bool) and not (name == "blocks" and flag is None):
-            raise TypeError(f"accelerate: {name}={flag!r}; pass True or False{' (or None)' if name == 'blocks' else ''}")
+                       ("channels_last", channels_last), ("scheduler", scheduler)):
+        optional = name in ("blocks", "channels_last")
+        if not isinstance(flag, bool) and not (optional and flag is None):
+            raise TypeError(f"accelerate: {name}={flag!r}; pass True or False{' (or None)' if optional else ''}")
     if isinstance(max_graphs, bool) or not isinstance(max_graphs, numbers.Integral) or max_graphs < 1:
         raise ValueError(f"accelerate: max_graphs={max_graphs!r} must be an int >= 1 (graphs kept per model)")
     model = _denoiser(obj)
@@ -874,6 +883,15 @@ def accelerate(obj, *, cuda_graph: bool = True, attention: bool = True, blocks: 
         if state.blocks.swapped:
             report.swapped["blocks"] = state.blocks.summary()
         report.left.update({f"blocks {name}": reason for name, reason in state.blocks.left.items()})
+    convolutions = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    if channels_last is None and device.type != "cuda":
+        report.left["channels_last"] = f"the model is on {device}; channels_last=True converts it anyway"
+    elif channels_last is None and convolutions < 2:
+        report.left["channels_last"] = (f"{convolutions} nn.Conv2d: not a convolutional network; channels_last=True "
+                                        f"converts it anyway")
+    elif channels_last or channels_last is None:
+        state.layout = swap_layout(model)
+        report.swapped["channels_last"] = state.layout.summary()
     if scheduler and not isinstance(obj, torch.nn.Module):
         current = getattr(obj, "scheduler", None)
         name = type(current).__name__
@@ -905,8 +923,9 @@ def accelerate(obj, *, cuda_graph: bool = True, attention: bool = True, blocks: 
 
 
 def restore(obj) -> bool:
-    """Undo `accelerate(obj)`: the denoiser's forward, its attention processors, its blocks and the pipeline's
-    scheduler as they were (the scheduler object itself, with its state). Returns whether there was anything to undo."""
+    """Undo `accelerate(obj)`: the denoiser's forward, its attention processors, its blocks, its memory layout
+    and the pipeline's scheduler as they were (the scheduler object itself, with its state). Returns whether
+    there was anything to undo."""
     state = _ACCELERATED.pop(obj, None)
     if state is None:
         return False
@@ -914,8 +933,9 @@ def restore(obj) -> bool:
         state.report.graph.remove()
     if "attention" in state.report.swapped:
         restore_attention(state.denoiser)
-    if state.blocks is not None:
-        state.blocks.undo()
+    for swaps in (state.blocks, state.layout):
+        if swaps is not None:
+            swaps.undo()
     if state.scheduler is not None:
         obj.scheduler = state.scheduler
     return True
