@@ -14,11 +14,11 @@ Cases (fp16 unless said; B: the batch the model sees, B2 being a classifier-free
                    latents, class-conditional), one forward at B2
   unet-sdxl        SDXL base's UNet (widths 320/640/1280, 1/2/10 transformer layers per level, 77 tokens of
                    width 2048, the pooled text embedding and six size/crop ids), one forward on 128×128 latents
-                   (1024 px) at B2; not with --quick
+                   (1024 px) at B2
   pixart-1024      PixArt-α XL-2-1024-MS's transformer (PixArtTransformer2DModel: 28 layers, 16 heads of 72,
                    patch 2 on 128×128 latents, cross-attention on 120 T5 tokens of width 4096, the resolution and
                    aspect-ratio conditions), one forward at B2 without the prompt's attention mask (pipelines
-                   pass one; pydpm's processor hands masked calls to SDPA); not with --quick
+                   pass one; pydpm's processor hands masked calls to SDPA)
 
 Implementations:
   diffusers                    eager, diffusers' own attention processors (torch's scaled_dot_product_attention)
@@ -33,8 +33,8 @@ Implementations:
                                not in the training step: it compiles for minutes per model
 The earlier attention-only rows (`pydpm`, `pydpm[triton]`) are gone: `pydpm` is `accelerate[no graph]` on a
 bare model, and the attention family times pydpm's kernel against SDPA. Compilation is most of a run's time:
---quick leaves out its slowest part (max-autotune) and the two largest models; `--cases REGEX` runs part of the
-family (`--cases 'sdxl|pixart'`).
+--quick leaves out its slowest part (max-autotune); the whole family takes longer than one 10-minute GPU call, so
+`--cases REGEX` runs part of the family (`--cases 'sdxl|pixart'`).
 
 A case's model is built on first use and shared by its implementations (and by the next case of the same model
 and dtype); each implementation puts its processors (or accelerate) back before its calls, as the harness's
@@ -390,15 +390,13 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     import diffusers  # noqa: F401 - without it the harness lists the family among the missing, once
 
     fp16, bf16 = torch.float16, torch.bfloat16
-    found = [model_case("unet-sd15", "forward", 1, fp16, device, quick),
-             model_case("unet-sd15", "forward", 2, fp16, device, quick),
-             model_case("unet-sd15", "loop", 1, fp16, device, quick),
-             model_case("unet-sd15", "train", 2, bf16, device, quick),
-             model_case("dit-xl2", "forward", 2, fp16, device, quick)]
-    if not quick:
-        found += [model_case("unet-sdxl", "forward", 2, fp16, device, quick),
-                  model_case("pixart-1024", "forward", 2, fp16, device, quick)]
-    return found
+    return [model_case("unet-sd15", "forward", 1, fp16, device, quick),
+            model_case("unet-sd15", "forward", 2, fp16, device, quick),
+            model_case("unet-sd15", "loop", 1, fp16, device, quick),
+            model_case("unet-sd15", "train", 2, bf16, device, quick),
+            model_case("dit-xl2", "forward", 2, fp16, device, quick),
+            model_case("unet-sdxl", "forward", 2, fp16, device, quick),
+            model_case("pixart-1024", "forward", 2, fp16, device, quick)]
 
 
 def _kind(case: Case) -> str:
