@@ -124,7 +124,9 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     shapes = SD15_SHAPES[:1] if quick else SD15_SHAPES
     out = [gn_case(s, torch.float16, device, scale_shift=False, backward=False) for s in shapes]
     out.append(gn_case(SD15_SHAPES[0], torch.float16, device, scale_shift=True, backward=False))
-    if not quick:
+    if not quick:  # the layout accelerate gives a graphed UNet
+        out += [gn_case(s, torch.float16, device, scale_shift=False, backward=False, channels_last=True)
+                for s in shapes]
         out.append(gn_case(SD15_SHAPES[0], torch.float16, device, scale_shift=True, backward=False,
                            channels_last=True))
     out.append(gn_case(SD15_SHAPES[0], torch.bfloat16, device, scale_shift=False, backward=True))

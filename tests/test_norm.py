@@ -112,7 +112,8 @@ def test_statistics_survive_a_large_mean(backend, gen):
     want = group_norm_reference(x64, 2)
     with torch.no_grad(), use_backend(backend):
         got = group_norm(x, 2).double()
-    err = (got - want).abs().max().item()
+        got_nhwc = group_norm(x.contiguous(memory_format=torch.channels_last), 2).double()
+    err = max((got - want).abs().max().item(), (got_nhwc - want).abs().max().item())
     naive_var = (x.reshape(2, 2, -1).square().mean(-1) - x.reshape(2, 2, -1).mean(-1).square())
     true_var = x64.reshape(2, 2, -1).var(-1, unbiased=False)
     assert (naive_var.double() - true_var).abs().max().item() > 0.1  # the test would catch the naive formula
@@ -133,15 +134,20 @@ def test_the_split_group_norm_launch(splits, gen):
         pytest.skip("the triton launchers run on CUDA, or on CPU through the interpreter (TRITON_INTERPRET=1)")
     device = torch.device("cuda" if HAS_CUDA else "cpu")
     k = _backend.kernels("norm")
-    for layout in (torch.contiguous_format, torch.channels_last):
-        x = randn(2, 6, 9, 11, gen=gen, device=device).contiguous(memory_format=layout)
-        w, b = randn(6, gen=gen, device=device), randn(6, gen=gen, device=device)
-        scale, shift = randn(2, 6, gen=gen, device=device), randn(2, 6, gen=gen, device=device)
+    # channels-last: three launches over tiles of 64 adjacent channels (130 channels: a partial third block)
+    for layout, C, G in ((torch.contiguous_format, 6, 3), (torch.channels_last, 6, 3), (torch.channels_last, 130, 13)):
+        x = randn(2, C, 9, 11, gen=gen, device=device).contiguous(memory_format=layout) + 3
+        w, b = randn(C, gen=gen, device=device), randn(C, gen=gen, device=device)
+        scale, shift = randn(2, C, gen=gen, device=device), randn(2, C, gen=gen, device=device)
         out = torch.full_like(x, float("nan"))
-        stats = k.group_norm_fwd(x, out, 3, w, b, scale, shift, 1e-5, True, True, splits=splits)
-        want = group_norm_reference(x.cpu(), 3, w.cpu(), b.cpu(), 1e-5, "silu", (scale.cpu(), shift.cpu()))
+        stats = k.group_norm_fwd(x, out, G, w, b, scale, shift, 1e-5, True, True, splits=splits)
+        want = group_norm_reference(x.cpu(), G, w.cpu(), b.cpu(), 1e-5, "silu", (scale.cpu(), shift.cpu()))
+        assert out.stride() == x.stride()
         torch.testing.assert_close(out.cpu(), want, rtol=1e-12, atol=1e-12)
-        xg = x.cpu().reshape(2, 3, -1)
+        plain = torch.full_like(x, float("nan"))  # without the statistics the backward keeps
+        assert k.group_norm_fwd(x, plain, G, w, b, scale, shift, 1e-5, True, False, splits=splits) is None
+        torch.testing.assert_close(plain.cpu(), want, rtol=1e-12, atol=1e-12)
+        xg = x.cpu().reshape(2, G, -1)
         torch.testing.assert_close(stats.cpu()[..., 0], xg.mean(-1), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(stats.cpu()[..., 1], torch.rsqrt(xg.var(-1, unbiased=False) + 1e-5), rtol=1e-12,
                                    atol=1e-12)
