@@ -1,5 +1,5 @@
-"""pydpm's benchmark suite: `pydpm bench [--quick] [--ops ... | --models] [--cases REGEX] [--device cpu|cuda]
-[--out DIR]`, `pydpm bench --compare OLD NEW [--threshold PCT]` and `pydpm bench --plot RESULTS... [--out DIR]`.
+"""pydpm's benchmark suite: `pydpm bench [--quick] [--ops ... | --models] [--cases REGEX] [--impls REGEX]
+[--device cpu|cuda] [--out DIR]`, `pydpm bench --compare OLD NEW [--threshold PCT]` and `pydpm bench --plot RESULTS... [--out DIR]`.
 
 One harness (harness.py) and one thin file per op family that declares its cases and peers; compare.py and
 plot.py read results.json files. From a checkout, `python -m bench` runs the same suite;
@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="small sizes and few repetitions")
     parser.add_argument("--cases", metavar="REGEX", help="only the cases whose label ('attn+bwd (2,8,4096,40) fp16') "
                         "matches REGEX (re.search)")
+    parser.add_argument("--impls", metavar="REGEX", help="only the implementations (rows) whose name ('eager', "
+                        "'pydpm[triton]', 'torch.compile[max-autotune]') matches REGEX (re.search): a slow peer on its "
+                        "own, beside the row the speed-ups are taken against")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where to run (default: cuda when available); CPU runs use small shapes and fp32")
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("OLD", "NEW"),
@@ -73,6 +76,6 @@ def run(argv: list[str] | None = None) -> int:
         parser.error("--device cuda: torch sees no CUDA device; run with --device cpu")
     modules = {name: importlib.import_module(f".{name}", __name__) for name in args.ops}
     arguments = {"argv": list(sys.argv[1:] if argv is None else argv), "quick": args.quick, "ops": args.ops,
-                 "cases": args.cases, "device": args.device, "out": None if args.out is None else str(args.out)}
+                 "cases": args.cases, "impls": args.impls, "device": args.device, "out": None if args.out is None else str(args.out)}
     return harness.run_suite(modules, torch.device(args.device), quick=args.quick, out=args.out, cases=args.cases,
-                             arguments=arguments)
+                             impls=args.impls, arguments=arguments)

@@ -919,15 +919,20 @@ def new_results_folder(parent: Path, meta: dict[str, str], now: datetime.datetim
 
 
 def _plan(ops: dict[str, ModuleType], device: torch.device, quick: bool, cases: str | None,
-          report: Report) -> list[tuple[str, ModuleType, list[Case], str]]:
-    """(family, module, its cases matching `cases`, why it has none) per op family. A family whose cases need
-    CUDA (NeedsCUDA) or a package not installed has none, and is recorded among the missing."""
+          report: Report, impls: str | None = None) -> list[tuple[str, ModuleType, list[Case], str]]:
+    """(family, module, its cases matching `cases`, why it has none) per op family, each case with its
+    implementations matching `impls`. A family whose cases need CUDA (NeedsCUDA) or a package not installed has
+    none, and is recorded among the missing."""
     plan = []
     for name, module in ops.items():
         found, why = [], ""
         try:
             with warnings_captured(report, f"the {name} cases"):
                 found = [c for c in module.cases(device, quick) if cases is None or re.search(cases, c.label)]
+            if impls is not None:
+                for case in found:
+                    case.impls = [i for i in case.impls if re.search(impls, i.name)]
+                found = [case for case in found if case.impls]
         except NeedsCUDA as exc:
             why = f"{NEEDS_CUDA}: {exc}"
             report.miss(f"the {name} family", why, f"the {name} family")
@@ -936,14 +941,16 @@ def _plan(ops: dict[str, ModuleType], device: torch.device, quick: bool, cases: 
                 raise
             why = f"not installed: pip install {not_installed(exc)}"
         if not found and not why:
-            why = "no case matches --cases" if cases is not None else "no cases on this device"
+            why = ("no case matches --cases / --impls" if cases is not None or impls is not None else
+                   "no cases on this device")
         plan.append((name, module, found, why))
     return plan
 
 
 def run_suite(ops: dict[str, ModuleType], device: torch.device, quick: bool, out: Path | None,
-              cases: str | None = None, arguments: dict[str, Any] | None = None) -> int:
-    """Run every case of the op files `ops` (those whose label matches the regex `cases`, when given), print
+              cases: str | None = None, arguments: dict[str, Any] | None = None, impls: str | None = None) -> int:
+    """Run every case of the op files `ops` (those whose label matches the regex `cases`, when given, with the
+    implementations whose name matches the regex `impls`), print
     the table, write results.json, results.md and (with matplotlib) the plots to `out`, by default a new
     folder under bench-results/. `arguments` (the command line) go into results.json. Returns 1 when an
     implementation of ours failed or disagreed with the oracle, else 0."""
@@ -953,7 +960,7 @@ def run_suite(ops: dict[str, ModuleType], device: torch.device, quick: bool, out
     meta = environment(device, now)
     timing = timing_for(device, quick)
     report = Report()
-    plan = _plan(ops, device, quick, cases, report)
+    plan = _plan(ops, device, quick, cases, report, impls)
     progress = Progress([len(case.impls) for _, _, found, _ in plan for case in found])
     rows, footer = [], []
     try:

@@ -34,7 +34,9 @@ Implementations:
 The earlier attention-only rows (`pydpm`, `pydpm[triton]`) are gone: `pydpm` is `accelerate[no graph]` on a
 bare model, and the attention family times pydpm's kernel against SDPA. Compilation is most of a run's time:
 --quick leaves out its slowest part (max-autotune); the whole family takes longer than one 10-minute GPU call, so
-`--cases REGEX` runs part of the family (`--cases 'sdxl|pixart'`).
+`--cases REGEX` runs part of the family (`--cases 'sdxl|pixart'`) and `--impls REGEX` part of a case's rows
+(`--cases cfg20 --impls 'diffusers|^accelerate$|max-autotune'`: the loop's max-autotune compile alone takes
+minutes).
 
 A case's model is built on first use and shared by its implementations (and by the next case of the same model
 and dtype); each implementation puts its processors (or accelerate) back before its calls, as the harness's

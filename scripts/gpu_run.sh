@@ -16,6 +16,7 @@
 #     --sanitize "ARGS"   pytest ARGS under compute-sanitizer: memcheck, racecheck, synccheck (every process, the torch
 #                         caching allocator off so that each tensor is its own allocation), error counts in the summary
 #     --host-cost "ARGS"  python -m pydpm.bench.host_cost ARGS: the host time of one eager call, op by op
+#     --profile "ARGS"    python -m pydpm.bench.device_profile ARGS: a diffusers model's device time by kernel kind
 #     --bench "ARGS"      pydpm bench ARGS (repeatable: one run per --bench, results in bench-1/, bench-2/, ...)
 #     --tune "ARGS"       the attention launch-configuration sweep, bench/attention_tune.py, with ARGS
 #     --demo "ARGS"       examples/spectral_distillation.py ARGS, non-empty (e.g. "--device cuda"): a teacher, three
@@ -25,7 +26,7 @@
 set -uo pipefail
 out="${1:-${OUT:?give an output folder}}"
 shift || true
-tests="" huge=0 sanitize="" host_cost=0 host_args="" tune="" demo="" benches=() explicit=0
+tests="" huge=0 sanitize="" host_cost=0 host_args="" profile=0 profile_args="" tune="" demo="" benches=() explicit=0
 while [ $# -gt 0 ]; do
   explicit=1
   case "$1" in
@@ -33,6 +34,7 @@ while [ $# -gt 0 ]; do
     --huge) huge=1 ;;
     --sanitize) sanitize="$2"; shift ;;
     --host-cost) host_cost=1; host_args="$2"; shift ;;
+    --profile) profile=1; profile_args="$2"; shift ;;
     --bench) benches+=("$2"); shift ;;
     --tune) tune="$2"; shift ;;
     --demo) demo="$2"; shift ;;
@@ -110,6 +112,13 @@ if [ "$host_cost" = 1 ]; then
   h_rc=$?
   summary+=("host cost (rc $h_rc):" "$(cat "$out/host_cost.log")")
   rc=$(( rc || h_rc ))
+fi
+if [ "$profile" = 1 ]; then
+  # shellcheck disable=SC2086
+  (cd "$out" && timeout 300 python3 -m pydpm.bench.device_profile $profile_args) >"$out/profile.log" 2>&1
+  p_rc=$?
+  summary+=("device profile (rc $p_rc):" "$(grep -v -i warn "$out/profile.log" | grep -E "^[a-z].*: device|^  [a-z]+ [0-9]")")
+  rc=$(( rc || p_rc ))
 fi
 if [ -n "$tune" ]; then
   # shellcheck disable=SC2086

@@ -101,6 +101,38 @@ def test_missing_peers_are_listed_once_each(toy_run):
     assert out.count("not installed: pip install diffusers") == 1 and "ModuleNotFoundError" not in out
 
 
+def test_impls_keeps_the_implementations_it_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(harness, "measure_ceilings", lambda device, timing: CEILINGS)
+    monkeypatch.setattr(plot, "available", lambda: False)
+    family = {"toy": toy_family()}
+    assert harness.run_suite(family, torch.device("cpu"), quick=True, out=tmp_path / "a", impls="^eager$|toy") == 0
+    data = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert [r["impl"] for r in data["rows"]] == ["pydpm[toy]", "eager"]
+    assert harness.run_suite(family, torch.device("cpu"), quick=True, out=tmp_path / "b", impls="nothing") == 0
+    assert json.loads((tmp_path / "b" / "results.json").read_text())["rows"] == []
+
+
+@pytest.mark.parametrize("kernel, kind", [
+    ("void cudnn::engines_precompiled::nchwToNhwcKernel<__half, __half, float, false, true>", "layout"),
+    ("void at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)", "layout"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x64", "attention"),
+    ("_attention_fwd_kernel", "attention"),
+    ("triton_poi_fused_convolution_silu_59", "inductor"),
+    ("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x64x64", "conv"),
+    ("nvjet_sm90_hsh_168x128_64x5_1x2_h_bz_coopA_bias_TNN", "gemm"),
+    ("_group_norm_fwd_kernel", "norm"),
+    ("void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<c10::Half>", "norm"),
+    ("_geglu_fwd_kernel", "elementwise"),
+])
+def test_the_device_profile_sorts_kernels_by_kind(kernel, kind):
+    from pydpm.bench import device_profile
+
+    assert device_profile.kind(kernel) == kind
+    totals = device_profile.by_kind({kernel: 3.0, "void at::native::vectorized_elementwise_kernel<8>": 1.5})
+    assert totals[kind] == 3.0 + (1.5 if kind == "elementwise" else 0.0) and sum(totals.values()) == 4.5
+
+
 def test_not_installed_names_the_distribution():
     def missing(name):
         return ModuleNotFoundError(f"No module named '{name}'", name=name)

@@ -1,0 +1,133 @@
+"""Where a diffusers model's device time goes: one forward's CUDA kernels by kind, per way of running it.
+
+    python -m pydpm.bench.device_profile [--model unet-sd15] [--batch 2] [--top 12]
+
+The model is one of bench/models.py's published configurations with random weights, fp16, in eval mode. Per
+variant (diffusers eager; accelerate's fused blocks without a graph, NCHW and channels-last, the kernels
+`accelerate` replays from its graph; torch.compile's kernels):
+- `device ms`: the kernels' time per forward (torch.profiler over a few forwards), split by kind: layout
+  (NCHW <-> NHWC conversions and copies), attention, inductor (torch.compile's generated Triton kernels), conv
+  (cuDNN convolutions), gemm, norm, elementwise (the rest: torch's elementwise kernels, pydpm's fused kernels
+  not named above);
+  and the variant's `top` kernels by time;
+- `wall ms` (the graphed `accelerate` and torch.compile): back-to-back calls per forward, host and device
+  together, what a sampling loop pays.
+It is the tool that found cuDNN converting every NCHW input of SD1.5's convolutions to NHWC (3.1 of 11.9 ms at
+batch 2 on an H200), which `accelerate` now avoids by putting convolutional networks in channels-last memory.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import time
+from typing import Callable
+
+import torch
+
+from .models import MODELS, _cast, build, forward, model_inputs
+
+# (kind, regex on the kernel's name), first match wins
+KINDS = (("layout", r"nchwToNhwc|nhwcToNchw|transpose|permute|[Cc]opy"),
+         ("attention", r"attn|attention|flash|fmha"),
+         ("inductor", r"^triton_(poi|red|per)_"),
+         ("conv", r"conv|fprop|implicit|dgrad|wgrad"),
+         ("gemm", r"gemm|Gemm|cutlass|cublas|nvjet|splitK|gemv"),
+         ("norm", r"norm|Norm|group|RowwiseMoments"),
+         ("elementwise", r"."))
+
+
+def kind(kernel: str) -> str:
+    """The kind of a CUDA kernel, from its name (KINDS)."""
+    for name, pattern in KINDS:
+        if re.search(pattern, kernel):
+            return name
+    raise AssertionError("KINDS ends with a catch-all")
+
+
+def kernel_times(fn: Callable[[], object], calls: int = 3) -> dict[str, float]:
+    """µs per call of every CUDA kernel `fn` launches (after three warm-up calls)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+    times: collections.Counter[str] = collections.Counter()
+    for event in prof.key_averages():
+        if event.device_type == torch.autograd.DeviceType.CUDA and event.device_time_total > 0:
+            times[event.key] += event.device_time_total / calls
+    return dict(times)
+
+
+def by_kind(times: dict[str, float]) -> dict[str, float]:
+    """µs per kind (KINDS order), from `kernel_times`."""
+    totals = dict.fromkeys((name for name, _ in KINDS), 0.0)
+    for kernel, us in times.items():
+        totals[kind(kernel)] += us
+    return totals
+
+
+def wall_ms(fn: Callable[[], object], calls: int = 20) -> float:
+    with torch.no_grad():
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e3
+
+
+def report(label: str, times: dict[str, float], top: int, wall: float | None = None) -> list[str]:
+    kinds = by_kind(times)
+    head = f"{label}: device {sum(kinds.values()) / 1e3:.2f} ms" + (f", wall {wall:.2f} ms" if wall else "")
+    lines = [head, "  " + ", ".join(f"{k} {us / 1e3:.2f}" for k, us in kinds.items())]
+    for kernel, us in sorted(times.items(), key=lambda item: -item[1])[:top]:
+        lines.append(f"  {us:9.1f} us  {kind(kernel):11s} {kernel[:100]}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pydpm.bench.device_profile", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="unet-sd15")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--top", type=int, default=12, help="kernels listed per variant (default: 12)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA device (it profiles CUDA kernels)")
+    from pydpm.integrations.diffusers import accelerate, restore
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = _cast(build(args.model), torch.float16).eval().requires_grad_(False)
+    inputs = model_inputs(args.model, args.batch, torch.float16, device)
+
+    def call(m=model):
+        return forward(args.model, m, inputs)
+
+    print(f"{args.model} at batch {args.batch}, fp16, {torch.cuda.get_device_name()}; per forward:")
+    print(*report("diffusers eager", kernel_times(call), args.top, wall_ms(call)), sep="\n")
+    for layout in (False, True):
+        accelerate(model, cuda_graph=False, blocks=True, channels_last=layout)
+        times = kernel_times(call)
+        restore(model)
+        accelerate(model)  # what it graphs by default (its layout and blocks)
+        wall = wall_ms(call) if layout else None
+        restore(model)
+        name = "accelerate's kernels, " + ("channels-last (graphed: the wall time)" if layout else "NCHW")
+        print(*report(name, times, args.top, wall), sep="\n")
+    compiled = torch.compile(model)
+    print(*report("torch.compile", kernel_times(lambda: call(compiled)), args.top, wall_ms(lambda: call(compiled))),
+          sep="\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
