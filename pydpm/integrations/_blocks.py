@@ -8,6 +8,9 @@ launches, swapped in place (an instance `forward`) and swapped back by `BlockSwa
     GroupNorm           any other nn.GroupNorm (Transformer2DModel's input norm, attention group norms)
     GEGLU               the feed-forward's `proj → chunk → a·gelu(b)` as `geglu(proj(h))`
     AdaLayerNormZero    DiT's `LN(x)·(1 + scale) + shift` as one `layer_norm_modulate`
+    BasicTransformerBlock   DiT's and PixArt's blocks (norm_type "ada_norm_zero", "ada_norm_single"): the
+                        modulated LayerNorms the block computes inline (PixArt's two, DiT's second) as
+                        `layer_norm_modulate`
 
 Each swapped forward is diffusers' own, line for line, with the fused op where diffusers calls the modules
 it replaces; a module of another class (a subclass included), another activation, a GroupNorm without affine
@@ -97,6 +100,52 @@ def _ada_norm_zero_forward(self, x, timestep=None, class_labels=None, hidden_dty
     return x, gate_msa, shift_mlp, scale_mlp, gate_mlp
 
 
+def _modulated(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return layer_norm_modulate(x, norm.weight, norm.bias, shift, scale, norm.eps)
+
+
+def _ada_block_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
+                       encoder_attention_mask=None, timestep=None, cross_attention_kwargs=None, class_labels=None,
+                       added_cond_kwargs=None):
+    """What BasicTransformerBlock computes for norm_type "ada_norm_single" (PixArt) and "ada_norm_zero" (DiT):
+    x + gate_msa·attn1(modulated norm) [+ attn2(...)] + gate_mlp·ff(modulated norm), each modulated LayerNorm
+    one `layer_norm_modulate`. Calls this does not cover (forward chunking, GLIGEN inputs, 4-D tokens) run the
+    class's own forward."""
+    kwargs = dict(cross_attention_kwargs or {})
+    if self._chunk_size is not None or "gligen" in kwargs or hidden_states.dim() != 3:
+        return type(self).forward(self, hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
+                                  timestep, cross_attention_kwargs, class_labels, added_cond_kwargs)
+    single = self.norm_type == "ada_norm_single"
+    if single:
+        table = self.scale_shift_table[None] + timestep.reshape(hidden_states.shape[0], 6, -1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = table.chunk(6, dim=1)
+        h = _modulated(self.norm1, hidden_states, shift_msa, scale_msa)
+    else:
+        h, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(hidden_states, timestep, class_labels,
+                                                                 hidden_dtype=hidden_states.dtype)
+        gate_msa, gate_mlp = gate_msa.unsqueeze(1), gate_mlp.unsqueeze(1)
+    context = encoder_hidden_states if self.only_cross_attention else None
+    hidden_states = gate_msa * self.attn1(h, encoder_hidden_states=context, attention_mask=attention_mask,
+                                          **kwargs) + hidden_states
+    if self.attn2 is not None:
+        h = hidden_states if single else self.norm2(hidden_states)  # PixArt's cross-attention takes no norm
+        hidden_states = self.attn2(h, encoder_hidden_states=encoder_hidden_states,
+                                   attention_mask=encoder_attention_mask, **kwargs) + hidden_states
+    h = _modulated(self.norm2 if single else self.norm3, hidden_states, shift_mlp, scale_mlp)
+    return gate_mlp * self.ff(h) + hidden_states
+
+
+def _ada_block_reason(block) -> str | None:
+    norms = (block.norm1, block.norm2) if block.norm_type == "ada_norm_single" else (block.norm3,)
+    if not all(type(n) is nn.LayerNorm for n in norms):
+        return f"norms {', '.join(type(n).__name__ for n in norms)}: pydpm fuses nn.LayerNorm"
+    if block.pos_embed is not None:
+        return "a positional embedding inside the block"
+    if hasattr(block, "fuser"):
+        return "GLIGEN's gated attention"
+    return None
+
+
 def _is_channels_last(t: torch.Tensor) -> bool:
     return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
@@ -155,6 +204,7 @@ class BlockSwaps:
 def swap_blocks(model: nn.Module) -> BlockSwaps:
     """Swap every block of `model` that pydpm's fused ops compute (the module docstring's table)."""
     from diffusers.models.activations import GEGLU
+    from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.normalization import AdaLayerNormZero
     from diffusers.models.resnet import ResnetBlock2D
 
@@ -173,6 +223,13 @@ def swap_blocks(model: nn.Module) -> BlockSwaps:
                 swaps._forward(m, _geglu_forward, "GEGLU")
             else:
                 swaps.left[name] = f"{type(m).__name__} subclasses GEGLU"
+        elif isinstance(m, BasicTransformerBlock) and m.norm_type in ("ada_norm_zero", "ada_norm_single"):
+            reason = _ada_block_reason(m) if type(m) is BasicTransformerBlock else \
+                f"{type(m).__name__} subclasses BasicTransformerBlock"
+            if reason is None:
+                swaps._forward(m, _ada_block_forward, "BasicTransformerBlock (AdaLN modulate)")
+            else:
+                swaps.left[name] = reason
         elif isinstance(m, AdaLayerNormZero):
             if type(m) is AdaLayerNormZero and type(m.norm) is nn.LayerNorm:
                 swaps._forward(m, _ada_norm_zero_forward, "AdaLayerNormZero (LayerNorm+modulate)")

@@ -829,8 +829,9 @@ def accelerate(obj, *, cuda_graph: bool = True, attention: bool = True, blocks: 
     - attention: every attention block whose processor pydpm's reproduces runs `PydpmAttnProcessor`
       (`use_pydpm_attention`); the others are listed in the report's `left`;
     - blocks: diffusers' ResnetBlock2D (GroupNorm → modulation → SiLU), the UNet's output GroupNorm + SiLU,
-      every other nn.GroupNorm, GEGLU and AdaLayerNormZero run pydpm's fused block ops (`group_norm`,
-      `geglu`, `layer_norm_modulate`: `pydpm.integrations._blocks`); other classes are listed in `left`.
+      every other nn.GroupNorm, GEGLU, AdaLayerNormZero and DiT's and PixArt's modulated LayerNorms
+      (BasicTransformerBlock) run pydpm's fused block ops (`group_norm`, `geglu`, `layer_norm_modulate`:
+      `pydpm.integrations._blocks`); other classes are listed in `left`.
       None (the default) swaps them where they pay: when the forward is replayed from CUDA graphs, where
       their fewer, faster kernels are all that counts. Called eagerly each block op costs more host time than
       the one or two torch ops it replaces, which a host-bound model pays (an SD1.5 UNet at batch 2 is one);
