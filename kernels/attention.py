@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import MAX_GRID_YZ
+from ._common import MAX_GRID_YZ, cdiv, next_power_of_2
 from ._launch import Kernel
 
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -338,7 +338,7 @@ def _operand(t: torch.Tensor, layout: str, rows: int, block_d: int, tma: bool):
 def configs(D: int, NK: int, dtype: torch.dtype, interpreting: bool) -> tuple[int, Blocks, Blocks, Blocks]:
     """(BLOCK_D, forward, dk/dv, dq launch configurations) for a head dim, key count and dtype; under the
     interpreter 16×16 blocks with the same load paths (the tests cover both)."""
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, next_power_of_2(D))
     key = (max(block_d, 32), 4 if dtype == torch.float32 else 2)
     fwd, dkdv, dq = CONFIGS[key]
     if NK <= 256:
@@ -380,7 +380,7 @@ def attention_fwd(q, k, v, o, lse, scale: float, layout: str, ieee: bool, interp
     fwd = blocks or fwd
     tma = fwd.tma and _tma_ok(q, k, v)
     align, ieee = _align(q, k, v), ieee or interpreting
-    _FWD((triton.cdiv(NQ, fwd.m), B * H), [
+    _FWD((cdiv(NQ, fwd.m), B * H), [
         _operand(q, layout, fwd.m, bd, tma), _operand(k, layout, fwd.n, bd, tma), _operand(v, layout, fwd.n, bd, tma),
         o, lse, scale, *_bhnd_strides(q, layout), *_bhnd_strides(k, layout), *_bhnd_strides(v, layout),
         *_bhnd_strides(o, layout), H, NQ, NK], (q.dtype, D, fwd, bd, tma, align, ieee, scale > 0),
@@ -406,13 +406,13 @@ def attention_bwd(do, q, k, v, o, lse, scale: float, layout: str, ieee: bool, in
     if dq.numel() == 0:
         return dq, dk.zero_(), dv.zero_()
     delta = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
-    _DELTA((triton.cdiv(NQ, 64), B * H), [o, do, delta, *_bhnd_strides(o, layout), *_bhnd_strides(do, layout), H, NQ,
+    _DELTA((cdiv(NQ, 64), B * H), [o, do, delta, *_bhnd_strides(o, layout), *_bhnd_strides(do, layout), H, NQ,
                                           D], (q.dtype, bd), dict(BLOCK_M=64, BLOCK_D=bd))
     aligned, align, ieee = _tma_ok(q, k, v, do), _align(q, k, v, do), ieee or interpreting
     strides = (*_bhnd_strides(q, layout), *_bhnd_strides(k, layout), *_bhnd_strides(v, layout),
                *_bhnd_strides(do, layout))
-    for kernel, blk, grid, outs in ((_DKDV, dkdv, triton.cdiv(NK, dkdv.n), (dk, dv)),
-                                    (_DQ, dq_blocks, triton.cdiv(NQ, dq_blocks.m), (dq,))):
+    for kernel, blk, grid, outs in ((_DKDV, dkdv, cdiv(NK, dkdv.n), (dk, dv)),
+                                    (_DQ, dq_blocks, cdiv(NQ, dq_blocks.m), (dq,))):
         tma = blk.tma and aligned
         kernel((grid, B * H), [
             _operand(q, layout, blk.m, bd, tma), _operand(k, layout, blk.n, bd, tma),

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ._common import acc as _acc
-from ._common import target_programs
+from ._common import cdiv, target_programs
 from ._launch import Kernel
 
 _NUM_WARPS = 4
@@ -201,8 +201,8 @@ _BWD = Kernel(_ff_parser_bwd_kernel, specialized=("B", "C", "H", "W_mirror", "b_
 def _batch_split(B: int, programs: int, device: torch.device) -> tuple[int, int]:
     """(batch entries per program, number of batch ranges) giving about the target number of programs."""
     splits = max(1, min(B, target_programs(device) // max(programs, 1)))
-    per = triton.cdiv(B, splits)
-    return per, triton.cdiv(B, per)
+    per = cdiv(B, splits)
+    return per, cdiv(B, per)
 
 
 def _ff_check(t: torch.Tensor, name: str) -> torch.Tensor:
@@ -232,9 +232,9 @@ def ff_parser_fwd(spec: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, h
         return
     o, packed = _ff_out(out, spec, width)
     J = H * (Wf - 1) if packed else H * Wf
-    per, splits = _batch_split(B, C * triton.cdiv(J, _FF_BLOCK), spec.device)
+    per, splits = _batch_split(B, C * cdiv(J, _FF_BLOCK), spec.device)
     f64 = spec.dtype == torch.complex128
-    _FWD((C * triton.cdiv(J, _FF_BLOCK), splits), [_ff_check(spec, "spec"), weight, o, B, C, H, Wf, height * width,
+    _FWD((C * cdiv(J, _FF_BLOCK), splits), [_ff_check(spec, "spec"), weight, o, B, C, H, Wf, height * width,
                                                    per], (packed, f64, weight.dtype, o.dtype),
          dict(PACKED=packed, BLOCK=_FF_BLOCK, F64=f64), num_warps=_NUM_WARPS)
 
@@ -254,10 +254,10 @@ def ff_parser_bwd(dspec: torch.Tensor, spec: torch.Tensor | None, weight: torch.
     # Without dx, the plain grid covers every column of ∂W directly.
     o, packed = _ff_out(dxout, dspec, width) if dxout is not None else (d, False)
     J = H * (Wf - 1) if packed else H * Wf
-    per, splits = _batch_split(B, C * triton.cdiv(J, _FF_BLOCK), dspec.device)
+    per, splits = _batch_split(B, C * cdiv(J, _FF_BLOCK), dspec.device)
     dw_part = torch.empty((splits, C, H, Wf, 2), dtype=real, device=dspec.device) if need_dw else None
     f64, need_dx = real == torch.float64, dxout is not None
-    _BWD((C * triton.cdiv(J, _FF_BLOCK), splits), [
+    _BWD((C * cdiv(J, _FF_BLOCK), splits), [
         d, _ff_check(spec, "spec") if need_dw else d, weight, o, dw_part if need_dw else d, B, C, H, Wf,
         width - Wf, height * width, per], (packed, need_dx, need_dw, f64, weight.dtype, o.dtype),
         dict(PACKED=packed, NEED_DX=need_dx, NEED_DW=need_dw, BLOCK=_FF_BLOCK, F64=f64), num_warps=_NUM_WARPS)

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ._common import acc as _acc
+from ._common import cdiv, next_power_of_2
 from ._launch import Kernel
 
 _NUM_WARPS = 4
@@ -110,12 +111,12 @@ def row_strides(t: torch.Tensor) -> tuple[int, int] | None:
 
 def _tile_shape(D: int) -> tuple[int, int]:
     """(BR, BD): _TILE elements of each half, at most _MAX_BD columns wide."""
-    bd = max(2, min(triton.next_power_of_2(D), _MAX_BD))
+    bd = max(2, min(next_power_of_2(D), _MAX_BD))
     return _TILE // bd, bd
 
 
 def _grid(R: int, D: int, br: int, bd: int) -> tuple[int]:
-    return (triton.cdiv(R, br) * triton.cdiv(D, bd),)
+    return (cdiv(R, br) * cdiv(D, bd),)
 
 
 def geglu_fwd(h: torch.Tensor, out: torch.Tensor, *, tanh: bool) -> None:

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ._common import acc as _acc
-from ._common import MAX_GRID_YZ, bcs_strides, target_programs
+from ._common import MAX_GRID_YZ, bcs_strides, cdiv, next_power_of_2, target_programs
 from ._launch import Kernel
 
 _NUM_WARPS = 4
@@ -119,10 +119,10 @@ _BWD = Kernel(_simple_gate_bwd_kernel, specialized=("ssb", "ssc", "sss", "xsb", 
 def _tile(C: int, S: int, sc: int, ss: int) -> tuple[int, int]:
     """(BC, BS): a tile of _TILE elements, long along the dimension that is contiguous in memory."""
     if sc == 1 and ss != 1:  # channels-last: channels are adjacent
-        bc = max(2, min(triton.next_power_of_2(C), 128))
-        return bc, max(2, min(triton.next_power_of_2(S), _TILE // bc))
-    bs = max(2, min(triton.next_power_of_2(S), _TILE // 2))
-    return max(2, min(triton.next_power_of_2(C), _TILE // bs)), bs
+        bc = max(2, min(next_power_of_2(C), 128))
+        return bc, max(2, min(next_power_of_2(S), _TILE // bc))
+    bs = max(2, min(next_power_of_2(S), _TILE // 2))
+    return max(2, min(next_power_of_2(C), _TILE // bs)), bs
 
 
 def _f64(t: torch.Tensor) -> bool:
@@ -144,15 +144,15 @@ def simple_gate_fwd(x: torch.Tensor, out: torch.Tensor | None, *, gate: bool = T
     ds = bcs_strides(dy) if dy is not None else (0, 0, 0)
     assert xs is not None and os_ is not None and ds is not None, "simple_gate_fwd: a tensor does not view as [B, C, S]"
     bc, bs = _tile(C, S, xs[1], xs[2])
-    programs = B * triton.cdiv(C, bc)
+    programs = B * cdiv(C, bc)
     if pool:
-        splits = max(1, min(triton.cdiv(S, bs), target_programs(x.device) // programs))
-        chunk = triton.cdiv(triton.cdiv(S, splits), bs) * bs
-        splits = triton.cdiv(S, chunk)
+        splits = max(1, min(cdiv(S, bs), target_programs(x.device) // programs))
+        chunk = cdiv(cdiv(S, splits), bs) * bs
+        splits = cdiv(S, chunk)
         partial = torch.empty((splits, B, C), dtype=acc, device=x.device)
     else:  # one tile per program, or several where the spatial programs would pass the grid's y limit
-        chunk = triton.cdiv(triton.cdiv(S, MAX_GRID_YZ), bs) * bs
-        splits, partial = triton.cdiv(S, chunk), x
+        chunk = cdiv(cdiv(S, MAX_GRID_YZ), bs) * bs
+        splits, partial = cdiv(S, chunk), x
     o, d = out if out is not None else x, dy if dy is not None else x
     flags = (gate, out is not None, pool, dy is not None, bc, bs)
     _FWD((programs, splits), [x, *xs, C * xs[1], o, *os_, d, *ds, partial, B, C, S, chunk],
@@ -185,8 +185,8 @@ def simple_gate_bwd(src: torch.Tensor | None, out: torch.Tensor, *, x: torch.Ten
     shift = shift.contiguous() if shift is not None else None
     xx, sc, sh = x if gate else like, scale if scale is not None else like, shift if shift is not None else like
     flags = (src is not None, scale is not None, shift is not None, gate, bc, bs)
-    blocks = triton.cdiv(S, bs)  # spatial tiles, folded over grid axes 1 and 2 (each at most MAX_GRID_YZ)
-    _BWD((B * triton.cdiv(C, bc), min(blocks, MAX_GRID_YZ), triton.cdiv(blocks, MAX_GRID_YZ)),
+    blocks = cdiv(S, bs)  # spatial tiles, folded over grid axes 1 and 2 (each at most MAX_GRID_YZ)
+    _BWD((B * cdiv(C, bc), min(blocks, MAX_GRID_YZ), cdiv(blocks, MAX_GRID_YZ)),
          [like, *ss, xx, *xs, C * xs[1], out, *os_, C * os_[1], sc, sh, C, S],
          (flags, like.dtype, xx.dtype, out.dtype, sc.dtype, sh.dtype),
          dict(HAS_SRC=src is not None, SCALE=scale is not None, SHIFT=shift is not None, GATE=gate, BC=bc, BS=bs,

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ._common import acc as _acc
-from ._common import bcs_strides, target_programs
+from ._common import bcs_strides, cdiv, next_power_of_2, target_programs
 from ._launch import Kernel
 
 _TILE = 2048            # elements per GroupNorm tile (8 per thread at 8 warps)
@@ -293,10 +293,10 @@ def _gn_tile(cpg: int, S: int, sc: int, ss: int) -> tuple[int, int]:
     """(BC, BS): a tile of at most _TILE elements over (channels of a group, S spatial positions), long along
     the dimension that is contiguous in memory."""
     if sc == 1 and ss != 1:  # channels-last: the group's channels are adjacent
-        bc = max(2, min(triton.next_power_of_2(cpg), 64))
-        return bc, max(2, min(triton.next_power_of_2(S), _TILE // bc))
-    bs = max(2, min(triton.next_power_of_2(S), _TILE))
-    return max(2, min(triton.next_power_of_2(cpg), _TILE // bs)), bs
+        bc = max(2, min(next_power_of_2(cpg), 64))
+        return bc, max(2, min(next_power_of_2(S), _TILE // bc))
+    bs = max(2, min(next_power_of_2(S), _TILE))
+    return max(2, min(next_power_of_2(cpg), _TILE // bs)), bs
 
 
 def gn_splits(groups: int, S: int, device: torch.device) -> int:
@@ -306,7 +306,7 @@ def gn_splits(groups: int, S: int, device: torch.device) -> int:
     sms = target_programs(device) // 8
     if sms == 0 or groups >= 2 * sms:
         return 1
-    return max(1, min(triton.cdiv(2 * sms, groups), S // 256))
+    return max(1, min(cdiv(2 * sms, groups), S // 256))
 
 
 def _pair_strides(t: torch.Tensor | None) -> tuple[int, int]:
@@ -369,8 +369,8 @@ def group_norm_fwd(x: torch.Tensor, out: torch.Tensor, groups: int, weight, bias
     xs, os_ = bcs_strides(x), bcs_strides(out)
     assert xs is not None and os_ is not None, "group_norm_fwd: a tensor does not view as [B, C, S]"
     n_split = splits or gn_splits(B * groups, S, x.device)
-    chunk = triton.cdiv(S, n_split)
-    n_split = triton.cdiv(S, chunk)
+    chunk = cdiv(S, n_split)
+    n_split = cdiv(S, chunk)
     bc, bs = _gn_tile(cpg, chunk, xs[1], xs[2])
     operands = _operands(weight, bias, scale, shift)
     partial = torch.empty((B * groups, n_split, 3), dtype=torch.float64 if _f64(x) else torch.float32,
@@ -419,7 +419,7 @@ def layer_norm_fwd(x: torch.Tensor, out: torch.Tensor, weight, bias, scale, shif
     stats = _stats((B, N, 2), x, keep_stats)
     if B * N * C == 0:
         return None if stats is None else stats.fill_(math.nan)
-    block = max(2, triton.next_power_of_2(C))
+    block = max(2, next_power_of_2(C))
     operands = _operands(weight, bias, scale, shift)
     key = ("ln_fwd", operands, keep_stats, block, x.dtype, out.dtype)
     _LN_FWD((B * N,), [x, *x.stride(), out, *out.stride(), *_modulation(weight, bias, scale, shift, x),
@@ -436,10 +436,10 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, weight, 
     B, N, C = x.shape
     if B * N * C == 0:
         return torch.zeros((B, 2, C), dtype=stats.dtype, device=x.device)
-    block = max(2, triton.next_power_of_2(C))
+    block = max(2, next_power_of_2(C))
     blocks = max(1, min(N, target_programs(x.device) // max(B, 1)))
-    rows = triton.cdiv(N, blocks)
-    blocks = triton.cdiv(N, rows)
+    rows = cdiv(N, blocks)
+    blocks = cdiv(N, rows)
     partial = torch.empty((B, blocks, 2, C), dtype=stats.dtype, device=x.device)
     w = weight if weight is not None else x
     key = ("ln_bwd", weight is not None, block, dy.dtype, x.dtype, dx.dtype, w.dtype, scale.dtype)

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import cdiv
 from ._launch import Kernel
 
 _MAX_MODELS = 6  # pydpm.ops.solver_step.MAX_MODELS: the kernel has a pointer and a value slot for each
@@ -235,7 +236,7 @@ def solver_step_fwd(x: torch.Tensor, models, out: torch.Tensor, *, coefs=None, c
     guided, saved = uncond is not None, save is not None
     key = (n_models, has_d, guided, saved, noise_mode, coef_src, conv_src, sample_map, clamp > 0, int64, block,
            x.dtype, None if coefs is None else coefs.dtype, None if conv is None else conv.dtype)
-    _KERNEL((triton.cdiv(numel, block),), [
+    _KERNEL((cdiv(numel, block),), [
         x, *models, *(x,) * (_MAX_MODELS - n_models), out,
         x if cond is None else cond, x if uncond is None else uncond, x if save is None else save,
         x if noise is None else noise, x if coefs is None else coefs, x if conv is None else conv,

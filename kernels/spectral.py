@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import cdiv
 from ._launch import Kernel
 
 _NUM_WARPS = 4
@@ -185,7 +186,7 @@ def weighted_energy(spec: torch.Tensor, width: int, scale: float, *, weight: tor
     the focal weight clamp(v/max, 0, 1), v = |D|^alpha (log(1 + v) with `log`)."""
     S, P, H, Wf = spec.shape
     real = _real(spec)
-    chunks = triton.cdiv(P * H * Wf, _BLOCK)
+    chunks = cdiv(P * H * Wf, _BLOCK)
     partial = torch.empty((S, chunks), dtype=real.dtype, device=spec.device)
     (w, wmax, sb, sc, sh, sw, max_stride), mode, wdtype = _omega_args(weight, plane_max, real)
     kind = alpha_kind(alpha)
@@ -206,7 +207,7 @@ def weighted_grad(spec: torch.Tensor, width: int, scale: float, grad: torch.Tens
     S, P, H, Wf = spec.shape
     real = _real(spec)
     out = torch.empty_like(spec)
-    chunks = triton.cdiv(P * H * Wf, _BLOCK)
+    chunks = cdiv(P * H * Wf, _BLOCK)
     (w, wmax, sb, sc, sh, sw, max_stride), mode, wdtype = _omega_args(weight, plane_max, real)
     kind = alpha_kind(alpha)
     if grad.dtype != real.dtype:
@@ -238,7 +239,7 @@ def spectrum_weight(spec: torch.Tensor, height: int, width: int, alpha: float, e
     real = _real(spec)
     out = torch.empty((B, 1, height, width), dtype=real.dtype, device=spec.device)
     kind = alpha_kind(alpha)
-    _WEIGHT((triton.cdiv(height * width, _BLOCK), B), [real, out, C, H, width, Wf, (height * width) ** -0.5,
+    _WEIGHT((cdiv(height * width, _BLOCK), B), [real, out, C, H, width, Wf, (height * width) ** -0.5,
                                                        float(eps), float(alpha)],
             (kind,), dict(KIND=kind, BLOCK=_BLOCK), num_warps=_NUM_WARPS)
     return out

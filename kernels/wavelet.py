@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import MAX_GRID_YZ
+from ._common import MAX_GRID_YZ, cdiv, next_power_of_2
 from ._launch import Kernel
 
 WRITE_BANDS = tl.constexpr(0)
@@ -219,10 +219,10 @@ _SYNTHESIS = Kernel(_haar_synthesis_kernel)
 
 def _tiles(h: int, w: int) -> tuple[int, int, int, int]:
     """(BH, BW, tiles along w, tiles in total): ~1024 half-resolution pixels per tile."""
-    bw = min(64, triton.next_power_of_2(w))
-    bh = min(max(1024 // bw, 1), triton.next_power_of_2(h))
-    n_tw = triton.cdiv(w, bw)
-    return bh, bw, n_tw, triton.cdiv(h, bh) * n_tw
+    bw = min(64, next_power_of_2(w))
+    bh = min(max(1024 // bw, 1), next_power_of_2(h))
+    n_tw = cdiv(w, bw)
+    return bh, bw, n_tw, cdiv(h, bh) * n_tw
 
 
 # A gate-gradient launch walks several tiles per program so that each (b, c) sums in registers; it

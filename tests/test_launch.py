@@ -14,6 +14,19 @@ from _support import HAS_CUDA
 needs_c = pytest.mark.skipif(_backend._C is None, reason="pydpm._C did not load")
 
 
+def test_the_launchers_size_helpers_equal_tritons():
+    """kernels._common.cdiv / next_power_of_2 (plain Python, what every launcher sizes its grid and tiles with)
+    give triton.cdiv's and triton.next_power_of_2's values."""
+    import triton
+
+    common = _backend.kernels("_common")
+    values = [*range(0, 300), 1023, 1024, 1025, 2**31 - 1, 2**31, 2**31 + 1, 3 * 2**40 + 7]
+    for n in values:
+        assert common.next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 2, 3, 16, 64, 1000, 65535):
+            assert common.cdiv(n, d) == triton.cdiv(n, d), (n, d)
+
+
 @needs_c
 def test_struct_view_matches_the_reported_layout():
     view = _backend.c_struct("SolverStepParams")
