@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pydpm._cache import BoundedCache
+
 from ._common import acc as _acc
 from ._common import bcs_strides, cdiv, next_power_of_2, target_programs
 from ._launch import Kernel
@@ -289,10 +291,15 @@ def _f64(t: torch.Tensor) -> bool:
     return t.dtype == torch.float64
 
 
-def _gn_tile(cpg: int, S: int, sc: int, ss: int) -> tuple[int, int]:
+def _channels_last(strides: tuple[int, int, int]) -> bool:
+    """Whether [B, C, S] strides put a position's channels next to each other."""
+    return strides[1] == 1 and strides[2] != 1
+
+
+def _gn_tile(cpg: int, S: int, channels_last: bool) -> tuple[int, int]:
     """(BC, BS): a tile of at most _TILE elements over (channels of a group, S spatial positions), long along
     the dimension that is contiguous in memory."""
-    if sc == 1 and ss != 1:  # channels-last: the group's channels are adjacent
+    if channels_last:  # the group's channels are adjacent
         bc = max(2, min(next_power_of_2(cpg), 64))
         return bc, max(2, min(next_power_of_2(S), _TILE // bc))
     bs = max(2, min(next_power_of_2(S), _TILE))
@@ -323,7 +330,8 @@ def _modulation(weight, bias, scale, shift, like):
 
 def _operands(weight, bias, scale, shift) -> tuple:
     """The key part of the optional operands: which are given, and their dtypes."""
-    return tuple(None if t is None else t.dtype for t in (weight, bias, scale, shift))
+    return (None if weight is None else weight.dtype, None if bias is None else bias.dtype,
+            None if scale is None else scale.dtype, None if shift is None else shift.dtype)
 
 
 def _has(operands: tuple) -> dict:
@@ -368,21 +376,39 @@ def group_norm_fwd(x: torch.Tensor, out: torch.Tensor, groups: int, weight, bias
         return None if stats is None else stats.fill_(math.nan)
     xs, os_ = bcs_strides(x), bcs_strides(out)
     assert xs is not None and os_ is not None, "group_norm_fwd: a tensor does not view as [B, C, S]"
-    n_split = splits or gn_splits(B * groups, S, x.device)
-    chunk = cdiv(S, n_split)
-    n_split = cdiv(S, chunk)
-    bc, bs = _gn_tile(cpg, chunk, xs[1], xs[2])
     operands = _operands(weight, bias, scale, shift)
+    signature = (B * groups, cpg, S, _channels_last(xs), splits, x.device, operands, silu, keep_stats,
+                 x.dtype, out.dtype)
+    plan = _GN_FWD_PLANS.get(signature)
+    if plan is None:
+        plan = _GN_FWD_PLANS.put(signature, _gn_fwd_plan(*signature))
+    n_split, chunk, launches = plan
     partial = torch.empty((B * groups, n_split, 3), dtype=torch.float64 if _f64(x) else torch.float32,
                           device=x.device) if n_split > 1 else x
     args = [x, *xs, out, *os_, *_modulation(weight, bias, scale, shift, x), stats if keep_stats else x, partial,
             groups, cpg, S, chunk, n_split, *_eps_pair(eps)]
-    for phase in ((1, 2) if n_split > 1 else (0,)):
-        key = ("gn_fwd", phase, operands, silu, keep_stats, bc, bs, x.dtype, out.dtype)
-        _GN_FWD((B * groups, n_split), list(args), key,
-                _constexprs(key, lambda: dict(_has(operands), SILU=silu, STATS=keep_stats, PHASE=phase, BC=bc, BS=bs,
-                                              F64=_f64(x))), num_warps=_GN_WARPS)
+    for key, constexprs in launches:
+        _GN_FWD((B * groups, n_split), list(args), key, constexprs, num_warps=_GN_WARPS)
     return stats
+
+
+# A forward's launch plan per signature: what the launcher would otherwise recompute on every call
+_GN_FWD_PLANS = BoundedCache(256)
+
+
+def _gn_fwd_plan(programs: int, cpg: int, S: int, channels_last: bool, splits: int | None, device: torch.device,
+                 operands: tuple, silu: bool, keep_stats: bool, x_dtype: torch.dtype, out_dtype: torch.dtype):
+    """(shares per group, positions per share, [(variant key, constexprs) per launch]) of `group_norm_fwd`."""
+    n_split = splits or gn_splits(programs, S, device)
+    chunk = cdiv(S, n_split)
+    n_split = cdiv(S, chunk)
+    bc, bs = _gn_tile(cpg, chunk, channels_last)
+    launches = []
+    for phase in ((1, 2) if n_split > 1 else (0,)):
+        key = ("gn_fwd", phase, operands, silu, keep_stats, bc, bs, x_dtype, out_dtype)
+        launches.append((key, dict(_has(operands), SILU=silu, STATS=keep_stats, PHASE=phase, BC=bc, BS=bs,
+                                   F64=x_dtype == torch.float64)))
+    return n_split, chunk, launches
 
 
 def group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, groups: int, weight, bias, scale, shift,
@@ -397,7 +423,7 @@ def group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, groups: 
         return sums.zero_()
     xs, ds, os_ = bcs_strides(x), bcs_strides(dy), bcs_strides(dx)
     assert xs is not None and ds is not None and os_ is not None, "group_norm_bwd: a tensor does not view as [B, C, S]"
-    bc, bs = _gn_tile(cpg, S, xs[1], xs[2])
+    bc, bs = _gn_tile(cpg, S, _channels_last(xs))
     operands = _operands(weight, bias, scale, shift)
     key = ("gn_bwd", operands, silu, bc, bs, dy.dtype, x.dtype, dx.dtype)
     _GN_BWD((B * groups,), [dy, *ds, x, *xs, dx, *os_, *_modulation(weight, bias, scale, shift, x), stats, sums, C,
