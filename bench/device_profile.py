@@ -20,11 +20,11 @@ from __future__ import annotations
 import argparse
 import collections
 import re
-import time
 from typing import Callable
 
 import torch
 
+from .host_cost import per_call_us
 from .models import MODELS, _cast, build, forward, model_inputs
 
 # (kind, regex on the kernel's name), first match wins
@@ -73,15 +73,9 @@ def by_kind(times: dict[str, float]) -> dict[str, float]:
 
 
 def wall_ms(fn: Callable[[], object], calls: int = 20) -> float:
+    """ms per call of back-to-back inference calls with one synchronisation (host_cost.per_call_us)."""
     with torch.no_grad():
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls * 1e3
+        return per_call_us(fn, torch.device("cuda"), calls)[0] / 1e3
 
 
 def report(label: str, times: dict[str, float], top: int, wall: float | None = None) -> list[str]:

@@ -45,6 +45,11 @@ def target_programs(device: torch.device) -> int:
     return _TARGET_PROGRAMS * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def channels_last(strides: tuple[int, int, int]) -> bool:
+    """Whether `bcs_strides` put a position's channels next to each other in memory."""
+    return strides[1] == 1 and strides[2] != 1
+
+
 def bcs_strides(t: torch.Tensor) -> tuple[int, int, int] | None:
     """Strides (batch, channel, spatial) of t viewed as [B, C, S] with S the flattened dims after the
     first two, or None when those dims do not flatten to one stride (e.g. H and W transposed)."""

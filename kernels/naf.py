@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ._common import acc as _acc
-from ._common import MAX_GRID_YZ, bcs_strides, cdiv, next_power_of_2, target_programs
+from ._common import MAX_GRID_YZ, bcs_strides, cdiv, channels_last, next_power_of_2, target_programs
 from ._launch import Kernel
 
 _NUM_WARPS = 4
@@ -116,9 +116,10 @@ _BWD = Kernel(_simple_gate_bwd_kernel, specialized=("ssb", "ssc", "sss", "xsb", 
                                                      "oss", "ohalf", "S"))
 
 
-def _tile(C: int, S: int, sc: int, ss: int) -> tuple[int, int]:
-    """(BC, BS): a tile of _TILE elements, long along the dimension that is contiguous in memory."""
-    if sc == 1 and ss != 1:  # channels-last: channels are adjacent
+def _tile(C: int, S: int, nhwc: bool) -> tuple[int, int]:
+    """(BC, BS): a tile of _TILE elements, long along the dimension that is contiguous in memory (the channels
+    when `nhwc`)."""
+    if nhwc:  # channels are adjacent
         bc = max(2, min(next_power_of_2(C), 128))
         return bc, max(2, min(next_power_of_2(S), _TILE // bc))
     bs = max(2, min(next_power_of_2(S), _TILE // 2))
@@ -143,7 +144,7 @@ def simple_gate_fwd(x: torch.Tensor, out: torch.Tensor | None, *, gate: bool = T
     os_ = bcs_strides(out) if out is not None else (0, 0, 0)
     ds = bcs_strides(dy) if dy is not None else (0, 0, 0)
     assert xs is not None and os_ is not None and ds is not None, "simple_gate_fwd: a tensor does not view as [B, C, S]"
-    bc, bs = _tile(C, S, xs[1], xs[2])
+    bc, bs = _tile(C, S, channels_last(xs))
     programs = B * cdiv(C, bc)
     if pool:
         splits = max(1, min(cdiv(S, bs), target_programs(x.device) // programs))
@@ -179,7 +180,7 @@ def simple_gate_bwd(src: torch.Tensor | None, out: torch.Tensor, *, x: torch.Ten
     xs = bcs_strides(x) if gate else (0, 0, 0)
     assert os_ is not None and ss is not None and xs is not None, "simple_gate_bwd: a tensor does not view as [B, C, S]"
     assert src is not None or shift is not None
-    bc, bs = _tile(C, S, os_[1], os_[2])
+    bc, bs = _tile(C, S, channels_last(os_))
     like = src if src is not None else out
     scale = scale.contiguous() if scale is not None else None  # [B, C] rows, as the kernel indexes them
     shift = shift.contiguous() if shift is not None else None

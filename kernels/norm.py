@@ -31,7 +31,7 @@ import triton.language as tl
 from pydpm._cache import BoundedCache
 
 from ._common import acc as _acc
-from ._common import bcs_strides, cdiv, next_power_of_2, target_programs
+from ._common import bcs_strides, cdiv, channels_last, next_power_of_2, target_programs
 from ._launch import Kernel
 
 _TILE = 2048            # elements per GroupNorm tile (8 per thread at 8 warps)
@@ -291,15 +291,10 @@ def _f64(t: torch.Tensor) -> bool:
     return t.dtype == torch.float64
 
 
-def _channels_last(strides: tuple[int, int, int]) -> bool:
-    """Whether [B, C, S] strides put a position's channels next to each other."""
-    return strides[1] == 1 and strides[2] != 1
-
-
-def _gn_tile(cpg: int, S: int, channels_last: bool) -> tuple[int, int]:
+def _gn_tile(cpg: int, S: int, nhwc: bool) -> tuple[int, int]:
     """(BC, BS): a tile of at most _TILE elements over (channels of a group, S spatial positions), long along
-    the dimension that is contiguous in memory."""
-    if channels_last:  # the group's channels are adjacent
+    the dimension that is contiguous in memory (the channels when `nhwc`)."""
+    if nhwc:  # the group's channels are adjacent
         bc = max(2, min(next_power_of_2(cpg), 64))
         return bc, max(2, min(next_power_of_2(S), _TILE // bc))
     bs = max(2, min(next_power_of_2(S), _TILE))
@@ -377,7 +372,7 @@ def group_norm_fwd(x: torch.Tensor, out: torch.Tensor, groups: int, weight, bias
     xs, os_ = bcs_strides(x), bcs_strides(out)
     assert xs is not None and os_ is not None, "group_norm_fwd: a tensor does not view as [B, C, S]"
     operands = _operands(weight, bias, scale, shift)
-    signature = (B * groups, cpg, S, _channels_last(xs), splits, x.device, operands, silu, keep_stats,
+    signature = (B * groups, cpg, S, channels_last(xs), splits, x.device, operands, silu, keep_stats,
                  x.dtype, out.dtype)
     plan = _GN_FWD_PLANS.get(signature)
     if plan is None:
@@ -396,13 +391,13 @@ def group_norm_fwd(x: torch.Tensor, out: torch.Tensor, groups: int, weight, bias
 _GN_FWD_PLANS = BoundedCache(256)
 
 
-def _gn_fwd_plan(programs: int, cpg: int, S: int, channels_last: bool, splits: int | None, device: torch.device,
+def _gn_fwd_plan(programs: int, cpg: int, S: int, nhwc: bool, splits: int | None, device: torch.device,
                  operands: tuple, silu: bool, keep_stats: bool, x_dtype: torch.dtype, out_dtype: torch.dtype):
     """(shares per group, positions per share, [(variant key, constexprs) per launch]) of `group_norm_fwd`."""
     n_split = splits or gn_splits(programs, S, device)
     chunk = cdiv(S, n_split)
     n_split = cdiv(S, chunk)
-    bc, bs = _gn_tile(cpg, chunk, channels_last)
+    bc, bs = _gn_tile(cpg, chunk, nhwc)
     launches = []
     for phase in ((1, 2) if n_split > 1 else (0,)):
         key = ("gn_fwd", phase, operands, silu, keep_stats, bc, bs, x_dtype, out_dtype)
@@ -423,7 +418,7 @@ def group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, groups: 
         return sums.zero_()
     xs, ds, os_ = bcs_strides(x), bcs_strides(dy), bcs_strides(dx)
     assert xs is not None and ds is not None and os_ is not None, "group_norm_bwd: a tensor does not view as [B, C, S]"
-    bc, bs = _gn_tile(cpg, S, _channels_last(xs))
+    bc, bs = _gn_tile(cpg, S, channels_last(xs))
     operands = _operands(weight, bias, scale, shift)
     key = ("gn_bwd", operands, silu, bc, bs, dy.dtype, x.dtype, dx.dtype)
     _GN_BWD((B * groups,), [dy, *ds, x, *xs, dx, *os_, *_modulation(weight, bias, scale, shift, x), stats, sums, C,

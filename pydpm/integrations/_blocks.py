@@ -154,16 +154,13 @@ def _output_in_residual_layout(self, hidden_states, residual, batch_size, height
     """diffusers' Transformer2DModel._get_output_for_continuous_inputs, with the tokens put back in the residual's
     layout: in a channels-last UNet the permuted tokens are channels-last already, and no copy is made."""
     layout = torch.channels_last if _is_channels_last(residual) else torch.contiguous_format
-    if not self.use_linear_projection:
-        hidden_states = hidden_states.reshape(batch_size, height, width, inner_dim).permute(0, 3, 1, 2).contiguous(
-            memory_format=layout)
-        hidden_states = self.proj_out(hidden_states)
-    else:
-        hidden_states = self.proj_out(hidden_states)
-        hidden_states = hidden_states.reshape(batch_size, height, width, inner_dim).permute(0, 3, 1, 2).contiguous(
-            memory_format=layout)
-    output = hidden_states + residual
-    return output
+
+    def image(tokens: torch.Tensor) -> torch.Tensor:
+        return tokens.reshape(batch_size, height, width, inner_dim).permute(0, 3, 1, 2).contiguous(memory_format=layout)
+
+    if self.use_linear_projection:
+        return image(self.proj_out(hidden_states)) + residual
+    return self.proj_out(image(hidden_states)) + residual
 
 
 def _affine_group_norm(m) -> bool:
@@ -275,8 +272,8 @@ def _to_nchw(t: torch.Tensor) -> None:
 
 def swap_layout(model: nn.Module) -> BlockSwaps:
     """Put `model` in channels-last memory (the module docstring's `swap_layout`): its 4-D parameters and
-    buffers in NCHW layout converted in place (those already in another layout are kept), Transformer2DModel's output in the residual's layout, the
-    model's outputs in its input's. `undo()` converts them back."""
+    buffers in NCHW layout converted in place (those already in another layout are kept), Transformer2DModel's
+    output in the residual's layout, the model's outputs in its input's. `undo()` converts them back."""
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
     swaps = BlockSwaps()

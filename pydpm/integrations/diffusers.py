@@ -886,14 +886,16 @@ def accelerate(obj, *, cuda_graph: bool = True, attention: bool = True, blocks: 
         if state.blocks.swapped:
             report.swapped["blocks"] = state.blocks.summary()
         report.left.update({f"blocks {name}": reason for name, reason in state.blocks.left.items()})
-    convolutions = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
-    if channels_last is None and not graphed:
-        report.left["channels_last"] = ("the forward is not replayed from CUDA graphs (eager autograd was slower in "
-                                        "channels-last); channels_last=True converts it anyway")
-    elif channels_last is None and convolutions < 2:
-        report.left["channels_last"] = (f"{convolutions} nn.Conv2d: not a convolutional network; channels_last=True "
-                                        f"converts it anyway")
-    elif channels_last or channels_last is None:
+    if channels_last is None:
+        convolutions = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) if graphed else 0
+        channels_last = graphed and convolutions >= 2
+        if not graphed:
+            report.left["channels_last"] = ("the forward is not replayed from CUDA graphs (eager autograd was slower "
+                                            "in channels-last); channels_last=True converts it anyway")
+        elif not channels_last:
+            report.left["channels_last"] = (f"{convolutions} nn.Conv2d: not a convolutional network; "
+                                            f"channels_last=True converts it anyway")
+    if channels_last:
         state.layout = swap_layout(model)
         report.swapped["channels_last"] = state.layout.summary()
     if scheduler and not isinstance(obj, torch.nn.Module):
