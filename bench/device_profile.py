@@ -1,6 +1,6 @@
 """Where a diffusers model's device time goes: one forward's CUDA kernels by kind, per way of running it.
 
-    python -m pydpm.bench.device_profile [--model unet-sd15] [--batch 2] [--top 12]
+    python -m pydpm.bench.device_profile [--model unet-sd15] [--batch 2] [--top 12] [--train]
 
 The model is one of bench/models.py's published configurations with random weights, fp16, in eval mode. Per
 variant (diffusers eager; accelerate's fused blocks without a graph, NCHW and channels-last, the kernels
@@ -12,6 +12,10 @@ variant (diffusers eager; accelerate's fused blocks without a graph, NCHW and ch
   and the variant's `top` kernels by time;
 - `wall ms` (the graphed `accelerate` and torch.compile): back-to-back calls per forward, host and device
   together, what a sampling loop pays.
+With --train it profiles bench/models.py's training step instead (bf16: forward, a mean-square loss, backward into
+every parameter) for diffusers eager, accelerate without graphs and torch.compile: per variant the device time
+by kind and the top kernels, the wall time per step, the host time of the forward and of the backward (enqueued
+after a synchronisation), and the `top` host operators by their own host time (torch.profiler's CPU events).
 It is the tool that found cuDNN converting every NCHW input of SD1.5's convolutions to NHWC (3.1 of 11.9 ms at
 batch 2 on an H200), which `accelerate` now avoids by putting convolutional networks in channels-last memory.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import collections
 import re
+import time
 from typing import Callable
 
 import torch
@@ -45,15 +50,18 @@ def kind(kernel: str) -> str:
     raise AssertionError("KINDS ends with a catch-all")
 
 
-def kernel_times(fn: Callable[[], object], calls: int = 3) -> dict[str, float]:
-    """µs per call of every CUDA kernel `fn` launches (after three warm-up calls)."""
+def kernel_times(fn: Callable[[], object], calls: int = 3, grad: bool = False,
+                 host: dict[str, float] | None = None) -> dict[str, float]:
+    """µs per call of every CUDA kernel `fn` launches (after three warm-up calls), under torch.no_grad unless
+    `grad`; `host`, if given, receives the µs per call of host time of every operator (its own, CPU events)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with torch.no_grad():
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if host is not None else [])
+    with torch.set_grad_enabled(grad):
         for _ in range(3):
             fn()
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with profile(activities=activities) as prof:
             for _ in range(calls):
                 fn()
             torch.cuda.synchronize()
@@ -61,6 +69,8 @@ def kernel_times(fn: Callable[[], object], calls: int = 3) -> dict[str, float]:
     for event in prof.key_averages():
         if event.device_type == torch.autograd.DeviceType.CUDA and event.device_time_total > 0:
             times[event.key] += event.device_time_total / calls
+        elif host is not None and event.device_type == torch.autograd.DeviceType.CPU:
+            host[event.key] = host.get(event.key, 0.0) + event.self_cpu_time_total / calls
     return dict(times)
 
 
@@ -87,14 +97,71 @@ def report(label: str, times: dict[str, float], top: int, wall: float | None = N
     return lines
 
 
+def train_report(label: str, step: Callable[[], tuple[Callable[[], torch.Tensor], Callable[[torch.Tensor], None]]],
+                 top: int) -> list[str]:
+    """The --train lines of one variant; `step()` returns (forward to the loss, backward of a loss)."""
+    def full():
+        forward_, backward_ = step()
+        backward_(forward_())
+
+    host: dict[str, float] = {}
+    times = kernel_times(full, grad=True, host=host)
+    wall, _ = per_call_us(full, torch.device("cuda"), 10)
+    fwd_host = bwd_host = float("inf")
+    for _ in range(5):
+        forward_, backward_ = step()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = forward_()
+        middle = time.perf_counter()
+        backward_(loss)
+        end = time.perf_counter()
+        torch.cuda.synchronize()
+        fwd_host, bwd_host = min(fwd_host, middle - start), min(bwd_host, end - middle)
+    lines = report(label, times, top, wall / 1e3)
+    lines.insert(1, f"  host: forward {fwd_host * 1e3:.2f} ms, backward {bwd_host * 1e3:.2f} ms")
+    lines.append("  host operators (own µs per step):")
+    for name, us in sorted(host.items(), key=lambda item: -item[1])[:top]:
+        lines.append(f"  {us:9.1f} us  {name[:100]}")
+    return lines
+
+
+def train(args: argparse.Namespace) -> None:
+    from pydpm.integrations.diffusers import accelerate, restore
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = _cast(build(args.model), torch.bfloat16).train().requires_grad_(True)
+    inputs = model_inputs(args.model, args.batch, torch.bfloat16, device)
+
+    def stepper(fn: Callable[..., object]):
+        def step():
+            model.zero_grad(set_to_none=True)
+            return (lambda: forward(args.model, fn, inputs).float().square().mean()), (lambda loss: loss.backward())
+        return step
+
+    print(f"{args.model} training step at batch {args.batch}, bf16, {torch.cuda.get_device_name()}:")
+    print(*train_report("diffusers eager", stepper(model), args.top), sep="\n")
+    done = accelerate(model, cuda_graph=False)
+    label = f"accelerate[no graph] ({len(done.swapped)} parts swapped, {len(done.left)} left)"
+    print(*train_report(label, stepper(model), args.top), sep="\n")
+    restore(model)
+    print(*train_report("torch.compile", stepper(torch.compile(model)), args.top), sep="\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pydpm.bench.device_profile", description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="unet-sd15")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--top", type=int, default=12, help="kernels listed per variant (default: 12)")
+    parser.add_argument("--train", action="store_true", help="profile the bf16 training step instead of a forward")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device (it profiles CUDA kernels)")
+    if args.train:
+        train(args)
+        return 0
     from pydpm.integrations.diffusers import accelerate, restore
 
     device = torch.device("cuda")
