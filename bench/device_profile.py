@@ -1,6 +1,6 @@
 """Where a diffusers model's device time goes: one forward's CUDA kernels by kind, per way of running it.
 
-    python -m pydpm.bench.device_profile [--model unet-sd15] [--batch 2] [--top 12] [--train]
+    python -m pydpm.bench.device_profile [--model unet-sd15] [--batch 2 [8 ...]] [--top 12] [--train]
 
 The model is one of bench/models.py's published configurations with random weights, fp16, in eval mode. Per
 variant (diffusers eager; accelerate's fused blocks without a graph, NCHW and channels-last, the kernels
@@ -13,7 +13,8 @@ variant (diffusers eager; accelerate's fused blocks without a graph, NCHW and ch
 - `wall ms` (the graphed `accelerate` and torch.compile): back-to-back calls per forward, host and device
   together, what a sampling loop pays.
 With --train it profiles bench/models.py's training step instead (bf16: forward, a mean-square loss, backward into
-every parameter) for diffusers eager, accelerate without graphs and torch.compile: per variant the device time
+every parameter) for diffusers eager, accelerate without graphs (TRAIN_VARIANTS: its default, with the block ops,
+in channels-last, both) and torch.compile: per variant the device time
 by kind and the top kernels, the wall time per step, the host time of the forward and of the backward (enqueued
 after a synchronisation), and the `top` host operators by their own host time (torch.profiler's CPU events).
 It is the tool that found cuDNN converting every NCHW input of SD1.5's convolutions to NHWC (3.1 of 11.9 ms at
@@ -97,6 +98,12 @@ def report(label: str, times: dict[str, float], top: int, wall: float | None = N
     return lines
 
 
+# accelerate's options per --train variant: its default without graphs (attention alone), then the block ops and
+# the channels-last layout it leaves out there, one at a time and together
+TRAIN_VARIANTS: tuple[dict[str, bool], ...] = ({}, {"blocks": True}, {"channels_last": True},
+                                               {"blocks": True, "channels_last": True})
+
+
 def train_report(label: str, step: Callable[[], tuple[Callable[[], torch.Tensor], Callable[[torch.Tensor], None]]],
                  top: int) -> list[str]:
     """The --train lines of one variant; `step()` returns (forward to the loss, backward of a loss)."""
@@ -126,14 +133,14 @@ def train_report(label: str, step: Callable[[], tuple[Callable[[], torch.Tensor]
     return lines
 
 
-def train(args: argparse.Namespace) -> None:
+def train(args: argparse.Namespace, batch: int) -> None:
     from pydpm.integrations.diffusers import accelerate, restore
 
     device = torch.device("cuda")
     torch.manual_seed(0)
     with torch.device(device):
         model = _cast(build(args.model), torch.bfloat16).train().requires_grad_(True)
-    inputs = model_inputs(args.model, args.batch, torch.bfloat16, device)
+    inputs = model_inputs(args.model, batch, torch.bfloat16, device)
 
     def stepper(fn: Callable[..., object]):
         def step():
@@ -141,39 +148,43 @@ def train(args: argparse.Namespace) -> None:
             return (lambda: forward(args.model, fn, inputs).float().square().mean()), (lambda loss: loss.backward())
         return step
 
-    print(f"{args.model} training step at batch {args.batch}, bf16, {torch.cuda.get_device_name()}:")
+    print(f"{args.model} training step at batch {batch}, bf16, {torch.cuda.get_device_name()}:")
     print(*train_report("diffusers eager", stepper(model), args.top), sep="\n")
-    done = accelerate(model, cuda_graph=False)
-    label = f"accelerate[no graph] ({len(done.swapped)} parts swapped, {len(done.left)} left)"
-    print(*train_report(label, stepper(model), args.top), sep="\n")
-    restore(model)
+    for options in TRAIN_VARIANTS:
+        done = accelerate(model, cuda_graph=False, **options)
+        label = f"accelerate[no graph]({', '.join(f'{k}={v}' for k, v in options.items())}): {', '.join(done.swapped)}"
+        print(*train_report(label, stepper(model), args.top), sep="\n")
+        restore(model)
     print(*train_report("torch.compile", stepper(torch.compile(model)), args.top), sep="\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pydpm.bench.device_profile", description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="unet-sd15")
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--batch", type=int, nargs="+", default=[2], help="one profile per batch (default: 2)")
     parser.add_argument("--top", type=int, default=12, help="kernels listed per variant (default: 12)")
     parser.add_argument("--train", action="store_true", help="profile the bf16 training step instead of a forward")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device (it profiles CUDA kernels)")
-    if args.train:
-        train(args)
-        return 0
+    for batch in args.batch:
+        (train if args.train else forward_profile)(args, batch)
+    return 0
+
+
+def forward_profile(args: argparse.Namespace, batch: int) -> None:
     from pydpm.integrations.diffusers import accelerate, restore
 
     device = torch.device("cuda")
     torch.manual_seed(0)
     with torch.device(device):
         model = _cast(build(args.model), torch.float16).eval().requires_grad_(False)
-    inputs = model_inputs(args.model, args.batch, torch.float16, device)
+    inputs = model_inputs(args.model, batch, torch.float16, device)
 
     def call(m=model):
         return forward(args.model, m, inputs)
 
-    print(f"{args.model} at batch {args.batch}, fp16, {torch.cuda.get_device_name()}; per forward:")
+    print(f"{args.model} at batch {batch}, fp16, {torch.cuda.get_device_name()}; per forward:")
     print(*report("diffusers eager", kernel_times(call), args.top, wall_ms(call)), sep="\n")
     for layout in (False, True):
         accelerate(model, cuda_graph=False, blocks=True, channels_last=layout)
@@ -187,7 +198,6 @@ def main(argv: list[str] | None = None) -> int:
     compiled = torch.compile(model)
     print(*report("torch.compile", kernel_times(lambda: call(compiled)), args.top, wall_ms(lambda: call(compiled))),
           sep="\n")
-    return 0
 
 
 if __name__ == "__main__":

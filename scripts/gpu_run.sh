@@ -22,7 +22,7 @@
 #     --demo "ARGS"       examples/spectral_distillation.py ARGS, non-empty (e.g. "--device cuda"): a teacher, three
 #                         students, samples, the metric and the table, under $1/demo (checkpoints left out of the archive)
 #   limits: PYDPM_TEST_TIMEOUT (default 420 s), PYDPM_HUGE_TIMEOUT (300 s), PYDPM_SANITIZE_TIMEOUT (240 s per
-#           tool), PYDPM_BENCH_TIMEOUT (540 s per bench run), PYDPM_DEMO_TIMEOUT (540 s)
+#           tool), PYDPM_PROFILE_TIMEOUT (300 s), PYDPM_BENCH_TIMEOUT (540 s per bench run), PYDPM_DEMO_TIMEOUT (540 s)
 set -uo pipefail
 out="${1:-${OUT:?give an output folder}}"
 shift || true
@@ -115,7 +115,7 @@ if [ "$host_cost" = 1 ]; then
 fi
 if [ "$profile" = 1 ]; then
   # shellcheck disable=SC2086
-  (cd "$out" && timeout 300 python3 -m pydpm.bench.device_profile $profile_args) >"$out/profile.log" 2>&1
+  (cd "$out" && timeout "${PYDPM_PROFILE_TIMEOUT:-300}" python3 -m pydpm.bench.device_profile $profile_args) >"$out/profile.log" 2>&1
   p_rc=$?
   summary+=("device profile (rc $p_rc):" "$(grep -v -i warn "$out/profile.log" | grep -E "^[a-z].*: device|^  [a-z]+ [0-9]")")
   rc=$(( rc || p_rc ))
