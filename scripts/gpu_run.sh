@@ -117,7 +117,7 @@ if [ "$profile" = 1 ]; then
   # shellcheck disable=SC2086
   (cd "$out" && timeout "${PYDPM_PROFILE_TIMEOUT:-300}" python3 -m pydpm.bench.device_profile $profile_args) >"$out/profile.log" 2>&1
   p_rc=$?
-  summary+=("device profile (rc $p_rc):" "$(grep -v -i warn "$out/profile.log" | grep -E "^[a-z].*: device|^  [a-z]+ [0-9]")")
+  summary+=("device profile (rc $p_rc):" "$(grep -v -i warn "$out/profile.log" | grep -E "^[a-z].*: device|^  [a-z]+ [0-9]|^  host:|step at batch|per forward")")
   rc=$(( rc || p_rc ))
 fi
 if [ -n "$tune" ]; then
