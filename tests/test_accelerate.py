@@ -1,7 +1,7 @@
-"""`pydpm.integrations.diffusers.accelerate` / `restore` on tiny random diffusers models and pipelines: what it
-swaps and what it reports it left, outputs against the untouched eager model, restore puts every part back,
-bad arguments are named; on CUDA, the graphed forward against eager (re-capture on a new signature, the cache
-bound, weight changes, training calls)."""
+"""`pydpm.integrations.diffusers.accelerate` / `restore` on tiny random diffusers models and pipelines (SD UNets,
+DiT, PixArt, SD3, Flux): what it swaps and what it reports it left, outputs against the untouched eager model,
+restore puts every part back, bad arguments are named; on CUDA, the graphed forward against eager (re-capture on
+a new signature, the cache bound, weight changes, training calls)."""
 from __future__ import annotations
 
 import warnings
@@ -85,6 +85,24 @@ def _tiny(kind: str):
                                                 num_embeds_ada_norm=10, norm_type="ada_norm_zero")
         args = (torch.randn(2, 4, 8, 8, generator=g),)
         kwargs = {"timestep": torch.tensor([3, 700]), "class_labels": torch.tensor([1, 7])}
+    elif kind == "sd3":
+        model = diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2,
+                                                attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                                caption_projection_dim=16, pooled_projection_dim=12, out_channels=4,
+                                                pos_embed_max_size=16)
+        args = (torch.randn(2, 4, 8, 8, generator=g),)
+        kwargs = {"encoder_hidden_states": torch.randn(2, 5, 16, generator=g),
+                  "pooled_projections": torch.randn(2, 12, generator=g), "timestep": torch.tensor([3.0, 700.0])}
+    elif kind == "flux":
+        model = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                                 attention_head_dim=8, num_attention_heads=2, joint_attention_dim=24,
+                                                 pooled_projection_dim=12, guidance_embeds=False,
+                                                 axes_dims_rope=(2, 2, 4))
+        ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1)
+        args = (torch.randn(2, 16, 16, generator=g),)
+        kwargs = {"encoder_hidden_states": torch.randn(2, 5, 24, generator=g),
+                  "pooled_projections": torch.randn(2, 12, generator=g), "timestep": torch.tensor([0.1, 0.9]),
+                  "img_ids": ids.reshape(16, 3), "txt_ids": torch.zeros(5, 3)}
     else:
         model = diffusers.PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
                                                    out_channels=8, num_layers=2, sample_size=8, patch_size=2,
@@ -108,6 +126,8 @@ def test_blocks_are_swapped_by_default_only_where_the_forward_is_graphed():
     ("unet2d-scale-shift", "GroupNorm ×3, ResnetBlock2D (GroupNorm+SiLU) ×8, conv_norm_out (GroupNorm+SiLU) ×1"),
     ("dit", "AdaLayerNormZero (LayerNorm+modulate) ×2, BasicTransformerBlock (AdaLN modulate) ×2"),
     ("pixart", "BasicTransformerBlock (AdaLN modulate) ×2"),
+    ("sd3", "AdaLayerNormZero (LayerNorm+modulate) ×3"),
+    ("flux", "AdaLayerNormZero (LayerNorm+modulate) ×2"),
 ])
 def test_the_swapped_blocks_compute_what_diffusers_does(kind, swapped):
     model, args, kwargs = _tiny(kind)
@@ -121,7 +141,7 @@ def test_the_swapped_blocks_compute_what_diffusers_does(kind, swapped):
     pd.restore(model)
 
 
-@pytest.mark.parametrize("kind", ["unet2d-scale-shift", "dit", "pixart"])
+@pytest.mark.parametrize("kind", ["unet2d-scale-shift", "dit", "pixart", "sd3", "flux"])
 def test_training_through_the_swapped_blocks_gives_diffusers_gradients(kind):
     """The fused ops' backwards inside a real model: every parameter's gradient (GroupNorm weights and biases,
     the time embedding through scale/shift and the AdaLN tables, the layers before the norms) equals eager
@@ -143,6 +163,28 @@ def test_training_through_the_swapped_blocks_gives_diffusers_gradients(kind):
     assert got.keys() == want.keys() and len(got) > 20
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("kind, processor", [("sd3", "JointAttnProcessor2_0"), ("flux", "FluxAttnProcessor")])
+def test_sd3_and_flux_keep_their_joint_attention_and_say_so(kind, processor):
+    """SD3's and Flux's transformers: their joint attention (a processor pydpm's does not reproduce) is left on
+    every block and named in the report, with no "attention" entry among the swapped parts; their AdaLN-Zero
+    norms are swapped, and the outputs and the processors are diffusers' own after restore."""
+    model, args, kwargs = _tiny(kind)
+    before = {name: m.processor for name, m in model.named_modules() if hasattr(m, "processor")}
+    with torch.no_grad():
+        want = model(*args, **kwargs).sample
+    report = pd.accelerate(model, blocks=True)
+    assert "attention" not in report.swapped and "blocks" in report.swapped
+    left = {name.removeprefix("attention "): reason for name, reason in report.left.items()
+            if name.startswith("attention ")}
+    assert set(left) == set(before) and len(left) >= 2
+    assert all(reason.startswith(f"keeps {processor}:") for reason in left.values())
+    with torch.no_grad():
+        torch.testing.assert_close(model(*args, **kwargs).sample, want, rtol=1e-12, atol=1e-12)
+    pd.restore(model)
+    after = {name: m.processor for name, m in model.named_modules() if hasattr(m, "processor")}
+    assert all(after[name] is p for name, p in before.items())
 
 
 @pytest.mark.parametrize("linear_projection", [False, True])
@@ -346,6 +388,28 @@ def test_the_graphed_forward_equals_eager_and_recaptures_per_signature(dtype):
     assert graph.captures == 2 and graph.eager_calls == 2
     pd.restore(model)
     assert "forward" not in model.__dict__
+
+
+@needs_cuda
+@pytest.mark.parametrize("kind", ["dit", "pixart", "sd3", "flux"])
+def test_the_transformers_graphed_forward_equals_their_eager_forward(kind):
+    """DiT, PixArt, SD3 and Flux (their keyword inputs: class labels, added conditions, pooled projections,
+    Flux's position ids) replay from one graph what the same accelerated model computes eagerly."""
+    model, args, kwargs = _tiny(kind)
+    cuda = lambda v: v.float().cuda() if torch.is_tensor(v) and v.is_floating_point() else (  # noqa: E731
+        v.cuda() if torch.is_tensor(v) else v)
+    model = model.float().cuda()
+    args, kwargs = tuple(map(cuda, args)), {k: cuda(v) for k, v in kwargs.items()}
+    graph = pd.accelerate(model).graph
+    with torch.no_grad():
+        first = model(*args, **kwargs).sample
+        second = model(*(a * 2 if a.is_floating_point() else a for a in args), **kwargs).sample
+        want = graph.eager(*args, **kwargs).sample
+        want2 = graph.eager(*(a * 2 if a.is_floating_point() else a for a in args), **kwargs).sample
+    torch.testing.assert_close(first, want, rtol=0, atol=0)
+    torch.testing.assert_close(second, want2, rtol=0, atol=0)
+    assert graph.captures == 1 and graph.replays == 2
+    pd.restore(model)
 
 
 @needs_cuda

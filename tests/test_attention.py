@@ -167,6 +167,18 @@ def test_diffusers_processor_calls_sdpa_itself_only_where_dispatch_picks_it(monk
     assert OP.select(OP.check(*(torch.randn(2, 5, 2, 8) for _ in range(3)), layout="bnhd")).name == "sdpa"
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("train", [False, True])
+def test_half_precision_in_diffusers_layout_goes_to_torchs_sdpa_call(dtype, train):
+    """fp16/bf16 calls in diffusers' [B, N, H, D] layout, inference and training, are diffusers' own SDPA call
+    (the processor then makes it without pydpm's front door); the [B, H, N, D] layout keeps cuDNN's kernel."""
+    from pydpm.ops.attention import table_choice
+    for head_dim, keys in ((40, 4096), (64, 77), (160, 1024)):
+        assert table_choice(head_dim, dtype, keys, train, "bnhd") == "sdpa"
+        assert table_choice(head_dim, dtype, keys, train, "bhnd") == ("triton" if head_dim > 128 else "sdpa-cudnn")
+    assert table_choice(64, torch.float32, 4096, train, "bnhd") == "triton"
+
+
 def test_diffusers_dit_runs_through_pydpm_attention():
     """A DiT (no set_attn_processor in diffusers 0.42) takes the processor on every Attention block and
     gives diffusers' outputs; a model without attention blocks is refused by name."""

@@ -870,7 +870,8 @@ def accelerate(obj, *, cuda_graph: bool = True, attention: bool = True, blocks: 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the report lists the blocks left
                 processor = use_pydpm_attention(model)
-            report.swapped["attention"] = f"PydpmAttnProcessor on {len(processor._previous)} blocks"
+            if processor._previous:
+                report.swapped["attention"] = f"PydpmAttnProcessor on {len(processor._previous)} blocks"
             for name, kind in processor.skipped.items():
                 report.left[f"attention {name}"] = (f"keeps {kind}: pydpm's processor reproduces diffusers' "
                                                     f"AttnProcessor2_0 / AttnProcessor only")

@@ -19,8 +19,8 @@ Backends:
 The automatic choice between them comes from a measured table (`DISPATCH_TABLE`): per head-dim class, dtype
 class, key-length class and direction (inference, or training: forward and backward), the backend that was
 fastest as a model sees it (eager wall time per call) on an H200. Our kernel runs fp32 (long keys) and head
-dims torch's kernels refuse; cuDNN's runs fp16/bf16; torch's SDPA runs fp16/bf16 inference in diffusers' layout,
-and everything on the CPU (the reference stays the oracle, `use_backend("reference")`). Module layout (the op framework's skeleton,
+dims torch's kernels refuse; cuDNN's runs fp16/bf16; torch's SDPA runs fp16/bf16 in diffusers' layout (inference
+and training), and everything on the CPU (the reference stays the oracle, `use_backend("reference")`). Module layout (the op framework's skeleton,
 pydpm/ops/_framework.py): reference → argument check → backends and the dispatch table → registration (the
 differentiable op, the public op) → sample inputs and the registry entry.
 """
@@ -331,12 +331,16 @@ BACKENDS = (Backend("triton", _run_triton, _triton_reasons),
 #     cuDNN's kernel called on [B, N, H, D] views cost far more host time than diffusers' own SDPA call (SD1.5
 #     UNet forward 0.64x, pydpm's kernel 0.89x; DiT-XL/2 0.91x and 0.84x), so that class runs the very call
 #     diffusers makes, torch's SDPA.
+#   fp16/bf16 training in diffusers' layout, likewise: SD1.5's bf16 training step at batch 2 is host-bound (36.5 ms
+#     of device time, 107 ms of host time per step), and cuDNN's kernel through pydpm's front door added 10.6 ms
+#     of host time per step at batch 2 and 25 ms at batch 8 (h200-2026-12-03-b456eaf-train-profile.txt).
 # The 256 class was not measured and keeps pydpm's kernel, except in the class above.
 DISPATCH_TABLE = {
     **{(d, "16", keys, direction, layout): "sdpa-cudnn" for d in (32, 64, 128) for keys in ("short", "long")
        for direction in ("infer", "train") for layout in ("bhnd", "bnhd")},
     **{(d, "32", "short", "infer", layout): "sdpa-efficient" for d in (32, 64, 128) for layout in ("bhnd", "bnhd")},
-    **{(d, "16", keys, "infer", "bnhd"): "sdpa" for d in (32, 64, 128, 256) for keys in ("short", "long")},
+    **{(d, "16", keys, direction, "bnhd"): "sdpa" for d in (32, 64, 128, 256) for keys in ("short", "long")
+       for direction in ("infer", "train")},
 }
 SHORT_KEYS = 128
 _ORDERS: dict[str, tuple[str, ...]] = {
