@@ -1,7 +1,7 @@
 """`pydpm.integrations.diffusers.accelerate` / `restore` on tiny random diffusers models and pipelines (SD UNets,
 DiT, PixArt, SD3, Flux): what it swaps and what it reports it left, outputs against the untouched eager model,
 restore puts every part back, bad arguments are named; on CUDA, the graphed forward against eager (re-capture on
-a new signature, the cache bound, weight changes, training calls)."""
+a new signature, the cache bound, weight changes, training steps replayed with their backward)."""
 from __future__ import annotations
 
 import warnings
@@ -437,15 +437,84 @@ def test_weight_changes_reach_the_graph():
     pd.restore(model)
 
 
+def _loss(forward, sample, t, ctx):
+    return forward(sample, t, encoder_hidden_states=ctx).sample.float().square().mean()
+
+
+def _grads(model) -> dict:
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_grads(got: dict, want: dict, **tol) -> None:
+    assert got.keys() == want.keys() and len(got) > 20
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], **tol, msg=lambda m: f"{name}: {m}")
+
+
 @needs_cuda
-def test_training_calls_run_eagerly_with_gradients():
-    model = unet2d_condition("cuda")
+def test_training_steps_replay_a_forward_and_a_backward_graph():
+    """With autograd recording, the accelerated UNet replays its forward and backward from graphs: losses and
+    every parameter's gradient equal the same model's eager steps, over two steps accumulated into .grad
+    (no zero_grad between them: autograd adds the graph's gradients, it never keeps its buffers); two
+    forwards before one backward run the second eagerly; which parameters require grad is part of the
+    signature."""
+    model = unet2d_condition("cuda").train()
+    x, t, ctx = inputs("cuda")
+    x2 = torch.randn_like(x)
+    graph = pd.accelerate(model).graph
+    tol = dict(rtol=1e-4, atol=1e-6)  # the same kernels; cuDNN's weight gradients may sum in another order
+
+    want1 = _loss(graph.eager, x, t, ctx)
+    want1.backward()
+    g1 = _grads(model)
+    want2 = _loss(graph.eager, x2, t, ctx)
+    want2.backward()
+    g12 = _grads(model)
+    model.zero_grad(set_to_none=True)
+
+    got1 = _loss(model, x, t, ctx)
+    got1.backward()
+    assert graph.captures == 1 and graph.replays == 1 and graph.eager_calls == 0
+    _assert_grads(_grads(model), g1, **tol)
+    got2 = _loss(model, x2, t, ctx)
+    got2.backward()
+    assert graph.captures == 1 and graph.replays == 2
+    torch.testing.assert_close(torch.stack([got1, got2]), torch.stack([want1, want2]).detach(), **tol)
+    _assert_grads(_grads(model), g12, **tol)
+
+    model.zero_grad(set_to_none=True)
+    first, second = _loss(model, x, t, ctx), _loss(model, x2, t, ctx)  # the second: eager, the first pending
+    (first + second).backward()
+    assert graph.replays == 3 and graph.eager_calls == 1
+    _assert_grads(_grads(model), g12, **tol)
+
+    model.conv_in.requires_grad_(False)
+    model.zero_grad(set_to_none=True)
+    _loss(model, x, t, ctx).backward()
+    assert graph.captures == 2 and model.conv_in.weight.grad is None
+    _assert_grads(_grads(model), {k: v for k, v in g1.items() if not k.startswith("conv_in.")}, **tol)
+    pd.restore(model)
+
+
+@needs_cuda
+def test_a_training_step_under_autocast_replays_graphs():
+    """Under autocast (bf16) the training graph is captured with autocast's cast cache off and replays what
+    the eager step computes; the autocast state is part of the signature (an fp32 step captures again)."""
+    model = unet2d_condition("cuda").train()
     x, t, ctx = inputs("cuda")
     graph = pd.accelerate(model).graph
-    loss = model(x, t, encoder_hidden_states=ctx).sample.square().mean()
-    loss.backward()
-    assert graph.captures == 0 and graph.eager_calls == 1
-    assert model.conv_out.weight.grad is not None and float(model.conv_out.weight.grad.abs().sum()) > 0
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        want = _loss(graph.eager, x, t, ctx)
+        want.backward()
+        g = _grads(model)
+        model.zero_grad(set_to_none=True)
+        got = _loss(model, x, t, ctx)
+        got.backward()
+    assert graph.captures == 1 and graph.replays == 1
+    torch.testing.assert_close(got, want.detach(), rtol=1e-2, atol=1e-4)
+    _assert_grads(_grads(model), g, rtol=2e-2, atol=1e-3)
+    _loss(model, x, t, ctx).backward()
+    assert graph.captures == 2
     pd.restore(model)
 
 

@@ -291,9 +291,9 @@ def test_model_cases_match_their_oracle(tiny_models, name, kind):
     from pydpm.integrations import diffusers as integration
 
     case = models.model_case(name, kind, 2, torch.float32, torch.device("cpu"), quick=False, steps=3)
-    expected_impls = {"diffusers", "accelerate[no graph]", "torch.compile"}
+    expected_impls = {"diffusers", "accelerate[no graph]", "accelerate", "torch.compile"}
     if kind != "train":
-        expected_impls |= {"accelerate", "torch.compile[max-autotune]"}
+        expected_impls.add("torch.compile[max-autotune]")
     assert {impl.name for impl in case.impls} == expected_impls
     assert case.peak_memory and case.shape == ((1 if kind == "loop" else 2), 4, 8, 8)
     inputs = case.inputs()
@@ -364,17 +364,19 @@ def test_model_footer_reads_the_targets_off_the_rows(monkeypatch):
             "diffusers": (3000.0, 0.1, 1000.0), "accelerate": (900.0, 0.4, 1100.0),
             "torch.compile": (1500.0, 0.2, 1000.0), "torch.compile[max-autotune]": (1200.0, 0.3, 1300.0)})),
         (train, _model_rows(train.name, "(2,4,8,8)", {
-            "diffusers": (100.0, 0.1, 1000.0), "accelerate[no graph]": (90.0, 0.1, 1200.0)})),
+            "diffusers": (100.0, 0.1, 1000.0), "accelerate[no graph]": (90.0, 0.1, 1200.0),
+            "accelerate": (25.0, 0.1, 1100.0)})),
         (dit, _model_rows(dit.name, "(2,4,8,8)", {
             "diffusers": (30.0, 0.1, 1000.0), "accelerate[no graph]": (25.0, 0.2, 1000.0),
             "accelerate": (8.0, 0.5, 1100.0)})),
     ]
     lines = models.footer(results)
-    targets = {line.split(":")[0]: line for line in lines[-5:]}
+    targets = {line.split(":")[0]: line for line in lines[-6:]}
     assert targets["SD1.5 20-step CFG loop"].endswith("3.33x eager, 1.33x its best, torch.compile[max-autotune] (met)")
     assert "dit-xl2 (2,4,8,8) fp16 3.75x (met)" in targets["DiT-XL/2, PixArt-sized and SDXL-sized forward"]
     assert targets["forward at >= 40% of the measured matmul peak (accelerate, device time)"].endswith("50.0% (met)")
     assert targets["training step"].endswith("1.11x (NOT met)")
+    assert targets["training step replayed from graphs"].endswith("unet-sd15-train (2,4,8,8) fp16 4.00x (met)")
     memory = targets["peak memory <= diffusers eager + 15% (pydpm's rows)"]
     assert "unet-sd15-train (2,4,8,8) fp16 accelerate[no graph] 1.20x" in memory and memory.endswith("(NOT met)")
     assert any(line.startswith("unet-sd15-cfg20 (1,4,8,8) fp16 accelerate: 0.90 ms per call, 3.33x diffusers eager")

@@ -1,32 +1,45 @@
-"""A module's inference forward replayed from CUDA graphs, one per input signature (what `accelerate` installs).
+"""A module's forward replayed from CUDA graphs, one per input signature (what `accelerate` installs): the
+inference forward, and with autograd recording the forward and its backward.
 
-An eager diffusion network issues about a thousand small launches per forward, and at the batch sizes of
-sampling the host's cost of issuing them is most of the forward's wall time. `GraphedForward` captures the
-forward once per signature into a CUDA graph with static input buffers; a later call with that signature copies
-its tensors into the buffers, replays the graph (one launch from the host) and returns copies of the outputs.
+An eager diffusion network issues about a thousand small launches per forward (and as many again in its
+backward), and at the batch sizes of sampling, and of training on one GPU, the host's cost of issuing them is
+most of the step's wall time. `GraphedForward` captures the forward once per signature into a CUDA graph with
+static input buffers; a later call with that signature copies its tensors into the buffers, replays the graph
+(one launch from the host) and returns copies of the outputs.
+
+Training. When autograd records (grad mode on and a parameter requires grad), the call replays a training
+graph: the forward captured with autograd on, and the backward into every parameter that requires grad
+captured beside it (`torch.autograd.grad`), both in one private memory pool. The call returns copies of the
+outputs attached to one autograd node; its backward copies the incoming gradients into the graph's buffers,
+replays the backward graph and hands the parameters' gradients to autograd, which accumulates them into `.grad`
+as it would eagerly (`zero_grad`, gradient accumulation and optimizers work unchanged). A signature's training
+graph serves one step at a time: a second forward of that signature while the first one's backward is still
+pending (two forwards, one backward) runs eagerly, since a replay would overwrite the activations the pending
+backward reads. Under autocast the graphs are captured with autocast's cast cache off (a graph cannot replay
+the cache), and the autocast state is part of the signature.
 
 A signature is the call's structure: every tensor's shape, strides, dtype and device, and every other argument's
 value (the forward's `timestep` argument, positional or keyword, given as a Python number is made a tensor
-first, so the graph does not depend on it). The
-graphs are kept in a bounded cache (`max_graphs`, least recently used first out); a call that finds no graph
-and no room runs eagerly, with one warning per wrapper.
+first, so the graph does not depend on it), the module's `training` flag, the autocast state and, for a
+training graph, which parameters require grad. The graphs are kept in a bounded cache (`max_graphs`, least
+recently used first out); a call that finds no graph and no room runs eagerly, with one warning per wrapper.
 
-Calls run eagerly, with no graph, when: autograd would record (grad mode on and a parameter or an input requires
-grad: graphs replay no backward), torch.compile is tracing, a tensor is not on the module's CUDA device, or an
-argument is neither a tensor nor hashable.
+Calls run eagerly, with no graph, when: torch.compile is tracing, an input tensor requires grad, a tensor is not
+on the module's CUDA device, an argument is neither a tensor nor hashable, autograd records and `train=False`,
+or the capture of that signature failed (one warning naming the error).
 
 Weights. The graphs read the parameters and buffers in place: an in-place update (`load_state_dict`,
 `copy_`, an optimizer step) is seen by the next replay. A parameter or buffer replaced by another tensor
 (`p.data = ...`, a new `nn.Parameter`) and any module, parameter or buffer registered on a module of the
 model (PEFT injecting LoRA layers, `fuse_lora` replacing weights) drop every graph, and the next call captures
 again. What a graph cannot see is a change that is none of these: Python numbers and attributes the forward
-reads (a LoRA scale set by `set_adapters`, an attention processor set with `set_processor`; the module's own
-`training` flag is part of the signature) are baked into the graph when it is captured; after such a change
-call `reset()` (or `accelerate` again).
+reads (a LoRA scale set by `set_adapters`, an attention processor set with `set_processor`) are baked into the
+graph when it is captured; after such a change call `reset()` (or `accelerate` again).
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import inspect
 import numbers
 import threading
@@ -69,10 +82,78 @@ class _Graph:
         self.graph, self.inputs, self.output = graph, inputs, output
 
 
+_TENSOR = object()  # a tensor's place among a training graph's output leaves
+
+
+class _Step:
+    """One training step's forward: `done` once its backward has run (a token the step's autograd node holds)."""
+    __slots__ = ("done", "__weakref__")
+
+    def __init__(self):
+        self.done = False
+
+
+class _TrainGraph:
+    """A captured training forward and backward: `inputs` (static input buffers), `outputs` (the forward's
+    static tensor outputs), `leaves` and `spec` (the output's pytree: its non-tensor leaves as captured, _TENSOR
+    where a tensor goes),
+    `grad_outputs` (static buffers of the outputs' gradients, None where an output needs none), `params` (the
+    parameters that required grad) and `grads` (their static gradients, None where unused); `step` (a weak
+    reference to the `_Step` of the last replay)."""
+    __slots__ = ("forward", "backward", "inputs", "outputs", "leaves", "spec", "grad_outputs", "params", "grads",
+                 "step")
+
+    def __init__(self, forward, backward, inputs, outputs, leaves, spec, grad_outputs, params, grads):
+        self.forward, self.backward, self.inputs, self.outputs = forward, backward, inputs, outputs
+        self.leaves, self.spec, self.grad_outputs, self.params, self.grads = leaves, spec, grad_outputs, params, grads
+        self.step: weakref.ref | None = None
+
+    def pending(self) -> bool:
+        """Whether the last replay's backward has yet to run while its outputs' autograd graph is alive."""
+        step = self.step() if self.step is not None else None
+        return step is not None and not step.done
+
+
+class _TrainReplay(torch.autograd.Function):
+    """Replays a `_TrainGraph`: forward, copies of its outputs; backward, the backward graph on the incoming
+    gradients, the parameters' gradients handed to autograd (the static buffers themselves, which autograd
+    copies or adds into `.grad` and never keeps)."""
+
+    @staticmethod
+    def forward(ctx, entry: _TrainGraph, step: _Step, *params):
+        entry.forward.replay()
+        ctx.entry, ctx.step = entry, step
+        outputs = tuple(o.clone() for o in entry.outputs)
+        ctx.mark_non_differentiable(*(o for o, g in zip(outputs, entry.grad_outputs) if g is None))
+        return outputs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        entry = ctx.entry
+        for static, grad in zip(entry.grad_outputs, grads):
+            if static is not None:
+                static.copy_(grad)
+        entry.backward.replay()
+        ctx.step.done = True
+        return (None, None, *entry.grads)
+
+
+@contextlib.contextmanager
+def _autocast_cache_off():
+    """Autocast's cast cache off inside (a graph captured with it would replay casts it never recorded)."""
+    cached = torch.is_autocast_cache_enabled()
+    torch.set_autocast_cache_enabled(False)
+    try:
+        yield
+    finally:
+        torch.set_autocast_cache_enabled(cached)
+
+
 class GraphedForward:
     """Replaces `module.forward` (an instance attribute; `remove()` takes it off) with graph replays."""
 
-    def __init__(self, module: torch.nn.Module, max_graphs: int = 8, warmup: int = 2):
+    def __init__(self, module: torch.nn.Module, max_graphs: int = 8, warmup: int = 2, train: bool = True):
         devices = {t.device for t in (*module.parameters(), *module.buffers())}
         if len(devices) != 1 or next(iter(devices)).type != "cuda":
             raise ValueError(f"GraphedForward: the module's parameters are on {sorted(map(str, devices))}; CUDA "
@@ -85,11 +166,13 @@ class GraphedForward:
         self.eager: Callable[..., Any] = module.forward  # the bound method of the class
         names = list(inspect.signature(self.eager).parameters)  # where the forward takes `timestep` positionally
         self.timestep_index = names.index("timestep") if "timestep" in names else None
-        self.max_graphs, self.warmup = max_graphs, warmup
-        self.graphs: collections.OrderedDict[Any, _Graph] = collections.OrderedDict()
+        self.max_graphs, self.warmup, self.train = max_graphs, warmup, train
+        # signature -> its graph (None: its capture failed, it runs eagerly)
+        self.graphs: collections.OrderedDict[Any, _Graph | _TrainGraph | None] = collections.OrderedDict()
         self.captures = self.replays = self.eager_calls = 0
         self._warned = False
         self._weights: tuple[list[torch.Tensor], tuple[int, ...]] = ([], ())
+        self._params: list[torch.nn.Parameter] = []
         self.members: set[int] = set()  # id() of every module of the model, for the registration hooks
         self.dirty = True
         _live.add(self)
@@ -113,14 +196,16 @@ class GraphedForward:
             return False
         self.dirty = False
         self.members = {id(m) for m in self.module.modules()}
-        tensors = [*self.module.parameters(), *self.module.buffers()]
+        self._params = list(self.module.parameters())
+        tensors = [*self._params, *self.module.buffers()]
         self._weights = (tensors, tuple(t.data_ptr() for t in tensors))
         return True
 
     def _signature(self, args: tuple, kwargs: dict) -> tuple[Any, list[torch.Tensor]] | None:
         """(key, tensor leaves) of a call that can replay a graph; None when it must run eagerly."""
         leaves, spec = pytree.tree_flatten((args, kwargs))
-        key: list[Any] = [spec, self.module.training]  # dropout and friends read the mode flag
+        autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        key: list[Any] = [spec, self.module.training, autocast]  # dropout and friends read the mode flag
         tensors = []
         for leaf in leaves:
             if isinstance(leaf, torch.Tensor):
@@ -138,8 +223,7 @@ class GraphedForward:
 
     def __call__(self, *args, **kwargs):
         module = self.module
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
-                p.requires_grad for p in module.parameters())):
+        if torch.compiler.is_compiling():
             self.eager_calls += 1
             return self.eager(*args, **kwargs)
         args, kwargs = self._tensor_timestep(args, kwargs)
@@ -150,8 +234,16 @@ class GraphedForward:
         key, tensors = found
         if self._weights_changed():
             self.graphs.clear()
-        entry = self.graphs.get(key)
-        if entry is None:
+        grads = torch.is_grad_enabled() and any(p.requires_grad for p in self._params)
+        if grads:
+            if not self.train:
+                self.eager_calls += 1
+                return self.eager(*args, **kwargs)
+            key = (*key, tuple(p.requires_grad for p in self._params))
+        if key in self.graphs:
+            entry = self.graphs[key]
+            self.graphs.move_to_end(key)
+        else:
             if len(self.graphs) >= self.max_graphs:
                 if not self._warned:
                     self._warned = True
@@ -161,17 +253,24 @@ class GraphedForward:
                                   f"if the model really sees that many", stacklevel=2)
                 self.eager_calls += 1
                 return self.eager(*args, **kwargs)
-            entry = self._capture(args, kwargs, tensors)
+            entry = self._capture_train(args, kwargs, tensors) if grads else self._capture(args, kwargs, tensors)
             if self._weights_changed():  # the warm-up registered or replaced weights: older graphs may be stale
                 self.graphs.clear()
             self.graphs[key] = entry
-        else:
-            self.graphs.move_to_end(key)
+        if entry is None or (grads and entry.pending()):  # no graph, or its buffers serve a pending backward
+            self.eager_calls += 1
+            return self.eager(*args, **kwargs)
         with torch.no_grad():
             for static, t in zip(entry.inputs, tensors):
                 static.copy_(t)
-        entry.graph.replay()
         self.replays += 1
+        if isinstance(entry, _TrainGraph):
+            step = _Step()
+            outputs = iter(_TrainReplay.apply(entry, step, *entry.params))
+            entry.step = weakref.ref(step)
+            return pytree.tree_unflatten([next(outputs) if leaf is _TENSOR else leaf for leaf in entry.leaves],
+                                         entry.spec)
+        entry.graph.replay()
         # copies: the next replay overwrites the static output (diffusers' BaseOutput is a pytree node)
         return pytree.tree_map_only(torch.Tensor, torch.Tensor.clone, entry.output)
 
@@ -190,19 +289,65 @@ class GraphedForward:
             args = (*args[:i], as_tensor(args[i]), *args[i + 1:])
         return args, kwargs
 
-    def _capture(self, args: tuple, kwargs: dict, tensors: list[torch.Tensor]) -> _Graph:
+    def _statics(self, args: tuple, kwargs: dict, tensors: list[torch.Tensor]) -> tuple[list, tuple, dict]:
+        """Static copies of the call's tensors, and the call's arguments with those in their places."""
         statics = [t.clone() for t in tensors]
         it = iter(statics)
         s_args, s_kwargs = pytree.tree_map_only(torch.Tensor, lambda _: next(it), (args, kwargs))
+        return statics, s_args, s_kwargs
+
+    def _warm_up(self, step: Callable[[], Any]) -> None:
+        """`step()` `warmup` times on a side stream, off the capture: lazy inits, autotuning, workspaces."""
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.no_grad():
-            with torch.cuda.stream(stream):  # warm-up off the capture: lazy inits, autotuning, workspaces
-                for _ in range(self.warmup):
-                    self.eager(*s_args, **s_kwargs)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
+        with torch.cuda.stream(stream):
+            for _ in range(self.warmup):
+                step()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+
+    def _capture(self, args: tuple, kwargs: dict, tensors: list[torch.Tensor]) -> _Graph:
+        statics, s_args, s_kwargs = self._statics(args, kwargs, tensors)
+        with torch.no_grad(), _autocast_cache_off():
+            self._warm_up(lambda: self.eager(*s_args, **s_kwargs))
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):  # a private pool each: a dropped graph frees its memory
                 output = self.eager(*s_args, **s_kwargs)
         self.captures += 1
         return _Graph(graph, statics, output)
+
+    def _capture_train(self, args: tuple, kwargs: dict, tensors: list[torch.Tensor]) -> _TrainGraph | None:
+        """The training graph of a signature, or None (with one warning) when its capture fails."""
+        statics, s_args, s_kwargs = self._statics(args, kwargs, tensors)
+        params = tuple(p for p in self._params if p.requires_grad)
+
+        def differentiable(output) -> list[torch.Tensor]:
+            return [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.requires_grad]
+
+        def step():
+            outputs = differentiable(self.eager(*s_args, **s_kwargs))
+            torch.autograd.grad(outputs, params, [torch.ones_like(t) for t in outputs], allow_unused=True)
+
+        try:
+            with _autocast_cache_off():
+                self._warm_up(step)
+                pool = torch.cuda.graph_pool_handle()  # forward and backward share it: one step's memory
+                forward = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(forward, pool=pool):
+                    output = self.eager(*s_args, **s_kwargs)
+                leaves, spec = pytree.tree_flatten(output)
+                outputs = [t for t in leaves if isinstance(t, torch.Tensor)]
+                grad_outputs = [torch.empty_like(t) if t.requires_grad else None for t in outputs]
+                if all(g is None for g in grad_outputs):
+                    raise RuntimeError("no output of the forward requires grad")
+                backward = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(backward, pool=pool):
+                    grads = torch.autograd.grad([t for t in outputs if t.requires_grad], params,
+                                                [g for g in grad_outputs if g is not None], allow_unused=True)
+        except RuntimeError as e:
+            warnings.warn(f"pydpm: the training step of {type(self.module).__name__} could not be captured in a CUDA "
+                          f"graph ({e}); calls with this signature run eagerly", stacklevel=3)
+            return None
+        self.captures += 1
+        leaves = [_TENSOR if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+        return _TrainGraph(forward, backward, statics, [t.detach() for t in outputs], leaves, spec, grad_outputs,
+                           params, grads)

@@ -841,14 +841,16 @@ def accelerate(obj, *, cuda_graph: bool = True, attention: bool = True, blocks: 
       convolutional networks (more than one nn.Conv2d: the UNets, not the transformers, whose only convolution
       is the patch embedding) whose forward is replayed from CUDA graphs. Called eagerly the model is
       host-bound and gains nothing measurable (SD1.5's bf16 training step on an H200: 36.9 -> 29.9 ms of device
-      time at batch 2, 85.6 -> 84.6 ms at batch 8, while the host took 107 ms per step eagerly), and a graphed
-      model still trains eagerly; True converts anyway. The outputs keep the input's layout either way;
+      time at batch 2, 85.6 -> 84.6 ms at batch 8, while the host took 107 ms per step eagerly); True
+      converts anyway. The outputs keep the input's layout either way;
     - scheduler (pipelines): a `DPMSolverMultistepScheduler`, `UniPCMultistepScheduler` or `DDIMScheduler` is
       replaced by pydpm's fused drop-in of the same class built from its config (one fused launch per step);
       a configuration the drop-in refuses, or another class, is left, with the reason;
-    - cuda_graph: on CUDA the denoiser's inference forward is replayed from CUDA graphs, one per input
-      signature (shapes, dtypes, arguments), at most `max_graphs`, captured on first use (see
-      `pydpm.integrations._graph` for what runs eagerly and what a weight change does). On CPU nothing is
+    - cuda_graph: on CUDA the denoiser's forward is replayed from CUDA graphs, one per input signature
+      (shapes, dtypes, arguments), at most `max_graphs`, captured on first use; with autograd recording (a
+      training step) the forward and its backward into the parameters are replayed from a pair of graphs, and
+      the gradients reach `.grad` as they would eagerly (see `pydpm.integrations._graph` for what runs eagerly,
+      what a weight change does, and the one-step-at-a-time rule of training graphs). On CPU nothing is
       captured.
 
     The pipeline's own `__call__` runs unchanged. Calling `accelerate` again on the same object starts over
