@@ -441,6 +441,13 @@ def _loss(forward, sample, t, ctx):
     return forward(sample, t, encoder_hidden_states=ctx).sample.float().square().mean()
 
 
+def _step(forward, sample, t, ctx) -> torch.Tensor:
+    """One training step's loss (detached: no autograd graph outlives the step, as a capture needs)."""
+    loss = _loss(forward, sample, t, ctx)
+    loss.backward()
+    return loss.detach()
+
+
 def _grads(model) -> dict:
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
@@ -464,33 +471,30 @@ def test_training_steps_replay_a_forward_and_a_backward_graph():
     graph = pd.accelerate(model).graph
     tol = dict(rtol=1e-4, atol=1e-6)  # the same kernels; cuDNN's weight gradients may sum in another order
 
-    want1 = _loss(graph.eager, x, t, ctx)
-    want1.backward()
+    want1 = _step(graph.eager, x, t, ctx)
     g1 = _grads(model)
-    want2 = _loss(graph.eager, x2, t, ctx)
-    want2.backward()
+    want2 = _step(graph.eager, x2, t, ctx)
     g12 = _grads(model)
     model.zero_grad(set_to_none=True)
 
-    got1 = _loss(model, x, t, ctx)
-    got1.backward()
+    got1 = _step(model, x, t, ctx)
     assert graph.captures == 1 and graph.replays == 1 and graph.eager_calls == 0
     _assert_grads(_grads(model), g1, **tol)
-    got2 = _loss(model, x2, t, ctx)
-    got2.backward()
+    got2 = _step(model, x2, t, ctx)
     assert graph.captures == 1 and graph.replays == 2
-    torch.testing.assert_close(torch.stack([got1, got2]), torch.stack([want1, want2]).detach(), **tol)
+    torch.testing.assert_close(torch.stack([got1, got2]), torch.stack([want1, want2]), **tol)
     _assert_grads(_grads(model), g12, **tol)
 
     model.zero_grad(set_to_none=True)
     first, second = _loss(model, x, t, ctx), _loss(model, x2, t, ctx)  # the second: eager, the first pending
     (first + second).backward()
+    del first, second  # their autograd graph: alive, it would stop the capture below (see _graph's docstring)
     assert graph.replays == 3 and graph.eager_calls == 1
     _assert_grads(_grads(model), g12, **tol)
 
     model.conv_in.requires_grad_(False)
     model.zero_grad(set_to_none=True)
-    _loss(model, x, t, ctx).backward()
+    _step(model, x, t, ctx)
     assert graph.captures == 2 and model.conv_in.weight.grad is None
     _assert_grads(_grads(model), {k: v for k, v in g1.items() if not k.startswith("conv_in.")}, **tol)
     pd.restore(model)
@@ -504,17 +508,40 @@ def test_a_training_step_under_autocast_replays_graphs():
     x, t, ctx = inputs("cuda")
     graph = pd.accelerate(model).graph
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        want = _loss(graph.eager, x, t, ctx)
-        want.backward()
+        want = _step(graph.eager, x, t, ctx)
         g = _grads(model)
         model.zero_grad(set_to_none=True)
-        got = _loss(model, x, t, ctx)
-        got.backward()
+        got = _step(model, x, t, ctx)
     assert graph.captures == 1 and graph.replays == 1
-    torch.testing.assert_close(got, want.detach(), rtol=1e-2, atol=1e-4)
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-4)
     _assert_grads(_grads(model), g, rtol=2e-2, atol=1e-3)
-    _loss(model, x, t, ctx).backward()
+    _step(model, x, t, ctx)
     assert graph.captures == 2
+    pd.restore(model)
+
+
+@needs_cuda
+def test_a_failed_training_capture_warns_and_runs_eagerly():
+    """An autograd graph of an earlier step still alive (a loss kept after its backward) stops the capture
+    (its gradient accumulators belong to another stream): one warning that says so, the step runs eagerly
+    with the right gradients, and `reset()` tries again."""
+    model = unet2d_condition("cuda").train()
+    x, t, ctx = inputs("cuda")
+    graph = pd.accelerate(model).graph
+    kept = _loss(graph.eager, x, t, ctx)
+    kept.backward()
+    want = _grads(model)
+    model.zero_grad(set_to_none=True)
+    with pytest.warns(UserWarning, match="could not be captured"):
+        _step(model, x, t, ctx)
+    assert graph.captures == 0 and graph.eager_calls == 1
+    _assert_grads(_grads(model), want, rtol=1e-5, atol=1e-7)
+    del kept
+    graph.reset()
+    model.zero_grad(set_to_none=True)
+    _step(model, x, t, ctx)
+    assert graph.captures == 1
+    _assert_grads(_grads(model), want, rtol=1e-4, atol=1e-6)
     pd.restore(model)
 
 

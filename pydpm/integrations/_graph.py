@@ -26,7 +26,10 @@ recently used first out); a call that finds no graph and no room runs eagerly, w
 
 Calls run eagerly, with no graph, when: torch.compile is tracing, an input tensor requires grad, a tensor is not
 on the module's CUDA device, an argument is neither a tensor nor hashable, autograd records and `train=False`,
-or the capture of that signature failed (one warning naming the error).
+or the capture of that signature failed (one warning naming the error; `reset()` tries again). A training
+capture fails when an autograd graph of an earlier step is still alive (a loss tensor kept after its backward):
+its gradient accumulators belong to the stream that created them, and the backward's capture cannot wait on
+it.
 
 Weights. The graphs read the parameters and buffers in place: an in-place update (`load_state_dict`,
 `copy_`, an optimizer step) is seen by the next replay. A parameter or buffer replaced by another tensor
@@ -345,7 +348,9 @@ class GraphedForward:
                                                 [g for g in grad_outputs if g is not None], allow_unused=True)
         except RuntimeError as e:
             warnings.warn(f"pydpm: the training step of {type(self.module).__name__} could not be captured in a CUDA "
-                          f"graph ({e}); calls with this signature run eagerly", stacklevel=3)
+                          f"graph ({e}); calls with this signature run eagerly. An autograd graph of an earlier "
+                          f"step still alive (a loss kept after its backward) stops the capture: drop it and call "
+                          f"reset() on accelerate's report.graph to try again", stacklevel=3)
             return None
         self.captures += 1
         leaves = [_TENSOR if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
