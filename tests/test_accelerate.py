@@ -5,6 +5,7 @@ a new signature, the cache bound, weight changes, training steps replayed with t
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -456,6 +457,57 @@ def _assert_grads(got: dict, want: dict, **tol) -> None:
     assert got.keys() == want.keys() and len(got) > 20
     for name in want:
         torch.testing.assert_close(got[name], want[name], **tol, msg=lambda m: f"{name}: {m}")
+
+
+class _Replayed:
+    """A stand-in for a captured CUDA graph: `replay()` runs `fn` (on the CPU)."""
+
+    def __init__(self, fn):
+        self.replay = fn
+
+
+def test_a_training_replay_hands_gradients_to_autograd_without_its_buffers():
+    """The autograd side of a replayed training step, with stand-in graphs on the CPU (y = w·x, dL/dw = x·dL/dy):
+    gradients accumulate into .grad over steps as eagerly, .grad never aliases the graph's static gradient
+    (which the next replay overwrites), outputs are copies, and a step is pending until its backward runs or
+    its autograd graph is dropped."""
+    from torch.utils import _pytree as pytree
+
+    from pydpm.integrations._graph import _TENSOR, _Step, _TrainGraph, _TrainReplay
+
+    w = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+    x, y, gy, gw = (torch.zeros(3, dtype=torch.float64) for _ in range(4))
+    forward = _Replayed(lambda: y.copy_(x * w.detach()))
+    backward = _Replayed(lambda: gw.copy_(gy * x))
+    _, spec = pytree.tree_flatten(torch.zeros(1))
+    entry = _TrainGraph(forward, backward, [x], [y], [_TENSOR], spec, [gy], (w,), (gw,))
+
+    def step(sample, upstream):
+        x.copy_(sample)
+        token = _Step()
+        (out,) = _TrainReplay.apply(entry, token, w)
+        entry.step = weakref.ref(token)
+        assert entry.pending() and out.data_ptr() != y.data_ptr()
+        (out * upstream).sum().backward()
+        assert not entry.pending()
+        return out.detach()
+
+    x1, x2, u1, u2 = (torch.randn(3, dtype=torch.float64) for _ in range(4))
+    out1 = step(x1, u1)
+    torch.testing.assert_close(out1, x1 * w.detach())
+    assert w.grad.data_ptr() != gw.data_ptr()
+    step(x2, u2)
+    torch.testing.assert_close(w.grad, x1 * u1 + x2 * u2, rtol=1e-15, atol=0)
+    torch.testing.assert_close(out1, x1 * w.detach())  # the second replay left the first output alone
+
+    x.copy_(x1)
+    token = _Step()
+    (dropped,) = _TrainReplay.apply(entry, token, w)
+    entry.step = weakref.ref(token)
+    del token
+    assert entry.pending()
+    del dropped  # the step's autograd graph goes: nothing is pending any more
+    assert not entry.pending()
 
 
 @needs_cuda
