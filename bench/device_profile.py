@@ -12,11 +12,12 @@ variant (diffusers eager; accelerate's fused blocks without a graph, NCHW and ch
   and the variant's `top` kernels by time;
 - `wall ms` (the graphed `accelerate` and torch.compile): back-to-back calls per forward, host and device
   together, what a sampling loop pays.
-With --train it profiles bench/models.py's training step instead (bf16: forward, a mean-square loss, backward into
-every parameter) for diffusers eager, accelerate without graphs (TRAIN_VARIANTS: its default, with the block ops,
-in channels-last, both) and torch.compile: per variant the device time
-by kind and the top kernels, the wall time per step, the host time of the forward and of the backward (enqueued
-after a synchronisation), and the `top` host operators by their own host time (torch.profiler's CPU events).
+With --train it profiles bench/models.py's training step instead (bf16: forward, a mean-square loss, backward
+into every parameter) for diffusers eager, accelerate without graphs (TRAIN_VARIANTS: its default, with the
+block ops, in channels-last, both) and torch.compile: per variant the device time by kind and the top kernels,
+the wall time per step, the host time of the forward and of the backward (enqueued after a synchronisation),
+and the `top` host operators by their own host time (torch.profiler's CPU events). accelerate's graphed
+training step is timed by `pydpm bench --models --cases train`.
 It is the tool that found cuDNN converting every NCHW input of SD1.5's convolutions to NHWC (3.1 of 11.9 ms at
 batch 2 on an H200), which `accelerate` now avoids by putting convolutional networks in channels-last memory.
 """
