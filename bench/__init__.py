@@ -1,5 +1,6 @@
 """pydpm's benchmark suite: `pydpm bench [--quick] [--ops ... | --models] [--cases REGEX] [--impls REGEX]
-[--device cpu|cuda] [--out DIR]`, `pydpm bench --compare OLD NEW [--threshold PCT]` and `pydpm bench --plot RESULTS... [--out DIR]`.
+[--device cpu|cuda] [--out DIR]`, `pydpm bench --compare OLD NEW [--threshold PCT]` and
+`pydpm bench --plot RESULTS... [--out DIR]`.
 
 One harness (harness.py) and one thin file per op family that declares its cases and peers; compare.py and
 plot.py read results.json files. From a checkout, `python -m bench` runs the same suite;
@@ -76,6 +77,7 @@ def run(argv: list[str] | None = None) -> int:
         parser.error("--device cuda: torch sees no CUDA device; run with --device cpu")
     modules = {name: importlib.import_module(f".{name}", __name__) for name in args.ops}
     arguments = {"argv": list(sys.argv[1:] if argv is None else argv), "quick": args.quick, "ops": args.ops,
-                 "cases": args.cases, "impls": args.impls, "device": args.device, "out": None if args.out is None else str(args.out)}
+                 "cases": args.cases, "impls": args.impls, "device": args.device,
+                 "out": None if args.out is None else str(args.out)}
     return harness.run_suite(modules, torch.device(args.device), quick=args.quick, out=args.out, cases=args.cases,
                              impls=args.impls, arguments=arguments)

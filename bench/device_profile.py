@@ -99,6 +99,17 @@ def report(label: str, times: dict[str, float], top: int, wall: float | None = N
     return lines
 
 
+def _model(name: str, batch: int, train: bool):
+    """(model `name` on CUDA with random weights, its inputs at `batch`): bf16 in training mode with every
+    parameter requiring grad (`train`), else fp16 in eval mode without grads."""
+    dtype = torch.bfloat16 if train else torch.float16
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = _cast(build(name), dtype).train(train).requires_grad_(train)
+    return model, model_inputs(name, batch, dtype, device)
+
+
 # accelerate's options per --train variant: its default without graphs (attention alone), then the block ops and
 # the channels-last layout it leaves out there, one at a time and together
 TRAIN_VARIANTS: tuple[dict[str, bool], ...] = ({}, {"blocks": True}, {"channels_last": True},
@@ -137,11 +148,7 @@ def train_report(label: str, step: Callable[[], tuple[Callable[[], torch.Tensor]
 def train(args: argparse.Namespace, batch: int) -> None:
     from pydpm.integrations.diffusers import accelerate, restore
 
-    device = torch.device("cuda")
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = _cast(build(args.model), torch.bfloat16).train().requires_grad_(True)
-    inputs = model_inputs(args.model, batch, torch.bfloat16, device)
+    model, inputs = _model(args.model, batch, train=True)
 
     def stepper(fn: Callable[..., object]):
         def step():
@@ -176,11 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 def forward_profile(args: argparse.Namespace, batch: int) -> None:
     from pydpm.integrations.diffusers import accelerate, restore
 
-    device = torch.device("cuda")
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = _cast(build(args.model), torch.float16).eval().requires_grad_(False)
-    inputs = model_inputs(args.model, batch, torch.float16, device)
+    model, inputs = _model(args.model, batch, train=False)
 
     def call(m=model):
         return forward(args.model, m, inputs)

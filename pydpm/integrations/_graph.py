@@ -237,12 +237,13 @@ class GraphedForward:
         key, tensors = found
         if self._weights_changed():
             self.graphs.clear()
-        grads = torch.is_grad_enabled() and any(p.requires_grad for p in self._params)
+        trainable = tuple(p.requires_grad for p in self._params) if torch.is_grad_enabled() else ()
+        grads = any(trainable)
         if grads:
             if not self.train:
                 self.eager_calls += 1
                 return self.eager(*args, **kwargs)
-            key = (*key, tuple(p.requires_grad for p in self._params))
+            key = (*key, trainable)
         if key in self.graphs:
             entry = self.graphs[key]
             self.graphs.move_to_end(key)
