@@ -466,41 +466,81 @@ class _Replayed:
         self.replay = fn
 
 
-def test_a_training_replay_hands_gradients_to_autograd_without_its_buffers():
+def test_a_training_replay_hands_gradients_to_autograd_without_copies_and_never_changes_them_later():
     """The autograd side of a replayed training step, with stand-in graphs on the CPU (y = w·x, dL/dw = x·dL/dy):
-    gradients accumulate into .grad over steps as eagerly, .grad never aliases the graph's static gradient
-    (which the next replay overwrites), outputs are copies, and a step is pending until its backward runs or
-    its autograd graph is dropped."""
+    a .grad that was None becomes the graph's static gradient itself (no copy); gradients accumulate into
+    .grad over steps as eagerly, with or without zero_grad(set_to_none=False); a gradient handed out earlier
+    and referenced outside .grad (kept past zero_grad, from torch.autograd.grad, a view) is seen
+    (`held_elsewhere`: such steps run eagerly); outputs are copies, and a step is pending until its backward
+    runs or its autograd graph is dropped."""
     from torch.utils import _pytree as pytree
 
     from pydpm.integrations._graph import _TENSOR, _Step, _TrainGraph, _TrainReplay
 
     w = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
-    x, y, gy, gw = (torch.zeros(3, dtype=torch.float64) for _ in range(4))
+    x, y, gy, gw = (torch.full((3,), float("nan"), dtype=torch.float64) for _ in range(4))
     forward = _Replayed(lambda: y.copy_(x * w.detach()))
     backward = _Replayed(lambda: gw.copy_(gy * x))
     _, spec = pytree.tree_flatten(torch.zeros(1))
     entry = _TrainGraph(forward, backward, [x], [y], [_TENSOR], spec, [gy], (w,), (gw,))
 
-    def step(sample, upstream):
+    def replay(sample):
         x.copy_(sample)
         token = _Step()
         (out,) = _TrainReplay.apply(entry, token, w)
         entry.step = weakref.ref(token)
         assert entry.pending() and out.data_ptr() != y.data_ptr()
+        return out
+
+    def step(sample, upstream):
+        out = replay(sample)
         (out * upstream).sum().backward()
         assert not entry.pending()
         return out.detach()
 
-    x1, x2, u1, u2 = (torch.randn(3, dtype=torch.float64) for _ in range(4))
-    out1 = step(x1, u1)
-    torch.testing.assert_close(out1, x1 * w.detach())
-    assert w.grad.data_ptr() != gw.data_ptr()
-    step(x2, u2)
-    torch.testing.assert_close(w.grad, x1 * u1 + x2 * u2, rtol=1e-15, atol=0)
-    torch.testing.assert_close(out1, x1 * w.detach())  # the second replay left the first output alone
+    xs, us = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    exact = dict(rtol=1e-15, atol=0)
+    out1 = step(xs[0], us[0])
+    torch.testing.assert_close(out1, xs[0] * w.detach())
+    assert w.grad.data_ptr() == gw.data_ptr()  # the buffer itself: no copy
+    step(xs[1], us[1])  # no zero_grad: accumulated
+    torch.testing.assert_close(w.grad, xs[0] * us[0] + xs[1] * us[1], **exact)
+    torch.testing.assert_close(out1, xs[0] * w.detach())  # the second replay left the first output alone
 
-    x.copy_(x1)
+    w.grad.zero_()  # zero_grad(set_to_none=False)
+    step(xs[2], us[2])
+    torch.testing.assert_close(w.grad, xs[2] * us[2], **exact)
+
+    kept = w.grad  # .grad itself, held: autograd adds into it in place, as eagerly
+    step(xs[3], us[3])
+    assert kept is w.grad and not entry.held_elsewhere()
+    torch.testing.assert_close(w.grad, xs[2] * us[2] + xs[3] * us[3], **exact)
+    w.grad = None  # zero_grad(set_to_none=True) with the gradient kept: the next replay would change it
+    assert entry.held_elsewhere()
+    kept = kept.clone()
+    assert not entry.held_elsewhere()
+    step(xs[3], us[3])
+    torch.testing.assert_close(w.grad, xs[3] * us[3], **exact)
+
+    w.grad = torch.ones(3, dtype=torch.float64)  # a .grad of its own: the buffer is added into it
+    step(xs[4], us[4])
+    torch.testing.assert_close(w.grad, 1 + xs[4] * us[4], **exact)
+    assert w.grad.data_ptr() != gw.data_ptr() and not entry.held_elsewhere()
+
+    w.grad = None
+    (got,) = torch.autograd.grad((replay(xs[5]) * us[5]).sum(), w)
+    torch.testing.assert_close(got, xs[5] * us[5], **exact)
+    assert got.data_ptr() == gw.data_ptr() and entry.held_elsewhere()
+    got = got.clone()
+    assert not entry.held_elsewhere()
+    w.grad = gw.detach()  # .grad an alias of the buffer: not "elsewhere"
+    assert not entry.held_elsewhere()
+    view = w.grad.view(3)
+    assert entry.held_elsewhere()
+    del view
+    assert not entry.held_elsewhere()
+
+    x.copy_(xs[0])
     token = _Step()
     (dropped,) = _TrainReplay.apply(entry, token, w)
     entry.step = weakref.ref(token)
@@ -510,11 +550,42 @@ def test_a_training_replay_hands_gradients_to_autograd_without_its_buffers():
     assert not entry.pending()
 
 
+def test_gradients_returned_as_views_of_one_block_are_not_taken_for_kept_ones():
+    """Autograd may return several parameters' gradients as views of one block (the backward of a cat or a
+    split): each .grad holding its own view is the normal state after a step, not a gradient kept elsewhere."""
+    from torch.utils import _pytree as pytree
+
+    from pydpm.integrations._graph import _TENSOR, _Step, _TrainGraph, _TrainReplay
+
+    w, v = (torch.nn.Parameter(torch.randn(3, dtype=torch.float64)) for _ in range(2))
+    x, y, gy = (torch.full((3,), float("nan"), dtype=torch.float64) for _ in range(3))
+    block = torch.full((6,), float("nan"), dtype=torch.float64)
+    gw, gv = block[:3], block[3:]
+    forward = _Replayed(lambda: y.copy_(x * (w + v).detach()))
+    backward = _Replayed(lambda: (gw.copy_(gy * x), gv.copy_(gy * x)))
+    _, spec = pytree.tree_flatten(torch.zeros(1))
+    entry = _TrainGraph(forward, backward, [x], [y], [_TENSOR], spec, [gy], (w, v), (gw, gv))
+    for sample, upstream in torch.randn(2, 2, 3, dtype=torch.float64):
+        w.grad = v.grad = None
+        x.copy_(sample)
+        token = _Step()
+        (out,) = _TrainReplay.apply(entry, token, w, v)
+        (out * upstream).sum().backward()
+        assert not entry.held_elsewhere()
+        assert (w.grad.data_ptr(), v.grad.data_ptr()) == (gw.data_ptr(), gv.data_ptr())
+        torch.testing.assert_close(torch.cat([w.grad, v.grad]), (sample * upstream).repeat(2), rtol=1e-15, atol=0)
+    kept = v.grad
+    v.grad = None
+    assert entry.held_elsewhere()
+    del kept
+    assert not entry.held_elsewhere()
+
+
 @needs_cuda
 def test_training_steps_replay_a_forward_and_a_backward_graph():
     """With autograd recording, the accelerated UNet replays its forward and backward from graphs: losses and
     every parameter's gradient equal the same model's eager steps, over two steps accumulated into .grad
-    (no zero_grad between them: autograd adds the graph's gradients, it never keeps its buffers); two
+    (no zero_grad between them: .grad, the graph's gradient buffer after the first, gets the second added); two
     forwards before one backward run the second eagerly; which parameters require grad is part of the
     signature."""
     model = unet2d_condition("cuda").train()
@@ -549,6 +620,31 @@ def test_training_steps_replay_a_forward_and_a_backward_graph():
     _step(model, x, t, ctx)
     assert graph.captures == 2 and model.conv_in.weight.grad is None
     _assert_grads(_grads(model), {k: v for k, v in g1.items() if not k.startswith("conv_in.")}, **tol)
+    pd.restore(model)
+
+
+@needs_cuda
+def test_a_replayed_step_leaves_its_gradient_buffers_in_grad_and_never_overwrites_a_kept_one():
+    """After a replayed step every .grad is the graph's own gradient buffer (no copy, no memory added); a
+    gradient kept past zero_grad(set_to_none=True) makes the next step run eagerly, with one warning, so that it
+    keeps its values; once it is dropped, steps replay again."""
+    model = unet2d_condition("cuda").train()
+    x, t, ctx = inputs("cuda")
+    graph = pd.accelerate(model).graph
+    _step(model, x, t, ctx)
+    (entry,) = graph.graphs.values()
+    assert all(p.grad.data_ptr() == g.data_ptr() for p, g in zip(entry.params, entry.grads) if g is not None)
+    held = model.conv_in.weight.grad
+    want = held.clone()
+    model.zero_grad(set_to_none=True)
+    with pytest.warns(UserWarning, match="still referenced outside .grad"):
+        _step(model, torch.randn_like(x), t, ctx)
+    assert graph.replays == 1 and graph.eager_calls == 1
+    torch.testing.assert_close(held, want, rtol=0, atol=0)
+    del held
+    model.zero_grad(set_to_none=True)
+    _step(model, x, t, ctx)
+    assert graph.replays == 2 and graph.eager_calls == 1
     pd.restore(model)
 
 

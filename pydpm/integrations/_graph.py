@@ -12,7 +12,13 @@ graph: the forward captured with autograd on, and the backward into every parame
 captured beside it (`torch.autograd.grad`), both in one private memory pool. The call returns copies of the
 outputs attached to one autograd node; its backward copies the incoming gradients into the graph's buffers,
 replays the backward graph and hands the parameters' gradients to autograd, which accumulates them into `.grad`
-as it would eagerly (`zero_grad`, gradient accumulation and optimizers work unchanged). A signature's training
+as it would eagerly (`zero_grad`, gradient accumulation, hooks and optimizers work unchanged). No gradient is
+copied and no memory is added for them: a `.grad` that was None becomes the graph's static gradient buffer
+itself (autograd takes the tensor handed to it), as `torch.cuda.make_graphed_callables` does. Unlike that
+function, a replay never changes a gradient a step handed out: a `.grad` still holding the buffer at the next
+backward (accumulation without `zero_grad`, or `zero_grad(set_to_none=False)`) gets the new gradient added to
+its value, and while a handed-out gradient is referenced outside `.grad` (kept past `zero_grad`, returned by
+`torch.autograd.grad`, a view of it) the signature's steps run eagerly, with one warning. A signature's training
 graph serves one step at a time: a second forward of that signature while the first one's backward is still
 pending (two forwards, one backward) runs eagerly, since a replay would overwrite the activations the pending
 backward reads. Under autocast the graphs are captured with autocast's cast cache off (a graph cannot replay
@@ -99,28 +105,64 @@ class _Step:
 class _TrainGraph:
     """A captured training forward and backward: `inputs` (static input buffers), `outputs` (the forward's
     static tensor outputs), `leaves` and `spec` (the output's pytree: its non-tensor leaves as captured, _TENSOR
-    where a tensor goes),
-    `grad_outputs` (static buffers of the outputs' gradients, None where an output needs none), `params` (the
-    parameters that required grad) and `grads` (their static gradients, None where unused); `step` (a weak
-    reference to the `_Step` of the last replay)."""
+    where a tensor goes), `grad_outputs` (static buffers of the outputs' gradients, None where an output needs
+    none), `params` (the parameters that required grad) and `grads` (their static gradients, None where unused);
+    `step` (a weak reference to the `_Step` of the last replay) and `storages` (per memory block of the static
+    gradients, one of them, the number of its users when no gradient handed out aliases it, and its (parameter,
+    static gradient) pairs: autograd may return several gradients as views of one block)."""
     __slots__ = ("forward", "backward", "inputs", "outputs", "leaves", "spec", "grad_outputs", "params", "grads",
-                 "step")
+                 "step", "storages")
 
     def __init__(self, forward, backward, inputs, outputs, leaves, spec, grad_outputs, params, grads):
         self.forward, self.backward, self.inputs, self.outputs = forward, backward, inputs, outputs
         self.leaves, self.spec, self.grad_outputs, self.params, self.grads = leaves, spec, grad_outputs, params, grads
         self.step: weakref.ref | None = None
+        blocks: dict[int, list[tuple[torch.nn.Parameter, torch.Tensor]]] = {}
+        for param, grad in zip(params, grads):
+            if grad is not None:
+                blocks.setdefault(grad.untyped_storage().data_ptr(), []).append((param, grad))
+        self.storages = [(members[0][1], _storage_uses(members[0][1]), members) for members in blocks.values()]
 
     def pending(self) -> bool:
         """Whether the last replay's backward has yet to run while its outputs' autograd graph is alive."""
         step = self.step() if self.step is not None else None
         return step is not None and not step.done
 
+    def held_elsewhere(self) -> bool:
+        """Whether a gradient an earlier replay handed out is still referenced outside `.grad` (kept past
+        `zero_grad`, returned by `torch.autograd.grad`, a view of it): the next backward replay would change it."""
+        for static, alone, members in self.storages:
+            own = 0
+            for param, grad in members:
+                held = param.grad
+                own += held is not None and held.data_ptr() == grad.data_ptr()
+            if _storage_uses(static) > alone + own:
+                return True
+        return False
+
+    def hand_over(self) -> list[torch.Tensor | None]:
+        """Before the backward replay overwrites the static gradients: per parameter, what to hand autograd. A
+        `.grad` that holds the static buffer (an earlier step's) gets its own value back, which autograd adds to
+        the buffer's new content in place; otherwise a fresh alias of the buffer, which autograd takes as `.grad`
+        when it is None (no copy) or adds into it."""
+        handed: list[torch.Tensor | None] = []
+        for param, static in zip(self.params, self.grads):
+            grad = param.grad
+            if static is not None and grad is not None and grad.data_ptr() == static.data_ptr():
+                handed.append(grad.clone())
+            else:
+                handed.append(None if static is None else static.detach())
+        return handed
+
+
+def _storage_uses(t: torch.Tensor) -> int:
+    """How many tensors (and storage objects) share `t`'s memory."""
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
 
 class _TrainReplay(torch.autograd.Function):
     """Replays a `_TrainGraph`: forward, copies of its outputs; backward, the backward graph on the incoming
-    gradients, the parameters' gradients handed to autograd (the static buffers themselves, which autograd
-    copies or adds into `.grad` and never keeps)."""
+    gradients, the parameters' gradients handed to autograd (`_TrainGraph.hand_over`)."""
 
     @staticmethod
     def forward(ctx, entry: _TrainGraph, step: _Step, *params):
@@ -137,9 +179,10 @@ class _TrainReplay(torch.autograd.Function):
         for static, grad in zip(entry.grad_outputs, grads):
             if static is not None:
                 static.copy_(grad)
+        handed = entry.hand_over()
         entry.backward.replay()
         ctx.step.done = True
-        return (None, None, *entry.grads)
+        return (None, None, *handed)
 
 
 @contextlib.contextmanager
@@ -173,7 +216,7 @@ class GraphedForward:
         # signature -> its graph (None: its capture failed, it runs eagerly)
         self.graphs: collections.OrderedDict[Any, _Graph | _TrainGraph | None] = collections.OrderedDict()
         self.captures = self.replays = self.eager_calls = 0
-        self._warned = False
+        self._warned = self._warned_held = False
         self._weights: tuple[list[torch.Tensor], tuple[int, ...]] = ([], ())
         self._params: list[torch.nn.Parameter] = []
         self.members: set[int] = set()  # id() of every module of the model, for the registration hooks
@@ -261,8 +304,8 @@ class GraphedForward:
             if self._weights_changed():  # the warm-up registered or replaced weights: older graphs may be stale
                 self.graphs.clear()
             self.graphs[key] = entry
-        if entry is None or (grads and entry.pending()):  # no graph, or its buffers serve a pending backward
-            self.eager_calls += 1
+        if entry is None or (grads and (entry.pending() or self._held_elsewhere(entry))):
+            self.eager_calls += 1  # no graph, or its buffers serve a pending backward or a kept gradient
             return self.eager(*args, **kwargs)
         with torch.no_grad():
             for static, t in zip(entry.inputs, tensors):
@@ -277,6 +320,19 @@ class GraphedForward:
         entry.graph.replay()
         # copies: the next replay overwrites the static output (diffusers' BaseOutput is a pytree node)
         return pytree.tree_map_only(torch.Tensor, torch.Tensor.clone, entry.output)
+
+    def _held_elsewhere(self, entry: _TrainGraph) -> bool:
+        """`entry.held_elsewhere()`, with one warning per wrapper the first time it is."""
+        if not entry.held_elsewhere():
+            return False
+        if not self._warned_held:
+            self._warned_held = True
+            warnings.warn(f"pydpm: a gradient of {type(self.module).__name__} from an earlier step replayed from a "
+                          f"CUDA graph is still referenced outside .grad (kept past zero_grad, returned by "
+                          f"torch.autograd.grad, or a view of it); it is the graph's gradient buffer, which the "
+                          f"next replay overwrites, so steps run eagerly while it lives: clone gradients you keep",
+                          stacklevel=3)
+        return True
 
     def _tensor_timestep(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """A Python-number timestep as the 0-dim tensor diffusers' models would make of it (int64 / float64),
