@@ -9,7 +9,8 @@ static input buffers; a later call with that signature copies its tensors into t
 
 Training. When autograd records (grad mode on and a parameter requires grad), the call replays a training
 graph: the forward captured with autograd on, and the backward into every parameter that requires grad
-captured beside it (`torch.autograd.grad`), both in one private memory pool. The call returns copies of the
+captured beside it (`torch.autograd.grad`), each in a private memory pool of its own (a forward replay writes
+only the forward's pool: it never touches the gradients the last backward left). The call returns copies of the
 outputs attached to one autograd node; its backward copies the incoming gradients into the graph's buffers,
 replays the backward graph and hands the parameters' gradients to autograd, which accumulates them into `.grad`
 as it would eagerly (`zero_grad`, gradient accumulation, hooks and optimizers work unchanged). No gradient is
@@ -390,9 +391,9 @@ class GraphedForward:
         try:
             with _autocast_cache_off():
                 self._warm_up(step)
-                pool = torch.cuda.graph_pool_handle()  # forward and backward share it: one step's memory
+                torch.clear_autocast_cache()  # its casts of the parameters hold an earlier step's autograd nodes
                 forward = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(forward, pool=pool):
+                with torch.cuda.graph(forward):
                     output = self.eager(*s_args, **s_kwargs)
                 leaves, spec = pytree.tree_flatten(output)
                 outputs = [t for t in leaves if isinstance(t, torch.Tensor)]
@@ -400,7 +401,7 @@ class GraphedForward:
                 if all(g is None for g in grad_outputs):
                     raise RuntimeError("no output of the forward requires grad")
                 backward = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(backward, pool=pool):
+                with torch.cuda.graph(backward):  # a pool of its own: the forward never writes its gradients
                     grads = torch.autograd.grad([t for t in outputs if t.requires_grad], params,
                                                 [g for g in grad_outputs if g is not None], allow_unused=True)
         except RuntimeError as e:
