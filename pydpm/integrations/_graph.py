@@ -9,17 +9,19 @@ static input buffers; a later call with that signature copies its tensors into t
 
 Training. When autograd records (grad mode on and a parameter requires grad), the call replays a training
 graph: the forward captured with autograd on, and the backward into every parameter that requires grad
-captured beside it (`torch.autograd.grad`), each in a private memory pool of its own (a forward replay writes
-only the forward's pool: it never touches the gradients the last backward left). The call returns copies of the
-outputs attached to one autograd node; its backward copies the incoming gradients into the graph's buffers,
-replays the backward graph and hands the parameters' gradients to autograd, which accumulates them into `.grad`
-as it would eagerly (`zero_grad`, gradient accumulation, hooks and optimizers work unchanged). No gradient is
-copied and no memory is added for them: a `.grad` that was None becomes the graph's static gradient buffer
-itself (autograd takes the tensor handed to it), as `torch.cuda.make_graphed_callables` does. Unlike that
-function, a replay never changes a gradient a step handed out: a `.grad` still holding the buffer at the next
-backward (accumulation without `zero_grad`, or `zero_grad(set_to_none=False)`) gets the new gradient added to
-its value, and while a handed-out gradient is referenced outside `.grad` (kept past `zero_grad`, returned by
-`torch.autograd.grad`, a view of it) the signature's steps run eagerly, with one warning. A signature's training
+captured beside it (`torch.autograd.grad`), both in one private memory pool; the backward copies each
+parameter's gradient, as soon as it is complete, into a buffer of its own outside the pool (a replay of the
+forward, which writes in the pool, never touches the gradients the last backward left, and the pool's memory of
+a gradient serves the rest of the backward, as eagerly). The call returns copies of the outputs attached to one
+autograd node; its backward copies the incoming gradients into the graph's buffers, replays the backward graph
+and hands the parameters' gradients to autograd, which accumulates them into `.grad` as it would eagerly
+(`zero_grad`, gradient accumulation, hooks and optimizers work unchanged). `.grad` costs no copy and no memory
+of its own: one that was None becomes the graph's gradient buffer itself (autograd takes the tensor handed to
+it), as with `torch.cuda.make_graphed_callables`. Unlike there, a replay never changes a gradient a step handed
+out: a `.grad` still holding the buffer at the next backward (accumulation without `zero_grad`, or
+`zero_grad(set_to_none=False)`) gets the new gradient added to its value, and while a handed-out gradient is
+referenced outside `.grad` (kept past `zero_grad`, returned by `torch.autograd.grad`, a view of it) the
+signature's steps run eagerly, with one warning. A signature's training
 graph serves one step at a time: a second forward of that signature while the first one's backward is still
 pending (two forwards, one backward) runs eagerly, since a replay would overwrite the activations the pending
 backward reads. Under autocast the graphs are captured with autocast's cast cache off (a graph cannot replay
@@ -392,18 +394,27 @@ class GraphedForward:
             with _autocast_cache_off():
                 self._warm_up(step)
                 torch.clear_autocast_cache()  # its casts of the parameters hold an earlier step's autograd nodes
+                pool = torch.cuda.graph_pool_handle()  # forward and backward share it: one step's memory
                 forward = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(forward):
+                with torch.cuda.graph(forward, pool=pool):
                     output = self.eager(*s_args, **s_kwargs)
                 leaves, spec = pytree.tree_flatten(output)
                 outputs = [t for t in leaves if isinstance(t, torch.Tensor)]
                 grad_outputs = [torch.empty_like(t) if t.requires_grad else None for t in outputs]
                 if all(g is None for g in grad_outputs):
                     raise RuntimeError("no output of the forward requires grad")
-                backward = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(backward):  # a pool of its own: the forward never writes its gradients
-                    grads = torch.autograd.grad([t for t in outputs if t.requires_grad], params,
-                                                [g for g in grad_outputs if g is not None], allow_unused=True)
+                # each gradient copied, as soon as it is complete, into a buffer outside the pool, where no
+                # replay of the forward writes; the pool's copy is free again for the rest of the backward
+                buffers = [torch.empty_like(p) for p in params]
+                hooks = [p.register_hook(buffer.copy_) for p, buffer in zip(params, buffers)]
+                try:
+                    backward = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(backward, pool=pool):
+                        grads = torch.autograd.grad([t for t in outputs if t.requires_grad], params,
+                                                    [g for g in grad_outputs if g is not None], allow_unused=True)
+                finally:
+                    for hook in hooks:
+                        hook.remove()
         except RuntimeError as e:
             warnings.warn(f"pydpm: the training step of {type(self.module).__name__} could not be captured in a CUDA "
                           f"graph ({e}); calls with this signature run eagerly. An autograd graph of an earlier "
