@@ -411,20 +411,35 @@ def group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, groups: 
     """dx of `group_norm_fwd` into dx; returns [B, 2, C] in the accumulation dtype: per sample and channel
     Σ_s du and Σ_s du·x̂ (du the gradient before the activation, x̂ the normalised input)."""
     B, C = x.shape[0], x.shape[1]
-    S = math.prod(x.shape[2:])
-    cpg = C // groups
     sums = torch.empty((B, 2, C), dtype=stats.dtype, device=x.device)
-    if B * C * S == 0:
+    if x.numel() == 0:
         return sums.zero_()
+    operands = _operands(weight, bias, scale, shift)
+    signature = (x.shape, x.stride(), dy.stride(), dx.stride(), groups, operands, silu, dy.dtype, x.dtype, dx.dtype)
+    plan = _GN_BWD_PLANS.get(signature)
+    if plan is None:
+        plan = _GN_BWD_PLANS.put(signature, _gn_bwd_plan(dy, x, dx, groups, operands, silu))
+    strides, sizes, key, constexprs = plan
+    ds, xs, os_ = strides
+    _GN_BWD((B * groups,), [dy, *ds, x, *xs, dx, *os_, *_modulation(weight, bias, scale, shift, x), stats, sums, C,
+                            *sizes], key, constexprs, num_warps=_GN_WARPS)
+    return sums
+
+
+# A backward's launch plan per signature (shapes, strides, operands, dtypes), as the forward's
+_GN_BWD_PLANS = BoundedCache(256)
+
+
+def _gn_bwd_plan(dy: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, groups: int, operands: tuple, silu: bool):
+    """((dy's, x's, dx's [B, C, S] strides), (groups, channels per group, S), variant key, constexprs) of
+    `group_norm_bwd`."""
+    S = math.prod(x.shape[2:])
+    cpg = x.shape[1] // groups
     xs, ds, os_ = bcs_strides(x), bcs_strides(dy), bcs_strides(dx)
     assert xs is not None and ds is not None and os_ is not None, "group_norm_bwd: a tensor does not view as [B, C, S]"
     bc, bs = _gn_tile(cpg, S, channels_last(xs))
-    operands = _operands(weight, bias, scale, shift)
     key = ("gn_bwd", operands, silu, bc, bs, dy.dtype, x.dtype, dx.dtype)
-    _GN_BWD((B * groups,), [dy, *ds, x, *xs, dx, *os_, *_modulation(weight, bias, scale, shift, x), stats, sums, C,
-                            groups, cpg, S], key,
-            _constexprs(key, lambda: dict(_has(operands), SILU=silu, BC=bc, BS=bs, F64=_f64(x))), num_warps=_GN_WARPS)
-    return sums
+    return (ds, xs, os_), (groups, cpg, S), key, dict(_has(operands), SILU=silu, BC=bc, BS=bs, F64=_f64(x))
 
 
 def _ln_warps(block: int) -> int:

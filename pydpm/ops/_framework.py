@@ -103,10 +103,13 @@ def fail_type(op: str, msg: str) -> None:
 
 def check_real(op: str, name: str, v, *, finite: bool = True) -> float:
     """A real number (int, float, a numpy or 0-dim tensor scalar; not a bool or a string) -> float."""
-    if isinstance(v, bool) or not (isinstance(v, numbers.Real) or (isinstance(v, torch.Tensor) and v.numel() == 1
-                                                                    and not v.dtype.is_complex)):
+    if type(v) is float or type(v) is int:  # the usual case, without the ABC checks below (µs each)
+        f = float(v)
+    elif isinstance(v, bool) or not (isinstance(v, numbers.Real) or (isinstance(v, torch.Tensor) and v.numel() == 1
+                                                                      and not v.dtype.is_complex)):
         fail_type(op, f"{name} must be a real number, got {type(v).__name__} {v!r}")
-    f = float(v)
+    else:
+        f = float(v)
     if finite and not math.isfinite(f):
         fail(op, f"{name} is {f}; it must be finite")
     return f

@@ -129,7 +129,7 @@ def _eps(op: str, eps) -> float:
 
 
 def _num_groups(op: str, num_groups, C: int) -> int:
-    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
+    if type(num_groups) is not int and (isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral)):
         fail_type(op, f"num_groups must be an int, got {type(num_groups).__name__} {num_groups!r}")
     G = int(num_groups)
     if G < 1 or C % G:
@@ -358,8 +358,8 @@ def _gn_library_inputs(x, num_groups, weight=None, bias=None, eps=1e-5, activati
     """The public arguments as the custom op's: tensors first, then num_groups, eps and the SiLU flag (the
     forward's check validates num_groups against x)."""
     op = "group_norm"
-    groups = int(num_groups) if isinstance(num_groups, numbers.Integral) and not isinstance(num_groups, bool) \
-        else num_groups
+    groups = num_groups if type(num_groups) is int else int(num_groups) \
+        if isinstance(num_groups, numbers.Integral) and not isinstance(num_groups, bool) else num_groups
     return (x, weight, bias, *_pair(op, scale_shift), groups, _eps(op, eps), _silu(op, activation))
 
 
@@ -391,8 +391,11 @@ def _gn_backward_fake(grad, x, weight, bias, scale, shift, stats, num_groups, si
 
 def _save(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(*(t for t in inputs if isinstance(t, torch.Tensor) or t is None), output[1])
-    ctx.options = tuple(t for t in inputs if not (isinstance(t, torch.Tensor) or t is None))
+    tensors, options = [], []
+    for t in inputs:
+        (tensors if t is None or isinstance(t, torch.Tensor) else options).append(t)
+    ctx.save_for_backward(*tensors, output[1])
+    ctx.options = tuple(options)
 
 
 def _operand_grads(ctx, sums, weight, bias, scale, shift, scale_at: int, shift_at: int):
@@ -402,10 +405,12 @@ def _operand_grads(ctx, sums, weight, bias, scale, shift, scale_at: int, shift_a
     need = ctx.needs_input_grad
     one_plus = 1 + scale.reshape(a.shape).to(a.dtype) if scale is not None else None
     dw = db = ds = dt = None
-    if weight is not None and need[1]:
-        dw = (a_x if one_plus is None else one_plus * a_x).sum(0).to(weight.dtype)
-    if bias is not None and need[2]:
-        db = (a if one_plus is None else one_plus * a).sum(0).to(bias.dtype)
+    if (weight is not None and need[1]) or (bias is not None and need[2]):  # [2, C]: one reduction for both
+        total = (sums if one_plus is None else sums * one_plus[:, None]).sum(0)
+        if weight is not None and need[1]:
+            dw = total[1].to(weight.dtype)
+        if bias is not None and need[2]:
+            db = total[0].to(bias.dtype)
     if scale is not None and need[scale_at]:
         ds = a_x * weight.to(a.dtype) if weight is not None else a_x
         ds = (ds + a * bias.to(a.dtype) if bias is not None else ds).reshape(scale.shape).to(scale.dtype)
