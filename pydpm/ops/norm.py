@@ -391,7 +391,8 @@ def _gn_backward_fake(grad, x, weight, bias, scale, shift, stats, num_groups, si
 
 def _save(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(output[1])
-    tensors, options = [], []
+    tensors: list[torch.Tensor | None] = []
+    options: list = []
     for t in inputs:
         (tensors if t is None or isinstance(t, torch.Tensor) else options).append(t)
     ctx.save_for_backward(*tensors, output[1])
