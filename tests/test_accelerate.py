@@ -550,37 +550,6 @@ def test_a_training_replay_hands_gradients_to_autograd_without_copies_and_never_
     assert not entry.pending()
 
 
-def test_gradients_returned_as_views_of_one_block_are_not_taken_for_kept_ones():
-    """Autograd may return several parameters' gradients as views of one block (the backward of a cat or a
-    split): each .grad holding its own view is the normal state after a step, not a gradient kept elsewhere."""
-    from torch.utils import _pytree as pytree
-
-    from pydpm.integrations._graph import _TENSOR, _Step, _TrainGraph, _TrainReplay
-
-    w, v = (torch.nn.Parameter(torch.randn(3, dtype=torch.float64)) for _ in range(2))
-    x, y, gy = (torch.full((3,), float("nan"), dtype=torch.float64) for _ in range(3))
-    block = torch.full((6,), float("nan"), dtype=torch.float64)
-    gw, gv = block[:3], block[3:]
-    forward = _Replayed(lambda: y.copy_(x * (w + v).detach()))
-    backward = _Replayed(lambda: (gw.copy_(gy * x), gv.copy_(gy * x)))
-    _, spec = pytree.tree_flatten(torch.zeros(1))
-    entry = _TrainGraph(forward, backward, [x], [y], [_TENSOR], spec, [gy], (w, v), (gw, gv))
-    for sample, upstream in torch.randn(2, 2, 3, dtype=torch.float64):
-        w.grad = v.grad = None
-        x.copy_(sample)
-        token = _Step()
-        (out,) = _TrainReplay.apply(entry, token, w, v)
-        (out * upstream).sum().backward()
-        assert not entry.held_elsewhere()
-        assert (w.grad.data_ptr(), v.grad.data_ptr()) == (gw.data_ptr(), gv.data_ptr())
-        torch.testing.assert_close(torch.cat([w.grad, v.grad]), (sample * upstream).repeat(2), rtol=1e-15, atol=0)
-    kept = v.grad
-    v.grad = None
-    assert entry.held_elsewhere()
-    del kept
-    assert not entry.held_elsewhere()
-
-
 @needs_cuda
 def test_training_steps_replay_a_forward_and_a_backward_graph():
     """With autograd recording, the accelerated UNet replays its forward and backward from graphs: losses and

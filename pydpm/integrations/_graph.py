@@ -110,21 +110,16 @@ class _TrainGraph:
     static tensor outputs), `leaves` and `spec` (the output's pytree: its non-tensor leaves as captured, _TENSOR
     where a tensor goes), `grad_outputs` (static buffers of the outputs' gradients, None where an output needs
     none), `params` (the parameters that required grad) and `grads` (their static gradients, None where unused);
-    `step` (a weak reference to the `_Step` of the last replay) and `storages` (per memory block of the static
-    gradients, one of them, the number of its users when no gradient handed out aliases it, and its (parameter,
-    static gradient) pairs: autograd may return several gradients as views of one block)."""
+    `step` (a weak reference to the `_Step` of the last replay) and `alone` (per static gradient, a buffer of its
+    own, how many users its memory has when no gradient handed out aliases it)."""
     __slots__ = ("forward", "backward", "inputs", "outputs", "leaves", "spec", "grad_outputs", "params", "grads",
-                 "step", "storages")
+                 "step", "alone")
 
     def __init__(self, forward, backward, inputs, outputs, leaves, spec, grad_outputs, params, grads):
         self.forward, self.backward, self.inputs, self.outputs = forward, backward, inputs, outputs
         self.leaves, self.spec, self.grad_outputs, self.params, self.grads = leaves, spec, grad_outputs, params, grads
         self.step: weakref.ref | None = None
-        blocks: dict[int, list[tuple[torch.nn.Parameter, torch.Tensor]]] = {}
-        for param, grad in zip(params, grads):
-            if grad is not None:
-                blocks.setdefault(grad.untyped_storage().data_ptr(), []).append((param, grad))
-        self.storages = [(members[0][1], _storage_uses(members[0][1]), members) for members in blocks.values()]
+        self.alone = [0 if g is None else _storage_uses(g) for g in grads]
 
     def pending(self) -> bool:
         """Whether the last replay's backward has yet to run while its outputs' autograd graph is alive."""
@@ -134,13 +129,12 @@ class _TrainGraph:
     def held_elsewhere(self) -> bool:
         """Whether a gradient an earlier replay handed out is still referenced outside `.grad` (kept past
         `zero_grad`, returned by `torch.autograd.grad`, a view of it): the next backward replay would change it."""
-        for static, alone, members in self.storages:
-            own = 0
-            for param, grad in members:
-                held = param.grad
-                own += held is not None and held.data_ptr() == grad.data_ptr()
-            if _storage_uses(static) > alone + own:
-                return True
+        for param, static, alone in zip(self.params, self.grads, self.alone):
+            if static is not None:
+                grad = param.grad
+                own = grad is not None and grad.data_ptr() == static.data_ptr()
+                if _storage_uses(static) > alone + own:
+                    return True
         return False
 
     def hand_over(self) -> list[torch.Tensor | None]:
@@ -421,6 +415,7 @@ class GraphedForward:
                           f"step still alive (a loss kept after its backward) stops the capture: drop it and call "
                           f"reset() on accelerate's report.graph to try again", stacklevel=3)
             return None
+        del buffers  # `grads` holds them: the users of their memory counted from here on are the graph's own
         self.captures += 1
         leaves = [_TENSOR if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
         return _TrainGraph(forward, backward, statics, [t.detach() for t in outputs], leaves, spec, grad_outputs,
