@@ -21,11 +21,11 @@ it), as with `torch.cuda.make_graphed_callables`. Unlike there, a replay never c
 out: a `.grad` still holding the buffer at the next backward (accumulation without `zero_grad`, or
 `zero_grad(set_to_none=False)`) gets the new gradient added to its value, and while a handed-out gradient is
 referenced outside `.grad` (kept past `zero_grad`, returned by `torch.autograd.grad`, a view of it) the
-signature's steps run eagerly, with one warning. A signature's training
-graph serves one step at a time: a second forward of that signature while the first one's backward is still
-pending (two forwards, one backward) runs eagerly, since a replay would overwrite the activations the pending
-backward reads. Under autocast the graphs are captured with autocast's cast cache off (a graph cannot replay
-the cache), and the autocast state is part of the signature.
+signature's steps run eagerly, with one warning. A signature's training graph serves one step at a time: a
+second forward of that signature while the first one's backward is still pending (two forwards, one backward)
+runs eagerly, since a replay would overwrite the activations the pending backward reads. Under autocast the
+graphs are captured with autocast's cast cache off (a graph cannot replay the cache), and the autocast state is
+part of the signature.
 
 A signature is the call's structure: every tensor's shape, strides, dtype and device, and every other argument's
 value (the forward's `timestep` argument, positional or keyword, given as a Python number is made a tensor
@@ -130,11 +130,8 @@ class _TrainGraph:
         """Whether a gradient an earlier replay handed out is still referenced outside `.grad` (kept past
         `zero_grad`, returned by `torch.autograd.grad`, a view of it): the next backward replay would change it."""
         for param, static, alone in zip(self.params, self.grads, self.alone):
-            if static is not None:
-                grad = param.grad
-                own = grad is not None and grad.data_ptr() == static.data_ptr()
-                if _storage_uses(static) > alone + own:
-                    return True
+            if static is not None and _storage_uses(static) > alone + _holds(param, static):
+                return True
         return False
 
     def hand_over(self) -> list[torch.Tensor | None]:
@@ -144,12 +141,17 @@ class _TrainGraph:
         when it is None (no copy) or adds into it."""
         handed: list[torch.Tensor | None] = []
         for param, static in zip(self.params, self.grads):
-            grad = param.grad
-            if static is not None and grad is not None and grad.data_ptr() == static.data_ptr():
-                handed.append(grad.clone())
+            if static is None:
+                handed.append(None)
             else:
-                handed.append(None if static is None else static.detach())
+                handed.append(param.grad.clone() if _holds(param, static) else static.detach())
         return handed
+
+
+def _holds(param: torch.nn.Parameter, static: torch.Tensor) -> bool:
+    """Whether `param.grad` is the static gradient buffer `static` (handed over by an earlier replay)."""
+    grad = param.grad
+    return grad is not None and grad.data_ptr() == static.data_ptr()
 
 
 def _storage_uses(t: torch.Tensor) -> int:
