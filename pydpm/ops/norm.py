@@ -358,8 +358,9 @@ def _gn_library_inputs(x, num_groups, weight=None, bias=None, eps=1e-5, activati
     """The public arguments as the custom op's: tensors first, then num_groups, eps and the SiLU flag (the
     forward's check validates num_groups against x)."""
     op = "group_norm"
-    groups = num_groups if type(num_groups) is int else int(num_groups) \
-        if isinstance(num_groups, numbers.Integral) and not isinstance(num_groups, bool) else num_groups
+    groups = num_groups  # an Integral other than int made an int; anything else left for the check to name
+    if type(groups) is not int and isinstance(groups, numbers.Integral) and not isinstance(groups, bool):
+        groups = int(groups)
     return (x, weight, bias, *_pair(op, scale_shift), groups, _eps(op, eps), _silu(op, activation))
 
 
