@@ -467,19 +467,21 @@ class _Replayed:
 
 
 def test_a_training_replay_hands_gradients_to_autograd_without_copies_and_never_changes_them_later():
-    """The autograd side of a replayed training step, with stand-in graphs on the CPU (y = w·x, dL/dw = x·dL/dy):
-    a .grad that was None becomes the graph's static gradient itself (no copy); gradients accumulate into
-    .grad over steps as eagerly, with or without zero_grad(set_to_none=False); a gradient handed out earlier
-    and referenced outside .grad (kept past zero_grad, from torch.autograd.grad, a view) is seen
-    (`held_elsewhere`: such steps run eagerly); outputs are copies, and a step is pending until its backward
-    runs or its autograd graph is dropped."""
+    """The autograd side of a replayed training step, with stand-in graphs on the CPU (y = w·x, dL/dw = x·dL/dy;
+    the forward scribbles on the static gradient, as a forward replay writes the pool where the gradients
+    live): a .grad that was None becomes the graph's static gradient itself (no copy); gradients accumulate
+    into .grad over steps as eagerly, with or without zero_grad(set_to_none=False), a .grad still holding the
+    static gradient at the next forward keeping its tensor object and values in memory of its own; a gradient
+    handed out earlier and referenced outside .grad (kept past zero_grad, from torch.autograd.grad, a view) is
+    seen (`held_elsewhere`: such steps run eagerly); outputs are copies, and a step is pending until its
+    backward runs or its autograd graph is dropped."""
     from torch.utils import _pytree as pytree
 
     from pydpm.integrations._graph import _TENSOR, _Step, _TrainGraph, _TrainReplay
 
     w = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
     x, y, gy, gw = (torch.full((3,), float("nan"), dtype=torch.float64) for _ in range(4))
-    forward = _Replayed(lambda: y.copy_(x * w.detach()))
+    forward = _Replayed(lambda: (gw.fill_(float("nan")), y.copy_(x * w.detach())))
     backward = _Replayed(lambda: gw.copy_(gy * x))
     _, spec = pytree.tree_flatten(torch.zeros(1))
     entry = _TrainGraph(forward, backward, [x], [y], [_TENSOR], spec, [gy], (w,), (gw,))
@@ -503,18 +505,27 @@ def test_a_training_replay_hands_gradients_to_autograd_without_copies_and_never_
     out1 = step(xs[0], us[0])
     torch.testing.assert_close(out1, xs[0] * w.detach())
     assert w.grad.data_ptr() == gw.data_ptr()  # the buffer itself: no copy
-    step(xs[1], us[1])  # no zero_grad: accumulated
+    first = w.grad
+    step(xs[1], us[1])  # no zero_grad: accumulated, into the same tensor, moved out of the buffer
+    assert w.grad is first and w.grad.data_ptr() != gw.data_ptr()
     torch.testing.assert_close(w.grad, xs[0] * us[0] + xs[1] * us[1], **exact)
     torch.testing.assert_close(out1, xs[0] * w.detach())  # the second replay left the first output alone
 
-    w.grad.zero_()  # zero_grad(set_to_none=False)
+    w.grad.zero_()  # zero_grad(set_to_none=False), on memory of its own
     step(xs[2], us[2])
     torch.testing.assert_close(w.grad, xs[2] * us[2], **exact)
-
-    kept = w.grad  # .grad itself, held: autograd adds into it in place, as eagerly
+    w.grad = None
     step(xs[3], us[3])
+    assert w.grad.data_ptr() == gw.data_ptr()
+    kept = w.grad
+    kept.zero_()  # zero_grad(set_to_none=False) on the buffer, .grad held as well: both see the accumulation
+    step(xs[4], us[4])
     assert kept is w.grad and not entry.held_elsewhere()
-    torch.testing.assert_close(w.grad, xs[2] * us[2] + xs[3] * us[3], **exact)
+    torch.testing.assert_close(kept, xs[4] * us[4], **exact)
+
+    w.grad = None
+    step(xs[3], us[3])
+    kept = w.grad
     w.grad = None  # zero_grad(set_to_none=True) with the gradient kept: the next replay would change it
     assert entry.held_elsewhere()
     kept = kept.clone()

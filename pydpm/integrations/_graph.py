@@ -9,19 +9,19 @@ static input buffers; a later call with that signature copies its tensors into t
 
 Training. When autograd records (grad mode on and a parameter requires grad), the call replays a training
 graph: the forward captured with autograd on, and the backward into every parameter that requires grad
-captured beside it (`torch.autograd.grad`), both in one private memory pool; the backward copies each
-parameter's gradient, as soon as it is complete, into a buffer of its own outside the pool (a replay of the
-forward, which writes in the pool, never touches the gradients the last backward left, and the pool's memory of
-a gradient serves the rest of the backward, as eagerly). The call returns copies of the outputs attached to one
+captured beside it (`torch.autograd.grad`), both in one private memory pool, where the parameters' gradients
+take memory the forward's temporaries freed, as eagerly. The call returns copies of the outputs attached to one
 autograd node; its backward copies the incoming gradients into the graph's buffers, replays the backward graph
 and hands the parameters' gradients to autograd, which accumulates them into `.grad` as it would eagerly
 (`zero_grad`, gradient accumulation, hooks and optimizers work unchanged). `.grad` costs no copy and no memory
 of its own: one that was None becomes the graph's gradient buffer itself (autograd takes the tensor handed to
 it), as with `torch.cuda.make_graphed_callables`. Unlike there, a replay never changes a gradient a step handed
-out: a `.grad` still holding the buffer at the next backward (accumulation without `zero_grad`, or
-`zero_grad(set_to_none=False)`) gets the new gradient added to its value, and while a handed-out gradient is
-referenced outside `.grad` (kept past `zero_grad`, returned by `torch.autograd.grad`, a view of it) the
-signature's steps run eagerly, with one warning. A signature's training graph serves one step at a time: a
+out, although the next forward replay writes the pool: a `.grad` still holding its buffer then (accumulation
+without `zero_grad`, or `zero_grad(set_to_none=False)`) first gets memory of its own (the same tensor object,
+its values copied), and the backward adds the new gradient into it; while a handed-out gradient is referenced
+outside `.grad` (kept past `zero_grad`, returned by `torch.autograd.grad`, a view of it) the signature's steps
+run eagerly, with one warning. With `zero_grad()` (set_to_none, the default) before each step, the step's peak
+memory is the eager step's. A signature's training graph serves one step at a time: a
 second forward of that signature while the first one's backward is still pending (two forwards, one backward)
 runs eagerly, since a replay would overwrite the activations the pending backward reads. Under autocast the
 graphs are captured with autocast's cast cache off (a graph cannot replay the cache), and the autocast state is
@@ -110,8 +110,8 @@ class _TrainGraph:
     static tensor outputs), `leaves` and `spec` (the output's pytree: its non-tensor leaves as captured, _TENSOR
     where a tensor goes), `grad_outputs` (static buffers of the outputs' gradients, None where an output needs
     none), `params` (the parameters that required grad) and `grads` (their static gradients, None where unused);
-    `step` (a weak reference to the `_Step` of the last replay) and `alone` (per static gradient, a buffer of its
-    own, how many users its memory has when no gradient handed out aliases it)."""
+    `step` (a weak reference to the `_Step` of the last replay) and `alone` (per static gradient, how many users
+    its memory has when no gradient handed out aliases it)."""
     __slots__ = ("forward", "backward", "inputs", "outputs", "leaves", "spec", "grad_outputs", "params", "grads",
                  "step", "alone")
 
@@ -134,18 +134,17 @@ class _TrainGraph:
                 return True
         return False
 
-    def hand_over(self) -> list[torch.Tensor | None]:
-        """Before the backward replay overwrites the static gradients: per parameter, what to hand autograd. A
-        `.grad` that holds the static buffer (an earlier step's) gets its own value back, which autograd adds to
-        the buffer's new content in place; otherwise a fresh alias of the buffer, which autograd takes as `.grad`
-        when it is None (no copy) or adds into it."""
-        handed: list[torch.Tensor | None] = []
+    def move_out(self) -> None:
+        """Before the forward replay, which writes the pool: a `.grad` that holds its static gradient (an earlier
+        step's) gets memory of its own, the same tensor object with its values copied."""
         for param, static in zip(self.params, self.grads):
-            if static is None:
-                handed.append(None)
-            else:
-                handed.append(param.grad.clone() if _holds(param, static) else static.detach())
-        return handed
+            if static is not None and _holds(param, static):
+                param.grad.data = param.grad.clone()
+
+    def hand_over(self) -> list[torch.Tensor | None]:
+        """Per parameter, what the backward hands autograd: an alias of the static gradient, which autograd takes
+        as `.grad` when it is None (no copy) or adds into it."""
+        return [None if static is None else static.detach() for static in self.grads]
 
 
 def _holds(param: torch.nn.Parameter, static: torch.Tensor) -> bool:
@@ -160,11 +159,13 @@ def _storage_uses(t: torch.Tensor) -> int:
 
 
 class _TrainReplay(torch.autograd.Function):
-    """Replays a `_TrainGraph`: forward, copies of its outputs; backward, the backward graph on the incoming
-    gradients, the parameters' gradients handed to autograd (`_TrainGraph.hand_over`)."""
+    """Replays a `_TrainGraph`: forward, the gradients still in the pool moved out (`_TrainGraph.move_out`) and
+    copies of its outputs; backward, the backward graph on the incoming gradients, the parameters' gradients
+    handed to autograd (`_TrainGraph.hand_over`)."""
 
     @staticmethod
     def forward(ctx, entry: _TrainGraph, step: _Step, *params):
+        entry.move_out()
         entry.forward.replay()
         ctx.entry, ctx.step = entry, step
         outputs = tuple(o.clone() for o in entry.outputs)
@@ -399,25 +400,16 @@ class GraphedForward:
                 grad_outputs = [torch.empty_like(t) if t.requires_grad else None for t in outputs]
                 if all(g is None for g in grad_outputs):
                     raise RuntimeError("no output of the forward requires grad")
-                # each gradient copied, as soon as it is complete, into a buffer outside the pool, where no
-                # replay of the forward writes; the pool's copy is free again for the rest of the backward
-                buffers = [torch.empty_like(p) for p in params]
-                hooks = [p.register_hook(buffer.copy_) for p, buffer in zip(params, buffers)]
-                try:
-                    backward = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(backward, pool=pool):
-                        grads = torch.autograd.grad([t for t in outputs if t.requires_grad], params,
-                                                    [g for g in grad_outputs if g is not None], allow_unused=True)
-                finally:
-                    for hook in hooks:
-                        hook.remove()
+                backward = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(backward, pool=pool):
+                    grads = torch.autograd.grad([t for t in outputs if t.requires_grad], params,
+                                                [g for g in grad_outputs if g is not None], allow_unused=True)
         except RuntimeError as e:
             warnings.warn(f"pydpm: the training step of {type(self.module).__name__} could not be captured in a CUDA "
                           f"graph ({e}); calls with this signature run eagerly. An autograd graph of an earlier "
                           f"step still alive (a loss kept after its backward) stops the capture: drop it and call "
                           f"reset() on accelerate's report.graph to try again", stacklevel=3)
             return None
-        del buffers  # `grads` holds them: the users of their memory counted from here on are the graph's own
         self.captures += 1
         leaves = [_TENSOR if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
         return _TrainGraph(forward, backward, statics, [t.detach() for t in outputs], leaves, spec, grad_outputs,
