@@ -4,6 +4,7 @@ restore puts every part back, bad arguments are named; on CUDA, the graphed forw
 a new signature, the cache bound, weight changes, training steps replayed with their backward)."""
 from __future__ import annotations
 
+import os
 import warnings
 import weakref
 
@@ -561,6 +562,36 @@ def test_a_training_replay_hands_gradients_to_autograd_without_copies_and_never_
     assert not entry.pending()
 
 
+def test_gradients_a_backward_returns_as_views_of_one_tensor_are_not_held_elsewhere_when_in_grad():
+    """A backward can return several parameters' gradients as views of one tensor (pydpm's norms reduce ∂weight
+    and ∂bias together): those views in their parameters' .grad are the graph's own, any other reference to
+    that memory is held elsewhere."""
+    from torch.utils import _pytree as pytree
+
+    from pydpm.integrations._graph import _TENSOR, _TrainGraph
+
+    w, b = (torch.nn.Parameter(torch.randn(3)) for _ in range(2))
+    both = torch.randn(2, 3)
+    statics = (both[0], both[1], torch.randn(0))
+    del both
+    unused = torch.nn.Parameter(torch.randn(0))
+    _, spec = pytree.tree_flatten(torch.zeros(1))
+    entry = _TrainGraph(None, None, [], [torch.zeros(1)], [_TENSOR], spec, [None], (w, b, unused), statics)
+    assert not entry.held_elsewhere()
+    w.grad, b.grad = statics[0].detach(), statics[1].detach()  # what autograd takes from `hand_over`
+    assert not entry.held_elsewhere()
+    kept = b.grad
+    b.grad = None
+    assert entry.held_elsewhere()
+    b.grad = kept
+    del kept
+    assert not entry.held_elsewhere()
+    view = w.grad.view(-1)
+    assert entry.held_elsewhere()
+    del view
+    assert not entry.held_elsewhere()
+
+
 @needs_cuda
 def test_training_steps_replay_a_forward_and_a_backward_graph():
     """With autograd recording, the accelerated UNet replays its forward and backward from graphs: losses and
@@ -625,6 +656,29 @@ def test_a_replayed_step_leaves_its_gradient_buffers_in_grad_and_never_overwrite
     model.zero_grad(set_to_none=True)
     _step(model, x, t, ctx)
     assert graph.replays == 2 and graph.eager_calls == 1
+    pd.restore(model)
+
+
+@needs_cuda
+def test_captures_take_expandable_segments_and_leave_the_allocator_as_it_was():
+    """The graphs' private pools are captured in expandable segments (a capture's pool cannot merge plain
+    segments, which then reserve far more than it allocated); memory allocated after a capture is in plain
+    segments again, as the user's allocator settings (none here) say."""
+    if "expandable_segments" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") + os.environ.get("PYTORCH_ALLOC_CONF", ""):
+        pytest.skip("the allocator settings of this process choose expandable segments themselves")
+    model = unet2d_condition("cuda").train()
+    x, t, ctx = inputs("cuda")
+    graph = pd.accelerate(model).graph
+    _step(model, x, t, ctx)
+    with torch.no_grad():
+        model(x, t, encoder_hidden_states=ctx)
+    assert graph.captures == 2
+    after = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")
+    segments = torch.cuda.memory_snapshot()
+    pooled = [s for s in segments if tuple(s["segment_pool_id"]) != (0, 0)]
+    assert pooled and all(s["is_expandable"] for s in pooled)
+    (mine,) = (s for s in segments if s["address"] <= after.data_ptr() < s["address"] + s["total_size"])
+    assert not mine["is_expandable"]
     pd.restore(model)
 
 
