@@ -20,12 +20,12 @@ out, although the next forward replay writes the pool: a `.grad` still holding i
 without `zero_grad`, or `zero_grad(set_to_none=False)`) first gets memory of its own (the same tensor object,
 its values copied), and the backward adds the new gradient into it; while a handed-out gradient is referenced
 outside `.grad` (kept past `zero_grad`, returned by `torch.autograd.grad`, a view of it) the signature's steps
-run eagerly, with one warning. With `zero_grad()` (set_to_none, the default) before each step, the step's peak
-memory is the eager step's. A signature's training graph serves one step at a time: a
-second forward of that signature while the first one's backward is still pending (two forwards, one backward)
-runs eagerly, since a replay would overwrite the activations the pending backward reads. Under autocast the
-graphs are captured with autocast's cast cache off (a graph cannot replay the cache), and the autocast state is
-part of the signature.
+run eagerly, with one warning. The captures allocate their pools in expandable segments (`_expandable_segments`),
+which keeps a graphed step's peak memory near the eager step's (SD1.5's bf16 training step on an H200: 1.10×).
+A signature's training graph serves one step at a time: a second forward of that signature while the first
+one's backward is still pending (two forwards, one backward) runs eagerly, since a replay would overwrite the
+activations the pending backward reads. Under autocast the graphs are captured with autocast's cast cache off
+(a graph cannot replay the cache), and the autocast state is part of the signature.
 
 A signature is the call's structure: every tensor's shape, strides, dtype and device, and every other argument's
 value (the forward's `timestep` argument, positional or keyword, given as a Python number is made a tensor
@@ -134,7 +134,7 @@ class _TrainGraph:
 
     def held_elsewhere(self) -> bool:
         """Whether a gradient an earlier replay handed out is still referenced outside `.grad` (kept past
-        `zero_grad`, returned by `torch.autograd.grad`, a view of it): the next backward replay would change it."""
+        `zero_grad`, returned by `torch.autograd.grad`, a view of it): the next replay would change it."""
         for at, alone in self.storages:
             held = sum(_holds(self.params[i], self.grads[i]) for i in at)
             if _storage_uses(self.grads[at[0]]) > alone + held:
