@@ -125,7 +125,9 @@ class _TrainGraph:
         for i, g in enumerate(grads):
             if g is not None:
                 shared.setdefault(g.untyped_storage().data_ptr() or -1 - i, []).append(i)  # empty: its own
-        self.storages = [(at, _storage_uses(grads[at[0]])) for at in shared.values()]
+        # (the storage's address for its use count, the count, [(parameter, its static gradient's address)])
+        self.storages = [(grads[at[0]].untyped_storage()._cdata, _storage_uses(grads[at[0]]),
+                          [(params[i], grads[i].data_ptr()) for i in at]) for at in shared.values()]
 
     def pending(self) -> bool:
         """Whether the last replay's backward has yet to run while its outputs' autograd graph is alive."""
@@ -134,19 +136,24 @@ class _TrainGraph:
 
     def held_elsewhere(self) -> bool:
         """Whether a gradient an earlier replay handed out is still referenced outside `.grad` (kept past
-        `zero_grad`, returned by `torch.autograd.grad`, a view of it): the next replay would change it."""
-        for at, alone in self.storages:
-            held = sum(_holds(self.params[i], self.grads[i]) for i in at)
-            if _storage_uses(self.grads[at[0]]) > alone + held:
+        `zero_grad`, returned by `torch.autograd.grad`, a view of it): the next replay would change it. (Run
+        before every replay: one use count per storage when no gradient is handed out.)"""
+        uses = torch._C._storage_Use_Count
+        for storage, alone, members in self.storages:
+            now = uses(storage)
+            if now > alone and now > alone + sum(_holds(param, at) for param, at in members):
                 return True
         return False
 
     def move_out(self) -> None:
         """Before the forward replay, which writes the pool: a `.grad` that holds its static gradient (an earlier
         step's) gets memory of its own, the same tensor object with its values copied."""
-        for param, static in zip(self.params, self.grads):
-            if static is not None and _holds(param, static):
-                param.grad.data = param.grad.clone()
+        uses = torch._C._storage_Use_Count
+        for storage, alone, members in self.storages:
+            if uses(storage) > alone:
+                for param, at in members:
+                    if _holds(param, at):
+                        param.grad.data = param.grad.clone()
 
     def hand_over(self) -> list[torch.Tensor | None]:
         """Per parameter, what the backward hands autograd: an alias of the static gradient, which autograd takes
@@ -154,10 +161,10 @@ class _TrainGraph:
         return [None if static is None else static.detach() for static in self.grads]
 
 
-def _holds(param: torch.nn.Parameter, static: torch.Tensor) -> bool:
-    """Whether `param.grad` is the static gradient buffer `static` (handed over by an earlier replay)."""
+def _holds(param: torch.nn.Parameter, at: int) -> bool:
+    """Whether `param.grad` is the static gradient at address `at` (handed over by an earlier replay)."""
     grad = param.grad
-    return grad is not None and grad.data_ptr() == static.data_ptr()
+    return grad is not None and grad.data_ptr() == at
 
 
 def _storage_uses(t: torch.Tensor) -> int:
