@@ -4,6 +4,9 @@ pointer alignment, integer widths, the driver-API path against Triton's own laun
 from __future__ import annotations
 
 import ctypes
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,10 +84,9 @@ def _kernel():
     return Kernel(_axpb_kernel, specialized=("n",))
 
 
-def test_the_parameter_count_comes_from_the_ptx_entry():
-    """The driver is asked for exactly the parameters the PTX entry declares (never probed past the last one,
-    which compute-sanitizer reports as an API error): the runtime arguments, minus those specialised to
-    constants, plus Triton's hidden scratch pointers. Compiles for sm_90 without a GPU."""
+def _parameter_counts() -> None:
+    """Compile `_kernel()` for sm_90 (no GPU needed) with and without `n` specialised, and check the PTX entry's
+    parameter counts."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile as triton_compile
     from triton.runtime.jit import JITFunction
@@ -102,6 +104,20 @@ def test_the_parameter_count_comes_from_the_ptx_entry():
         hidden = counts[-1] - sum(t != "constexpr" for t in signature.values())
         assert 0 <= hidden <= 2, (counts, compiled.asm["ptx"][:2000])
     assert counts[0] == counts[1] + 1, "n specialised to 1 leaves the entry"
+
+
+def test_the_parameter_count_comes_from_the_ptx_entry():
+    """The driver is asked for exactly the parameters the PTX entry declares (never probed past the last one,
+    which compute-sanitizer reports as an API error): the runtime arguments, minus those specialised to
+    constants, plus Triton's hidden scratch pointers. Compiled in a child process: Triton's interpreter (on in
+    CI) patches triton.language while it runs a kernel, and once, in a whole CI run, a patch left behind made
+    this compile fail ('value' object has no attribute 'dtype')."""
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            f"from test_launch import _parameter_counts; _parameter_counts()")
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0, child.stdout[-2000:] + child.stderr[-4000:]
+
+    from pydpm.kernels._launch import _entry_param_count
 
     class NoPTX:
         asm = {"cubin": b""}
