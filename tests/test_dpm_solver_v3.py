@@ -394,3 +394,17 @@ def test_on_cuda_and_in_a_cuda_graph(dtype):
         torch.testing.assert_close(y.double().cpu(), expected, **tol)
     cl = x.to("cuda", dtype).contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(solver.sample(cl, steps=6).double().cpu(), expected, **tol)
+
+
+def test_the_per_element_statistics_benchmark_runs(capsys):
+    """bench/ems_per_element.py end to end at a toy size: a row per λ, and per-element least squares never
+    leave more of f' unexplained than the one s per λ (which is one of the per-element choices)."""
+    from pydpm.bench import ems_per_element
+
+    assert ems_per_element.run(["--schedule", "linear", "--samples", "64", "--points", "3"]) == 0
+    table = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    rows = [cells for cells in table if cells[0].strip().lstrip("-").replace(".", "", 1).isdigit()]  # a λ
+    assert len(rows) == 3
+    for row in rows:
+        scalar, per_element = (float(cell.strip().rstrip("%")) for cell in row[-2:])
+        assert 0 <= per_element <= scalar <= 100
