@@ -414,6 +414,64 @@ def test_the_transformers_graphed_forward_equals_their_eager_forward(kind):
     pd.restore(model)
 
 
+def _masked(kind: str):
+    """A tiny model of `kind` ("pixart" or "unet") in float64 with its call's arguments and an
+    `encoder_attention_mask` [B, T] that hides different text tokens per sample."""
+    if kind == "pixart":
+        model, args, kwargs = _tiny("pixart")
+    else:
+        model = unet2d_condition(dtype=torch.float64)
+        x, t, ctx = inputs(dtype=torch.float64)
+        args, kwargs = (x, t), {"encoder_hidden_states": ctx}
+    tokens = kwargs["encoder_hidden_states"].shape[1]
+    mask = torch.ones(2, tokens, dtype=torch.float64)
+    mask[0, -2:], mask[1, 1] = 0, 0
+    return model, args, kwargs, mask
+
+
+@pytest.mark.parametrize("kind", ["pixart", "unet"])
+def test_masked_attention_goes_to_sdpa_and_computes_what_diffusers_does(kind):
+    """An encoder attention mask (PixArt's pipelines pass one) reaches every cross-attention block: the pydpm
+    processor hands those calls to torch's SDPA with the mask (its own kernel has none) and counts them; the
+    output equals the untouched model's with the mask, which differs from its output without."""
+    model, args, kwargs, mask = _masked(kind)
+    with torch.no_grad():
+        want = model(*args, **kwargs, encoder_attention_mask=mask).sample
+        unmasked = model(*args, **kwargs).sample
+    assert (want - unmasked).abs().max() > 1e-6  # the mask matters
+    pd.accelerate(model)
+    processor = next(p for p in processors(model).values() if isinstance(p, pd.PydpmAttnProcessor))
+    with torch.no_grad():
+        got = model(*args, **kwargs, encoder_attention_mask=mask).sample
+    assert processor.fallbacks > 0
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    pd.restore(model)
+
+
+@needs_cuda
+@pytest.mark.parametrize("kind", ["pixart", "unet"])
+def test_a_graphed_forward_replays_with_each_calls_mask(kind):
+    """The mask is an input of the graph like any tensor: calls with other masks of the same shape replay
+    the one graph, each equal to the eager forward with its own mask."""
+    model, args, kwargs, mask = _masked(kind)
+    cuda = lambda v: v.float().cuda() if torch.is_tensor(v) else v  # noqa: E731
+    model = model.float().cuda()
+    args, kwargs = tuple(map(cuda, args)), {k: cuda(v) for k, v in kwargs.items()}
+    if "timestep" in kwargs:
+        kwargs["timestep"] = kwargs["timestep"].long()
+    args = tuple(a.long() if i == 1 else a for i, a in enumerate(args))
+    masks = [cuda(mask), cuda(mask.flip(0)), torch.ones_like(cuda(mask))]
+    graph = pd.accelerate(model).graph
+    with torch.no_grad():
+        got = [model(*args, **kwargs, encoder_attention_mask=m).sample for m in masks]
+        want = [graph.eager(*args, **kwargs, encoder_attention_mask=m).sample for m in masks]
+    assert graph.captures == 1 and graph.replays == 3
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    assert (want[0] - want[2]).abs().max() > 1e-4
+    pd.restore(model)
+
+
 @needs_cuda
 def test_weight_changes_reach_the_graph():
     model = unet2d_condition("cuda")
