@@ -722,7 +722,8 @@ def test_captures_take_expandable_segments_and_leave_the_allocator_as_it_was():
     """The graphs' private pools are captured in expandable segments (a capture's pool cannot merge plain
     segments, which then reserve far more than it allocated); memory allocated after a capture is in plain
     segments again, as the user's allocator settings (none here) say."""
-    if "expandable_segments" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") + os.environ.get("PYTORCH_ALLOC_CONF", ""):
+    settings = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") + os.environ.get("PYTORCH_ALLOC_CONF", "")
+    if "expandable_segments" in settings:
         pytest.skip("the allocator settings of this process choose expandable segments themselves")
     model = unet2d_condition("cuda").train()
     x, t, ctx = inputs("cuda")

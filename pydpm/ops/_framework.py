@@ -126,14 +126,20 @@ def check_tensor(op: str, name: str, t, dims: int | None = None, *, min_dims: in
         fail(op, f"{name} has shape {tuple(t.shape)}; {'it must be ' + what if what else expected}")
 
 
-def check_param(op: str, name: str, t, shape: Sequence[int], x: torch.Tensor, hint: str) -> None:
-    """A parameter tensor (weight, bias) of `shape` on x's device, any floating dtype."""
+def check_floating(op: str, name: str, t, x: torch.Tensor, expected: str) -> None:
+    """An operand that must be a floating-point tensor on x's device; `expected` describes its shape (for the
+    message when it is no tensor at all)."""
     if not isinstance(t, torch.Tensor):
-        fail_type(op, f"{name} must be a torch.Tensor of shape {list(shape)} ({hint}), got {type(t).__name__}")
+        fail_type(op, f"{name} must be a torch.Tensor of shape {expected}, got {type(t).__name__}")
     if t.device != x.device:
         fail(op, f"{name} is on {t.device} but x is on {x.device}; move it with .to(x.device)")
     if not t.is_floating_point():
         fail(op, f"{name} has dtype {t.dtype}; it must be a floating-point tensor")
+
+
+def check_param(op: str, name: str, t, shape: Sequence[int], x: torch.Tensor, hint: str) -> None:
+    """A parameter tensor (weight, bias) of `shape` on x's device, any floating dtype."""
+    check_floating(op, name, t, x, f"{list(shape)} ({hint})")
     if tuple(t.shape) != tuple(shape):
         fail(op, f"{name} has shape {tuple(t.shape)}; x of shape {tuple(x.shape)} needs {list(shape)} ({hint})")
 

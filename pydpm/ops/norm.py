@@ -32,8 +32,9 @@ import torch.nn.functional as F
 
 from pydpm import _backend
 from pydpm.ops._framework import (ELEMENTWISE_TOLERANCES, Backend, BadInput, Differentiable, Entry, Op, acc_dtype,
-                                  check_no_alias, check_out, check_param, check_real, check_tensor, fail, fail_type,
-                                  register, sample_maker, sample_tensor, tensor_mutations, triton_reasons)
+                                  check_floating, check_no_alias, check_out, check_param, check_real, check_tensor,
+                                  fail, fail_type, register, sample_maker, sample_tensor, tensor_mutations,
+                                  triton_reasons)
 
 ACTIVATIONS = (None, "silu")
 # The triton LayerNorm kernels hold a row in registers: the widest they take (wider rows run on the reference)
@@ -145,12 +146,7 @@ def _silu(op: str, activation) -> bool:
 
 def _sample_operand(op: str, name: str, t, x: torch.Tensor, B: int, C: int, shapes: tuple) -> torch.Tensor:
     """A per-sample operand: one of `shapes`, on x's device, floating point -> its [B, C] view."""
-    if not isinstance(t, torch.Tensor):
-        fail_type(op, f"{name} must be a torch.Tensor of shape {list(shapes[0])}, got {type(t).__name__}")
-    if t.device != x.device:
-        fail(op, f"{name} is on {t.device} but x is on {x.device}; move it with .to(x.device)")
-    if not t.is_floating_point():
-        fail(op, f"{name} has dtype {t.dtype}; it must be a floating-point tensor")
+    check_floating(op, name, t, x, str(list(shapes[0])))
     if tuple(t.shape) not in shapes:
         fail(op, f"{name} has shape {tuple(t.shape)}; x of shape {tuple(x.shape)} needs one of "
                  f"{' or '.join(str(list(s)) for s in shapes)} (one value per sample and channel)")
