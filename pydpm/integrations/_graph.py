@@ -126,8 +126,11 @@ class _TrainGraph:
             if g is not None:
                 shared.setdefault(g.untyped_storage().data_ptr() or -1 - i, []).append(i)  # empty: its own
         # (the storage's address for its use count, the count, [(parameter, its static gradient's address)])
-        self.storages = [(grads[at[0]].untyped_storage()._cdata, _storage_uses(grads[at[0]]),
-                          [(params[i], grads[i].data_ptr()) for i in at]) for at in shared.values()]
+        self.storages = []
+        for at in shared.values():
+            storage = grads[at[0]].untyped_storage()._cdata
+            self.storages.append((storage, torch._C._storage_Use_Count(storage),
+                                  [(params[i], grads[i].data_ptr()) for i in at]))
 
     def pending(self) -> bool:
         """Whether the last replay's backward has yet to run while its outputs' autograd graph is alive."""
@@ -165,11 +168,6 @@ def _holds(param: torch.nn.Parameter, at: int) -> bool:
     """Whether `param.grad` is the static gradient at address `at` (handed over by an earlier replay)."""
     grad = param.grad
     return grad is not None and grad.data_ptr() == at
-
-
-def _storage_uses(t: torch.Tensor) -> int:
-    """How many tensors (and storage objects) share `t`'s memory."""
-    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
 
 
 class _TrainReplay(torch.autograd.Function):
