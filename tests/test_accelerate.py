@@ -715,6 +715,38 @@ def test_a_replayed_step_leaves_its_gradient_buffers_in_grad_and_never_overwrite
     pd.restore(model)
 
 
+def test_captures_turn_expandable_segments_on_only_where_the_user_chose_nothing(monkeypatch):
+    """`_expandable_segments` (around every capture) with torch's allocator settings stood in for on the CPU:
+    with no setting it turns expandable segments on inside and off after, and the next capture does so again
+    (torch then reports the string the last capture left); a user's own setting, `expandable_segments:False`
+    included, is left alone, as is another allocator backend."""
+    from pydpm.integrations import _graph
+
+    calls: list[str] = []
+    settings = [""]
+    monkeypatch.setattr(_graph, "_left_behind", None)
+    monkeypatch.setattr(torch._C, "_accelerator_getAllocatorSettings", lambda: settings[0], raising=False)
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings",
+                        lambda v: (calls.append(v), settings.__setitem__(0, v)), raising=False)
+    backend = ["native"]
+    monkeypatch.setattr(torch.cuda.memory, "get_allocator_backend", lambda: backend[0])
+    for _ in range(2):
+        with _graph._expandable_segments():
+            assert calls[-1] == "expandable_segments:True"
+        assert calls[-1] == "expandable_segments:False"
+    assert len(calls) == 4
+    for user in ("expandable_segments:False", "expandable_segments:True,max_split_size_mb:64"):
+        monkeypatch.setattr(_graph, "_left_behind", None)
+        settings[0] = user
+        with _graph._expandable_segments():
+            pass
+        assert len(calls) == 4 and settings[0] == user
+    settings[0], backend[0] = "", "cudaMallocAsync"
+    with _graph._expandable_segments():
+        pass
+    assert len(calls) == 4
+
+
 @needs_cuda
 def test_captures_take_expandable_segments_and_leave_the_allocator_as_it_was():
     """The graphs' private pools are captured in expandable segments (a capture's pool cannot merge plain

@@ -215,9 +215,10 @@ def _expandable_segments():
     a segment per block size it ends up reserving far more than the capture had allocated at its peak (the SD1.5
     training step's pool on an H200: 2.88 GiB reserved, against 2.29 GiB in expandable segments); expandable
     segments grow one mapped range instead. Outside, the user's settings are back: later segments are plain."""
+    global _left_behind
     settings = getattr(torch._C, "_accelerator_getAllocatorSettings", lambda: "")() or \
         os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") + os.environ.get("PYTORCH_ALLOC_CONF", "")
-    chosen = "expandable_segments" in settings and settings != _PLAIN_SEGMENTS  # the latter: an earlier capture's
+    chosen = "expandable_segments" in settings and settings != _left_behind
     if chosen or torch.cuda.memory.get_allocator_backend() != "native":
         yield
         return
@@ -228,9 +229,13 @@ def _expandable_segments():
         yield
     finally:
         configure(_PLAIN_SEGMENTS)
+        _left_behind = _PLAIN_SEGMENTS
 
 
 _PLAIN_SEGMENTS = "expandable_segments:False"
+# The settings string the last capture left (torch reports the last one set): the user's own choice otherwise,
+# "expandable_segments:False" included.
+_left_behind: str | None = None
 
 
 class GraphedForward:
