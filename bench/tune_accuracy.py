@@ -30,8 +30,10 @@ from typing import Callable, Iterator
 import torch
 
 try:
+    from .full_covariance_mixtures import MIXTURES, FullCovarianceMixture
     from .sampler_accuracy import _import_helpers, _row, _schedules
 except ImportError:  # run as a script from a checkout
+    from full_covariance_mixtures import MIXTURES, FullCovarianceMixture  # type: ignore[no-redef]
     from sampler_accuracy import _import_helpers, _row, _schedules  # type: ignore[no-redef]
 
 
@@ -73,6 +75,9 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", choices=("tune", "v3"), default=["tune", "v3"])
     parser.add_argument("--ems-samples", type=int, default=4096, help="data samples of the EMS (default 4096)")
     parser.add_argument("--ems-points", type=int, default=101, help="grid points of the EMS (default 101)")
+    parser.add_argument("--mixture", choices=("tests", *MIXTURES), default="tests",
+                        help="tests: the 4-component isotropic mixture in D = 64 (default); full-a, full-b: the "
+                             "full-covariance mixtures of bench/full_covariance_mixtures.py")
     args = parser.parse_args(argv)
 
     gmm, oracle = _import_helpers()
@@ -87,23 +92,29 @@ def run(argv: list[str] | None = None) -> int:
     print(_row("---", ["---:", "---:", "---", "---:"] + ["---:", "---:", "---"] * (len(cols) // 3)))
     for name in args.schedule:
         osched, psched = _schedules(name, oracle)
-        mixture = gmm.GaussianMixture.random(osched, 64, components=4, seed=1, spread=0.5)
-        model = model_wrapper(mixture.model_fn("noise", total_N=osched.total_N if osched.discrete else None), psched)
+        total_n = osched.total_N if osched.discrete else None
+        if args.mixture == "tests":
+            mixture = gmm.GaussianMixture.random(osched, 64, components=4, seed=1, spread=0.5)
+            model = model_wrapper(mixture.model_fn("noise", total_N=total_n), psched)
+        else:
+            mixture = FullCovarianceMixture.named(args.mixture, osched)
+            model = model_wrapper(mixture.model_fn(total_N=total_n), psched)
+        dim = mixture.dim
         t_T, t_0 = psched.T, 1.0 / psched.total_N
         draws = []
         for seed in args.eval_seeds:
-            x = torch.randn(args.eval, 64, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+            x = torch.randn(args.eval, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
             draws.append((seed, x, oracle.ode_solution(mixture.eps, osched, x, t_T, t_0, n=1000)))
 
         data = mixture.sample(args.ems_samples, generator=torch.Generator().manual_seed(777))
         if "v3" in args.methods:
             ems = compute_ems(model, psched, data, points=args.ems_points, t_start=t_T, t_end=t_0, batch=4096)
-            x_cal = torch.randn(512, 64, generator=torch.Generator().manual_seed(12345), dtype=torch.float64)
+            x_cal = torch.randn(512, dim, generator=torch.Generator().manual_seed(12345), dtype=torch.float64)
             ref_cal = DPMSolver(model, psched).sample(x_cal, steps=500, order=3, skip_type="logSNR",
                                                       third_order="corrected")
         for nfe in args.nfe:
             if "tune" in args.methods:
-                tuned = tune(model, psched, nfe, shape=(64,), n_calibration=args.calibration,
+                tuned = tune(model, psched, nfe, shape=(dim,), n_calibration=args.calibration,
                              iterations=args.iterations, dtype=torch.float64, seed=12345, data=data,
                              ems_points=args.ems_points)
                 r = tuned.report
@@ -132,7 +143,8 @@ def run(argv: list[str] | None = None) -> int:
                     cells += [f"{e3:.2e}", f"{best[0] / e3:.2f}×",
                               f"{v3_config['skip_type']}, corrector {'on' if v3_config['use_corrector'] else 'off'}"]
                 print(_row(name, cells), flush=True)
-    print(f"\n({time.perf_counter() - began:.0f} s; torch {torch.__version__}; 4-component mixture in D = 64, "
+    what = "4-component mixture in D = 64" if args.mixture == "tests" else f"mixture {args.mixture}"
+    print(f"\n({time.perf_counter() - began:.0f} s; torch {torch.__version__}; {what}, "
           f"{args.eval} evaluation samples per draw, calibration seed 12345"
           + (f"; EMS: {args.ems_samples} samples, {args.ems_points} points, {ems.info['seconds']:.0f} s)"
              if "v3" in args.methods else ")"))

@@ -403,3 +403,43 @@ def test_tune_on_a_flow_schedule(tmp_path):
     from_inside = tune(eps_model, fp.psched, 3, shape=(DIM,), n_calibration=64, iterations=5, batch=16,
                        reference_steps=50, dtype=torch.float64, t_start=0.99)
     assert float(from_inside.times[0]) == 0.99 and math.isfinite(fp.error(from_inside.sample(fp.x)))
+
+
+@pytest.mark.parametrize("name", ["full-a", "full-b"])
+def test_the_full_covariance_mixtures_noise_prediction_is_minus_sigma_times_the_score(name):
+    """bench/full_covariance_mixtures.py's ε* against −σ_t ∇ log p_t by autograd of the mixture's density, written
+    with torch.distributions (its own Cholesky and log-density), at random x and per-sample t; and its samples
+    have the mixture's mean and covariance."""
+    from pydpm.bench.full_covariance_mixtures import FullCovarianceMixture
+
+    sched = O.VPLinear()
+    mix = FullCovarianceMixture.named(name, sched)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, mix.dim, generator=g, dtype=torch.float64).requires_grad_()
+    t = torch.tensor([1e-3, 0.05, 0.3, 0.7, 1.0], dtype=torch.float64)
+    alpha, sigma = sched.alpha(t)[:, None], sched.sigma(t)[:, None]
+    covs = mix.bases @ torch.diag_embed(mix.eigenvalues) @ mix.bases.transpose(1, 2)  # [K, D, D]
+    log_p = torch.stack([torch.distributions.MultivariateNormal(
+        alpha[b] * mix.means, alpha[b] ** 2 * covs + sigma[b] ** 2 * torch.eye(mix.dim, dtype=torch.float64)
+    ).log_prob(x[b]).add(mix.weights.log()).logsumexp(0) for b in range(5)])
+    score, = torch.autograd.grad(log_p.sum(), x)
+    torch.testing.assert_close(mix.eps(x.detach(), t), -sigma * score, rtol=1e-9, atol=1e-9)
+
+    draws = mix.sample(200_000, generator=g)
+    mean = (mix.weights[:, None] * mix.means).sum(0)
+    centred = mix.means - mean
+    cov = (mix.weights[:, None, None] * (covs + centred[:, :, None] * centred[:, None, :])).sum(0)
+    assert (draws.mean(0) - mean).abs().max() < 0.02
+    assert (torch.cov(draws.T) - cov).abs().max() < 0.03
+
+
+def test_the_benchmark_runs_on_a_full_covariance_mixture(capsys):
+    """bench/tune_accuracy.py --mixture at a toy size: the other mixture's dimension flows through (its figures
+    are not checked here)."""
+    from pydpm.bench import tune_accuracy
+
+    assert tune_accuracy.run(["--nfe", "2", "--schedule", "discrete", "--calibration", "32", "--iterations", "2",
+                              "--eval", "16", "--ems-samples", "16", "--ems-points", "5", "--mixture", "full-a",
+                              "--eval-seeds", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("| discrete | 2 |") == 1 and "mixture full-a" in out
