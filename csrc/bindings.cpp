@@ -53,6 +53,7 @@ py::dict struct_layouts() {
     PYDPM_FIELD(SolverStepParams, x, "ptr");
     PYDPM_FIELD(SolverStepParams, n_models, "i32");
     PYDPM_ARRAY(SolverStepParams, models, "ptr");
+    PYDPM_FIELD(SolverStepParams, broadcast, "i32");
     PYDPM_FIELD(SolverStepParams, out, "ptr");
     PYDPM_FIELD(SolverStepParams, n_coefs, "i32");
     PYDPM_FIELD(SolverStepParams, coefs, "CoefRow");

@@ -6,9 +6,10 @@ Per element e of x's dense layout (memory order), belonging to sample b = e // p
     d   = conv[b, 0]·x + conv[b, 1]·m        (when the step has a model output; save ← d)
     out = c[b, 0]·x + [c[b, 1]·d] + Σₖ c[b, ·]·models[k] + [c[b, −1]·z]
 
-in fp32, z being a noise tensor or Philox4x32-10 normals (csrc/common/philox.h's recipe). A constant clamp
-of d (CLAMP: d = clamp(d, −s, s)/s, diffusers' clip_sample) is fused; dynamic thresholding (a per-sample
-quantile) is not implemented here (the dispatcher sends it to the cuda and cpu backends).
+in fp32, z being a noise tensor or Philox4x32-10 normals (csrc/common/philox.h's recipe). A model whose bit is
+set in BROADCAST holds one sample that every sample reads (element e reads its element e % per_sample). A
+constant clamp of d (CLAMP: d = clamp(d, −s, s)/s, diffusers' clip_sample) is fused; dynamic thresholding (a
+per-sample quantile) is not implemented here (the dispatcher sends it to the cuda and cpu backends).
 Naming chain: `_solver_step_fwd_kernel` (the kernel) → `solver_step_fwd` (the launcher).
 """
 import torch
@@ -115,6 +116,16 @@ def _coef(table, value, I: tl.constexpr, N: tl.constexpr, SRC: tl.constexpr, b_l
         return tl.where(in_hi, tl.load(table + b_hi * N + I), tl.load(table + b_lo * N + I)).to(tl.float32)
 
 
+@triton.jit
+def _term(ptr, offs, local, mask, SHARED: tl.constexpr):
+    """A plain term's values for the block, in fp32: at offs, or at the sample-local index (SHARED: a model
+    holding one sample that every sample reads)."""
+    if SHARED:
+        return tl.load(ptr + local, mask=mask).to(tl.float32)
+    else:
+        return tl.load(ptr + offs, mask=mask).to(tl.float32)
+
+
 @triton.jit(do_not_specialize=["per_sample", "seed", "offset"])
 def _solver_step_fwd_kernel(
     x, m0, m1, m2, m3, m4, m5, out,       # tensors shaped like x; unused model slots are x
@@ -127,7 +138,7 @@ def _solver_step_fwd_kernel(
     numel, per_sample,
     N_MODELS: tl.constexpr, HAS_D: tl.constexpr, GUIDED: tl.constexpr, SAVE: tl.constexpr,
     NOISE: tl.constexpr, COEF_SRC: tl.constexpr, CONV_SRC: tl.constexpr, SAMPLE_MAP: tl.constexpr,
-    CLAMP: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr,
+    BROADCAST: tl.constexpr, CLAMP: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     N_COEFS: tl.constexpr = 1 + HAS_D + N_MODELS + (NOISE != 0)
     FIRST_MODEL: tl.constexpr = 1 + HAS_D  # coefficient index of models[0]
@@ -152,6 +163,10 @@ def _solver_step_fwd_kernel(
         b_lo = 0
         b_hi = 0
         in_hi = None
+    if BROADCAST != 0:
+        local = offs % per_sample
+    else:
+        local = offs
 
     # Every load comes before the stores (out may be x), in the reference's order of terms.
     xv = tl.load(x + offs, mask=mask).to(tl.float32)
@@ -168,22 +183,22 @@ def _solver_step_fwd_kernel(
         acc += _coef(coefs, c_d, 1, N_COEFS, COEF_SRC, b_lo, b_hi, in_hi) * d
     if N_MODELS > 0:
         acc += _coef(coefs, c_m0, FIRST_MODEL + 0, N_COEFS, COEF_SRC, b_lo, b_hi, in_hi) * \
-            tl.load(m0 + offs, mask=mask).to(tl.float32)
+            _term(m0, offs, local, mask, (BROADCAST >> 0) & 1)
     if N_MODELS > 1:
         acc += _coef(coefs, c_m1, FIRST_MODEL + 1, N_COEFS, COEF_SRC, b_lo, b_hi, in_hi) * \
-            tl.load(m1 + offs, mask=mask).to(tl.float32)
+            _term(m1, offs, local, mask, (BROADCAST >> 1) & 1)
     if N_MODELS > 2:
         acc += _coef(coefs, c_m2, FIRST_MODEL + 2, N_COEFS, COEF_SRC, b_lo, b_hi, in_hi) * \
-            tl.load(m2 + offs, mask=mask).to(tl.float32)
+            _term(m2, offs, local, mask, (BROADCAST >> 2) & 1)
     if N_MODELS > 3:
         acc += _coef(coefs, c_m3, FIRST_MODEL + 3, N_COEFS, COEF_SRC, b_lo, b_hi, in_hi) * \
-            tl.load(m3 + offs, mask=mask).to(tl.float32)
+            _term(m3, offs, local, mask, (BROADCAST >> 3) & 1)
     if N_MODELS > 4:
         acc += _coef(coefs, c_m4, FIRST_MODEL + 4, N_COEFS, COEF_SRC, b_lo, b_hi, in_hi) * \
-            tl.load(m4 + offs, mask=mask).to(tl.float32)
+            _term(m4, offs, local, mask, (BROADCAST >> 4) & 1)
     if N_MODELS > 5:
         acc += _coef(coefs, c_m5, FIRST_MODEL + 5, N_COEFS, COEF_SRC, b_lo, b_hi, in_hi) * \
-            tl.load(m5 + offs, mask=mask).to(tl.float32)
+            _term(m5, offs, local, mask, (BROADCAST >> 5) & 1)
     if NOISE == _NOISE_TENSOR:
         z = tl.load(noise + offs, mask=mask).to(tl.float32)
     elif NOISE == _NOISE_PHILOX:
@@ -214,11 +229,12 @@ _KERNEL = Kernel(_solver_step_fwd_kernel, specialized=("numel",))
 
 def solver_step_fwd(x: torch.Tensor, models, out: torch.Tensor, *, coefs=None, coef_values=None, cond=None,
                     uncond=None, guidance: float = 1.0, conv=None, conv_values=None, save=None, noise=None,
-                    philox: tuple[int, int] | None = None, clamp: float = 0.0) -> None:
+                    philox: tuple[int, int] | None = None, clamp: float = 0.0, broadcast: int = 0) -> None:
     """out (and save: d) of the fused step in one launch on torch's current stream. Every tensor shares x's
     dense layout and dtype; coefficients: a table `coefs` ([n] or [B, n], on x's device) or the n host
     `coef_values` in the order x, d, models, noise; `conv` / `conv_values` likewise for d = k_x·x + k_m·m;
-    `philox`: (seed, offset) of in-kernel noise; `clamp` > 0: d = clamp(d, −clamp, clamp)/clamp."""
+    `philox`: (seed, offset) of in-kernel noise; `clamp` > 0: d = clamp(d, −clamp, clamp)/clamp; `broadcast`: bit k
+    set when models[k] holds one sample (x's per-sample layout) that every sample reads."""
     numel = x.numel()
     per_sample = numel // x.shape[0]
     block = _BLOCK_BY_SIZE[x.element_size()]
@@ -234,8 +250,8 @@ def solver_step_fwd(x: torch.Tensor, models, out: torch.Tensor, *, coefs=None, c
         sample_map = _TWO_SAMPLES.value if per_sample >= block else _PER_ELEMENT.value
     int64 = numel > 2**31 - 1
     guided, saved = uncond is not None, save is not None
-    key = (n_models, has_d, guided, saved, noise_mode, coef_src, conv_src, sample_map, clamp > 0, int64, block,
-           x.dtype, None if coefs is None else coefs.dtype, None if conv is None else conv.dtype)
+    key = (n_models, has_d, guided, saved, noise_mode, coef_src, conv_src, sample_map, broadcast, clamp > 0, int64,
+           block, x.dtype, None if coefs is None else coefs.dtype, None if conv is None else conv.dtype)
     _KERNEL((cdiv(numel, block),), [
         x, *models, *(x,) * (_MAX_MODELS - n_models), out,
         x if cond is None else cond, x if uncond is None else uncond, x if save is None else save,
@@ -243,4 +259,5 @@ def solver_step_fwd(x: torch.Tensor, models, out: torch.Tensor, *, coefs=None, c
         values[0], values[1] if has_d else 0.0, *c_models, values[-1] if noise_mode else 0.0, k[0], k[1],
         guidance, clamp, philox[0] if philox else 0, philox[1] if philox else 0, numel, per_sample], key, dict(
         N_MODELS=n_models, HAS_D=has_d, GUIDED=guided, SAVE=saved, NOISE=noise_mode, COEF_SRC=coef_src,
-        CONV_SRC=conv_src, SAMPLE_MAP=sample_map, CLAMP=clamp > 0, INT64=int64, BLOCK=block), num_warps=_NUM_WARPS)
+        CONV_SRC=conv_src, SAMPLE_MAP=sample_map, BROADCAST=broadcast, CLAMP=clamp > 0, INT64=int64,
+        BLOCK=block), num_warps=_NUM_WARPS)

@@ -50,6 +50,33 @@ def test_plain_combination_equals_numpy_float64(backend, dtype, per_sample):
     assert err <= LOW[dtype] * max(1.0, np.abs(expected).max()), err
 
 
+@pytest.mark.parametrize("per_sample", [(4, 9, 8), (3, 5, 7)], ids=["vector", "scalar"])  # CUDA: 16-byte path or not
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("backend", backend_params())
+def test_a_model_of_one_sample_is_read_by_every_sample(backend, dtype, per_sample):
+    """models[k] of shape [1, *x.shape[1:]] is added to every sample (numpy's broadcasting, float64), beside a
+    model of x's shape and the fused model-output stage, with per-sample coefficients; save and out poisoned."""
+    device = backend_device(backend)
+    gen = torch.Generator().manual_seed(5)
+    shape = (5,) + per_sample
+    x, m, mo = (torch.randn(shape, generator=gen).to(device, dtype) for _ in range(3))
+    shared = torch.randn((1,) + per_sample, generator=gen).to(device, dtype)
+    c = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+    kw = dict(model_output=mo, convert=[0.4, -1.3], save=torch.full(shape, math.nan, dtype=dtype, device=device),
+              out=torch.full(shape, math.nan, dtype=dtype, device=device))
+    if backend != "reference":
+        _available(backend, OP.check(x, [shared, m], c.to(device), **kw))
+    with use_backend(backend):
+        y = solver_step(x, [shared, m], c.to(device), **kw)
+    xs, ms, mos, ss = (t.cpu().double().numpy() for t in (x, m, mo, shared))
+    d = 0.4 * xs - 1.3 * mos
+    cs = c.numpy().reshape(5, 4, 1, 1, 1)
+    expected = cs[:, 0] * xs + cs[:, 1] * d + cs[:, 2] * ss + cs[:, 3] * ms
+    tol = LOW[dtype] * 10
+    assert np.abs(y.cpu().double().numpy() - expected).max() <= tol * max(1.0, np.abs(expected).max())
+    assert np.abs(kw["save"].cpu().double().numpy() - d).max() <= tol * max(1.0, np.abs(d).max())
+
+
 def test_philox_known_answer_vectors():
     """Random123's published Philox4x32-10 vectors."""
     def words(counter, key):
@@ -276,7 +303,7 @@ def test_property_cpu_kernel_matches_numpy(shape, n_models, per_sample, dtype, s
 
 
 @pytest.mark.parametrize("backend", ["cuda", "cpu"])
-@pytest.mark.parametrize("case", ["plain", "cfg-threshold-philox", "convert-save"])
+@pytest.mark.parametrize("case", ["plain", "cfg-threshold-philox", "convert-save", "shared-model"])
 def test_planned_step_equals_checked_call(backend, case):
     """PlannedStep (a sampler's pre-checked launch) gives the checked op's result when only x, the model
     outputs and out change, and falls back to the checked path for tensors of another layout."""
@@ -295,7 +322,9 @@ def test_planned_step_equals_checked_call(backend, case):
                                        noise=PhiloxNoise(7, 2)),
           "convert-save": dict(models=[r()], coeffs=torch.tensor([0.9, 0.4, -0.1], device=dev),
                                model_output=r(), convert=torch.tensor([0.5, -0.7], dtype=torch.float64, device=dev),
-                               save=torch.empty(shape, device=dev))}[case]
+                               save=torch.empty(shape, device=dev)),
+          "shared-model": dict(models=[torch.randn((1,) + shape[1:], generator=gen).to(dev), r()],
+                               coeffs=[0.9, -0.3, 0.2])}[case]
     placeholder = kw.get("model_output")
     planned = PlannedStep(check_args(torch.empty(shape, device=dev), out=torch.empty(shape, device=dev), **kw))
     assert planned.params is not None

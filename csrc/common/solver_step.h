@@ -12,7 +12,9 @@
 //       out = c[0]*x + [c[1]*d] + sum_k c[.]*models[k] + [c[-1]*z]
 //   z is the `noise` tensor (noise_mode 1) or Philox normals (noise_mode 2, see philox.h).
 //
-// All tensors share one dense layout; element e belongs to sample e / per_sample. Coefficients are a
+// All tensors share one dense layout; element e belongs to sample e / per_sample. A model whose bit is set
+// in `broadcast` holds one sample (per_sample elements), which every sample reads: element e reads its
+// element e % per_sample (a constant term, e.g. DPM-Solver-v3's bias). Coefficients are a
 // row per sample read from `coefs` (row_stride 0: one row for all) or, when coefs == nullptr, the
 // values in coef_values.
 #pragma once
@@ -46,6 +48,7 @@ struct SolverStepParams {
   const void* x = nullptr;
   int32_t n_models = 0;
   const void* models[kMaxModels] = {};
+  int32_t broadcast = 0;       // bit k: models[k] holds one sample, shared by every sample
   void* out = nullptr;
   int32_t n_coefs = 0;         // 1 + has_d + n_models + (noise_mode != 0)
   CoefRow coefs;

@@ -124,7 +124,8 @@ class Step {
     }
     for (int k = 0; k < p_.n_models; ++k) {
       const A ck = A(coef(p_.coefs, b, c++));
-      for (int64_t i = 0; i < n; ++i) acc[i] += ck * A(S::load(p_.models[k], begin + i));
+      const int64_t first = (p_.broadcast >> k) & 1 ? begin - b * p_.per_sample : begin;  // chunks stay in b
+      for (int64_t i = 0; i < n; ++i) acc[i] += ck * A(S::load(p_.models[k], first + i));
     }
     if (p_.noise_mode == kNoiseTensor) {
       const A cz = A(coef(p_.coefs, b, c++));
@@ -154,6 +155,7 @@ const char* solver_step_cpu(const SolverStepParams& p) {
   if (p.numel == 0) return "";
   if (p.batch <= 0 || p.per_sample * p.batch != p.numel) return "numel must equal batch * per_sample";
   if (p.n_models < 0 || p.n_models > kMaxModels) return "n_models out of range";
+  if (p.broadcast < 0 || p.broadcast >= (1 << p.n_models)) return "broadcast has bits beyond n_models";
   if (p.n_coefs != 1 + p.has_d + p.n_models + (p.noise_mode != kNoNoise)) return "n_coefs does not match the terms";
   if (p.threshold < kNoThreshold || p.threshold > kThresholdClamp) return "threshold mode must be 0, 1 or 2";
   if (p.threshold != kNoThreshold && !p.has_d) return "threshold needs has_d";

@@ -145,6 +145,7 @@ __device__ __forceinline__ void load_coefs(const CoefTable& t, int64_t b, const 
 struct StepArgs {
   const void* x;
   const void* in[kMaxIn];  // models[0..n_models-1], then the noise tensor (noise_mode 1)
+  uint32_t broadcast;      // bit k: in[k] holds one sample, read at the sample-local index
   const void* cond;
   const void* uncond;
   const float* scratch;    // thresholding: d for every element
@@ -276,6 +277,12 @@ struct StepBody {
 
   static __device__ __forceinline__ const P* vec(const void* p) { return static_cast<const P*>(p); }
 
+  // Where plain term k reads global vector i: i itself, or i's place within its sample for a broadcast
+  // model (one sample that every sample reads).
+  __device__ __forceinline__ int64_t in_index(int k, int64_t i) const {
+    return (a.broadcast >> k) & 1u ? i - first : i;
+  }
+
   template <int kU>
   __device__ __forceinline__ void run(int64_t v, int64_t stride) const {
     const bool has_d = shape.d != kNoD;
@@ -294,7 +301,7 @@ struct StepBody {
       if constexpr (Shape::preload) {
 #pragma unroll
         for (int k = 0; k < kMaxIn; ++k)
-          if (k < shape.n_in) ir[u][k] = vec(a.in[k])[i];
+          if (k < shape.n_in) ir[u][k] = vec(a.in[k])[in_index(k, i)];
       }
     }
     // 2. Combine in fp32 and store. Every element was loaded above, so out/save may alias inputs.
@@ -333,7 +340,7 @@ struct StepBody {
         if (k < shape.n_in) {
           float f[kVec];
           if constexpr (Shape::preload) unpack(ir[u][k], f);
-          else unpack(vec(a.in[k])[i], f);
+          else unpack(vec(a.in[k])[in_index(k, i)], f);
 #pragma unroll
           for (int j = 0; j < kVec; ++j) acc[j] += c[kSlotIn + k] * f[j];
         }
@@ -821,6 +828,7 @@ const char* solver_step_cuda(const SolverStepParams& p) {
     return "numel must equal batch * per_sample with batch, per_sample > 0";
   if (p.batch > INT_MAX) return "batch exceeds the CUDA grid limit (2^31 - 1 samples)";
   if (p.n_models < 0 || p.n_models > kMaxModels) return "n_models must lie in [0, 6]";
+  if (p.broadcast < 0 || p.broadcast >= (1 << p.n_models)) return "broadcast has bits beyond n_models";
   if (p.noise_mode < kNoNoise || p.noise_mode > kNoisePhilox) return "noise_mode must be 0, 1 or 2";
   if (p.noise_mode == kNoiseTensor && p.noise == nullptr) return "noise_mode 1 needs a noise tensor";
   if (p.n_coefs != 1 + (p.has_d ? 1 : 0) + p.n_models + (p.noise_mode != kNoNoise ? 1 : 0))
@@ -841,6 +849,7 @@ const char* solver_step_cuda(const SolverStepParams& p) {
   StepArgs a{};
   a.x = p.x;
   for (int k = 0; k < p.n_models; ++k) a.in[k] = p.models[k];
+  a.broadcast = uint32_t(p.broadcast);
   if (p.noise_mode == kNoiseTensor) a.in[p.n_models] = p.noise;
   a.cond = p.cond;
   a.uncond = p.uncond;

@@ -12,7 +12,9 @@ optionally preceded, in the same launch, by the model-output stage of the curren
     save ← d                                             (the history slot the next step reads)
     out = c[0]·x + c[1]·d + Σₖ c[k+2]·models[k] (+ c[-1]·z)
 
-`z` is a `noise` tensor or normals drawn inside the kernel from `PhiloxNoise(seed, offset)`.
+`z` is a `noise` tensor or normals drawn inside the kernel from `PhiloxNoise(seed, offset)`. A model may hold
+one sample, shape [1, *x.shape[1:]], that every sample reads (a constant term: broadcast over the batch, read
+once per sample position instead of stored B times).
 Module layout (the op framework's skeleton, pydpm/ops/_framework.py): reference → argument check →
 backends → planned launches → registration and the public op → sample inputs.
 """
@@ -201,13 +203,15 @@ class StepArgs:
     """A checked call. Coefficients come as a table on x's device (`coeffs`, `convert`) or as host values
     (`coef_values`, `convert_values`); exactly one of each pair is set (convert only with d). `result` is
     what the op returns: the caller's `out`, or the tensor allocated for it; `dense`: every tensor is
-    contiguous (else the backends first give them x's dense layout)."""
+    contiguous (else the backends first give them x's dense layout); `broadcast`: bit k set when models[k]
+    holds one sample ([1, *x.shape[1:]]) that every sample of a larger batch reads."""
 
     __slots__ = ("x", "models", "out", "coeffs", "coef_values", "cond", "uncond", "guidance", "convert",
-                 "convert_values", "threshold", "save", "noise", "philox", "result", "dense")
+                 "convert_values", "threshold", "save", "noise", "philox", "result", "dense", "broadcast")
 
-    def __init__(self, x, models, out, cond, uncond, guidance, threshold, save, noise, philox, dense=False):
-        self.x, self.models, self.out, self.result = x, models, out, out
+    def __init__(self, x, models, out, cond, uncond, guidance, threshold, save, noise, philox, dense=False,
+                 broadcast=0):
+        self.x, self.models, self.out, self.result, self.broadcast = x, models, out, out, broadcast
         self.cond, self.uncond, self.guidance, self.threshold = cond, uncond, guidance, threshold
         self.save, self.noise, self.philox, self.dense = save, noise, philox, dense
         self.coeffs = self.coef_values = self.convert = self.convert_values = None
@@ -241,8 +245,9 @@ def _fail(msg: str) -> None:
     raise ValueError(f"solver_step: {msg}")
 
 
-def _check_like(name: str, t, x: torch.Tensor) -> None:
-    """Raise the message for a tensor `name` that does not share x's device, dtype and shape."""
+def _check_like(name: str, t, x: torch.Tensor, shared_ok: bool = False) -> None:
+    """Raise the message for a tensor `name` that does not share x's device, dtype and shape (or, `shared_ok`,
+    the shape of one of x's samples with a batch of 1)."""
     if not isinstance(t, torch.Tensor):
         hint = " or PhiloxNoise(seed, offset)" if name == "noise" else ""
         fail_type("solver_step", f"{name} must be a torch.Tensor shaped like x{hint}, got {type(t).__name__}")
@@ -250,9 +255,17 @@ def _check_like(name: str, t, x: torch.Tensor) -> None:
         _fail(f"{name} is on {t.device} but x is on {x.device}; move it with .to(x.device)")
     if t.dtype != x.dtype:
         _fail(f"{name} has dtype {t.dtype} but x has {x.dtype}; cast it with .to(x.dtype)")
+    if shared_ok and _shared(t.shape, x.shape):
+        return
     if t.shape != x.shape:
+        also = f", or be one sample {(1, *x.shape[1:])} that every sample reads" if shared_ok else ""
         _fail(f"{name} has shape {tuple(t.shape)} but x has {tuple(x.shape)}; every tensor of the step must "
-              f"match x")
+              f"match x{also}")
+
+
+def _shared(shape: torch.Size, x_shape: torch.Size) -> bool:
+    """A model shape [1, *x.shape[1:]] with x's batch other than 1: one sample that every sample reads."""
+    return len(shape) == len(x_shape) and shape[0] == 1 and x_shape[0] != 1 and shape[1:] == x_shape[1:]
 
 
 def _like_x(t, shape, dtype, device: int, cpu: bool) -> bool:
@@ -340,7 +353,7 @@ def _explain(x, models, model_output, convert, guidance_scale, threshold, save, 
     if len(models) > MAX_MODELS:
         _fail(f"{len(models)} models given; at most {MAX_MODELS} are supported per step")
     for i, m in enumerate(models):
-        _check_like(f"models[{i}]", m, x)
+        _check_like(f"models[{i}]", m, x, shared_ok=True)
     if model_output is not None:
         if isinstance(model_output, (tuple, list)):
             if len(model_output) != 2:
@@ -429,7 +442,9 @@ def _check_aliasing(args: StepArgs, out_given: bool) -> None:
     else:
         reads += [("model_output[0] (cond)", args.cond), ("model_output[1] (uncond)", args.uncond)]
     reads.append(("noise", args.noise))
-    same_ok = {name for name, _ in reads}
+    # An exact alias is an in-place use, except of a shared model (one sample, read by every sample).
+    shared = {f"models[{k}]" for k in range(len(args.models)) if args.broadcast >> k & 1}
+    same_ok = {name for name, _ in reads} - shared
     reads += [("coeffs", args.coeffs), ("convert", args.convert)]
     check_no_alias("solver_step", (("out", args.out if out_given else None), ("save", args.save)), reads, same_ok)
 
@@ -440,6 +455,7 @@ def check_args(x, models, coeffs, model_output=None, convert=None, guidance_scal
     attribute reads per tensor); when it fails, `_explain` names the argument and the fix."""
     cond = uncond = philox = None
     ok = True
+    broadcast = 0
     try:
         dtype, shape, device, cpu = x.dtype, x.shape, x.get_device(), x.is_cpu
         if model_output is not None:
@@ -465,8 +481,13 @@ def check_args(x, models, coeffs, model_output=None, convert=None, guidance_scal
         dense = x.is_contiguous()
         if grad and x.requires_grad:
             ok = False
-        for t in models:  # (a None model fails here, on t.dtype)
-            if not (t.dtype is dtype and t.shape == shape and t.get_device() == device and t.is_cpu is cpu
+        for k, t in enumerate(models):  # (a None model fails here, on t.dtype)
+            if t.shape != shape:
+                if not _shared(t.shape, shape):
+                    ok = False
+                    break
+                broadcast |= 1 << k
+            if not (t.dtype is dtype and t.get_device() == device and t.is_cpu is cpu
                     and not (grad and t.requires_grad)):
                 ok = False
                 break
@@ -493,7 +514,7 @@ def check_args(x, models, coeffs, model_output=None, convert=None, guidance_scal
     out_given = out is not None
     if out is None:
         out = torch.empty_like(x)
-    args = StepArgs(x, tuple(models), out, cond, uncond, guidance, threshold, save, noise, philox, dense)
+    args = StepArgs(x, tuple(models), out, cond, uncond, guidance, threshold, save, noise, philox, dense, broadcast)
     n = 1 + (cond is not None) + len(models) + (noise is not None or philox is not None)
     what = None
     if type(coeffs) is list and len(coeffs) == n and not compiling and bool not in map(type, coeffs):
@@ -519,7 +540,7 @@ def check_args(x, models, coeffs, model_output=None, convert=None, guidance_scal
         if args.convert_values is None:
             args.convert, args.convert_values = _coef_table("convert", convert, 2, x, "x, model_output", compiling)
     if (out_given or save is not None) and not compiling:
-        if not (dense and _disjoint_dense(args, out if out_given else None, x.nbytes)):
+        if broadcast or not (dense and _disjoint_dense(args, out if out_given else None, x.nbytes)):
             _check_aliasing(args, out_given)
     return args
 
@@ -548,16 +569,16 @@ def densify(args: StepArgs) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return []
     writeback = []
 
-    def fix(t, written):
+    def fix(t, written, like=x):
         if t is None or t.is_contiguous(memory_format=fmt):
             return t
-        tmp = torch.empty_like(x)  # x's dense layout (empty_like keeps the strides of a dense x)
+        tmp = torch.empty_like(like)  # x's dense layout (empty_like keeps the strides of a dense x)
         if not written:
             return tmp.copy_(t)
         writeback.append((t, tmp))
         return tmp
 
-    args.models = tuple(fix(m, False) for m in args.models)
+    args.models = tuple(fix(m, False, x[:1] if args.broadcast >> k & 1 else x) for k, m in enumerate(args.models))
     args.cond, args.uncond, args.noise = fix(args.cond, False), fix(args.uncond, False), fix(args.noise, False)
     args.out, args.save = fix(args.out, True), fix(args.save, True)
     return writeback
@@ -619,6 +640,7 @@ def c_params(args: StepArgs):
     if models:
         p.n_models = len(models)
         p.models[:len(models)] = [m.data_ptr() for m in models]
+        p.broadcast = args.broadcast
     if args.cond is not None:
         n += 1
         p.has_d, p.cond, p.guidance = 1, args.cond.data_ptr(), args.guidance
@@ -693,7 +715,8 @@ def _launch_triton(args: StepArgs) -> None:
         args.x, args.models, args.out, coefs=args.coeffs, coef_values=args.coef_values, cond=args.cond,
         uncond=args.uncond, guidance=args.guidance, conv=args.convert, conv_values=args.convert_values,
         save=args.save, noise=args.noise, philox=None if philox is None else (philox.seed, philox.offset),
-        clamp=float(args.threshold.min_scale) if args.threshold_mode == THRESHOLD_CLAMP else 0.0)
+        clamp=float(args.threshold.min_scale) if args.threshold_mode == THRESHOLD_CLAMP else 0.0,
+        broadcast=args.broadcast)
 
 
 def _cpu_reasons(args: StepArgs) -> list[str]:
@@ -825,7 +848,8 @@ class PlannedStep:
         for name, t in (("model output", cond), ("unconditional model output", uncond)):
             if t is not None and not _like_x(t, a.x.shape, a.x.dtype, a.x.get_device(), a.x.is_cpu):
                 _check_like(name, t, a.x)
-        args = StepArgs(x, a.models, out, cond, uncond, a.guidance, a.threshold, a.save, a.noise, a.philox)
+        args = StepArgs(x, a.models, out, cond, uncond, a.guidance, a.threshold, a.save, a.noise, a.philox,
+                        broadcast=a.broadcast)
         args.coeffs, args.coef_values, args.convert, args.convert_values = (a.coeffs, a.coef_values, a.convert,
                                                                            a.convert_values)
         OP(args)
@@ -881,7 +905,9 @@ def solver_step(x: torch.Tensor, models: Models, coeffs: Coefficients, *, model_
 
     Args:
         x: the current sample [B, ...], float32/float16/bfloat16 (float64 on the CPU).
-        models: up to 6 tensors shaped like x (earlier model outputs / history).
+        models: up to 6 tensors shaped like x (earlier model outputs / history); a model may also hold one
+            sample, shape [1, *x.shape[1:]], that every sample reads (a constant term, e.g. DPM-Solver-v3's
+            bias: read once per position rather than stored for each sample).
         coeffs: float32/float64, shape [n] or per-sample [B, n], n = 1 + (model_output given) +
             len(models) + (noise given). A list of floats or a 1-D CPU tensor is passed by value; a
             table on x's device is read by the kernel (no host sync: index a precomputed table).
@@ -959,6 +985,11 @@ def sample_inputs(device="cpu", dtype=torch.float32, *, small=False, seed=0):
         yield f"threshold-dpmsolver-{tag}", dict(
             x=r(shape), models=[], coeffs=coefs(2, b, False, "list"), model_output=r(shape) * 3,
             convert=[0.5, 1.5], threshold=Threshold(0.995, 1.0, math.inf))
+        one = (1,) + shape[1:]
+        yield f"shared-model-{tag}", dict(x=r(shape), models=[r(one), r(shape), r(one)],
+                                          coeffs=coefs(5, b, True, "device"), model_output=r(shape),
+                                          convert=coefs(2, b, False, "list"),
+                                          save=torch.full(shape, float("nan"), dtype=dtype, device=device))
     shape = (2, 3, 10, 12)
     yield "non-contiguous", dict(x=r((2, 3, 12, 10)).transpose(2, 3), models=[r(shape)[..., ::1], r((2, 3, 10, 24))[..., ::2]],
                                  coeffs=coefs(4, 2, True, "device"), model_output=r(shape), convert=[1.0, -0.5],
@@ -966,6 +997,12 @@ def sample_inputs(device="cpu", dtype=torch.float32, *, small=False, seed=0):
     cl = torch.channels_last
     yield "channels-last", dict(x=r(shape).contiguous(memory_format=cl), models=[r(shape).contiguous(memory_format=cl)],
                                 coeffs=coefs(3, 2, False, "list"), noise=PhiloxNoise(5, 1))
+    one = (1,) + shape[1:]
+    yield "shared-model-channels-last", dict(x=r(shape).contiguous(memory_format=cl),
+                                             models=[r(one).contiguous(memory_format=cl), r(one)],
+                                             coeffs=coefs(4, 2, True, "device"), noise=PhiloxNoise(5, 2))
+    yield "shared-model-non-contiguous", dict(x=r(shape), models=[r((1, 3, 12, 10)).transpose(2, 3)],
+                                              coeffs=coefs(2, 2, False, "list"))
 
 
 def bad_inputs(device="cpu"):
@@ -1006,6 +1043,14 @@ def bad_inputs(device="cpu"):
     yield B("models0-shape", call(models=[r(2, 3, 5)]), ValueError, "models[0]")
     yield B("models0-rank+1", call(models=[r().unsqueeze(0)]), ValueError, "models[0]")
     yield B("models0-meta", call(models=[r().to("meta")]), ValueError, "models[0]")
+    yield B("models0-one-sample-other-shape", call(models=[r(1, 3, 5)]), ValueError, "models[0]")
+    yield B("models0-one-sample-rank-1", call(models=[r(3, 4)]), ValueError, "models[0]")
+    buf = r(2 * 3 * 4)
+    yield B("out-overlaps-shared-model", call(models=[buf[:12].view(1, 3, 4)], out=buf.view(shape)), ValueError, "out")
+    buf = r(2 * 3 * 4)
+    yield B("save-overlaps-shared-model", step(models=[buf[12:].view(1, 3, 4)], save=buf.view(shape)), ValueError,
+            "save")
+    yield B("shared-model-empty-batch", call(x=r(0, 3), models=[r(1, 3)]), None)
     yield B("coeffs-str", call(coeffs="12"), TypeError, "coeffs")
     yield B("coeffs-str-items", call(coeffs=["1", "2"]), TypeError, "coeffs[0]")
     yield B("coeffs-none", call(coeffs=None), TypeError, "coeffs")

@@ -12,8 +12,9 @@ where x_cur is the last model input, d_new the prediction of the call on x_cur (
 model output inside the launch: model type and classifier-free guidance are folded into `convert`; a
 prediction is x₀, ε, or any fixed affine k_x·x + k_ε·ε), and the stored d's are the history slots. A
 sampler may also add constant tensors (one sample's shape, e.g. DPM-Solver-v3's bias terms): each launch
-reads the sum of its constant terms as one more stored operand, built in float64 when a workspace is made. Writing every vector in terms of the latest buffer is what makes
-UniPC's corrector and the next predictor one launch: the corrected sample is never materialised.
+reads the sum of its constant terms as one more stored operand, built in float64 when a workspace is made and
+stored as one sample that the step reads for every sample. Writing every vector in terms of the latest buffer is
+what makes UniPC's corrector and the next predictor one launch: the corrected sample is never materialised.
 
 All coefficients are computed once, in float64, when the plan is compiled; at run time they sit in a
 device table, so the loop has no host-device synchronisation and can be captured in one CUDA graph.
@@ -474,8 +475,8 @@ class _Workspace:
         self.bound, self.seed = b, opts.seed
         self.layout = (x.shape, x.dtype, x.device)  # what every sample of the workspace shares
         self.store: list[torch.Tensor | None] = [None] * plan.n_storage
-        for c, value in plan.constants.items():
-            self.store[plan.storage[c]] = torch.empty_like(x).copy_(value.to(x.device).expand(x.shape))
+        for c, value in plan.constants.items():  # one sample in x's layout, which the step reads for every sample
+            self.store[plan.storage[c]] = torch.empty_like(x[:1]).copy_(value.to(x.device))
         self.output = next((e for kind, e in plan.events if kind == "output"), 0)
         self.steps: list[PlannedStep | None] = []
         li = 0
