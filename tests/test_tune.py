@@ -236,7 +236,7 @@ def test_the_benchmark_runs(capsys):
     assert tune_accuracy.run(["--nfe", "2", "--schedule", "linear", "--calibration", "32", "--iterations", "2",
                               "--eval", "16", "--ems-samples", "16", "--ems-points", "5"]) == 0
     out = capsys.readouterr().out
-    assert out.count("| linear | 2 |") == 2 and out.count("×") == 4  # one row per evaluation draw, two ratios each
+    assert out.count("| linear | 2 |") == 2 and out.count("×") == 6  # one row per evaluation draw, three ratios each
 
 
 def test_tune_digits(capsys):
