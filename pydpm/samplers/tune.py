@@ -29,8 +29,8 @@ neither a fit nor a checkpoint choice saw:
    between two modes of the data that end in the wrong one; a plain subsample rarely holds one, and a search
    on it trades them for the bulk (bench/tune_accuracy.py: as many flipped trajectories as the untuned grid).
 4. With `data` (samples of the data): DPM-Solver-v3 with statistics computed from them (`compute_ems`), its
-   order, pseudo-orders, corrector use and grid chosen on the fit set; and 5., that configuration with its time
-   steps searched as in 3.
+   order, corrector use and grid chosen on the fit set; and 5., that configuration with its time steps searched
+   as in 3.
 
 Measured on Gaussian mixtures (bench/tune_accuracy.py, docs/samplers.md), the learned method wins at few
 steps (5-10) and the searched standard solver at more (20).
@@ -447,9 +447,8 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP 
         progress: print the validation error at every evaluation to stderr.
         data: samples x₀ of the data ([N, *shape]): tune then computes DPM-Solver-v3's statistics
             (`compute_ems`, `ems_points` grid points, 3·N·ems_points model calls) and adds two candidates,
-            DPM-Solver-v3 (order 2 or 3, pseudo-order predictor or not, corrector off, on or on at pseudo-order,
-            every standard grid; chosen on the fit set) and that configuration on searched time steps
-            (`search_evaluations` more evaluations).
+            DPM-Solver-v3 (order 2 or 3, corrector on or off, every standard grid; chosen on the fit set) and
+            that configuration on searched time steps (`search_evaluations` more evaluations).
         ems_points: grid points of those statistics.
 
     Returns a `TunedSampler`; its `report` gives the model calls and seconds tuning took, which candidate was
@@ -625,9 +624,8 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP 
     if data is not None:  # 4: DPM-Solver-v3 with statistics from the data
         ems = compute_ems(counted, noise_schedule, data.to(device, dtype), points=ems_points, t_start=t_T, t_end=t_0,
                           seed=seed, progress=progress)
-        v3_configs = [{"class": "DPMSolverV3", "init": {},
-                       "sample": {"order": o, "p_pseudo": pp, "use_corrector": c, "c_pseudo": cp and c}}
-                      for o in (2, 3) for pp in (False, True) for c, cp in ((True, True), (True, False), (False, False))]
+        v3_configs = [{"class": "DPMSolverV3", "init": {}, "sample": {"order": o, "use_corrector": c}}
+                      for o in (2, 3) for c in (True, False)]
         _, v3_grid, v3_config = min(((search_mse(c, ts, ems), g, c) for c in v3_configs for g, ts in grids.items()),
                                     key=lambda s: s[0])
         v3_times = grids[v3_grid]
