@@ -548,6 +548,34 @@ def _threshold(opts: Options, call: Call | None) -> Threshold | None:
     return opts.threshold
 
 
+def check_graph_input(x: torch.Tensor, progress: bool) -> None:
+    if not x.is_cuda:
+        raise ValueError("cuda_graph=True needs a CUDA tensor x")
+    if progress:
+        raise ValueError("cuda_graph=True replays the whole loop at once; it cannot show progress")
+
+
+def capture(run: Callable[[torch.Tensor], Any], x: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, Any]:
+    """`run` (a sampling loop on device tensors, no host synchronisation) captured in a CUDA graph on a static copy
+    of x, after one warm-up run on a side stream (kernels compiled, buffers allocated): (graph, static input, static
+    output). To replay: copy the input into the static one, `graph.replay()`, read (and clone) the static output."""
+    static_in = x.clone()
+    side = torch.cuda.Stream(x.device)
+    side.wait_stream(torch.cuda.current_stream(x.device))
+    with torch.cuda.stream(side):
+        run(static_in)
+    torch.cuda.current_stream(x.device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            static_out = run(static_in)
+    except Exception as err:  # the model (or a hook) did something a graph cannot hold
+        raise RuntimeError(f"capturing the sampling loop in a CUDA graph failed ({err}); the model must be "
+                           f"capturable (no host syncs, no CPU tensors, static shapes): run with "
+                           f"cuda_graph=False") from err
+    return graph, static_in, static_out
+
+
 class Runner:
     """Executes a plan: model calls and fused launches, eagerly or captured in a CUDA graph."""
 
@@ -579,27 +607,11 @@ class Runner:
     def __call__(self, x: torch.Tensor, cuda_graph: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if not cuda_graph:
             return self._run(x)
-        if not x.is_cuda:
-            raise ValueError("cuda_graph=True needs a CUDA tensor x")
-        if self.opts.progress:
-            raise ValueError("cuda_graph=True replays the whole loop at once; it cannot show progress")
+        check_graph_input(x, self.opts.progress)
         key = (layout_key(x), self.opts.seed if self.stochastic else None)
         entry = self._graphs.get(key)
         if entry is None:
-            static_in = x.clone()
-            side = torch.cuda.Stream(x.device)
-            side.wait_stream(torch.cuda.current_stream(x.device))
-            with torch.cuda.stream(side):
-                self._run(static_in)  # warm-up: compiles kernels, allocates the workspace
-            torch.cuda.current_stream(x.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            try:
-                with torch.cuda.graph(graph):
-                    static_out = self._run(static_in)
-            except Exception as err:  # the model (or a hook) did something a graph cannot hold
-                raise RuntimeError(f"capturing the sampling loop in a CUDA graph failed ({err}); the model must be "
-                                   f"capturable (no host syncs, no CPU tensors, static shapes): run with "
-                                   f"cuda_graph=False") from err
+            graph, static_in, static_out = capture(self._run, x)
             # The graph's launches point into the workspace's buffers and device tables: the entry keeps them
             # alive (the workspace cache may evict it).
             ws = self.workspace(static_in, self.bound(static_in))

@@ -15,7 +15,8 @@ import torch
 
 from pydpm.samplers._common import Solver, after_step, check_choice, check_int, check_order, check_start
 from pydpm.samplers._program import Point, exp, expm1
-from pydpm.samplers.time_shift import TimeShift, time_shifted_multistep
+from pydpm.samplers.time_shift import Runner as TimeShiftRunner
+from pydpm.samplers.time_shift import TimeShift
 from pydpm.samplers.time_shift import plan as time_shift_plan
 from pydpm.schedules import SKIP_TYPES, NoiseScheduleFlow, NoiseScheduleVP
 
@@ -391,9 +392,10 @@ class DPMSolver(Solver):
                 needs) or 'corrected' (that term doubled: order 3, same cost). Other methods and orders ignore it.
             time_shift: a `TimeShift`: the time-shift sampler (per-sample shifted times against exposure bias,
                 `pydpm.samplers.time_shift`); method='multistep' sampling on a VP schedule only, without
-                cuda_graph, progress, correcting_x0_fn or correcting_xt_fn. Each step is one fused launch with
-                per-sample coefficients gathered from tables built once per grid and settings (plus, where times
-                shift, a variance reduction and an argmin on the device); the loop runs eagerly.
+                progress, correcting_x0_fn or correcting_xt_fn. Each step is one fused launch with per-sample
+                coefficients gathered from tables built once per grid and settings (plus, where times shift, a
+                variance reduction and an argmin on the device); no host synchronisation, so cuda_graph=True
+                captures the loop.
 
         Returns:
             The sample at t_end in x's dtype; with return_intermediate, (sample, list of samples).
@@ -491,12 +493,12 @@ class DPMSolver(Solver):
         refused = [name for name, on in (("method=" + repr(method), method != "multistep"),
                                          ("a flow schedule", not isinstance(self.noise_schedule, NoiseScheduleVP)),
                                          ("an increasing time grid (inversion)", bool(grid[0] < grid[-1])),
-                                         ("cuda_graph=True", cuda_graph), ("progress=True", progress),
+                                         ("progress=True", progress),
                                          ("correcting_x0_fn", self.threshold is not None or self.correcting_x0_fn),
                                          ("correcting_xt_fn", self.correcting_xt_fn is not None)) if on]
         if refused:
-            raise ValueError(f"time_shift samples with method='multistep' down a VP schedule, eagerly: it does not "
-                             f"support {', '.join(refused)}")
+            raise ValueError(f"time_shift samples with method='multistep' down a VP schedule: it does not support "
+                             f"{', '.join(refused)}")
         check_start(x)
         orders = multistep_orders(grid.numel() - 1, order, lower_order_final)
 
@@ -505,14 +507,12 @@ class DPMSolver(Solver):
 
         key = ("time-shift", tuple(grid.tolist()), shift, order, bool(lower_order_final), solver_type, third_order,
                x.device)
-        ts_plan = self._runners.get(key)
-        if ts_plan is None:
-            ts_plan = self._runners.put(key, time_shift_plan(self.model_fn, self.noise_schedule, grid, shift, x.device,
-                                                             orders, self.predict, update))
-        inter: list[torch.Tensor] | None = [] if return_intermediate else None
+        runner = self._runners.get(key)
+        if runner is None:
+            runner = self._runners.put(key, TimeShiftRunner(self.model_fn, self.noise_schedule, time_shift_plan(
+                self.model_fn, self.noise_schedule, grid, shift, x.device, orders, self.predict, update), self.predict))
         with self.running(), torch.no_grad():
-            out = time_shifted_multistep(self.model_fn, self.noise_schedule, x, ts_plan, self.predict,
-                                         denoise_to_zero, inter)
+            out, inter = runner(x, denoise_to_zero, return_intermediate, cuda_graph)
         return (out, inter) if inter is not None else out
 
     def inverse(self, x: torch.Tensor, steps: int = 20, t_start: float | None = None, t_end: float | None = None,

@@ -14,7 +14,7 @@ float64, by the same update code as the plain solver (`multistep_update`, evalua
 allowed candidate of each time it reads) for every combination of candidates; at run time each sample's row is
 gathered from that table and the step is one `solver_step` launch with a per-sample [B, n] coefficient table. No
 extra model calls and no host synchronisation: per shifted step one variance reduction, an argmin and a few
-gathers.
+gathers, so the whole loop can be captured in one CUDA graph (`cuda_graph=True`).
 """
 from __future__ import annotations
 
@@ -25,8 +25,10 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
+from pydpm._cache import BoundedCache
 from pydpm.ops import solver_step
-from pydpm.samplers._program import Lin, Point, _check_model_output, points
+from pydpm.samplers._program import (MAX_GRAPHS, Lin, Point, _check_model_output, capture, check_graph_input,
+                                     layout_key, points)
 from pydpm.schedules import conversion, fused_wrapper
 
 
@@ -202,3 +204,32 @@ def time_shifted_multistep(model_fn: Callable[..., torch.Tensor], noise_schedule
         if intermediates is not None:
             intermediates.append(x.clone())
     return x
+
+
+class Runner:
+    """A time-shifted loop (its `Plan`, for one model and schedule), run eagerly or replayed from a CUDA graph
+    captured on first use per input layout and setting."""
+
+    def __init__(self, model_fn: Callable[..., torch.Tensor], noise_schedule: Any, p: Plan, predict: str):
+        self.model_fn, self.noise_schedule, self.plan, self.predict = model_fn, noise_schedule, p, predict
+        self._graphs = BoundedCache(MAX_GRAPHS)  # each entry holds its graph's memory pool; the plan's tables live here
+
+    def __call__(self, x: torch.Tensor, denoise_to_zero: bool, return_intermediate: bool,
+                 cuda_graph: bool) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        def run(x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+            inter: list[torch.Tensor] | None = [] if return_intermediate else None
+            out = time_shifted_multistep(self.model_fn, self.noise_schedule, x, self.plan, self.predict,
+                                         denoise_to_zero, inter)
+            return out, inter
+
+        if not cuda_graph:
+            return run(x)
+        check_graph_input(x, False)
+        key = (layout_key(x), bool(denoise_to_zero), bool(return_intermediate))
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._graphs.put(key, capture(run, x))
+        graph, static_in, (out, inter) = entry
+        static_in.copy_(x)
+        graph.replay()
+        return out.clone(), None if inter is None else [t.clone() for t in inter]
