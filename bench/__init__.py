@@ -18,7 +18,8 @@ import torch
 from . import harness
 
 # One module of this package per op family, and `models`: pydpm inside real diffusers models.
-OPS = ("solver_step", "samplers", "wavelet", "frequency", "spectral", "norm", "geglu", "attention", "models")
+OPS = ("solver_step", "samplers", "time_shift", "wavelet", "frequency", "spectral", "norm", "geglu", "attention",
+       "models")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -68,5 +68,6 @@ def to_float64_cpu(obj):
 
 
 def poison(t: torch.Tensor) -> torch.Tensor:
-    """Fill an output with NaN so elements a kernel never wrote show up."""
-    return t.fill_(float("nan"))
+    """Fill an output with NaN (an integer one with its most negative value) so elements a kernel never wrote
+    show up."""
+    return t.fill_(float("nan") if t.is_floating_point() else torch.iinfo(t.dtype).min)

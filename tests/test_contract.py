@@ -76,7 +76,7 @@ def test_backend_matches_float64_reference(op_name, case, backend, dtype):
     got = _outputs(op, kwargs, result)
     tol = op.tolerances[dtype]
     for name, exp in expected.items():
-        torch.testing.assert_close(got[name].cpu().double(), exp, atol=tol.atol, rtol=tol.rtol,
+        torch.testing.assert_close(got[name].cpu().to(exp.dtype), exp, atol=tol.atol, rtol=tol.rtol,
                                    msg=lambda m: f"{op_name}/{case}/{backend}/{dtype} output {name!r}: {m}")
     # Triton's interpreter casts fp32 -> bf16 by truncation (the compiled kernels round to nearest even),
     # so under the interpreter bf16 outputs are held to the tolerance above; the 2x rule runs on the GPU.

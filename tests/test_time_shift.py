@@ -5,16 +5,23 @@
   the window, DPM-Solver++ multistep updates written out from the paper);
 - a sample whose variance is that of a known time in the window is relabelled with exactly that time, per sample;
 - every sample's times keep decreasing; samples do not influence each other; bad settings are refused by name.
+
+And its fused op, `pydpm.ops.time_shift_pick` (the registry's contract tests cover it against its reference on
+every backend, dtype and layout): against an oracle written with Python's statistics module; the first of equal
+candidates wins, within and across the kernel's candidate blocks; the variance of samples far from zero and
+larger than the kernel's block; the sampler with every op forced onto Triton equals it on the reference ops.
 """
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 import torch
 
 import samplers_oracle as O
 from gaussian_mixture import GaussianMixture
+from pydpm.ops import time_shift_pick, use_backend
 from pydpm.samplers import DPMSolver, TimeShift
 from pydpm.schedules import NoiseScheduleFlow, NoiseScheduleVP, model_wrapper
 
@@ -283,3 +290,90 @@ def test_in_a_cuda_graph(denoise_to_zero):
         assert len(inter) == len(inter_eager) == 7 + denoise_to_zero
         for a, b in zip(inter, inter_eager):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# The fused pick
+# --------------------------------------------------------------------------------------------------
+
+PICK_BACKENDS = ["reference", "triton"]  # triton through the interpreter on the CPU
+
+
+def pick_oracle(x, promised, row=None, modulus=1):
+    """Python floats and ints, one sample at a time: statistics.variance, the first nearest candidate, floor
+    modulo."""
+    out = []
+    for b in range(x.shape[0]):
+        values = x[b].reshape(-1).tolist()
+        var = statistics.variance(values) if len(values) > 1 else math.nan
+        dist = [abs(var - p) for p in promised.tolist()]
+        dist = [math.inf if math.isnan(d) else d for d in dist]
+        k = min(range(len(dist)), key=lambda j: (dist[j], j))
+        out.append(k if row is None else (int(row[b]) % modulus) * len(dist) + k)
+    return out
+
+
+@pytest.mark.parametrize("backend", PICK_BACKENDS)
+@pytest.mark.parametrize("seed", range(4))
+def test_pick_equals_the_python_oracle(backend, seed):
+    g = torch.Generator().manual_seed(seed)
+    B, shape, K = 5 + seed, (3, 11 + 4 * seed), 3 + 29 * seed
+    x = torch.randn(B, *shape, generator=g, dtype=torch.float64) * (0.5 + torch.rand(B, 1, 1, generator=g,
+                                                                                     dtype=torch.float64))
+    promised = 0.2 + 1.5 * torch.rand(K, generator=g, dtype=torch.float64)
+    promised[torch.randperm(K, generator=g)[:K // 3]] = math.inf
+    row = torch.randint(-50, 500, (B,), generator=g)
+    with use_backend(backend):
+        assert time_shift_pick(x, promised).tolist() == pick_oracle(x, promised)
+        assert time_shift_pick(x, promised, row, 7).tolist() == pick_oracle(x, promised, row, 7)
+        assert time_shift_pick(x.float(), promised).tolist() == pick_oracle(x, promised)
+
+
+@pytest.mark.parametrize("backend", PICK_BACKENDS)
+def test_pick_takes_the_first_of_equal_candidates(backend):
+    """Duplicated candidates: the lowest index, in the first candidate block and across blocks (64 per block)."""
+    x = torch.randn(3, 40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    var = x.var(dim=1)
+    promised = torch.full((150,), 50.0, dtype=torch.float64)
+    for j in (5, 9, 70, 149):
+        promised[j] = float(var[0])
+    promised[100] = promised[130] = float(var[1])
+    promised[3] = promised[66] = float(var[2]) + 1e-3
+    promised[140] = float(var[2]) + 2e-3
+    with use_backend(backend):
+        assert time_shift_pick(x, promised).tolist() == [5, 100, 3]
+
+
+@pytest.mark.parametrize("backend", PICK_BACKENDS)
+def test_pick_variance_far_from_zero_and_past_one_block(backend):
+    """Samples with mean 1000 and 3000 elements (past the kernel's 1024-element block): the two-pass variance
+    tells a candidate 5e-4 nearer from one 2e-3 away, in float32 too."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(4, 3000, generator=g, dtype=torch.float64)
+    z = (z - z.mean(1, keepdim=True)) / z.std(1, keepdim=True)       # variance exactly 1
+    scales = torch.tensor([0.9, 1.0, 1.1, 1.2], dtype=torch.float64)
+    x = 1000 + z * scales[:, None].sqrt()
+    promised = torch.tensor([0.8985, 0.902, 0.9985, 1.002, 1.098, 1.1015, 1.198, 1.2015], dtype=torch.float64)
+    with use_backend(backend):
+        assert time_shift_pick(x, promised).tolist() == [0, 2, 5, 7]
+        assert time_shift_pick(x.float(), promised).tolist() == [0, 2, 5, 7]
+
+
+def test_sampler_with_the_triton_pick_equals_the_reference(mixture):
+    """The whole time-shifted loop (float32: Triton's solver_step) with every op forced onto Triton (the
+    interpreter) against the reference ops; the samples are called at different times."""
+    ns = mixture[0]
+    rec = Recorder(lambda x, t: 0.3 * x + 0.1 * t.reshape(-1, 1, 1).to(x.dtype))
+    z = torch.randn(6, 4, 9, generator=torch.Generator().manual_seed(5))
+    z = (z - z.mean((1, 2), keepdim=True)) / z.std((1, 2), keepdim=True)
+    x = z * (0.604 + torch.linspace(-0.015, 0.015, 6)[:, None, None]).sqrt()  # around σ² at t = 0.3: ±6/N
+    kw = dict(steps=6, order=3, t_start=0.3, time_shift=TimeShift(window=6, cutoff=0.1), denoise_to_zero=True)
+    with use_backend("reference"):
+        expected = DPMSolver(rec, ns).sample(x, **kw)
+    with use_backend("triton"):
+        got = DPMSolver(rec, ns).sample(x, **kw)
+    calls = len(rec.times) // 2
+    for a, b in zip(rec.times[:calls], rec.times[calls:]):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert len(set(rec.times[0].tolist())) > 3
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

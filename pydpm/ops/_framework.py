@@ -152,7 +152,8 @@ def check_out(op: str, name: str, out, shape: Sequence[int], dtype: torch.dtype,
     if out.device != x.device:
         fail(op, f"{name} is on {out.device} but {anchor} is on {x.device}; allocate it on {anchor}'s device")
     if out.dtype != dtype:
-        fail(op, f"{name} has dtype {out.dtype}; it must be {dtype} ({anchor}'s dtype)")
+        whose = f" ({anchor}'s dtype)" if dtype == x.dtype else ""
+        fail(op, f"{name} has dtype {out.dtype}; it must be {dtype}{whose}")
     if tuple(out.shape) != tuple(shape):
         fail(op, f"{name} has shape {tuple(out.shape)}; {anchor} of shape {tuple(x.shape)} gives {list(shape)}")
 

@@ -13,8 +13,9 @@ per-sample times, so its coefficients differ per sample. They are computed once 
 float64, by the same update code as the plain solver (`multistep_update`, evaluated over points that hold every
 allowed candidate of each time it reads) for every combination of candidates; at run time each sample's row is
 gathered from that table and the step is one `solver_step` launch with a per-sample [B, n] coefficient table. No
-extra model calls and no host synchronisation: per shifted step one variance reduction, an argmin and a few
-gathers, so the whole loop can be captured in one CUDA graph (`cuda_graph=True`).
+extra model calls and no host synchronisation: per shifted model call one `time_shift_pick` launch (the
+variance, the nearest candidate and the sample's row, fused) and three gathers (its time, its output conversion,
+the next step's coefficients), so the whole loop can be captured in one CUDA graph (`cuda_graph=True`).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 
 from pydpm._cache import BoundedCache
-from pydpm.ops import solver_step
+from pydpm.ops import solver_step, time_shift_pick
 from pydpm.samplers._program import (MAX_GRAPHS, Lin, Point, _check_model_output, capture, check_graph_input,
                                      layout_key, points)
 from pydpm.schedules import conversion, fused_wrapper
@@ -86,33 +87,36 @@ def candidate_tables(noise_schedule: Any, ts: torch.Tensor, shift: TimeShift) ->
     return field
 
 
-class Step(NamedTuple):
-    """One update of the loop: its coefficients for every combination of the candidates of the points it reads
-    (a list of floats when none of them shifts, else a [combinations, n] float64 table on the device) and, per
-    point it reads (oldest first, the model calls they are, counted back from the newest), the stride of that
-    point's candidate index in a row number."""
+class Call(NamedTuple):
+    """Model call i of the loop: what the row (each sample's index into the next step's tables) becomes there.
+    A point that shifts picks its candidate (`time_shift_pick`): row ← (row mod modulus)·K + pick, with
+    `promised` [K] its candidates' variances and `times` [R] / `convert` [R, 2] the model's time and output
+    conversion per row of the next step (the candidate is the row's last digit). A point that does not shift
+    but precedes a step that reads earlier shifted points drops the oldest digits: row ← row mod modulus.
+    Otherwise (`modulus` 0) the row is not used."""
 
-    coefficients: list[float] | torch.Tensor
-    strides: list[tuple[int, int]]
+    promised: torch.Tensor | None
+    modulus: int
+    times: torch.Tensor | None
+    convert: torch.Tensor | None
 
 
 class Plan(NamedTuple):
     """What a time-shifted loop needs, built once per model, grid, settings and device."""
 
-    promised: torch.Tensor        # [P, K]: the variance each candidate promises (+inf: not allowed)
-    times: torch.Tensor           # [P, K]: the time the model takes at each candidate, in the schedule's dtype
-    convert: torch.Tensor         # [P, K, 2]: the prediction = c₀·x + c₁·(raw model output) at each candidate
-    shifted: list[bool]           # per point: whether its time can shift
+    calls: list[Call]             # per model call before the last step
     nominal: list[Point]          # the grid's points
-    steps: list[Step]
+    steps: list[list[float] | torch.Tensor]  # per update: host coefficients, or an [R, n] float64 table per row
 
 
 def plan(model_fn: Any, noise_schedule: Any, ts: torch.Tensor, shift: TimeShift, device: torch.device,
          orders: list[int], predict: str, update: Callable[..., Any]) -> Plan:
-    """The loop's tables. Step i's update reads the last orders[i] points; evaluated once over Points whose fields
-    are tensors holding every candidate of each point along its own axis, the update's Lin gives each coefficient
-    for every combination of candidates at once, flattened row-major into the step's table. A sample's row is
-    then Σ (its candidate index at a point)·(that point's stride): one gather per step at run time."""
+    """The loop's tables. Step s's update reads the last orders[s] points; evaluated once over Points whose fields
+    are tensors holding every candidate of each shifted point along its own axis, the update's Lin gives each
+    coefficient for every combination of candidates at once, flattened row-major (the newest point fastest)
+    into the step's table. A sample's row in it is the mixed-radix number of its picks at those points, which
+    each model call extends by one digit and truncates to the points the next step reads (`Call`): one
+    `time_shift_pick` launch and three gathers per shifted model call at run time."""
     field = candidate_tables(noise_schedule, ts, shift)
     shifted = field["shifted"].tolist()
     nominal = points(noise_schedule, ts)
@@ -122,8 +126,16 @@ def plan(model_fn: Any, noise_schedule: Any, ts: torch.Tensor, shift: TimeShift,
     allowed = torch.isfinite(field["promised"]).sum(1).tolist()
     cand = [Point(*(field[name][i, :allowed[i]] for name in ("t", "log_alpha", "sigma", "lam")))
             for i in range(len(shifted))]
+    alpha, sigma = field["log_alpha"].exp(), field["sigma"]
+    model_type = model_fn.model_type if fused_wrapper(model_fn) else "noise"
+    convert = torch.stack([torch.as_tensor(c, dtype=torch.float64).expand_as(alpha)
+                           for c in conversion(model_type, alpha, sigma, predict)], -1)
+    times = noise_schedule.model_time(field["t"]) if fused_wrapper(model_fn) else field["t"]
+    time_dtype = getattr(noise_schedule, "dtype", torch.float32)
     keep = max(orders)
-    steps = []
+    steps: list[list[float] | torch.Tensor] = []
+    calls = []
+    previous: list[int] = []                                        # the shifted points the last row numbers
     for step, order in enumerate(orders, start=1):
         reads = list(range(step - order, step))                     # the points the update reads, oldest first
         axes = [i for i in reads if shifted[i]]
@@ -137,23 +149,32 @@ def plan(model_fn: Any, noise_schedule: Any, ts: torch.Tensor, shift: TimeShift,
         y = update(Lin({0: 1.0}), [Lin({j + 1: 1.0}) for j in range(stored)], ps, nominal[step], order)
         cs = [y.c.get(j, 0.0) for j in range(stored + 1)]
         if not axes:
-            steps.append(Step([float(c) for c in cs], []))
+            steps.append([float(c) for c in cs])
+            calls.append(Call(None, 0, None, None))
+            previous = []
             continue
         sizes = [cand[i].t.numel() for i in axes]
         if math.prod(sizes) > MAX_ROWS:
             raise ValueError(f"time_shift: step {step} reads {len(axes)} shifted times with {sizes} candidates: "
                              f"{math.prod(sizes)} combinations, more than the {MAX_ROWS} its coefficient table "
                              f"holds; use a smaller TimeShift window or a lower order")
+        newest = step - 1
+        kept = axes[:-1] if shifted[newest] else axes               # the digits the row carries over
+        if previous[len(previous) - len(kept):] != kept:
+            raise ValueError(f"time_shift: step {step} reads shifted points {axes} but the step before read "
+                             f"{previous}; orders may rise by at most one per step (got {orders})")
+        modulus = math.prod(sizes[:len(kept)])
         table = torch.stack([torch.as_tensor(c, dtype=torch.float64).expand(sizes).reshape(-1) for c in cs], 1)
-        strides = [(step - i, int(torch.tensor(sizes[k + 1:], dtype=torch.int64).prod())) for k, i in enumerate(axes)]
-        steps.append(Step(table.to(device), strides))
-    alpha, sigma = field["log_alpha"].exp(), field["sigma"]
-    model_type = model_fn.model_type if fused_wrapper(model_fn) else "noise"
-    convert = torch.stack([torch.as_tensor(c, dtype=torch.float64).expand_as(alpha)
-                           for c in conversion(model_type, alpha, sigma, predict)], -1)
-    times = noise_schedule.model_time(field["t"]) if fused_wrapper(model_fn) else field["t"]
-    return Plan(field["promised"].to(device), times.to(device, getattr(noise_schedule, "dtype", torch.float32)),
-                convert.to(device), shifted, nominal, steps)
+        steps.append(table.to(device))
+        if shifted[newest]:
+            k = allowed[newest]
+            calls.append(Call(field["promised"][newest, :k].to(device), modulus,
+                              times[newest, :k].repeat(modulus).to(device, time_dtype),
+                              convert[newest, :k].repeat(modulus, 1).to(device)))
+        else:
+            calls.append(Call(None, modulus, None, None))
+        previous = axes
+    return Plan(calls, nominal, steps)
 
 
 def time_shifted_multistep(model_fn: Callable[..., torch.Tensor], noise_schedule: Any, x: torch.Tensor, p: Plan,
@@ -162,25 +183,26 @@ def time_shifted_multistep(model_fn: Callable[..., torch.Tensor], noise_schedule
     """The multistep loop of `DPMSolver.sample` with per-sample shifted times, on the tables of `plan`."""
     batch, device = x.shape[0], x.device
     wrapped = fused_wrapper(model_fn)
-    keep = max(len(st.coefficients) if isinstance(st.coefficients, list) else st.coefficients.shape[1]
-               for st in p.steps) - 1
-    picks: list[torch.Tensor | None] = []                          # per model call: each sample's candidate
+    keep = max(len(st) if isinstance(st, list) else st.shape[1] for st in p.steps) - 1
+    row: torch.Tensor | None = None                                 # each sample's row of the next step's tables
 
     def call(x: torch.Tensor, i: int, target: str) -> torch.Tensor:
         """The model's prediction (`target`) at model call i: at each sample's picked candidate time when point i
         shifts, else at the nominal one. A model_wrapper model's raw output (or classifier-free pair) is converted
         in solver_step's model-output stage, one launch, as the fused solvers do."""
-        if i < len(p.shifted) and p.shifted[i]:
-            var = x.reshape(batch, -1).to(torch.float32 if x.dtype != torch.float64 else x.dtype).var(dim=1)
-            pick = (var.double()[:, None] - p.promised[i][None, :]).abs().argmin(dim=1)
-            t, conv = p.times[i][pick], p.convert[i][pick]
+        nonlocal row
+        c = p.calls[i] if i < len(p.calls) else None
+        if c is not None and c.promised is not None:
+            row = time_shift_pick(x, c.promised, row, c.modulus)
+            t, conv = c.times.index_select(0, row), c.convert.index_select(0, row)
         else:
-            pick, pt = None, p.nominal[i]
-            t_cont = torch.full((batch,), pt.t, dtype=p.times.dtype, device=device)
+            if c is not None and c.modulus:
+                row = torch.remainder(row, c.modulus)
+            pt = p.nominal[i]
+            t_cont = torch.full((batch,), pt.t, dtype=getattr(noise_schedule, "dtype", torch.float32), device=device)
             t = noise_schedule.model_time(t_cont) if wrapped else t_cont
-            conv = [float(c) for c in conversion(model_fn.model_type if wrapped else "noise", pt.alpha, pt.sigma,
+            conv = [float(k) for k in conversion(model_fn.model_type if wrapped else "noise", pt.alpha, pt.sigma,
                                                  target)]
-        picks.append(pick)
         out = model_fn.outputs(x, t) if wrapped else model_fn(x, t)
         _check_model_output(out, x)
         guidance = model_fn.guidance_scale if wrapped and model_fn.pair else None
@@ -189,11 +211,9 @@ def time_shifted_multistep(model_fn: Callable[..., torch.Tensor], noise_schedule
     ms = [call(x, 0, predict)]
     if intermediates is not None:
         intermediates.append(x.clone())
-    for step, st in enumerate(p.steps, start=1):
-        coefficients = st.coefficients
-        if st.strides:
-            row = sum(stride * picks[-back] for back, stride in st.strides)
-            coefficients = coefficients[row]
+    for step, coefficients in enumerate(p.steps, start=1):
+        if not isinstance(coefficients, list):
+            coefficients = coefficients.index_select(0, row)
         x = solver_step(x, ms, coefficients)
         if intermediates is not None:
             intermediates.append(x.clone())
