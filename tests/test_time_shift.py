@@ -14,12 +14,14 @@ larger than the kernel's block; the sampler with every op forced onto Triton equ
 from __future__ import annotations
 
 import math
+import os
 import statistics
 
 import pytest
 import torch
 
 import samplers_oracle as O
+from _support import backend_device
 from gaussian_mixture import GaussianMixture
 from pydpm.ops import time_shift_pick, use_backend
 from pydpm.samplers import DPMSolver, TimeShift
@@ -296,7 +298,7 @@ def test_in_a_cuda_graph(denoise_to_zero):
 # The fused pick
 # --------------------------------------------------------------------------------------------------
 
-PICK_BACKENDS = ["reference", "triton"]  # triton through the interpreter on the CPU
+PICK_BACKENDS = ["reference", "triton"]  # triton on CUDA, or through the interpreter on the CPU (CI)
 
 
 def pick_oracle(x, promised, row=None, modulus=1):
@@ -323,10 +325,11 @@ def test_pick_equals_the_python_oracle(backend, seed):
     promised = 0.2 + 1.5 * torch.rand(K, generator=g, dtype=torch.float64)
     promised[torch.randperm(K, generator=g)[:K // 3]] = math.inf
     row = torch.randint(-50, 500, (B,), generator=g)
+    d = backend_device(backend)
     with use_backend(backend):
-        assert time_shift_pick(x, promised).tolist() == pick_oracle(x, promised)
-        assert time_shift_pick(x, promised, row, 7).tolist() == pick_oracle(x, promised, row, 7)
-        assert time_shift_pick(x.float(), promised).tolist() == pick_oracle(x, promised)
+        assert time_shift_pick(x.to(d), promised.to(d)).tolist() == pick_oracle(x, promised)
+        assert time_shift_pick(x.to(d), promised.to(d), row.to(d), 7).tolist() == pick_oracle(x, promised, row, 7)
+        assert time_shift_pick(x.to(d).float(), promised.to(d)).tolist() == pick_oracle(x, promised)
 
 
 @pytest.mark.parametrize("backend", PICK_BACKENDS)
@@ -340,8 +343,9 @@ def test_pick_takes_the_first_of_equal_candidates(backend):
     promised[100] = promised[130] = float(var[1])
     promised[3] = promised[66] = float(var[2]) + 1e-3
     promised[140] = float(var[2]) + 2e-3
+    d = backend_device(backend)
     with use_backend(backend):
-        assert time_shift_pick(x, promised).tolist() == [5, 100, 3]
+        assert time_shift_pick(x.to(d), promised.to(d)).tolist() == [5, 100, 3]
 
 
 @pytest.mark.parametrize("backend", PICK_BACKENDS)
@@ -354,11 +358,35 @@ def test_pick_variance_far_from_zero_and_past_one_block(backend):
     scales = torch.tensor([0.9, 1.0, 1.1, 1.2], dtype=torch.float64)
     x = 1000 + z * scales[:, None].sqrt()
     promised = torch.tensor([0.8985, 0.902, 0.9985, 1.002, 1.098, 1.1015, 1.198, 1.2015], dtype=torch.float64)
+    d = backend_device(backend)
     with use_backend(backend):
-        assert time_shift_pick(x, promised).tolist() == [0, 2, 5, 7]
-        assert time_shift_pick(x.float(), promised).tolist() == [0, 2, 5, 7]
+        assert time_shift_pick(x.to(d), promised.to(d)).tolist() == [0, 2, 5, 7]
+        assert time_shift_pick(x.to(d).float(), promised.to(d)).tolist() == [0, 2, 5, 7]
 
 
+@pytest.mark.parametrize("splits", [2, 3, 7])
+def test_pick_kernel_merges_chunked_samples(splits):
+    """The Triton launcher with each sample's variance split into chunks (what it does on a GPU for large samples
+    and small batches): Chan's merge of the chunks' (count, mean, M2), whose means differ (a trend along the
+    sample), picks what the oracle picks, with a row."""
+    kernels = pytest.importorskip("pydpm.kernels.time_shift")
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("Triton needs CUDA or the interpreter")
+    d = backend_device("triton")
+    g = torch.Generator().manual_seed(splits)
+    trend = torch.linspace(-1, 1, 5 * 1001, dtype=torch.float64).reshape(5, 1001)  # chunk means differ
+    scale = torch.tensor([0.7, 1.0, 1.3], dtype=torch.float64)[:, None, None]
+    x = 3 + trend + torch.randn(3, 5, 1001, generator=g, dtype=torch.float64) * scale
+    promised = 0.5 + 1.9 * torch.rand(40, generator=g, dtype=torch.float64)
+    row = torch.randint(0, 100, (3,), generator=g)
+    for dtype in (torch.float64, torch.float32):
+        out = torch.full((3,), -1, dtype=torch.int64, device=d)
+        kernels.time_shift_pick(x.to(d, dtype), promised.to(d), row.to(d), 11, out, splits=splits)
+        assert out.tolist() == pick_oracle(x, promised, row, 11)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="triton on CPU tensors needs the interpreter (CI); on CUDA "
+                                                   "test_on_cuda and test_in_a_cuda_graph run it")
 def test_sampler_with_the_triton_pick_equals_the_reference(mixture):
     """The whole time-shifted loop (float32: Triton's solver_step) with every op forced onto Triton (the
     interpreter) against the reference ops; the samples are called at different times."""

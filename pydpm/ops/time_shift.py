@@ -204,8 +204,8 @@ def _candidates(k: int, device, gen: torch.Generator, forbidden: int = 0) -> tor
 
 def _sample_inputs(device="cpu", dtype=torch.float32, *, small=False, seed=0):
     """Batch 1, odd and prime sample sizes, K = 1 and K past one candidate block, +inf candidates, chained rows
-    (negative ones too: floor modulo), float32 candidates; the layouts: channels-last (run as is), transposed and
-    batch-strided x (copied), a strided row."""
+    (negative ones too: floor modulo), float32 candidates, samples large enough to be split into chunks on a GPU;
+    the layouts: channels-last (run as is), transposed and batch-strided x (copied), a strided row."""
     device, gen = torch.device(device), torch.Generator().manual_seed(seed)
 
     def r(*shape):
@@ -223,6 +223,8 @@ def _sample_inputs(device="cpu", dtype=torch.float32, *, small=False, seed=0):
     yield "float32-candidates", dict(x=r(4, 53), promised=_candidates(9, device, gen).float(), row=rows(4, 9),
                                      modulus=81)
     yield "large-sample", dict(x=r(2, 4, 16, 16 if small else 64), promised=_candidates(21, device, gen, forbidden=6))
+    yield "chunked-sample", dict(x=r(2, 3, 3001), promised=_candidates(21, device, gen, forbidden=6), row=rows(2, 21),
+                                 modulus=21)  # on a GPU each sample's variance is split into chunks
     yield "channels-last", dict(x=r(3, 4, 5, 6).contiguous(memory_format=torch.channels_last),
                                 promised=_candidates(11, device, gen))
     yield "transposed", dict(x=r(3, 6, 5).transpose(1, 2), promised=_candidates(13, device, gen), row=rows(3, 13),
