@@ -12,8 +12,8 @@ around the nominal one, whose marginal variance best matches the sample's own:
 per-sample times, so its coefficients differ per sample. They are computed once per grid and settings, in
 float64, by the same update code as the plain solver (`multistep_update`, evaluated over points that hold every
 allowed candidate of each time it reads) for every combination of candidates; at run time each sample's row is
-gathered from that table and the step is one `solver_step` launch with a per-sample [B, n] coefficient table. No
-extra model calls and no host synchronisation: per shifted model call one `time_shift_pick` launch (the
+gathered from that table and the step is one `solver_step` launch with a per-sample [B, n] coefficient table,
+which also converts the model's output (its model-output stage, as the fused solvers). No extra model calls and no host synchronisation: per shifted model call one `time_shift_pick` launch (the
 variance, the nearest candidate and the sample's row, fused) and three gathers (its time, its output conversion,
 the next step's coefficients), so the whole loop can be captured in one CUDA graph (`cuda_graph=True`).
 """
@@ -106,7 +106,9 @@ class Plan(NamedTuple):
 
     calls: list[Call]             # per model call before the last step
     nominal: list[Point]          # the grid's points
-    steps: list[list[float] | torch.Tensor]  # per update: host coefficients, or an [R, n] float64 table per row
+    # per update: host coefficients, or an [R, n] float64 table per row; for x, the newest prediction (converted in
+    # the update's launch), then the older ones, oldest first
+    steps: list[list[float] | torch.Tensor]
 
 
 def plan(model_fn: Any, noise_schedule: Any, ts: torch.Tensor, shift: TimeShift, device: torch.device,
@@ -148,6 +150,7 @@ def plan(model_fn: Any, noise_schedule: Any, ts: torch.Tensor, shift: TimeShift,
         stored = min(keep, step)
         y = update(Lin({0: 1.0}), [Lin({j + 1: 1.0}) for j in range(stored)], ps, nominal[step], order)
         cs = [y.c.get(j, 0.0) for j in range(stored + 1)]
+        cs = [cs[0], cs[-1], *cs[1:-1]]                             # the order of Plan.steps
         if not axes:
             steps.append([float(c) for c in cs])
             calls.append(Call(None, 0, None, None))
@@ -186,10 +189,10 @@ def time_shifted_multistep(model_fn: Callable[..., torch.Tensor], noise_schedule
     keep = max(len(st) if isinstance(st, list) else st.shape[1] for st in p.steps) - 1
     row: torch.Tensor | None = None                                 # each sample's row of the next step's tables
 
-    def call(x: torch.Tensor, i: int, target: str) -> torch.Tensor:
-        """The model's prediction (`target`) at model call i: at each sample's picked candidate time when point i
-        shifts, else at the nominal one. A model_wrapper model's raw output (or classifier-free pair) is converted
-        in solver_step's model-output stage, one launch, as the fused solvers do."""
+    def call(x: torch.Tensor, i: int, target: str) -> tuple[Any, Any, float | None]:
+        """The model at call i, at each sample's picked candidate time when point i shifts, else at the nominal
+        one: (its raw output or classifier-free pair, the conversion to `target`, the guidance scale), which the
+        next `solver_step` launch converts (its model-output stage) and steps with, as the fused solvers do."""
         nonlocal row
         c = p.calls[i] if i < len(p.calls) else None
         if c is not None and c.promised is not None:
@@ -205,22 +208,28 @@ def time_shifted_multistep(model_fn: Callable[..., torch.Tensor], noise_schedule
                                                  target)]
         out = model_fn.outputs(x, t) if wrapped else model_fn(x, t)
         _check_model_output(out, x)
-        guidance = model_fn.guidance_scale if wrapped and model_fn.pair else None
-        return solver_step(x, [], [0.0, 1.0], model_output=out, convert=conv, guidance_scale=guidance)
+        return out, conv, model_fn.guidance_scale if wrapped and model_fn.pair else None
 
-    ms = [call(x, 0, predict)]
+    # The predictions the updates read: the newest is converted in the update's own launch and saved to a slot;
+    # a step reads at most keep − 1 older ones, so `keep` slots used in turn never overwrite one it reads.
+    slots = [torch.empty_like(x) for _ in range(keep)]
+    older: list[torch.Tensor] = []
+    out, conv, guidance = call(x, 0, predict)
     if intermediates is not None:
         intermediates.append(x.clone())
     for step, coefficients in enumerate(p.steps, start=1):
         if not isinstance(coefficients, list):
             coefficients = coefficients.index_select(0, row)
-        x = solver_step(x, ms, coefficients)
+        d = slots[(step - 1) % keep]
+        x = solver_step(x, older, coefficients, model_output=out, convert=conv, guidance_scale=guidance, save=d)
+        older = (older + [d])[-(keep - 1):] if keep > 1 else []
         if intermediates is not None:
             intermediates.append(x.clone())
         if step < len(p.steps):
-            ms = (ms + [call(x, step, predict)])[-keep:]
+            out, conv, guidance = call(x, step, predict)
     if denoise_to_zero:
-        x = call(x, len(p.steps), "data")
+        out, conv, guidance = call(x, len(p.steps), "data")
+        x = solver_step(x, [], [0.0, 1.0], model_output=out, convert=conv, guidance_scale=guidance)
         if intermediates is not None:
             intermediates.append(x.clone())
     return x
