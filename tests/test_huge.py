@@ -5,7 +5,8 @@ outside the buffer) and leaves the tail unwritten. Each case fills the output wi
 of it, chunk by chunk, with the op's reference run on the matching slice of the input (the ops are elementwise
 or local to 2×2 blocks, so a slice of the input gives the same slice of the output). Shapes: many planes whose
 total passes 2³¹ (batch and channel offsets), a channel offset alone past 2³¹, one plane of more than 2³¹
-elements, channels-last, and a batch of two samples of 2³⁰ + 3 elements.
+elements, channels-last, and a batch of two samples of 2³⁰ + 3 elements; the time-shift pick's variance over one
+sample of more than 2³¹ elements and over many samples whose total passes it.
 
 These need ~40 GB of free GPU memory and take about a minute; they run only with PYDPM_HUGE_TESTS=1, one at a
 time (scripts/gpu_run.sh --huge), never beside other GPU tests. The last section (grids of more than 65535
@@ -18,8 +19,8 @@ import os
 import pytest
 import torch
 
-from pydpm.ops import (PhiloxNoise, haar_dwt2, haar_idwt2, philox_normal, simple_gate, solver_step, use_backend,
-                       wavelet_gate_down, wavelet_gate_up)
+from pydpm.ops import (PhiloxNoise, haar_dwt2, haar_idwt2, philox_normal, simple_gate, solver_step, time_shift_pick,
+                       use_backend, wavelet_gate_down, wavelet_gate_up)
 from pydpm.ops.wavelet import (haar_dwt2_reference, haar_idwt2_reference, wavelet_gate_down_reference,
                                wavelet_gate_up_reference)
 
@@ -172,6 +173,28 @@ def test_simple_gate_past_two_to_the_31(shape, channels_last):
         return rows(x, chunk).float() * rows(x, (b, C2 // 2 + c, r0, r1)).float()
 
     assert_close_chunked(out, plane_chunks(B, C2 // 2, H), rows, expected)
+
+
+# ------------------------------------------------------------------------------------------------ time-shift pick
+
+@huge
+@pytest.mark.parametrize("shape", [(1, BIG + 7), (70_000, 32_768)], ids=["one-sample", "many-samples"])
+def test_time_shift_pick_past_two_to_the_31(shape):
+    """One sample of more than 2³¹ elements (split into chunks: chunk offsets past 2³¹), and many samples whose
+    total passes 2³¹ (one program each: sample offsets past 2³¹). Elements ±1 (variance 1 + O(1/√N)) or ±2
+    (variance 4) by sample, so each sample's pick is known without a float64 copy of x."""
+    B, N = shape
+    g = torch.Generator("cuda").manual_seed(7)
+    x = torch.empty(shape, dtype=F16, device="cuda").bernoulli_(0.5, generator=g).mul_(2).sub_(1)
+    scale = (torch.arange(B, device="cuda") % 3 == 1).to(F16) + 1          # samples 1, 4, 7, ... take ±2
+    x.mul_(scale[:, None])
+    promised = torch.tensor([0.5, 1.0, 1.5, 4.0, 9.0], dtype=torch.float64, device="cuda")
+    row = torch.arange(B, device="cuda")
+    out = torch.full((B,), -1, dtype=torch.int64, device="cuda")
+    with use_backend("triton"):
+        time_shift_pick(x, promised, row, 5, out=out)
+    expected = (row % 5) * 5 + torch.where(scale == 2, 3, 1)
+    assert torch.equal(out, expected)
 
 
 # ------------------------------------------------------------------------------------------------ huge grids
