@@ -4,7 +4,8 @@
 - it equals an independent float64 implementation (one sample at a time: the shifted time by brute force over
   the window, DPM-Solver++ multistep updates written out from the paper);
 - a sample whose variance is that of a known time in the window is relabelled with exactly that time, per sample;
-- every sample's times keep decreasing; samples do not influence each other; bad settings are refused by name.
+- every sample's times keep decreasing; samples do not influence each other; bad settings are refused by name;
+  the plan refuses a sequence of orders its row numbering cannot follow.
 
 And its fused op, `pydpm.ops.time_shift_pick` (the registry's contract tests cover it against its reference on
 every backend, dtype and layout): against an oracle written with Python's statistics module; the first of equal
@@ -405,3 +406,22 @@ def test_sampler_with_the_triton_pick_equals_the_reference(mixture):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
     assert len(set(rec.times[0].tolist())) > 3
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_plan_refuses_orders_that_rise_by_more_than_one(mixture):
+    """A step's row carries the digits of the shifted points the step before read; an order that rises by two
+    would need a digit that row never had (no multistep schedule of orders does this; the plan says so if one
+    did)."""
+    from pydpm.samplers.dpm_solver import multistep_update
+    from pydpm.samplers.time_shift import plan
+
+    ns, _, _, model, _ = mixture
+    ts = torch.linspace(1.0, 1e-3, 5, dtype=torch.float64)
+
+    def update(x, ms, ps, t, order):
+        return multistep_update(x, ms, ps, t, order, "data", "dpmsolver")
+
+    shift = TimeShift(window=3, cutoff=0.0)
+    assert len(plan(model, ns, ts, shift, torch.device("cpu"), [1, 2, 3, 3], "data", update).steps) == 4
+    with pytest.raises(ValueError, match="orders may rise by at most one per step"):
+        plan(model, ns, ts, shift, torch.device("cpu"), [1, 1, 3, 3], "data", update)
