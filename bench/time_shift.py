@@ -55,8 +55,8 @@ def pick_case(shape, dtype, device) -> Case:
         promised = torch.linspace(0.8, 1.2, K, dtype=torch.float64, device=device)
         level = 0.812 + 0.02 * torch.randint(0, K - 1, (B,), device=device) + 0.006 * torch.rand(B, device=device)
         z = torch.randn(shape, device=device, dtype=torch.float32)
-        z = (z - z.mean(dim=tuple(range(1, len(shape))), keepdim=True)) / z.std(dim=tuple(range(1, len(shape))),
-                                                                                 keepdim=True)
+        dims = tuple(range(1, len(shape)))
+        z = (z - z.mean(dim=dims, keepdim=True)) / z.std(dim=dims, keepdim=True)
         x = (z * level.sqrt().reshape(B, *([1] * (len(shape) - 1)))).to(dtype)
         return {"x": x, "promised": promised, "row": torch.randint(0, MODULUS * K, (B,), device=device)}
 

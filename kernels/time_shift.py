@@ -20,8 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc as _acc
-from ._common import cdiv, target_programs
+from ._common import acc as _acc, cdiv, target_programs
 from ._launch import Kernel
 
 _NUM_WARPS = 4

@@ -285,6 +285,12 @@ def triton_reasons(device: torch.device) -> list[str]:
     return [reason] if reason else []
 
 
+def dense_layout(x: torch.Tensor) -> bool:
+    """True when kernels can walk x in memory order with the batch outermost, each sample one dense block:
+    contiguous x, or a 4-D channels-last one."""
+    return x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+
+
 def no_output(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """What a custom op returns for an output it did not compute (its schema has no optional tensors): an empty
     tensor on x's device."""

@@ -30,7 +30,7 @@ import torch
 
 from pydpm import _backend
 from pydpm.ops._framework import (ELEMENTWISE_TOLERANCES, Backend, BadInput, Entry, Op, acc_dtype, check_no_alias,
-                                  check_real, fail_type, register, sample_tensor, triton_reasons)
+                                  check_real, dense_layout, fail_type, register, sample_tensor, triton_reasons)
 
 MAX_MODELS = 6  # csrc/common/solver_step.h kMaxModels
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -126,7 +126,7 @@ def philox_normal(seed: int, offset: int, numel: int, device: torch.device | str
 def _like(flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """View a vector of x.numel() values with x's shape, in the element order the backends give x: x's memory
     order when x is contiguous or channels-last, else row-major (x.contiguous()'s order; see PhiloxNoise)."""
-    return flat.as_strided(x.shape, x.stride()) if _dense(x) else flat.view(x.shape)
+    return flat.as_strided(x.shape, x.stride()) if dense_layout(x) else flat.view(x.shape)
 
 
 def _quantile_rows(a: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -545,11 +545,6 @@ def check_args(x, models, coeffs, model_output=None, convert=None, guidance_scal
     return args
 
 
-def _dense(x: torch.Tensor) -> bool:
-    """True when the kernels can walk x in memory order: dense, batch outermost."""
-    return x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
-
-
 def densify(args: StepArgs) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Give every tensor of the call x's dense layout (a channels-last x keeps its own, so that Philox noise
     follows x's memory order; any other non-contiguous x is made contiguous), copying where needed (documented
@@ -561,7 +556,7 @@ def densify(args: StepArgs) -> list[tuple[torch.Tensor, torch.Tensor]]:
     x = args.x
     fmt = torch.contiguous_format
     if not x.is_contiguous():
-        if _dense(x):  # channels-last
+        if dense_layout(x):  # channels-last
             fmt = torch.channels_last
         else:
             x = args.x = x.contiguous()
@@ -793,7 +788,7 @@ class PlannedStep:
         self.args, self.params = args, None
         stride = args.x.stride()
         self.meta = (args.x.shape, args.x.dtype, args.x.get_device(), args.x.is_cpu, stride)
-        if args.x.numel() == 0 or not (_dense(args.x) and all(t.stride() == stride for t in args.tensors())):
+        if args.x.numel() == 0 or not (dense_layout(args.x) and all(t.stride() == stride for t in args.tensors())):
             return
         backend = OP.select(args)
         if backend.name not in ("cuda", "cpu"):

@@ -28,8 +28,8 @@ import torch
 
 from pydpm import _backend
 from pydpm.ops._framework import (FLOAT_DTYPES, Backend, BadInput, Entry, Op, Tolerance, acc_dtype, check_no_alias,
-                                  check_out, check_tensor, fail, fail_type, register, sample_maker, sample_tensor,
-                                  tensor_mutations, triton_reasons)
+                                  check_out, check_tensor, dense_layout, fail, fail_type, register, sample_maker,
+                                  sample_tensor, tensor_mutations, triton_reasons)
 
 MAX_INDEX = 1 << 62     # modulus · K must stay below this (int64 rows with room to spare)
 
@@ -121,16 +121,8 @@ def _explain(x, promised, row, modulus) -> None:
 # Backends: each returns out (the int64 [B] pick, written into the caller's out= when given)
 # --------------------------------------------------------------------------------------------------
 
-def _samples(x: torch.Tensor) -> torch.Tensor:
-    """x when each sample is one dense block of N elements, x.stride(0) apart (contiguous or channels-last
-    x), else a contiguous copy."""
-    if x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
-        return x
-    return x.contiguous()
-
-
 def _run_triton(args: PickArgs) -> torch.Tensor:
-    x, promised = _samples(args.x), args.promised
+    x, promised = args.x if dense_layout(args.x) else args.x.contiguous(), args.promised
     out = args.out if args.out is not None else torch.empty(x.shape[:1], dtype=torch.int64, device=x.device)
     _backend.kernels("time_shift").time_shift_pick(x, promised if promised.is_contiguous() else promised.contiguous(),
                                                   args.row, args.modulus, out)

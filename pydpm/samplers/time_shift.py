@@ -13,9 +13,10 @@ per-sample times, so its coefficients differ per sample. They are computed once 
 float64, by the same update code as the plain solver (`multistep_update`, evaluated over points that hold every
 allowed candidate of each time it reads) for every combination of candidates; at run time each sample's row is
 gathered from that table and the step is one `solver_step` launch with a per-sample [B, n] coefficient table,
-which also converts the model's output (its model-output stage, as the fused solvers). No extra model calls and no host synchronisation: per shifted model call one `time_shift_pick` launch (the
-variance, the nearest candidate and the sample's row, fused) and three gathers (its time, its output conversion,
-the next step's coefficients), so the whole loop can be captured in one CUDA graph (`cuda_graph=True`).
+which also converts the model's output (its model-output stage, as the fused solvers). No extra model calls and
+no host synchronisation: per shifted model call one `time_shift_pick` launch (the variance, the nearest
+candidate and the sample's row, fused) and three gathers (its time, its output conversion, the next step's
+coefficients), so the whole loop can be captured in one CUDA graph (`cuda_graph=True`).
 """
 from __future__ import annotations
 
@@ -186,6 +187,7 @@ def time_shifted_multistep(model_fn: Callable[..., torch.Tensor], noise_schedule
     """The multistep loop of `DPMSolver.sample` with per-sample shifted times, on the tables of `plan`."""
     batch, device = x.shape[0], x.device
     wrapped = fused_wrapper(model_fn)
+    time_dtype = getattr(noise_schedule, "dtype", torch.float32)
     keep = max(len(st) if isinstance(st, list) else st.shape[1] for st in p.steps) - 1
     row: torch.Tensor | None = None                                 # each sample's row of the next step's tables
 
@@ -202,7 +204,7 @@ def time_shifted_multistep(model_fn: Callable[..., torch.Tensor], noise_schedule
             if c is not None and c.modulus:
                 row = torch.remainder(row, c.modulus)
             pt = p.nominal[i]
-            t_cont = torch.full((batch,), pt.t, dtype=getattr(noise_schedule, "dtype", torch.float32), device=device)
+            t_cont = torch.full((batch,), pt.t, dtype=time_dtype, device=device)
             t = noise_schedule.model_time(t_cont) if wrapped else t_cont
             conv = [float(k) for k in conversion(model_fn.model_type if wrapped else "noise", pt.alpha, pt.sigma,
                                                  target)]
