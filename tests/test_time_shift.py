@@ -220,6 +220,36 @@ def test_low_precision_and_layouts(mixture):
                                rtol=1e-12, atol=1e-12)
 
 
+def test_the_workspace_plans_every_step_and_follows_layouts(mixture, monkeypatch):
+    """Eagerly, every update is a planned launch on the workspace's buffers (the checked op is never entered),
+    for the plain model and a classifier-free pair, with and without denoise_to_zero; one solver object kept
+    across batch sizes and layouts gives what a fresh one gives, to the bit, and never writes its input."""
+    import pydpm.samplers.time_shift as ts_module
+    ns, _, gm, model, x = mixture
+    shift = TimeShift(window=6, cutoff=0.3)
+    cond = torch.linspace(-0.3, 0.3, 16, dtype=torch.float64)[None]
+    raw = gm.model_fn("noise", conditional=True)
+    guided = model_wrapper(lambda x, t, c: raw(x, t, c.repeat_interleave(x.shape[0] // c.shape[0], 0)), ns,
+                           guidance_type="classifier-free", condition=cond,
+                           unconditional_condition=torch.zeros_like(cond), guidance_scale=2.5)
+    wide = torch.randn(5, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    strided = torch.randn(16, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(10)).t()
+    for fn in (model, guided):
+        fresh = {(name, z): DPMSolver(fn, ns).sample(v, steps=6, order=3, time_shift=shift, denoise_to_zero=z)
+                 for name, v in (("x", x), ("wide", wide), ("strided", strided)) for z in (False, True)}
+        kept = DPMSolver(fn, ns)
+        with monkeypatch.context() as m:
+            m.setattr(ts_module, "solver_step", lambda *a, **k: pytest.fail("a step left the planned launch"))
+            for name, v in (("x", x), ("wide", wide), ("x", x), ("wide", wide)):
+                before = v.clone()
+                for z in (False, True):
+                    assert torch.equal(kept.sample(v, steps=6, order=3, time_shift=shift, denoise_to_zero=z),
+                                       fresh[(name, z)])
+                assert torch.equal(v, before)
+        # a transposed x is planned for its own strides, or stepped by the checked op: the same values either way
+        assert torch.equal(kept.sample(strided, steps=6, order=3, time_shift=shift), fresh[("strided", False)])
+
+
 def test_bad_settings_are_refused(mixture):
     ns, _, _, model, x = mixture
     for bad, match in [(dict(window=-1), "window"), (dict(window=2.5), "window"), (dict(window=True), "window"),

@@ -29,8 +29,9 @@ import torch
 
 from pydpm._cache import BoundedCache
 from pydpm.ops import solver_step, time_shift_pick
-from pydpm.samplers._program import (MAX_GRAPHS, Lin, Point, _check_model_output, capture, check_graph_input,
-                                     layout_key, points)
+from pydpm.ops.solver_step import PlannedStep, check_args
+from pydpm.samplers._program import (MAX_GRAPHS, MAX_LAYOUTS, Lin, Point, _check_model_output, capture,
+                                     check_graph_input, layout_key, points)
 from pydpm.schedules import conversion, fused_wrapper
 
 
@@ -181,86 +182,140 @@ def plan(model_fn: Any, noise_schedule: Any, ts: torch.Tensor, shift: TimeShift,
     return Plan(calls, nominal, steps)
 
 
-def time_shifted_multistep(model_fn: Callable[..., torch.Tensor], noise_schedule: Any, x: torch.Tensor, p: Plan,
-                           predict: str, denoise_to_zero: bool, intermediates: list[torch.Tensor] | None,
-                           ) -> torch.Tensor:
-    """The multistep loop of `DPMSolver.sample` with per-sample shifted times, on the tables of `plan`."""
-    batch, device = x.shape[0], x.device
-    wrapped = fused_wrapper(model_fn)
-    time_dtype = getattr(noise_schedule, "dtype", torch.float32)
-    keep = max(len(st) if isinstance(st, list) else st.shape[1] for st in p.steps) - 1
-    row: torch.Tensor | None = None                                 # each sample's row of the next step's tables
+class _Workspace:
+    """One input layout's buffers and pre-checked launches, kept between runs: each sample's row; per shifted call
+    its model time and output conversion, per step its coefficients, gathered into fixed buffers
+    (`index_select(out=)`); per nominal call its model time and conversion, computed once; the prediction slots;
+    the samples between steps, two buffers used in turn; and per step a `PlannedStep` over those buffers, so that
+    a step costs a pointer swap and the C call where the C kernels take it (the checked op elsewhere)."""
 
-    def call(x: torch.Tensor, i: int, target: str) -> tuple[Any, Any, float | None]:
+    def __init__(self, model_fn: Any, noise_schedule: Any, p: Plan, predict: str, x: torch.Tensor):
+        batch, device = x.shape[0], x.device
+        wrapped = fused_wrapper(model_fn)
+        time_dtype = getattr(noise_schedule, "dtype", torch.float32)
+        model_type = model_fn.model_type if wrapped else "noise"
+        self.pair = wrapped and model_fn.pair
+        self.guidance = model_fn.guidance_scale if self.pair else None
+        keep = max(len(st) if isinstance(st, list) else st.shape[1] for st in p.steps) - 1
+        self.row = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.times: list[torch.Tensor] = []
+        self.convert: list[torch.Tensor | list[float]] = []
+        for i, pt in enumerate(p.nominal[:len(p.steps) + 1]):  # every model call, the final denoising one last
+            c = p.calls[i] if i < len(p.calls) else None
+            if c is not None and c.promised is not None:
+                assert c.times is not None
+                self.times.append(torch.empty(batch, dtype=c.times.dtype, device=device))
+                self.convert.append(torch.empty(batch, 2, dtype=torch.float64, device=device))
+                continue
+            t_cont = torch.full((batch,), pt.t, dtype=time_dtype, device=device)
+            self.times.append(noise_schedule.model_time(t_cont) if wrapped else t_cont)
+            self.convert.append([float(k) for k in conversion(model_type, pt.alpha, pt.sigma,
+                                                              predict if i < len(p.steps) else "data")])
+        self.coefs = [st if isinstance(st, list) else torch.empty(batch, st.shape[1], dtype=torch.float64,
+                                                                  device=device) for st in p.steps]
+        slots = [torch.empty_like(x) for _ in range(keep)]
+        self.xs = (torch.empty_like(x), torch.empty_like(x))
+        # step s (from 1) saves its prediction to slot (s − 1) mod keep and reads the keep − 1 saved before it
+        self.steps = []
+        for s in range(1, len(p.steps) + 1):
+            older = [slots[(j - 1) % keep] for j in range(max(1, s - keep + 1), s)]
+            self.steps.append(self._planned(x, older, self.coefs[s - 1], self.convert[s - 1], slots[(s - 1) % keep]))
+        self.final = self._planned(x, [], [0.0, 1.0], self.convert[len(p.steps)], None)
+
+    def _planned(self, x: torch.Tensor, older: list[torch.Tensor], coefs: Any, convert: Any,
+                 save: torch.Tensor | None) -> tuple[PlannedStep, dict[str, Any]]:
+        """A step's planned launch and the checked op's arguments for when the planned one does not take it."""
+        kw = dict(older=older, coefs=coefs, convert=convert, save=save)
+        mo = (torch.empty_like(x), torch.empty_like(x)) if self.pair else torch.empty_like(x)
+        return PlannedStep(check_args(torch.empty_like(x), older, coefs, model_output=mo, convert=convert,
+                                      guidance_scale=self.guidance, save=save, out=torch.empty_like(x))), kw
+
+    def step(self, which: tuple[PlannedStep, dict[str, Any]], x: torch.Tensor, out: Any,
+             result: torch.Tensor) -> torch.Tensor:
+        """One update of x with the model's output `out` into `result`."""
+        planned, kw = which
+        cond, uncond = out if self.pair else (out, None)
+        if not planned.launch_planned(x, cond, uncond, result):
+            solver_step(x, kw["older"], kw["coefs"], model_output=out, convert=kw["convert"],
+                        guidance_scale=self.guidance, save=kw["save"], out=result)
+        return result
+
+
+def time_shifted_multistep(model_fn: Callable[..., torch.Tensor], p: Plan, ws: _Workspace, x: torch.Tensor,
+                           denoise_to_zero: bool, intermediates: list[torch.Tensor] | None) -> torch.Tensor:
+    """The multistep loop of `DPMSolver.sample` with per-sample shifted times, on the tables of `plan` and the
+    buffers of `ws`. x is not modified; the result is a new tensor."""
+    wrapped = fused_wrapper(model_fn)
+    picked = False                                                  # whether ws.row holds picks yet
+
+    def call(x: torch.Tensor, i: int) -> Any:
         """The model at call i, at each sample's picked candidate time when point i shifts, else at the nominal
-        one: (its raw output or classifier-free pair, the conversion to `target`, the guidance scale), which the
-        next `solver_step` launch converts (its model-output stage) and steps with, as the fused solvers do."""
-        nonlocal row
+        one; the raw output (or classifier-free pair), which the next step converts in its own launch."""
+        nonlocal picked
         c = p.calls[i] if i < len(p.calls) else None
         if c is not None and c.promised is not None:
-            row = time_shift_pick(x, c.promised, row, c.modulus)
-            t, conv = c.times.index_select(0, row), c.convert.index_select(0, row)
-        else:
-            if c is not None and c.modulus:
-                row = torch.remainder(row, c.modulus)
-            pt = p.nominal[i]
-            t_cont = torch.full((batch,), pt.t, dtype=time_dtype, device=device)
-            t = noise_schedule.model_time(t_cont) if wrapped else t_cont
-            conv = [float(k) for k in conversion(model_fn.model_type if wrapped else "noise", pt.alpha, pt.sigma,
-                                                 target)]
-        out = model_fn.outputs(x, t) if wrapped else model_fn(x, t)
+            assert c.times is not None and c.convert is not None
+            time_shift_pick(x, c.promised, ws.row if picked else None, c.modulus, out=ws.row)
+            picked = True
+            torch.index_select(c.times, 0, ws.row, out=ws.times[i])
+            torch.index_select(c.convert, 0, ws.row, out=ws.convert[i])
+        elif c is not None and c.modulus:
+            torch.remainder(ws.row, c.modulus, out=ws.row)
+        out = model_fn.outputs(x, ws.times[i]) if wrapped else model_fn(x, ws.times[i])
         _check_model_output(out, x)
-        return out, conv, model_fn.guidance_scale if wrapped and model_fn.pair else None
+        return out
 
-    # The predictions the updates read: the newest is converted in the update's own launch and saved to a slot;
-    # a step reads at most keep − 1 older ones, so `keep` slots used in turn never overwrite one it reads.
-    slots = [torch.empty_like(x) for _ in range(keep)]
-    older: list[torch.Tensor] = []
-    out, conv, guidance = call(x, 0, predict)
+    out = call(x, 0)
     if intermediates is not None:
         intermediates.append(x.clone())
-    for step, coefficients in enumerate(p.steps, start=1):
-        if not isinstance(coefficients, list):
-            coefficients = coefficients.index_select(0, row)
-        d = slots[(step - 1) % keep]
-        x = solver_step(x, older, coefficients, model_output=out, convert=conv, guidance_scale=guidance, save=d)
-        older = (older + [d])[-(keep - 1):] if keep > 1 else []
+    for step, table in enumerate(p.steps, start=1):
+        if not isinstance(table, list):
+            torch.index_select(table, 0, ws.row, out=ws.coefs[step - 1])
+        last = step == len(p.steps) and not denoise_to_zero
+        x = ws.step(ws.steps[step - 1], x, out, torch.empty_like(x) if last else ws.xs[step % 2])
         if intermediates is not None:
             intermediates.append(x.clone())
         if step < len(p.steps):
-            out, conv, guidance = call(x, step, predict)
+            out = call(x, step)
     if denoise_to_zero:
-        out, conv, guidance = call(x, len(p.steps), "data")
-        x = solver_step(x, [], [0.0, 1.0], model_output=out, convert=conv, guidance_scale=guidance)
+        x = ws.step(ws.final, x, call(x, len(p.steps)), torch.empty_like(x))
         if intermediates is not None:
             intermediates.append(x.clone())
     return x
 
 
 class Runner:
-    """A time-shifted loop (its `Plan`, for one model and schedule), run eagerly or replayed from a CUDA graph
-    captured on first use per input layout and setting."""
+    """A time-shifted loop (its `Plan`, for one model and schedule), run eagerly on a workspace kept per input
+    layout, or replayed from a CUDA graph captured on first use per input layout and setting (with its own
+    workspace)."""
 
     def __init__(self, model_fn: Callable[..., torch.Tensor], noise_schedule: Any, p: Plan, predict: str):
         self.model_fn, self.noise_schedule, self.plan, self.predict = model_fn, noise_schedule, p, predict
+        self._workspaces = BoundedCache(MAX_LAYOUTS)
         self._graphs = BoundedCache(MAX_GRAPHS)  # each entry holds its graph's memory pool; the plan's tables live here
+
+    def _workspace(self, x: torch.Tensor) -> _Workspace:
+        return _Workspace(self.model_fn, self.noise_schedule, self.plan, self.predict, x)
 
     def __call__(self, x: torch.Tensor, denoise_to_zero: bool, return_intermediate: bool,
                  cuda_graph: bool) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        def run(x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        def run(x: torch.Tensor, ws: _Workspace) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
             inter: list[torch.Tensor] | None = [] if return_intermediate else None
-            out = time_shifted_multistep(self.model_fn, self.noise_schedule, x, self.plan, self.predict,
-                                         denoise_to_zero, inter)
-            return out, inter
+            return time_shifted_multistep(self.model_fn, self.plan, ws, x, denoise_to_zero, inter), inter
 
         if not cuda_graph:
-            return run(x)
+            key = layout_key(x)
+            ws = self._workspaces.get(key)
+            if ws is None:
+                ws = self._workspaces.put(key, self._workspace(x))
+            return run(x, ws)
         check_graph_input(x, False)
         key = (layout_key(x), bool(denoise_to_zero), bool(return_intermediate))
         entry = self._graphs.get(key)
         if entry is None:
-            entry = self._graphs.put(key, capture(run, x))
-        graph, static_in, (out, inter) = entry
+            ws = self._workspace(x)
+            entry = self._graphs.put(key, (*capture(lambda x: run(x, ws), x), ws))
+        graph, static_in, (out, inter), _ = entry
         static_in.copy_(x)
         graph.replay()
         return out.clone(), None if inter is None else [t.clone() for t in inter]
