@@ -119,21 +119,39 @@ def chunks(B: int, N: int, device: torch.device) -> int:
     return max(1, min(cdiv(target_programs(device), max(B, 1)), N // _MIN_CHUNK))
 
 
+def _split(x: torch.Tensor, splits: int | None) -> tuple[int, int, int]:
+    """(N, S, chunk): the elements per sample, the chunks each is split into (no empty one) and their size."""
+    B = x.shape[0]
+    N = x.numel() // B
+    S = chunks(B, N, x.device) if splits is None else max(1, min(splits, N))
+    chunk = cdiv(N, S)
+    return N, cdiv(N, chunk), chunk
+
+
+def stats_buffer(x: torch.Tensor, splits: int | None = None) -> torch.Tensor | None:
+    """The chunk statistics' scratch for x's shape, dtype and device (None: one program per sample), for a caller
+    that launches many times on one layout and passes it as `stats`."""
+    if x.shape[0] == 0:
+        return None
+    _, S, _ = _split(x, splits)
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.empty(x.shape[0] * S * 3, dtype=dtype, device=x.device) if S > 1 else None
+
+
 def time_shift_pick(x: torch.Tensor, promised: torch.Tensor, row: torch.Tensor | None, modulus: int,
-                    out: torch.Tensor, splits: int | None = None) -> None:
+                    out: torch.Tensor, splits: int | None = None, stats: torch.Tensor | None = None) -> None:
     """out [B] (int64) ← the pick of the module docstring for x [B, ...] (each sample one dense block of N
     elements at x.stride(0) apart), promised [K] (contiguous, float32 or float64), row [B] (int64) or None.
-    `splits`: the chunks per sample (default `chunks`)."""
+    `splits`: the chunks per sample (default `chunks`); `stats`: `stats_buffer(x, splits)`, else allocated here."""
     B = x.shape[0]
     if B == 0:
         return
-    N, K = x.numel() // B, promised.numel()
-    S = chunks(B, N, x.device) if splits is None else max(1, min(splits, N))
+    K = promised.numel()
+    N, S, chunk = _split(x, splits)
     f64 = x.dtype == torch.float64
     if S > 1:
-        chunk = cdiv(N, S)
-        S = cdiv(N, chunk)                                         # no empty chunk
-        stats = torch.empty(B * S * 3, dtype=torch.float64 if f64 else torch.float32, device=x.device)
+        if stats is None:
+            stats = stats_buffer(x, splits)
         _CHUNK((B * S,), [x, x.stride(0), N, S, chunk, stats], (_BLOCK, x.dtype, stats.dtype),
                dict(BLOCK=_BLOCK, F64=f64), num_warps=_NUM_WARPS)
     else:

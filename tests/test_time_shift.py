@@ -364,6 +364,32 @@ def test_pick_equals_the_python_oracle(backend, seed):
 
 
 @pytest.mark.parametrize("backend", PICK_BACKENDS)
+def test_planned_pick_equals_the_op_and_falls_back_on_other_layouts(backend):
+    """PlannedPick (the sampler's pre-checked pick) gives the op's result on fresh x of its planned layout: on
+    Triton by launching the kernel itself (on CUDA, a large sample in a batch of 1 is chunked, on the statistics
+    buffer it keeps), elsewhere through the public op; with row = out it chains picks as the op does; an x of
+    another layout takes the public op."""
+    from pydpm.ops.time_shift import PlannedPick, time_shift_pick_reference
+    d, g = backend_device(backend), torch.Generator().manual_seed(8)
+    for shape in ((1, 4, 64, 64), (5, 3, 7)):
+        promised = (0.3 + 1.4 * torch.rand(21, generator=g, dtype=torch.float64)).to(d)
+        row = torch.full(shape[:1], -1, dtype=torch.int64, device=d)
+        with use_backend(backend):
+            first = PlannedPick(torch.empty(shape, device=d), promised, None, 1, row)
+            chained = PlannedPick(torch.empty(shape, device=d), promised, row, 5, row)
+            assert first.direct == chained.direct == (backend == "triton")
+            assert (first.stats is not None) == (backend == "triton" and d.type == "cuda" and shape[0] == 1)
+            for trial in range(3):
+                xs = [torch.randn(shape, generator=g) * (0.5 + trial) for _ in range(2)]
+                if trial == 2:  # another layout: the public op
+                    xs = [x.transpose(-1, -2).contiguous().transpose(-1, -2) for x in xs]
+                expected = time_shift_pick_reference(xs[0].double(), promised.cpu())
+                assert first(xs[0].to(d)) is row and row.tolist() == expected.tolist()
+                expected = time_shift_pick_reference(xs[1].double(), promised.cpu(), expected, 5)
+                assert chained(xs[1].to(d)) is row and row.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("backend", PICK_BACKENDS)
 def test_pick_takes_the_first_of_equal_candidates(backend):
     """Duplicated candidates: the lowest index, in the first candidate block and across blocks (64 per block)."""
     x = torch.randn(3, 40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

@@ -183,6 +183,28 @@ def time_shift_pick(x: torch.Tensor, promised: torch.Tensor, row: torch.Tensor |
     return _ENTRY(x, promised, row, modulus, out=out)
 
 
+class PlannedPick:
+    """A checked `time_shift_pick` call re-launched many times with only x changing (the time-shift sampler's
+    pick at one model call): the argument check, the dispatch and the chunk statistics' scratch are made once,
+    here; a call then enters the Triton launcher directly. An x of another shape, dtype, device or strides, and
+    backends other than Triton, take the public op."""
+
+    def __init__(self, x: torch.Tensor, promised: torch.Tensor, row: torch.Tensor | None, modulus: int,
+                 out: torch.Tensor):
+        self.args = args = check_pick(x, promised, row, modulus, out)
+        self.meta = (x.shape, x.dtype, x.device, x.stride())
+        self.direct = OP.select(args).name == "triton" and dense_layout(x) and promised.is_contiguous()
+        self.stats = _backend.kernels("time_shift").stats_buffer(x) if self.direct else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The pick for x into the planned out (returned)."""
+        a = self.args
+        if self.direct and (x.shape, x.dtype, x.device, x.stride()) == self.meta:
+            _backend.kernels("time_shift").time_shift_pick(x, a.promised, a.row, a.modulus, a.out, stats=self.stats)
+            return a.out
+        return time_shift_pick(x, a.promised, a.row, a.modulus, out=a.out)
+
+
 # --------------------------------------------------------------------------------------------------
 # Sample inputs, bad inputs and the registry entry
 # --------------------------------------------------------------------------------------------------

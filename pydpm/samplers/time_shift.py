@@ -15,7 +15,7 @@ allowed candidate of each time it reads) for every combination of candidates; at
 gathered from that table and the step is one `solver_step` launch with a per-sample [B, n] coefficient table,
 which also converts the model's output (its model-output stage, as the fused solvers). No extra model calls and
 no host synchronisation: per shifted model call one `time_shift_pick` launch (the variance, the nearest
-candidate and the sample's row, fused) and three gathers (its time, its output conversion, the next step's
+candidate and the sample's row, fused; two for large samples in small batches) and three gathers (its time, its output conversion, the next step's
 coefficients), so the whole loop can be captured in one CUDA graph (`cuda_graph=True`).
 """
 from __future__ import annotations
@@ -28,8 +28,9 @@ from typing import Any, Callable, NamedTuple
 import torch
 
 from pydpm._cache import BoundedCache
-from pydpm.ops import solver_step, time_shift_pick
+from pydpm.ops import solver_step
 from pydpm.ops.solver_step import PlannedStep, check_args
+from pydpm.ops.time_shift import PlannedPick
 from pydpm.samplers._program import (MAX_GRAPHS, MAX_LAYOUTS, Lin, Point, _check_model_output, capture,
                                      check_graph_input, layout_key, points)
 from pydpm.schedules import conversion, fused_wrapper
@@ -200,13 +201,18 @@ class _Workspace:
         self.row = torch.zeros(batch, dtype=torch.int64, device=device)
         self.times: list[torch.Tensor] = []
         self.convert: list[torch.Tensor | list[float]] = []
+        self.picks: list[PlannedPick | None] = []                   # per call: its pick into row, if it shifts
         for i, pt in enumerate(p.nominal[:len(p.steps) + 1]):  # every model call, the final denoising one last
             c = p.calls[i] if i < len(p.calls) else None
             if c is not None and c.promised is not None:
                 assert c.times is not None
+                first = not any(self.picks)                         # the first pick starts the row
+                self.picks.append(PlannedPick(torch.empty_like(x), c.promised, None if first else self.row,
+                                              c.modulus, self.row))
                 self.times.append(torch.empty(batch, dtype=c.times.dtype, device=device))
                 self.convert.append(torch.empty(batch, 2, dtype=torch.float64, device=device))
                 continue
+            self.picks.append(None)
             t_cont = torch.full((batch,), pt.t, dtype=time_dtype, device=device)
             self.times.append(noise_schedule.model_time(t_cont) if wrapped else t_cont)
             self.convert.append([float(k) for k in conversion(model_type, pt.alpha, pt.sigma,
@@ -246,17 +252,15 @@ def time_shifted_multistep(model_fn: Callable[..., torch.Tensor], p: Plan, ws: _
     """The multistep loop of `DPMSolver.sample` with per-sample shifted times, on the tables of `plan` and the
     buffers of `ws`. x is not modified; the result is a new tensor."""
     wrapped = fused_wrapper(model_fn)
-    picked = False                                                  # whether ws.row holds picks yet
 
     def call(x: torch.Tensor, i: int) -> Any:
         """The model at call i, at each sample's picked candidate time when point i shifts, else at the nominal
         one; the raw output (or classifier-free pair), which the next step converts in its own launch."""
-        nonlocal picked
         c = p.calls[i] if i < len(p.calls) else None
-        if c is not None and c.promised is not None:
-            assert c.times is not None and c.convert is not None
-            time_shift_pick(x, c.promised, ws.row if picked else None, c.modulus, out=ws.row)
-            picked = True
+        pick = ws.picks[i]
+        if pick is not None:
+            assert c is not None and c.times is not None and c.convert is not None
+            pick(x)
             torch.index_select(c.times, 0, ws.row, out=ws.times[i])
             torch.index_select(c.convert, 0, ws.row, out=ws.convert[i])
         elif c is not None and c.modulus:
