@@ -124,6 +124,8 @@ def _split(x: torch.Tensor, splits: int | None) -> tuple[int, int, int]:
     B = x.shape[0]
     N = x.numel() // B
     S = chunks(B, N, x.device) if splits is None else max(1, min(splits, N))
+    if S == 1:
+        return N, 1, N
     chunk = cdiv(N, S)
     return N, cdiv(N, chunk), chunk
 
