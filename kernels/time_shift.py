@@ -130,14 +130,19 @@ def _split(x: torch.Tensor, splits: int | None) -> tuple[int, int, int]:
     return N, cdiv(N, chunk), chunk
 
 
+def _stats(x: torch.Tensor, S: int) -> torch.Tensor:
+    """Scratch for each sample's S chunk statistics (count, mean, M2), in the variance's accumulation dtype."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.empty(x.shape[0] * S * 3, dtype=dtype, device=x.device)
+
+
 def stats_buffer(x: torch.Tensor, splits: int | None = None) -> torch.Tensor | None:
     """The chunk statistics' scratch for x's shape, dtype and device (None: one program per sample), for a caller
     that launches many times on one layout and passes it as `stats`."""
     if x.shape[0] == 0:
         return None
     _, S, _ = _split(x, splits)
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return torch.empty(x.shape[0] * S * 3, dtype=dtype, device=x.device) if S > 1 else None
+    return _stats(x, S) if S > 1 else None
 
 
 def time_shift_pick(x: torch.Tensor, promised: torch.Tensor, row: torch.Tensor | None, modulus: int,
@@ -153,7 +158,7 @@ def time_shift_pick(x: torch.Tensor, promised: torch.Tensor, row: torch.Tensor |
     f64 = x.dtype == torch.float64
     if S > 1:
         if stats is None:
-            stats = stats_buffer(x, splits)
+            stats = _stats(x, S)
         _CHUNK((B * S,), [x, x.stride(0), N, S, chunk, stats], (_BLOCK, x.dtype, stats.dtype),
                dict(BLOCK=_BLOCK, F64=f64), num_warps=_NUM_WARPS)
     else:
