@@ -14,7 +14,9 @@
 #                         (N workers) each worker gets one CPU thread and one inductor compile thread
 #     --huge              tests/test_huge.py alone (PYDPM_HUGE_TESTS=1): tensors past 2³¹ elements, ~40 GB
 #     --sanitize "ARGS"   pytest ARGS under compute-sanitizer: memcheck, racecheck, synccheck (every process, the torch
-#                         caching allocator off so that each tensor is its own allocation), error counts in the summary
+#                         caching allocator off so that each tensor is its own allocation), error counts in the summary;
+#                         with the allocator off, a CUDA-graph capture fails where anything allocates during it (the
+#                         model's own temporaries): deselect the graph tests there (-k "not graph")
 #     --host-cost "ARGS"  python -m pydpm.bench.host_cost ARGS: the host time of one eager call, op by op
 #     --profile "ARGS"    python -m pydpm.bench.device_profile ARGS: a diffusers model's device time by kernel kind
 #     --bench "ARGS"      pydpm bench ARGS (repeatable: one run per --bench, results in bench-1/, bench-2/, ...)
