@@ -121,11 +121,12 @@ def _explain(x, promised, row, modulus) -> None:
 # Backends: each returns out (the int64 [B] pick, written into the caller's out= when given)
 # --------------------------------------------------------------------------------------------------
 
-def _run_triton(args: PickArgs) -> torch.Tensor:
+def _run_triton(args: PickArgs, stats: torch.Tensor | None = None) -> torch.Tensor:
+    """`stats`: the chunk statistics' scratch a caller keeps for x's layout (`PlannedPick`), else allocated."""
     x, promised = args.x if dense_layout(args.x) else args.x.contiguous(), args.promised
     out = args.out if args.out is not None else torch.empty(x.shape[:1], dtype=torch.int64, device=x.device)
     _backend.kernels("time_shift").time_shift_pick(x, promised if promised.is_contiguous() else promised.contiguous(),
-                                                  args.row, args.modulus, out)
+                                                  args.row, args.modulus, out, stats=stats)
     return out
 
 
@@ -186,22 +187,21 @@ def time_shift_pick(x: torch.Tensor, promised: torch.Tensor, row: torch.Tensor |
 class PlannedPick:
     """A checked `time_shift_pick` call re-launched many times with only x changing (the time-shift sampler's
     pick at one model call): the argument check, the dispatch and the chunk statistics' scratch are made once,
-    here; a call then enters the Triton launcher directly. An x of another shape, dtype, device or strides, and
+    here; a call then enters the Triton backend directly. An x of another shape, dtype, device or strides, and
     backends other than Triton, take the public op."""
 
     def __init__(self, x: torch.Tensor, promised: torch.Tensor, row: torch.Tensor | None, modulus: int,
                  out: torch.Tensor):
         self.args = args = check_pick(x, promised, row, modulus, out)
         self.meta = (x.shape, x.dtype, x.device, x.stride())
-        self.direct = OP.select(args).name == "triton" and dense_layout(x) and promised.is_contiguous()
+        self.direct = OP.select(args).name == "triton"
         self.stats = _backend.kernels("time_shift").stats_buffer(x) if self.direct else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The pick for x into the planned out (returned)."""
         a = self.args
         if self.direct and (x.shape, x.dtype, x.device, x.stride()) == self.meta:
-            _backend.kernels("time_shift").time_shift_pick(x, a.promised, a.row, a.modulus, a.out, stats=self.stats)
-            return a.out
+            return _run_triton(PickArgs(x, a.promised, a.row, a.modulus, a.out), self.stats)
         return time_shift_pick(x, a.promised, a.row, a.modulus, out=a.out)
 
 

@@ -15,8 +15,10 @@ allowed candidate of each time it reads) for every combination of candidates; at
 gathered from that table and the step is one `solver_step` launch with a per-sample [B, n] coefficient table,
 which also converts the model's output (its model-output stage, as the fused solvers). No extra model calls and
 no host synchronisation: per shifted model call one `time_shift_pick` launch (the variance, the nearest
-candidate and the sample's row, fused; two for large samples in small batches) and three gathers (its time, its output conversion, the next step's
-coefficients), so the whole loop can be captured in one CUDA graph (`cuda_graph=True`).
+candidate and the sample's row, fused; two for large samples in small batches) and three gathers (its time, its
+output conversion, the next step's coefficients), so the whole loop can be captured in one CUDA graph
+(`cuda_graph=True`). Eagerly the loop runs on a workspace per input layout: fixed buffers, and each pick and
+update checked once (`PlannedPick`, `PlannedStep`).
 """
 from __future__ import annotations
 
@@ -192,7 +194,7 @@ class _Workspace:
 
     def __init__(self, model_fn: Any, noise_schedule: Any, p: Plan, predict: str, x: torch.Tensor):
         batch, device = x.shape[0], x.device
-        wrapped = fused_wrapper(model_fn)
+        self.wrapped = wrapped = fused_wrapper(model_fn)
         time_dtype = getattr(noise_schedule, "dtype", torch.float32)
         model_type = model_fn.model_type if wrapped else "noise"
         self.pair = wrapped and model_fn.pair
@@ -251,8 +253,6 @@ def time_shifted_multistep(model_fn: Callable[..., torch.Tensor], p: Plan, ws: _
                            denoise_to_zero: bool, intermediates: list[torch.Tensor] | None) -> torch.Tensor:
     """The multistep loop of `DPMSolver.sample` with per-sample shifted times, on the tables of `plan` and the
     buffers of `ws`. x is not modified; the result is a new tensor."""
-    wrapped = fused_wrapper(model_fn)
-
     def call(x: torch.Tensor, i: int) -> Any:
         """The model at call i, at each sample's picked candidate time when point i shifts, else at the nominal
         one; the raw output (or classifier-free pair), which the next step converts in its own launch."""
@@ -265,7 +265,7 @@ def time_shifted_multistep(model_fn: Callable[..., torch.Tensor], p: Plan, ws: _
             torch.index_select(c.convert, 0, ws.row, out=ws.convert[i])
         elif c is not None and c.modulus:
             torch.remainder(ws.row, c.modulus, out=ws.row)
-        out = model_fn.outputs(x, ws.times[i]) if wrapped else model_fn(x, ws.times[i])
+        out = model_fn.outputs(x, ws.times[i]) if ws.wrapped else model_fn(x, ws.times[i])
         _check_model_output(out, x)
         return out
 
