@@ -139,12 +139,14 @@ class OracleV3:
         return x
 
     def sample(self, eps_fn, sched, x, ts, order, p_pseudo, use_corrector, c_pseudo):
+        """order: an int (the authors' schedule of orders) or each step's order; use_corrector: a bool or, per
+        step but the last, whether that step is corrected."""
         steps = len(ts) - 1
         xs, epss, p_order = [], [], 0
         for step in range(1, steps + 1):
             xs.append(x)
             epss.append(eps_fn(x, ts[step - 1]))
-            if use_corrector:
+            if use_corrector if isinstance(use_corrector, bool) else step > 1 and use_corrector[step - 2]:
                 c_order = p_order + (1 if c_pseudo else 0)
                 if c_order > 1:
                     k = len(xs) - 1  # the official corrector's points: -2, -1, -3, -4, ...
@@ -153,7 +155,7 @@ class OracleV3:
                     lv, s_t = self.l[self.at(float(sched.lam(ts[step - 1])))], float(sched.sigma(ts[step - 1]))
                     n_old = s_t * epss[-1] - lv * xs[-1]
                     xs[-1], epss[-1] = new, (n_old + lv * new) / s_t
-            p_order = min(min(step, order), steps + 1 - step)
+            p_order = min(min(step, order), steps + 1 - step) if isinstance(order, int) else order[step - 1]
             x = self.update(xs, epss, ts, sched, ts[step], list(range(len(xs) - 1, -1, -1))[:p_order], p_pseudo)
         return x
 
@@ -176,6 +178,26 @@ def test_matches_an_independent_implementation(mixture, order, opts):
     assert torch.isfinite(got).all()
     scale = float(want.abs().max())
     assert float((got - want).abs().max()) <= 1e-8 * scale, float((got - want).abs().max())
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(k for k, v in o.items() if v) or "plain")
+def test_per_step_orders_and_correctors_match_the_independent_implementation(mixture, opts):
+    ns, gm, model, x = mixture
+    ems = random_ems(ns, x.shape[1:], seed=2)
+    orders, correctors = [1, 2, 1, 3, 3, 2, 1], [True, False, False, True, True, False]
+    ts = O.time_steps(O.VPLinear(), "logSNR", T_START, T_END, len(orders))
+    times = torch.tensor([float(t) for t in ts], dtype=torch.float64)
+    use_corrector = correctors if opts["use_corrector"] else [False] * 6
+    got = DPMSolverV3(model, ns, ems).sample(x, times=times, order=orders, p_pseudo=opts["p_pseudo"],
+                                             use_corrector=use_corrector, c_pseudo=opts["c_pseudo"])
+    oracle = OracleV3(ems, [float(O.VPLinear().lam(t)) for t in ts])
+    want = oracle.sample(gm.eps, O.VPLinear(), x, ts, orders, opts["p_pseudo"], use_corrector, opts["c_pseudo"])
+    assert float((got - want).abs().max()) <= 1e-8 * float(want.abs().max()), float((got - want).abs().max())
+    # the per-step forms of the authors' schedule are that schedule
+    uniform = DPMSolverV3(model, ns, ems).sample(x, times=times, order=3, **opts)
+    spelled = DPMSolverV3(model, ns, ems).sample(x, times=times, order=[1, 2, 3, 3, 3, 2, 1], p_pseudo=opts["p_pseudo"],
+                                                 use_corrector=[opts["use_corrector"]] * 6, c_pseudo=opts["c_pseudo"])
+    assert torch.equal(uniform, spelled)
 
 
 @pytest.mark.parametrize("order", [1, 2, 3])
@@ -300,6 +322,18 @@ def test_bad_arguments(mixture):
         solver.sample(x, order=4)
     with pytest.raises(TypeError, match="use_corrector"):
         solver.sample(x, use_corrector=1)
+    with pytest.raises(ValueError, match="one order per step"):
+        solver.sample(x, steps=4, order=[1, 2, 3])
+    with pytest.raises(ValueError, match=r"order\[1\]=3: step 2 has 2 point"):
+        solver.sample(x, steps=4, order=[1, 3, 3, 3])
+    with pytest.raises(ValueError, match=r"order\[0\]=0"):
+        solver.sample(x, steps=4, order=[0, 2, 3, 3])
+    with pytest.raises(TypeError, match=r"order\[2\]=2.0"):
+        solver.sample(x, steps=4, order=[1, 2, 2.0, 3])
+    with pytest.raises(ValueError, match="one bool per step but the last"):
+        solver.sample(x, steps=4, use_corrector=[True] * 4)
+    with pytest.raises(TypeError, match=r"use_corrector\[1\]=1"):
+        solver.sample(x, steps=4, use_corrector=[True, 1, False])
     with pytest.raises(ValueError, match="t_end=0"):
         solver.sample(x, t_end=0)
     with pytest.raises(ValueError, match="must decrease"):

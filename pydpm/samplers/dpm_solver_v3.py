@@ -19,6 +19,7 @@ output less its linear part, which the EMS make nearly independent of x), so it 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Sequence
 
 import torch
@@ -72,9 +73,11 @@ def v3_update(tr, integ: Integrals, x, ps: list[Point], fs: list, t: Point, pseu
     return y
 
 
-def v3_orders(steps: int, order: int, lower_order_final: bool) -> list[int]:
+def v3_orders(steps: int, order: int | Sequence[int], lower_order_final: bool) -> list[int]:
     """The predictor's order at each step: 1, 2, … while the history builds; with lower_order_final also
-    at most the steps left (the authors' rule, at any step count)."""
+    at most the steps left (the authors' rule, at any step count). A sequence is each step's order, as given."""
+    if not isinstance(order, int):
+        return list(order)
     out = []
     for step in range(1, steps + 1):
         o = min(step, order)
@@ -82,10 +85,11 @@ def v3_orders(steps: int, order: int, lower_order_final: bool) -> list[int]:
     return out
 
 
-def dpm_solver_v3(tr, integ: Integrals, x, ts: list[Point], orders: list[int], p_pseudo: bool, use_corrector: bool,
-                  c_pseudo: bool, hooks):
-    """DPM-Solver-v3 over the times ts; step i + 1 predicts at orders[i]; the corrector (order of the previous
-    predictor, + 1 with c_pseudo) redoes each step once the model has been called at its end."""
+def dpm_solver_v3(tr, integ: Integrals, x, ts: list[Point], orders: list[int], p_pseudo: bool,
+                  correctors: list[bool], c_pseudo: bool, hooks):
+    """DPM-Solver-v3 over the times ts; step i + 1 predicts at orders[i]; where correctors[i], the corrector
+    (order of that step's predictor, + 1 with c_pseudo) redoes step i + 1 once the model has been called at its
+    end (len(ts) − 2 entries: the last step's end is never evaluated)."""
     def model(x, p: Point):
         l_p = float(integ.hat(torch.tensor([p.lam], dtype=torch.float64)) @ integ.ems.l)
         return tr.model(x, p, affine=(-l_p / p.alpha, p.sigma / p.alpha))
@@ -94,7 +98,7 @@ def dpm_solver_v3(tr, integ: Integrals, x, ts: list[Point], orders: list[int], p
     fs, x_prev = [model(x, ts[0])], None
     x = hooks(x, ts[0], 0)
     for step in range(1, steps + 1):
-        if use_corrector and step > 1:
+        if step > 1 and correctors[step - 2]:
             c_order = orders[step - 2] + (1 if c_pseudo else 0)
             if c_order > 1:  # points: the step's start, its end (just evaluated), then older ones
                 idx = [step - 2, step - 1] + [step - 3 - k for k in range(c_order - 2)]
@@ -107,6 +111,32 @@ def dpm_solver_v3(tr, integ: Integrals, x, ts: list[Point], orders: list[int], p
         if step < steps:
             fs.append(model(x, ts[step]))
     return x
+
+
+def _step_orders(order: Sequence, steps: int) -> tuple[int, ...]:
+    """Per-step predictor orders, checked: `steps` of them, step i (from 1) of order 1 to min(3, i)."""
+    if len(order) != steps:
+        raise ValueError(f"order has {len(order)} entries for {steps} steps: give one order per step (or one int)")
+    out = []
+    for i, o in enumerate(order, 1):
+        if isinstance(o, bool) or not isinstance(o, numbers.Integral):
+            raise TypeError(f"order[{i - 1}]={o!r} must be an int, 1-3")
+        if not 1 <= o <= min(3, i):
+            raise ValueError(f"order[{i - 1}]={o}: step {i} has {i} point(s) to use; its order must be in "
+                             f"1..{min(3, i)}")
+        out.append(int(o))
+    return tuple(out)
+
+
+def _step_correctors(use_corrector: Sequence, steps: int) -> list[bool]:
+    """Per-step corrector use, checked: `steps` − 1 bools (the last step is never corrected)."""
+    if len(use_corrector) != steps - 1:
+        raise ValueError(f"use_corrector has {len(use_corrector)} entries for {steps} steps: give one bool per step "
+                         f"but the last ({steps - 1}; its end is never evaluated), or one bool")
+    for i, c in enumerate(use_corrector):
+        if not isinstance(c, bool):
+            raise TypeError(f"use_corrector[{i}]={c!r} must be a bool")
+    return list(use_corrector)
 
 
 class DPMSolverV3(Solver):
@@ -143,8 +173,8 @@ class DPMSolverV3(Solver):
         self.ems = ems
 
     def sample(self, x: torch.Tensor, steps: int = 10, t_start: float | None = None, t_end: float | None = None,
-               order: int = 3, skip_type: str = "time_uniform", p_pseudo: bool = False, use_corrector: bool = True,
-               c_pseudo: bool = True, lower_order_final: bool = True, return_intermediate: bool = False,
+               order: int | Sequence[int] = 3, skip_type: str = "time_uniform", p_pseudo: bool = False,
+               use_corrector: bool | Sequence[bool] = True, c_pseudo: bool = True, lower_order_final: bool = True, return_intermediate: bool = False,
                cuda_graph: bool = False, progress: bool = False,
                times: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Sample from x at t_start to t_end with `steps` model calls (defaults: the authors' for unguided
@@ -155,20 +185,25 @@ class DPMSolverV3(Solver):
                 EMS's sample shape; not modified.
             steps: model calls.
             t_start, t_end: the interval (default T and 1/N), inside the EMS's (t_end > 0).
-            order: the predictor's order, 1-3.
+            order: the predictor's order, 1-3; or each step's order, a sequence of `steps` ints with step i
+                (from 1) of order at most i (the points it has; lower_order_final does not apply to it).
             skip_type: 'time_uniform', 'logSNR', 'time_quadratic' or 'karras'.
             p_pseudo, c_pseudo: pseudo-order (divided differences of the newest points) for the predictor /
                 corrector; c_pseudo also raises the corrector's order by one.
-            use_corrector: correct each step once its end has been evaluated (no extra model call).
+            use_corrector: correct each step once its end has been evaluated (no extra model call); or, per
+                step, a sequence of `steps` − 1 bools (the last step's end is never evaluated).
             lower_order_final: cap the order at the steps left.
             return_intermediate: also return the samples after every step (predicted, before correction).
             cuda_graph: capture the whole loop in a CUDA graph.
             progress: a progress bar over model calls.
             times: an explicit decreasing time grid instead of steps, t_start, t_end and skip_type.
         """
-        order = check_order(order, (1, 2, 3))
-        for name, v in (("p_pseudo", p_pseudo), ("use_corrector", use_corrector), ("c_pseudo", c_pseudo),
-                        ("lower_order_final", lower_order_final)):
+        per_step_orders = not isinstance(order, numbers.Integral) and isinstance(order, Sequence)
+        if not per_step_orders:
+            order = check_order(order, (1, 2, 3))
+        per_step_correctors = not isinstance(use_corrector, bool) and isinstance(use_corrector, Sequence)
+        for name, v in (("p_pseudo", p_pseudo), ("c_pseudo", c_pseudo), ("lower_order_final", lower_order_final),
+                        *((("use_corrector", use_corrector),) if not per_step_correctors else ())):
             if not isinstance(v, bool):
                 raise TypeError(f"{name}={v!r} must be a bool")
         if times is not None:
@@ -183,6 +218,10 @@ class DPMSolverV3(Solver):
             t_T, t_0 = self.time_range(t_start, t_end)
             if t_T < t_0:
                 raise ValueError("DPMSolverV3 samples from t_start down to t_end (t_start > t_end)")
+        if per_step_orders:
+            order = _step_orders(order, steps)
+        correctors = (_step_correctors(use_corrector, steps) if per_step_correctors
+                      else [bool(use_corrector)] * (steps - 1))
         if t_0 == 0:
             raise ValueError("DPMSolverV3: t_end=0 (σ = 0) has λ = ∞, outside any EMS grid; use t_end > 0")
         if (self.ems is not None and self.ems.has_b and isinstance(x, torch.Tensor)
@@ -190,7 +229,7 @@ class DPMSolverV3(Solver):
             raise ValueError(f"x has sample shape {tuple(x.shape[1:])}, the EMS {self.ems.sample_shape}: the "
                              f"statistics belong to samples of that shape")
         spacing = skip_type if grid is None else tuple(grid.tolist())
-        key = ("v3", steps, t_T, t_0, order, spacing, p_pseudo, use_corrector, c_pseudo, lower_order_final,
+        key = ("v3", steps, t_T, t_0, order, spacing, p_pseudo, tuple(correctors), c_pseudo, lower_order_final,
                return_intermediate)
 
         def program(tr, x):
@@ -204,6 +243,6 @@ class DPMSolverV3(Solver):
             integ = Integrals(ems)
             integ.check_range(lams, "DPMSolverV3")
             orders = v3_orders(steps, order, lower_order_final)
-            return dpm_solver_v3(tr, integ, x, ts, orders, p_pseudo, use_corrector, c_pseudo, hooks)
+            return dpm_solver_v3(tr, integ, x, ts, orders, p_pseudo, correctors, c_pseudo, hooks)
 
         return self.run_traced(x, key, program, return_intermediate, cuda_graph, progress)
