@@ -76,6 +76,8 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration", type=int, default=16384,
                         help="tune's n_calibration (default 16384)")
     parser.add_argument("--iterations", type=int, default=1500, help="tune's iterations (default 1500)")
+    parser.add_argument("--search-samples", type=int, default=2048,
+                        help="tune's search_samples: fit samples its time-step searches run on (default 2048)")
     parser.add_argument("--eval", type=int, default=2048, help="evaluation samples per draw (default 2048)")
     parser.add_argument("--eval-seeds", type=int, nargs="+", default=[0, 1], help="evaluation draws (default 0 1)")
     parser.add_argument("--methods", nargs="+", choices=("tune", "v3"), default=["tune", "v3"])
@@ -123,7 +125,8 @@ def run(argv: list[str] | None = None) -> int:
         for nfe in args.nfe:
             if "tune" in args.methods:
                 tuned = tune(model, psched, nfe, shape=(dim,), n_calibration=args.calibration,
-                             iterations=args.iterations, dtype=torch.float64, seed=12345, data=data,
+                             iterations=args.iterations, search_samples=args.search_samples,
+                             dtype=torch.float64, seed=12345, data=data,
                              ems_points=args.ems_points)
                 r = tuned.report
             if "v3" in args.methods:

@@ -12,7 +12,7 @@ import torch
 from gaussian_mixture import GaussianMixture
 import samplers_oracle as O
 from pydpm.samplers import DPMSolver, TunedSampler, UniPC, tune
-from pydpm.samplers.tune import _Multistep, _search_sample, _step_search
+from pydpm.samplers.tune import _Multistep, _search_sample
 from pydpm.schedules import NoiseScheduleFlow, NoiseScheduleVP, model_wrapper
 
 DIM = 8
@@ -179,10 +179,6 @@ def test_tune_with_data_adds_dpm_solver_v3(problem, tmp_path):
     assert (tuned.report["chosen"] == "v3") == torch.equal(tuned.times, DPMSolver(problem.model, problem.psched).grid(
         tuned.report["v3"]["grid"], 1.0, 1e-3, 4))
     assert tuned.report["v3"]["ems"]["samples"] == 512 and tuned.ems is not None
-    per_step = tuned.report["v3_per_step"]  # the searched candidate's decisions, one per step
-    assert len(per_step["order"]) == 4 and len(per_step["use_corrector"]) == 3
-    if tuned.report["chosen"] == "v3-searched":
-        assert {k: tuned.solver["sample"][k] for k in per_step} == per_step
     assert problem.error(tuned.sample(problem.x)) < 0.5 * problem.error(
         DPMSolver(problem.model, problem.psched).sample(problem.x, steps=4, t_end=1e-3, skip_type="logSNR"))
     path = tmp_path / "v3.json"
@@ -192,28 +188,6 @@ def test_tune_with_data_adds_dpm_solver_v3(problem, tmp_path):
     torch.testing.assert_close(loaded.sample(problem.x), tuned.sample(problem.x), rtol=0, atol=0)
     with pytest.raises(ValueError, match="data must be a tensor"):
         tune(problem.model, problem.psched, 3, shape=(DIM,), data=torch.zeros(4, DIM + 1))
-
-
-def test_the_per_step_search_finds_each_steps_decision():
-    """Coordinate descent over DPM-Solver-v3's per-step orders and corrector use: on an objective whose minimum is
-    a known per-step plan (its distance from that plan, separable), it reaches the plan from the authors' schedule,
-    only ever proposes orders a step can take, and leaves a configuration no single change improves as it is."""
-    target_orders, target_correctors = [1, 1, 3, 2, 3, 1], [False, True, True, False, True]
-    seen = []
-
-    def f(config):
-        o, c = config["sample"]["order"], config["sample"]["use_corrector"]
-        assert len(o) == 6 and len(c) == 5 and all(1 <= k <= min(3, i + 1) for i, k in enumerate(o))
-        seen.append(config)
-        return sum(abs(a - b) for a, b in zip(o, target_orders)) + sum(a != b for a, b in zip(c, target_correctors))
-
-    start = {"class": "DPMSolverV3", "init": {}, "sample": {"order": 3, "use_corrector": True}}
-    found, value = _step_search(f, start, 6)
-    assert found["sample"] == {"order": target_orders, "use_corrector": target_correctors} and value == 0
-    assert found["class"] == "DPMSolverV3" and start["sample"] == {"order": 3, "use_corrector": True}
-    seen.clear()
-    again, value = _step_search(f, found, 6, 0.0)
-    assert again == found and value == 0 and len(seen) == 2 * 6 - 3 + 5  # one pass over every other choice
 
 
 def test_the_search_sample_keeps_the_worst_and_estimates_the_mean_without_bias():

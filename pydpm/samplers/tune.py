@@ -29,9 +29,8 @@ neither a fit nor a checkpoint choice saw:
    between two modes of the data that end in the wrong one; a plain subsample rarely holds one, and a search
    on it trades them for the bulk (bench/tune_accuracy.py: as many flipped trajectories as the untuned grid).
 4. With `data` (samples of the data): DPM-Solver-v3 with statistics computed from them (`compute_ems`), its
-   order, corrector use and grid chosen on the fit set; and 5., that configuration with its decisions made
-   per step (each step's predictor order and whether it is corrected, by coordinate descent on the search
-   samples of 3), its time steps searched as in 3, then its per-step decisions revisited on those times.
+   order, corrector use and grid chosen on the fit set; and 5., that configuration with its time steps searched
+   as in 3.
 
 Measured on Gaussian mixtures (bench/tune_accuracy.py, docs/samplers.md), the learned method wins at few
 steps (5-10) and the searched standard solver at more (20).
@@ -59,7 +58,7 @@ import torch
 
 from pydpm.samplers._common import Solver, after_step, check_int
 from pydpm.samplers.dpm_solver import DPMSolver
-from pydpm.samplers.dpm_solver_v3 import DPMSolverV3, v3_orders
+from pydpm.samplers.dpm_solver_v3 import DPMSolverV3
 from pydpm.samplers.ems import EMS, compute_ems, gauss_legendre, guidance_of, schedule_kind
 from pydpm.samplers.unipc import UniPC
 from pydpm.schedules import SKIP_TYPES, NoiseScheduleFlow, NoiseScheduleVP, WrappedModel, conversion, fused_wrapper
@@ -378,39 +377,6 @@ def _nelder_mead(f: Callable[[torch.Tensor], float], x0: torch.Tensor, evaluatio
     return pts[best], vals[best]
 
 
-def _step_search(f: Callable[[dict[str, Any]], float], config: dict[str, Any], nfe: int,
-                 value: float | None = None, passes: int = 3) -> tuple[dict[str, Any], float]:
-    """Coordinate descent over DPM-Solver-v3's per-step decisions from `config` (order an int or per step,
-    use_corrector a bool or per step): each step's predictor order (1 to min(3, step)) and whether it is
-    corrected, one at a time, a change kept where it lowers f (the configuration's error; `value`, f at
-    config, if known); repeated while a pass changes something, at most `passes` passes. Returns the per-step
-    configuration and its f."""
-    sample = config["sample"]
-    orders = v3_orders(nfe, sample["order"], sample.get("lower_order_final", True))
-    correctors = sample["use_corrector"]
-    correctors = [correctors] * (nfe - 1) if isinstance(correctors, bool) else list(correctors)
-
-    def build(orders: list[int], correctors: list[bool]) -> dict[str, Any]:
-        return {**config, "sample": {**sample, "order": orders, "use_corrector": correctors}}
-
-    best = f(build(orders, correctors)) if value is None else value
-    for _ in range(passes):
-        changed = False
-        moves = [(i, o, None) for i in range(nfe) for o in range(1, min(3, i + 1) + 1)]
-        moves += [(i, None, True) for i in range(nfe - 1)]
-        for i, order, flip in moves:
-            if order == orders[i]:
-                continue
-            o2 = orders if order is None else orders[:i] + [order] + orders[i + 1:]
-            c2 = correctors if flip is None else correctors[:i] + [not correctors[i]] + correctors[i + 1:]
-            v = f(build(o2, c2))
-            if v < best:
-                best, orders, correctors, changed = v, o2, c2, True
-        if not changed:
-            break
-    return build(orders, correctors), best
-
-
 def _search_sample(errors: torch.Tensor, size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Which samples a search runs on and their weights, from `errors` [grids, n] (each sample's error on each
     pilot grid): the size // 2 with the largest error on any grid, each weighted 1/n, and a uniform draw of the
@@ -482,8 +448,7 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP 
         data: samples x₀ of the data ([N, *shape]): tune then computes DPM-Solver-v3's statistics
             (`compute_ems`, `ems_points` grid points, 3·N·ems_points model calls) and adds two candidates,
             DPM-Solver-v3 (order 2 or 3, corrector on or off, every standard grid; chosen on the fit set) and
-            that configuration with each step's order and corrector use searched and its time steps searched
-            (`search_evaluations` more evaluations, and about 3·nfe per pass of the per-step search).
+            that configuration on searched time steps (`search_evaluations` more evaluations).
         ems_points: grid points of those statistics.
 
     Returns a `TunedSampler`; its `report` gives the model calls and seconds tuning took, which candidate was
@@ -666,13 +631,10 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP 
         v3_times = grids[v3_grid]
         candidates["v3"] = standard(v3_config, v3_times, ems)
         if search_evaluations and nfe > 1:
-            # per-step orders and corrector use on the chosen grid, then the times, then the steps again
-            steps_config, value = _step_search(lambda c: search_mse(c, v3_times, ems), v3_config, nfe)
-            z, value = _nelder_mead(lambda z: search_mse(steps_config, _times(z, t_T, t_0), ems),
-                                    _log_gaps(v3_times), search_evaluations)
+            z, _ = _nelder_mead(lambda z: search_mse(v3_config, _times(z, t_T, t_0), ems), _log_gaps(v3_times),
+                                search_evaluations)
             v3_searched = _times(z, t_T, t_0)
-            steps_config, _ = _step_search(lambda c: search_mse(c, v3_searched, ems), steps_config, nfe, value)
-            candidates["v3-searched"] = standard(steps_config, v3_searched, ems)
+            candidates["v3-searched"] = standard(v3_config, v3_searched, ems)
         ems.guidance_scale = guidance_of(model_fn)  # computed through the counting wrapper: it belongs to model_fn
     errors = {k: sampler_mse(make, x_sel, ref_sel) for k, make in candidates.items()}
     if progress:
@@ -689,6 +651,4 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP 
               "reference_steps": reference_steps}
     if ems is not None:
         report["v3"] = {"grid": v3_grid, **v3_config, "ems": ems.info}
-        if "v3-searched" in candidates:
-            report["v3_per_step"] = {k: steps_config["sample"][k] for k in ("order", "use_corrector")}
     return candidates[chosen](model_fn, report=report)
