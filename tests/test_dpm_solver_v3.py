@@ -428,6 +428,11 @@ def test_on_cuda_and_in_a_cuda_graph(dtype):
         torch.testing.assert_close(y.double().cpu(), expected, **tol)
     cl = x.to("cuda", dtype).contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(solver.sample(cl, steps=6).double().cpu(), expected, **tol)
+    per_step = dict(order=[1, 2, 1, 3, 2, 1], use_corrector=[False, True, True, False, True])
+    expected = DPMSolverV3(eps, ns, ems).sample(x, steps=6, **per_step)
+    for graph in (False, True, True):
+        y = solver.sample(x.to("cuda", dtype), steps=6, cuda_graph=graph, **per_step)
+        torch.testing.assert_close(y.double().cpu(), expected, **tol)
 
 
 def test_the_per_element_statistics_benchmark_runs(capsys):
