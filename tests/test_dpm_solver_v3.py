@@ -334,6 +334,10 @@ def test_bad_arguments(mixture):
         solver.sample(x, steps=4, use_corrector=[True] * 4)
     with pytest.raises(TypeError, match=r"use_corrector\[1\]=1"):
         solver.sample(x, steps=4, use_corrector=[True, 1, False])
+    with pytest.raises(TypeError, match="order='3' must be an int"):
+        solver.sample(x, steps=4, order="3")
+    with pytest.raises(TypeError, match="use_corrector='yes' must be a bool"):
+        solver.sample(x, steps=4, use_corrector="yes")
     with pytest.raises(ValueError, match="t_end=0"):
         solver.sample(x, t_end=0)
     with pytest.raises(ValueError, match="must decrease"):

@@ -113,6 +113,11 @@ def dpm_solver_v3(tr, integ: Integrals, x, ts: list[Point], orders: list[int], p
     return x
 
 
+def _per_step(value) -> bool:
+    """Whether an order / use_corrector argument is given per step (a list or tuple; a string is neither)."""
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+
+
 def _step_orders(order: Sequence, steps: int) -> tuple[int, ...]:
     """Per-step predictor orders, checked: `steps` of them, step i (from 1) of order 1 to min(3, i)."""
     if len(order) != steps:
@@ -174,8 +179,8 @@ class DPMSolverV3(Solver):
 
     def sample(self, x: torch.Tensor, steps: int = 10, t_start: float | None = None, t_end: float | None = None,
                order: int | Sequence[int] = 3, skip_type: str = "time_uniform", p_pseudo: bool = False,
-               use_corrector: bool | Sequence[bool] = True, c_pseudo: bool = True, lower_order_final: bool = True, return_intermediate: bool = False,
-               cuda_graph: bool = False, progress: bool = False,
+               use_corrector: bool | Sequence[bool] = True, c_pseudo: bool = True, lower_order_final: bool = True,
+               return_intermediate: bool = False, cuda_graph: bool = False, progress: bool = False,
                times: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Sample from x at t_start to t_end with `steps` model calls (defaults: the authors' for unguided
         sampling; they turn the corrector off for guided sampling).
@@ -198,10 +203,10 @@ class DPMSolverV3(Solver):
             progress: a progress bar over model calls.
             times: an explicit decreasing time grid instead of steps, t_start, t_end and skip_type.
         """
-        per_step_orders = not isinstance(order, numbers.Integral) and isinstance(order, Sequence)
+        per_step_orders = _per_step(order)
         if not per_step_orders:
             order = check_order(order, (1, 2, 3))
-        per_step_correctors = not isinstance(use_corrector, bool) and isinstance(use_corrector, Sequence)
+        per_step_correctors = _per_step(use_corrector)
         for name, v in (("p_pseudo", p_pseudo), ("c_pseudo", c_pseudo), ("lower_order_final", lower_order_final),
                         *((("use_corrector", use_corrector),) if not per_step_correctors else ())):
             if not isinstance(v, bool):
