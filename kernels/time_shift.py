@@ -4,21 +4,32 @@
     k_b   = the first j minimising |v_b − promised_j|  (a NaN distance counts as +inf; all +inf: 0)
     out_b = (row_b mod modulus)·K + k_b             (floor modulo; without row: k_b)
 
+and, optionally, up to three row gathers dest_g[b] ← table_g[out_b] (what the time-shift sampler reads per
+sample once the pick is made: the model's time, the output conversion, the next update's coefficients), in the
+same launch.
+
 The variance: with few samples or small ones, one program per sample makes two passes over its N elements
 (the mean, then the squared deviations; the second pass reads what the first left in L2), each lane of the block
 accumulating its own partial sums (fp32, fp64 for fp64 x) before one tree reduction. With many elements per
-sample and too few samples to fill the device, the samples are split into S chunks first: `_chunk_kernel`
-writes each chunk's (count, mean, M2) (two passes over the chunk) and the pick kernel merges them (Chan et al.'s
-pairwise update, no cancellation): two launches, B·S programs reading. Then the K candidates in blocks of BK,
-compared in float64. A sample's elements must be one dense block of N at offset b·stride (contiguous or
-channels-last x: the variance does not depend on the order); the op copies other layouts once. Naming chain:
-`_chunk_kernel`, `_pick_kernel` → the launcher `time_shift_pick`.
+sample and too few samples to fill the device, each sample is split into S chunks, one program each: a program
+writes its chunk's (count, mean, M2) (two passes over the chunk) to the scratch and counts itself in the
+sample's counter (an atomic, acquire-release); the program that counts last merges the S chunks in chunk order
+(Chan et al.'s pairwise update, no cancellation; the same result whichever program comes last), makes the pick
+and resets the counter for the next launch. One launch either way, B·S programs reading. Then the K candidates
+in blocks of BK, compared in float64. A sample's elements must be one dense block of N at offset b·stride
+(contiguous or channels-last x: the variance does not depend on the order); the op copies other layouts once.
+Naming chain: `_moments`, `_finish` → `_pick_kernel` → the launcher `time_shift_pick`.
 """
 from __future__ import annotations
+
+from typing import NamedTuple, Sequence
 
 import torch
 import triton
 import triton.language as tl
+
+from pydpm import _backend
+from pydpm._cache import BoundedCache
 
 from ._common import acc as _acc, cdiv, target_programs
 from ._launch import Kernel
@@ -28,6 +39,7 @@ _BLOCK = 1024           # elements per pass iteration (8 per thread at 4 warps)
 _BK = 64                # candidates per block
 _BS = 64                # chunk statistics merged per iteration
 _MIN_CHUNK = 4096       # elements per chunk program at least: 4 iterations of each pass
+MAX_GATHERS = 3
 
 
 @triton.jit
@@ -47,42 +59,17 @@ def _moments(base, lo, hi, BLOCK: tl.constexpr, F64: tl.constexpr):
     return mean, tl.sum(squares, axis=0)
 
 
-@triton.jit(do_not_specialize=["xsb", "N", "S", "chunk"])
-def _chunk_kernel(x, xsb, N, S, chunk, stats,
-                  BLOCK: tl.constexpr, F64: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    b, c = pid // S, pid % S
-    lo = c * chunk
-    hi = tl.minimum(lo + chunk, N)
-    mean, m2 = _moments(x + b * xsb, lo, hi, BLOCK, F64)
-    out = stats + pid * 3
-    tl.store(out, (hi - lo).to(out.dtype.element_ty))
-    tl.store(out + 1, mean)
-    tl.store(out + 2, m2)
+@triton.jit
+def _gather(b, pick, table, dest, width, BW: tl.constexpr):
+    """dest[b, :width] ← table[pick, :width] (both row-major, `width` elements a row)."""
+    j = tl.arange(0, BW)
+    tl.store(dest + b * width + j, tl.load(table + pick * width + j, mask=j < width), mask=j < width)
 
 
-@triton.jit(do_not_specialize=["xsb", "N", "S", "K", "rsb", "modulus", "osb"])
-def _pick_kernel(x, xsb, N, stats, S, promised, K, row, rsb, modulus, out, osb,
-                 CHUNKED: tl.constexpr, HAS_ROW: tl.constexpr, BLOCK: tl.constexpr, BK: tl.constexpr,
-                 BS: tl.constexpr, F64: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    if CHUNKED:                                                # merge the S chunks' (count, mean, M2)
-        lanes = tl.arange(0, BS)
-        total = tl.zeros([BS], dtype=tl.float64 if F64 else tl.float32)
-        for s in range(0, S, BS):
-            c = s + lanes
-            base = stats + (b * S + c) * 3
-            total += tl.load(base, mask=c < S, other=0.0) * tl.load(base + 1, mask=c < S, other=0.0)
-        mean = tl.sum(total, axis=0) / N
-        m2 = tl.zeros([BS], dtype=tl.float64 if F64 else tl.float32)
-        for s in range(0, S, BS):
-            c = s + lanes
-            base = stats + (b * S + c) * 3
-            d = tl.load(base + 1, mask=c < S, other=0.0) - mean
-            m2 += tl.load(base + 2, mask=c < S, other=0.0) + tl.load(base, mask=c < S, other=0.0) * d * d
-        m2 = tl.sum(m2, axis=0)
-    else:
-        mean, m2 = _moments(x + b * xsb, 0, N, BLOCK, F64)
+@triton.jit
+def _finish(b, m2, N, promised, K, row, rsb, modulus, out, osb, t0, d0, w0, t1, d1, w1, t2, d2, w2,
+            HAS_ROW: tl.constexpr, BK: tl.constexpr, GATHERS: tl.constexpr, BW: tl.constexpr):
+    """Sample b's pick from its M2: the variance, the nearest candidate, the row arithmetic, the gathers."""
     var = (m2 / (N - 1)).to(tl.float64)
     var = tl.where(N < 2, float("nan"), var)
     inf = float("inf")
@@ -107,10 +94,64 @@ def _pick_kernel(x, xsb, N, stats, S, promised, K, row, rsb, modulus, out, osb,
         r = tl.where(r < 0, r + modulus, r)
         pick = r * K + pick
     tl.store(out + b * osb, pick)
+    if GATHERS > 0:
+        _gather(b, pick, t0, d0, w0, BW)
+    if GATHERS > 1:
+        _gather(b, pick, t1, d1, w1, BW)
+    if GATHERS > 2:
+        _gather(b, pick, t2, d2, w2, BW)
 
 
-_CHUNK = Kernel(_chunk_kernel)
+@triton.jit(do_not_specialize=["xsb", "N", "S", "chunk", "K", "rsb", "modulus", "osb", "w0", "w1", "w2"])
+def _pick_kernel(x, xsb, N, S, chunk, stats, counts, promised, K, row, rsb, modulus, out, osb,
+                 t0, d0, w0, t1, d1, w1, t2, d2, w2,
+                 CHUNKED: tl.constexpr, HAS_ROW: tl.constexpr, BLOCK: tl.constexpr, BK: tl.constexpr,
+                 BS: tl.constexpr, GATHERS: tl.constexpr, BW: tl.constexpr, F64: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    if CHUNKED:
+        b, c = pid // S, pid % S
+        lo = c * chunk
+        hi = tl.minimum(lo + chunk, N)
+        mean, m2 = _moments(x + b * xsb, lo, hi, BLOCK, F64)
+        mine = stats + pid * 3
+        tl.store(mine, (hi - lo).to(mine.dtype.element_ty))
+        tl.store(mine + 1, mean)
+        tl.store(mine + 2, m2)
+        tl.debug_barrier()                                         # every lane's stores before the count
+        if tl.atomic_add(counts + b, 1, sem="acq_rel", scope="gpu") == S - 1:
+            tl.store(counts + b, 0)                                # the last chunk: ready for the next launch
+            lanes = tl.arange(0, BS)                               # merge the S chunks' (count, mean, M2)
+            total = tl.zeros([BS], dtype=tl.float64 if F64 else tl.float32)
+            for s in range(0, S, BS):
+                q = s + lanes
+                base = stats + (b * S + q) * 3
+                total += (tl.load(base, mask=q < S, other=0.0, cache_modifier=".cg")
+                          * tl.load(base + 1, mask=q < S, other=0.0, cache_modifier=".cg"))
+            mean = tl.sum(total, axis=0) / N
+            acc = tl.zeros([BS], dtype=tl.float64 if F64 else tl.float32)
+            for s in range(0, S, BS):
+                q = s + lanes
+                base = stats + (b * S + q) * 3
+                d = tl.load(base + 1, mask=q < S, other=0.0, cache_modifier=".cg") - mean
+                acc += (tl.load(base + 2, mask=q < S, other=0.0, cache_modifier=".cg")
+                        + tl.load(base, mask=q < S, other=0.0, cache_modifier=".cg") * d * d)
+            _finish(b, tl.sum(acc, axis=0), N, promised, K, row, rsb, modulus, out, osb,
+                    t0, d0, w0, t1, d1, w1, t2, d2, w2, HAS_ROW, BK, GATHERS, BW)
+    else:
+        mean, m2 = _moments(x + pid * xsb, 0, N, BLOCK, F64)
+        _finish(pid, m2, N, promised, K, row, rsb, modulus, out, osb,
+                t0, d0, w0, t1, d1, w1, t2, d2, w2, HAS_ROW, BK, GATHERS, BW)
+
+
 _PICK = Kernel(_pick_kernel)
+
+
+class Scratch(NamedTuple):
+    """A chunked launch's scratch: each sample's S chunk statistics (count, mean, M2) in the variance's
+    accumulation dtype, and each sample's int32 counter of chunks done (zero between launches)."""
+
+    stats: torch.Tensor
+    counts: torch.Tensor
 
 
 def chunks(B: int, N: int, device: torch.device) -> int:
@@ -130,41 +171,58 @@ def _split(x: torch.Tensor, splits: int | None) -> tuple[int, int, int]:
     return N, cdiv(N, chunk), chunk
 
 
-def _stats(x: torch.Tensor, S: int) -> torch.Tensor:
-    """Scratch for each sample's S chunk statistics (count, mean, M2), in the variance's accumulation dtype."""
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return torch.empty(x.shape[0] * S * 3, dtype=dtype, device=x.device)
-
-
-def stats_buffer(x: torch.Tensor, splits: int | None = None) -> torch.Tensor | None:
-    """The chunk statistics' scratch for x's shape, dtype and device (None: one program per sample), for a caller
-    that launches many times on one layout and passes it as `stats`."""
+def make_scratch(x: torch.Tensor, splits: int | None = None) -> Scratch | None:
+    """The chunked launch's scratch for x's shape, dtype and device (None: one program per sample, no scratch),
+    for a caller that launches many times on one layout and passes it as `scratch`."""
     if x.shape[0] == 0:
         return None
     _, S, _ = _split(x, splits)
-    return _stats(x, S) if S > 1 else None
+    if S == 1:
+        return None
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return Scratch(torch.empty(x.shape[0] * S * 3, dtype=dtype, device=x.device),
+                   torch.zeros(x.shape[0], dtype=torch.int32, device=x.device))
+
+
+_KEPT: BoundedCache = BoundedCache(16)
+
+
+def _kept_scratch(x: torch.Tensor, splits: int | None, S: int) -> Scratch | None:
+    """A chunked launch's scratch for a caller that keeps none: one per device, current stream, batch, chunk count
+    and dtype, reused by the launches that stream orders one after another (each leaves its counters at zero);
+    a fresh one while a CUDA graph is being captured, so that each graph owns its own."""
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return make_scratch(x, splits)
+    stream = _backend.cuda_stream(x.device.index) if x.is_cuda else None
+    key = (x.device, stream, x.shape[0], S, x.dtype == torch.float64)
+    kept = _KEPT.get(key)
+    return kept if kept is not None else _KEPT.put(key, make_scratch(x, splits))
 
 
 def time_shift_pick(x: torch.Tensor, promised: torch.Tensor, row: torch.Tensor | None, modulus: int,
-                    out: torch.Tensor, splits: int | None = None, stats: torch.Tensor | None = None) -> None:
+                    out: torch.Tensor, splits: int | None = None, scratch: Scratch | None = None,
+                    gathers: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()) -> None:
     """out [B] (int64) ← the pick of the module docstring for x [B, ...] (each sample one dense block of N
     elements at x.stride(0) apart), promised [K] (contiguous, float32 or float64), row [B] (int64) or None.
-    `splits`: the chunks per sample (default `chunks`); `stats`: `stats_buffer(x, splits)`, else allocated here."""
+    `splits`: the chunks per sample (default `chunks`); `scratch`: `make_scratch(x, splits)` kept by the caller,
+    else one kept here per stream (`_kept_scratch`). `gathers`: up to three (table [R, w] or [R], dest [B, w] or [B]) pairs, both contiguous, of one
+    dtype, with R covering every pick (modulus·K rows with a row, K without): dest[b] ← table[out[b]]."""
     B = x.shape[0]
     if B == 0:
         return
+    if len(gathers) > MAX_GATHERS:
+        raise ValueError(f"time_shift_pick: {len(gathers)} gathers; the kernel takes at most {MAX_GATHERS}")
     K = promised.numel()
     N, S, chunk = _split(x, splits)
-    f64 = x.dtype == torch.float64
-    if S > 1:
-        if stats is None:
-            stats = _stats(x, S)
-        _CHUNK((B * S,), [x, x.stride(0), N, S, chunk, stats], (_BLOCK, x.dtype, stats.dtype),
-               dict(BLOCK=_BLOCK, F64=f64), num_warps=_NUM_WARPS)
-    else:
-        stats = out
+    if S > 1 and scratch is None:
+        scratch = _kept_scratch(x, splits, S)
+    stats, counts = scratch if S > 1 and scratch is not None else (out, out)
     has_row = row is not None
-    _PICK((B,), [x, x.stride(0), N, stats, S, promised, K, row if has_row else out, row.stride(0) if has_row else 0,
-                 modulus, out, out.stride(0)],
-          (S > 1, has_row, _BLOCK, _BK, _BS, x.dtype, stats.dtype, promised.dtype, out.dtype),
-          dict(CHUNKED=S > 1, HAS_ROW=has_row, BLOCK=_BLOCK, BK=_BK, BS=_BS, F64=f64), num_warps=_NUM_WARPS)
+    g = [(t, d, t[0].numel()) for t, d in gathers] + [(out, out, 0)] * (MAX_GATHERS - len(gathers))
+    width = triton.next_power_of_2(max(w for _, _, w in g) or 1)
+    _PICK((B * S,), [x, x.stride(0), N, S, chunk, stats, counts, promised, K, row if has_row else out,
+                     row.stride(0) if has_row else 0, modulus, out, out.stride(0), *(v for gi in g for v in gi)],
+          (S > 1, has_row, len(gathers), width, x.dtype, stats.dtype, promised.dtype, out.dtype,
+           *(t.dtype for t, _, _ in g)),
+          dict(CHUNKED=S > 1, HAS_ROW=has_row, BLOCK=_BLOCK, BK=_BK, BS=_BS, GATHERS=len(gathers), BW=width,
+               F64=x.dtype == torch.float64), num_warps=_NUM_WARPS)

@@ -363,22 +363,32 @@ def test_pick_equals_the_python_oracle(backend, seed):
         assert time_shift_pick(x.to(d).float(), promised.to(d)).tolist() == pick_oracle(x, promised)
 
 
+def _gather_pairs(rows, batch, d, g):
+    """Tables of the three kinds the sampler gathers (a model time, an output conversion, a step's coefficients),
+    random and distinct per row, with poisoned destinations."""
+    tables = (torch.rand(rows, generator=g).to(d), torch.randn(rows, 2, generator=g, dtype=torch.float64).to(d),
+              torch.randn(rows, 3, generator=g, dtype=torch.float64).to(d))
+    return [(t, torch.full((batch, *t.shape[1:]), math.nan, dtype=t.dtype, device=d)) for t in tables]
+
+
 @pytest.mark.parametrize("backend", PICK_BACKENDS)
 def test_planned_pick_equals_the_op_and_falls_back_on_other_layouts(backend):
-    """PlannedPick (the sampler's pre-checked pick) gives the op's result on fresh x of its planned layout: on
-    Triton by launching the kernel itself (on CUDA, a large sample in a batch of 1 is chunked, on the statistics
-    buffer it keeps), elsewhere through the public op; with row = out it chains picks as the op does; an x of
-    another layout takes the public op."""
+    """PlannedPick (the sampler's pre-checked pick) gives the op's result on fresh x of its planned layout, and
+    gathers each table's row of every sample's pick: on Triton by launching the kernel itself, gathers included
+    (on CUDA, a large sample in a batch of 1 is chunked, on the scratch it keeps), elsewhere through the public op
+    and `index_select`; with row = out it chains picks as the op does; an x of another layout takes the public
+    op."""
     from pydpm.ops.time_shift import PlannedPick, time_shift_pick_reference
     d, g = backend_device(backend), torch.Generator().manual_seed(8)
     for shape in ((1, 4, 64, 64), (5, 3, 7)):
         promised = (0.3 + 1.4 * torch.rand(21, generator=g, dtype=torch.float64)).to(d)
         row = torch.full(shape[:1], -1, dtype=torch.int64, device=d)
+        gathers = _gather_pairs(21 * 5, shape[0], d, g)
         with use_backend(backend):
             first = PlannedPick(torch.empty(shape, device=d), promised, None, 1, row)
-            chained = PlannedPick(torch.empty(shape, device=d), promised, row, 5, row)
+            chained = PlannedPick(torch.empty(shape, device=d), promised, row, 5, row, gathers=gathers)
             assert first.direct == chained.direct == (backend == "triton")
-            assert (first.stats is not None) == (backend == "triton" and d.type == "cuda" and shape[0] == 1)
+            assert (first.scratch is not None) == (backend == "triton" and d.type == "cuda" and shape[0] == 1)
             for trial in range(3):
                 xs = [torch.randn(shape, generator=g) * (0.5 + trial) for _ in range(2)]
                 if trial == 2:  # another layout: the public op
@@ -387,6 +397,23 @@ def test_planned_pick_equals_the_op_and_falls_back_on_other_layouts(backend):
                 assert first(xs[0].to(d)) is row and row.tolist() == expected.tolist()
                 expected = time_shift_pick_reference(xs[1].double(), promised.cpu(), expected, 5)
                 assert chained(xs[1].to(d)) is row and row.tolist() == expected.tolist()
+                for table, dest in gathers:
+                    assert torch.equal(dest.cpu(), table.cpu()[expected])
+
+
+def test_planned_pick_refuses_gathers_it_cannot_make():
+    """A table that does not cover every pick, a destination of the wrong shape or dtype, a strided table: named."""
+    from pydpm.ops.time_shift import PlannedPick
+    x, promised, row = torch.randn(4, 9), torch.linspace(0.5, 1.5, 7, dtype=torch.float64), torch.zeros(4).long()
+    good = torch.randn(21, 2, dtype=torch.float64)
+    bad = {"rows": (good[:20], torch.empty(4, 2, dtype=torch.float64)),
+           "dest-shape": (good, torch.empty(4, 3, dtype=torch.float64)),
+           "dest-dtype": (good, torch.empty(4, 2)),
+           "strided": (torch.randn(21, 4, dtype=torch.float64)[:, ::2], torch.empty(4, 2, dtype=torch.float64))}
+    PlannedPick(x, promised, row, 3, row, gathers=[(good, torch.empty(4, 2, dtype=torch.float64))])
+    for name, pair in bad.items():
+        with pytest.raises(ValueError, match=r"gathers\[1\]"):
+            PlannedPick(x, promised, row, 3, row, gathers=[(good, torch.empty(4, 2, dtype=torch.float64)), pair])
 
 
 @pytest.mark.parametrize("backend", PICK_BACKENDS)
@@ -424,22 +451,35 @@ def test_pick_variance_far_from_zero_and_past_one_block(backend):
 @pytest.mark.parametrize("splits", [2, 3, 7])
 def test_pick_kernel_merges_chunked_samples(splits):
     """The Triton launcher with each sample's variance split into chunks (what it does on a GPU for large samples
-    and small batches): Chan's merge of the chunks' (count, mean, M2), whose means differ (a trend along the
-    sample), picks what the oracle picks, with a row."""
+    and small batches): the chunk that counts itself last merges every chunk's (count, mean, M2), whose means
+    differ (a trend along the sample), by Chan's update, picks what the oracle picks, with a row, and makes the
+    gathers; launched again on the same scratch (its counters back at zero) with other samples, it picks theirs;
+    likewise on the scratch the launcher keeps when the caller passes none."""
     kernels = pytest.importorskip("pydpm.kernels.time_shift")
     if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
         pytest.skip("Triton needs CUDA or the interpreter")
     d = backend_device("triton")
     g = torch.Generator().manual_seed(splits)
     trend = torch.linspace(-1, 1, 5 * 1001, dtype=torch.float64).reshape(5, 1001)  # chunk means differ
-    scale = torch.tensor([0.7, 1.0, 1.3], dtype=torch.float64)[:, None, None]
-    x = 3 + trend + torch.randn(3, 5, 1001, generator=g, dtype=torch.float64) * scale
     promised = 0.5 + 1.9 * torch.rand(40, generator=g, dtype=torch.float64)
     row = torch.randint(0, 100, (3,), generator=g)
+    gathers = _gather_pairs(40 * 11, 3, d, g)
     for dtype in (torch.float64, torch.float32):
-        out = torch.full((3,), -1, dtype=torch.int64, device=d)
-        kernels.time_shift_pick(x.to(d, dtype), promised.to(d), row.to(d), 11, out, splits=splits)
-        assert out.tolist() == pick_oracle(x, promised, row, 11)
+        scratch = kernels.make_scratch(torch.empty(3, 5, 1001, dtype=dtype, device=d), splits)
+        assert scratch is not None and scratch.stats.numel() == 3 * splits * 3
+        for scale in ((0.7, 1.0, 1.3), (1.25, 0.75, 0.95)):
+            scale = torch.tensor(scale, dtype=torch.float64)[:, None, None]
+            x = 3 + trend + torch.randn(3, 5, 1001, generator=g, dtype=torch.float64) * scale
+            expected = pick_oracle(x, promised, row, 11)
+            for kept in (scratch, None):  # None: the launcher's own, kept per stream
+                out = torch.full((3,), -1, dtype=torch.int64, device=d)
+                kernels.time_shift_pick(x.to(d, dtype), promised.to(d), row.to(d), 11, out, splits=splits,
+                                        scratch=kept, gathers=gathers)
+                assert out.tolist() == expected
+                for table, dest in gathers:
+                    assert torch.equal(dest.cpu(), table.cpu()[expected])
+                    dest.fill_(math.nan)
+            assert scratch.counts.tolist() == [0, 0, 0]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="triton on CPU tensors needs the interpreter (CI); on CUDA "

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Sequence
 
 import torch
 
@@ -32,6 +33,7 @@ from pydpm.ops._framework import (FLOAT_DTYPES, Backend, BadInput, Entry, Op, To
                                   sample_tensor, tensor_mutations, triton_reasons)
 
 MAX_INDEX = 1 << 62     # modulus · K must stay below this (int64 rows with room to spare)
+MAX_GATHERS = 3         # the row gathers the Triton kernel makes in the pick's launch (`PlannedPick`)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,12 +123,13 @@ def _explain(x, promised, row, modulus) -> None:
 # Backends: each returns out (the int64 [B] pick, written into the caller's out= when given)
 # --------------------------------------------------------------------------------------------------
 
-def _run_triton(args: PickArgs, stats: torch.Tensor | None = None) -> torch.Tensor:
-    """`stats`: the chunk statistics' scratch a caller keeps for x's layout (`PlannedPick`), else allocated."""
+def _run_triton(args: PickArgs, scratch=None, gathers=()) -> torch.Tensor:
+    """`scratch` and `gathers`: what a caller keeps for x's layout (`PlannedPick`); by default the chunked launch's
+    scratch is made per call and nothing is gathered."""
     x, promised = args.x if dense_layout(args.x) else args.x.contiguous(), args.promised
     out = args.out if args.out is not None else torch.empty(x.shape[:1], dtype=torch.int64, device=x.device)
     _backend.kernels("time_shift").time_shift_pick(x, promised if promised.is_contiguous() else promised.contiguous(),
-                                                  args.row, args.modulus, out, stats=stats)
+                                                  args.row, args.modulus, out, scratch=scratch, gathers=gathers)
     return out
 
 
@@ -186,23 +189,38 @@ def time_shift_pick(x: torch.Tensor, promised: torch.Tensor, row: torch.Tensor |
 
 class PlannedPick:
     """A checked `time_shift_pick` call re-launched many times with only x changing (the time-shift sampler's
-    pick at one model call): the argument check, the dispatch and the chunk statistics' scratch are made once,
-    here; a call then enters the Triton backend directly. An x of another shape, dtype, device or strides, and
-    backends other than Triton, take the public op."""
+    pick at one model call), followed by row gathers `dest[b] ← table[out[b]]` for each (table, dest) pair of
+    `gathers`: the argument check, the dispatch and the chunked launch's scratch are made once, here; a call then
+    enters the Triton backend directly, which makes the gathers (at most three) in the pick's own launch. An x of
+    another shape, dtype, device or strides, and backends other than Triton, take the public op and one
+    `index_select` per gather."""
 
     def __init__(self, x: torch.Tensor, promised: torch.Tensor, row: torch.Tensor | None, modulus: int,
-                 out: torch.Tensor):
+                 out: torch.Tensor, gathers: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()):
         self.args = args = check_pick(x, promised, row, modulus, out)
+        rows = promised.numel() * (modulus if row is not None else 1)
+        for i, (table, dest) in enumerate(gathers):
+            if not (table.is_contiguous() and dest.is_contiguous() and table.dtype == dest.dtype
+                    and table.device == dest.device == x.device and table.shape[0] >= rows
+                    and tuple(dest.shape) == (x.shape[0], *table.shape[1:])):
+                fail("PlannedPick", f"gathers[{i}]: table {tuple(table.shape)} {table.dtype} on {table.device}, dest "
+                                    f"{tuple(dest.shape)} {dest.dtype} on {dest.device}; both contiguous, of one "
+                                    f"dtype, on x's device, the table with >= {rows} rows (every pick), dest "
+                                    f"[{x.shape[0]}, *table.shape[1:]]")
+        self.gathers = tuple(gathers)
         self.meta = (x.shape, x.dtype, x.device, x.stride())
-        self.direct = OP.select(args).name == "triton"
-        self.stats = _backend.kernels("time_shift").stats_buffer(x) if self.direct else None
+        self.direct = OP.select(args).name == "triton" and len(self.gathers) <= MAX_GATHERS
+        self.scratch = _backend.kernels("time_shift").make_scratch(x) if self.direct else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """The pick for x into the planned out (returned)."""
+        """The pick for x into the planned out (returned), and the gathers."""
         a = self.args
         if self.direct and (x.shape, x.dtype, x.device, x.stride()) == self.meta:
-            return _run_triton(PickArgs(x, a.promised, a.row, a.modulus, a.out), self.stats)
-        return time_shift_pick(x, a.promised, a.row, a.modulus, out=a.out)
+            return _run_triton(PickArgs(x, a.promised, a.row, a.modulus, a.out), self.scratch, self.gathers)
+        time_shift_pick(x, a.promised, a.row, a.modulus, out=a.out)
+        for table, dest in self.gathers:
+            torch.index_select(table, 0, a.out, out=dest)
+        return a.out
 
 
 # --------------------------------------------------------------------------------------------------

@@ -15,10 +15,10 @@ allowed candidate of each time it reads) for every combination of candidates; at
 gathered from that table and the step is one `solver_step` launch with a per-sample [B, n] coefficient table,
 which also converts the model's output (its model-output stage, as the fused solvers). No extra model calls and
 no host synchronisation: per shifted model call one `time_shift_pick` launch (the variance, the nearest
-candidate and the sample's row, fused; two for large samples in small batches) and three gathers (its time, its
-output conversion, the next step's coefficients), so the whole loop can be captured in one CUDA graph
-(`cuda_graph=True`). Eagerly the loop runs on a workspace per input layout: fixed buffers, and each pick and
-update checked once (`PlannedPick`, `PlannedStep`).
+candidate, the sample's row, and the gathers of that row's model time, output conversion and next-step
+coefficients, fused), so the whole loop can be captured in one CUDA graph (`cuda_graph=True`). Eagerly the loop
+runs on a workspace per input layout: fixed buffers, and each pick and update checked once (`PlannedPick`,
+`PlannedStep`).
 """
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ def plan(model_fn: Any, noise_schedule: Any, ts: torch.Tensor, shift: TimeShift,
     coefficient for every combination of candidates at once, flattened row-major (the newest point fastest)
     into the step's table. A sample's row in it is the mixed-radix number of its picks at those points, which
     each model call extends by one digit and truncates to the points the next step reads (`Call`): one
-    `time_shift_pick` launch and three gathers per shifted model call at run time."""
+    `time_shift_pick` launch per shifted model call at run time, which also gathers the row's entries."""
     field = candidate_tables(noise_schedule, ts, shift)
     shifted = field["shifted"].tolist()
     nominal = points(noise_schedule, ts)
@@ -187,8 +187,8 @@ def plan(model_fn: Any, noise_schedule: Any, ts: torch.Tensor, shift: TimeShift,
 
 class _Workspace:
     """One input layout's buffers and pre-checked launches, kept between runs: each sample's row; per shifted call
-    its model time and output conversion, per step its coefficients, gathered into fixed buffers
-    (`index_select(out=)`); per nominal call its model time and conversion, computed once; the prediction slots;
+    its model time and output conversion, per step its coefficients, gathered into fixed buffers (by the shifted
+    call's `PlannedPick`, else `index_select(out=)`); per nominal call its model time and conversion, computed once; the prediction slots;
     the samples between steps, two buffers used in turn; and per step a `PlannedStep` over those buffers, so that
     a step costs a pointer swap and the C call where the C kernels take it (the checked op elsewhere)."""
 
@@ -201,26 +201,30 @@ class _Workspace:
         self.guidance = model_fn.guidance_scale if self.pair else None
         keep = max(len(st) if isinstance(st, list) else st.shape[1] for st in p.steps) - 1
         self.row = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.coefs = [st if isinstance(st, list) else torch.empty(batch, st.shape[1], dtype=torch.float64,
+                                                                  device=device) for st in p.steps]
         self.times: list[torch.Tensor] = []
         self.convert: list[torch.Tensor | list[float]] = []
         self.picks: list[PlannedPick | None] = []                   # per call: its pick into row, if it shifts
         for i, pt in enumerate(p.nominal[:len(p.steps) + 1]):  # every model call, the final denoising one last
             c = p.calls[i] if i < len(p.calls) else None
             if c is not None and c.promised is not None:
-                assert c.times is not None
+                assert c.times is not None and c.convert is not None
+                table, coefs = p.steps[i], self.coefs[i]
+                assert isinstance(table, torch.Tensor) and isinstance(coefs, torch.Tensor)
                 first = not any(self.picks)                         # the first pick starts the row
-                self.picks.append(PlannedPick(torch.empty_like(x), c.promised, None if first else self.row,
-                                              c.modulus, self.row))
                 self.times.append(torch.empty(batch, dtype=c.times.dtype, device=device))
                 self.convert.append(torch.empty(batch, 2, dtype=torch.float64, device=device))
+                self.picks.append(PlannedPick(torch.empty_like(x), c.promised, None if first else self.row,
+                                              c.modulus, self.row, gathers=((c.times, self.times[i]),
+                                                                            (c.convert, self.convert[i]),
+                                                                            (table, coefs))))
                 continue
             self.picks.append(None)
             t_cont = torch.full((batch,), pt.t, dtype=time_dtype, device=device)
             self.times.append(noise_schedule.model_time(t_cont) if wrapped else t_cont)
             self.convert.append([float(k) for k in conversion(model_type, pt.alpha, pt.sigma,
                                                               predict if i < len(p.steps) else "data")])
-        self.coefs = [st if isinstance(st, list) else torch.empty(batch, st.shape[1], dtype=torch.float64,
-                                                                  device=device) for st in p.steps]
         slots = [torch.empty_like(x) for _ in range(keep)]
         self.xs = (torch.empty_like(x), torch.empty_like(x))
         # step s (from 1) saves its prediction to slot (s − 1) mod keep and reads the keep − 1 saved before it
@@ -259,10 +263,7 @@ def time_shifted_multistep(model_fn: Callable[..., torch.Tensor], p: Plan, ws: _
         c = p.calls[i] if i < len(p.calls) else None
         pick = ws.picks[i]
         if pick is not None:
-            assert c is not None and c.times is not None and c.convert is not None
-            pick(x)
-            torch.index_select(c.times, 0, ws.row, out=ws.times[i])
-            torch.index_select(c.convert, 0, ws.row, out=ws.convert[i])
+            pick(x)                               # the row, and the model's time, conversion and next coefficients
         elif c is not None and c.modulus:
             torch.remainder(ws.row, c.modulus, out=ws.row)
         out = model_fn.outputs(x, ws.times[i]) if ws.wrapped else model_fn(x, ws.times[i])
@@ -273,7 +274,7 @@ def time_shifted_multistep(model_fn: Callable[..., torch.Tensor], p: Plan, ws: _
     if intermediates is not None:
         intermediates.append(x.clone())
     for step, table in enumerate(p.steps, start=1):
-        if not isinstance(table, list):
+        if not isinstance(table, list) and ws.picks[step - 1] is None:  # a pick gathers its step's coefficients
             torch.index_select(table, 0, ws.row, out=ws.coefs[step - 1])
         last = step == len(p.steps) and not denoise_to_zero
         x = ws.step(ws.steps[step - 1], x, out, torch.empty_like(x) if last else ws.xs[step % 2])
