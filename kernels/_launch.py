@@ -138,6 +138,35 @@ class Kernel:
         self._cache[full_key] = (compiled.run, compiled, tuple(constexprs[n] for n in self.constexpr_names),
                                  self._direct(compiled) if _DIRECT else None)
 
+    def prepare(self, grid: Sequence[int], args: list, key: Hashable, constexprs: dict[str, Any],
+                num_warps: int = 4, num_stages: int = 3, varying: Sequence[int] = (0,)) -> "Prepared":
+        """This launch with every argument fixed but the tensors at positions `varying` (see `Prepared`)."""
+        return Prepared(self, grid, args, key, constexprs, num_warps, num_stages, varying)
+
+    def _fast(self, args: list, key: Hashable, varying: Sequence[int]) -> tuple | None:
+        """What `Prepared` needs to launch the variant cached for `args` (just launched) through the driver API
+        with only the `varying` pointers changed, or None where that path does not apply."""
+        if _INTERPRET or _VERIFY:
+            return None
+        pointers = self._pointers[key]
+        if any(i not in pointers for i in varying):
+            return None
+        values = [a.data_ptr() if i in pointers else a for i, a in enumerate(args)]
+        ored = 0
+        for i in pointers:
+            ored |= values[i]
+        spec = tuple((values[i] % 16 == 0, values[i] == 1) for i in self.specialized)
+        device = args[pointers[0]].get_device()
+        entry = self._cache.get((key, spec, ored % 16 == 0, device))
+        if entry is None or entry[3] is None:
+            return None
+        _, compiled, _, (packer, kept, hidden, threads, shared) = entry
+        order = list(range(len(values))) if kept is None else list(kept)
+        if any(i not in order for i in varying):
+            return None
+        return (packer, [values[i] for i in order] + list(hidden), tuple(order.index(i) for i in varying),
+                ored % 16 == 0, device, threads, shared, compiled.function)
+
     def _verify(self, ored, g, args, pointers, tensors, constexprs, num_warps, num_stages, compiled, full_key):
         """Triton's own choice of compiled kernel for these arguments must be the cached one."""
         fn = self.fn if ored % 16 == 0 else self._unaligned(pointers)
@@ -223,3 +252,43 @@ class Kernel:
     def variants(self) -> int:
         """How many variants have been compiled and cached."""
         return len(self._cache)
+
+
+class Prepared:
+    """A `Kernel` launch whose arguments stay fixed but for the tensors at positions `varying`, called with
+    those tensors alone (a planned call site, re-launched every step with new data). The first call launches
+    through `Kernel`; later calls pack the cached variant's parameters with the new pointers and launch through
+    the driver API directly: no argument list, key or variant lookup per call. A new pointer that the cached
+    variant's alignment does not allow, another device, and the cases `Kernel` keeps Triton's launcher for
+    (the interpreter, PYDPM_VERIFY_LAUNCHES, PYDPM_DIRECT_LAUNCH=0, kernels the driver path does not apply to)
+    take `Kernel`'s path every time. The fixed tensors are held here, so their pointers stay valid."""
+
+    __slots__ = ("kernel", "grid", "args", "key", "constexprs", "num_warps", "num_stages", "varying", "fast")
+
+    def __init__(self, kernel: Kernel, grid: Sequence[int], args: list, key: Hashable, constexprs: dict[str, Any],
+                 num_warps: int, num_stages: int, varying: Sequence[int]):
+        self.kernel, self.grid, self.args, self.key = kernel, tuple(grid), list(args), key
+        self.constexprs, self.num_warps, self.num_stages = constexprs, num_warps, num_stages
+        self.varying = tuple(varying)
+        self.fast: tuple | None = None
+
+    def __call__(self, *tensors: torch.Tensor) -> None:
+        fast = self.fast
+        if fast is not None:
+            packer, values, slots, aligned, device, threads, shared, function = fast
+            ok = device == _current_device()
+            for slot, t in zip(slots, tensors):
+                p = t.data_ptr()
+                ok = ok and t.get_device() == device and (p % 16 == 0 or not aligned)
+                values[slot] = p
+            if ok:
+                g = self.grid
+                _backend._C.launch_kernel(function, g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1,
+                                          threads, shared, _stream(device), packer.pack(*values))
+                return
+        args = list(self.args)
+        for i, t in zip(self.varying, tensors):
+            args[i] = t
+        self.kernel(self.grid, list(args), self.key, self.constexprs, self.num_warps, self.num_stages)
+        if fast is None:
+            self.fast = self.kernel._fast(args, self.key, self.varying)

@@ -32,7 +32,7 @@ from pydpm import _backend
 from pydpm._cache import BoundedCache
 
 from ._common import acc as _acc, cdiv, target_programs
-from ._launch import Kernel
+from ._launch import Kernel, Prepared
 
 _NUM_WARPS = 4
 _BLOCK = 1024           # elements per pass iteration (8 per thread at 4 warps)
@@ -199,30 +199,50 @@ def _kept_scratch(x: torch.Tensor, splits: int | None, S: int) -> Scratch | None
     return kept if kept is not None else _KEPT.put(key, make_scratch(x, splits))
 
 
+def _launch(x: torch.Tensor, promised: torch.Tensor, row: torch.Tensor | None, modulus: int, out: torch.Tensor,
+            splits: int | None, scratch: Scratch | None, gathers: Sequence[tuple[torch.Tensor, torch.Tensor]]):
+    """The pick kernel's (grid, arguments, key, constexprs) for `time_shift_pick`'s arguments (B > 0)."""
+    if len(gathers) > MAX_GATHERS:
+        raise ValueError(f"time_shift_pick: {len(gathers)} gathers; the kernel takes at most {MAX_GATHERS}")
+    B = x.shape[0]
+    N, S, chunk = _split(x, splits)
+    if S > 1 and scratch is None:
+        scratch = _kept_scratch(x, splits, S)
+    stats, counts = scratch if S > 1 and scratch is not None else (out, out)
+    has_row = row is not None
+    tables: list = []
+    widths = [0]
+    for t, d in gathers:
+        widths.append(t[0].numel())
+        tables += [t, d, widths[-1]]
+    tables += [out, out, 0] * (MAX_GATHERS - len(gathers))
+    width = 1 << (max(widths) - 1).bit_length() if max(widths) > 1 else 1     # the next power of two
+    key = (S > 1, has_row, len(gathers), width, x.dtype, stats.dtype, promised.dtype, out.dtype,
+           *(t.dtype for t in tables[::3]))
+    args = [x, x.stride(0), N, S, chunk, stats, counts, promised, promised.numel(), row if has_row else out,
+            row.stride(0) if has_row else 0, modulus, out, out.stride(0), *tables]
+    return ((B * S,), args, key, dict(CHUNKED=S > 1, HAS_ROW=has_row, BLOCK=_BLOCK, BK=_BK, BS=_BS,
+                                      GATHERS=len(gathers), BW=width, F64=x.dtype == torch.float64))
+
+
 def time_shift_pick(x: torch.Tensor, promised: torch.Tensor, row: torch.Tensor | None, modulus: int,
                     out: torch.Tensor, splits: int | None = None, scratch: Scratch | None = None,
                     gathers: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()) -> None:
     """out [B] (int64) ← the pick of the module docstring for x [B, ...] (each sample one dense block of N
     elements at x.stride(0) apart), promised [K] (contiguous, float32 or float64), row [B] (int64) or None.
     `splits`: the chunks per sample (default `chunks`); `scratch`: `make_scratch(x, splits)` kept by the caller,
-    else one kept here per stream (`_kept_scratch`). `gathers`: up to three (table [R, w] or [R], dest [B, w] or [B]) pairs, both contiguous, of one
-    dtype, with R covering every pick (modulus·K rows with a row, K without): dest[b] ← table[out[b]]."""
-    B = x.shape[0]
-    if B == 0:
+    else one kept here per stream (`_kept_scratch`). `gathers`: up to three (table [R, w] or [R], dest [B, w] or
+    [B]) pairs, both contiguous, of one dtype, with R covering every pick (modulus·K rows with a row, K without):
+    dest[b] ← table[out[b]]."""
+    if x.shape[0] == 0:
         return
-    if len(gathers) > MAX_GATHERS:
-        raise ValueError(f"time_shift_pick: {len(gathers)} gathers; the kernel takes at most {MAX_GATHERS}")
-    K = promised.numel()
-    N, S, chunk = _split(x, splits)
-    if S > 1 and scratch is None:
-        scratch = _kept_scratch(x, splits, S)
-    stats, counts = scratch if S > 1 and scratch is not None else (out, out)
-    has_row = row is not None
-    g = [(t, d, t[0].numel()) for t, d in gathers] + [(out, out, 0)] * (MAX_GATHERS - len(gathers))
-    width = triton.next_power_of_2(max(w for _, _, w in g) or 1)
-    _PICK((B * S,), [x, x.stride(0), N, S, chunk, stats, counts, promised, K, row if has_row else out,
-                     row.stride(0) if has_row else 0, modulus, out, out.stride(0), *(v for gi in g for v in gi)],
-          (S > 1, has_row, len(gathers), width, x.dtype, stats.dtype, promised.dtype, out.dtype,
-           *(t.dtype for t, _, _ in g)),
-          dict(CHUNKED=S > 1, HAS_ROW=has_row, BLOCK=_BLOCK, BK=_BK, BS=_BS, GATHERS=len(gathers), BW=width,
-               F64=x.dtype == torch.float64), num_warps=_NUM_WARPS)
+    _PICK(*_launch(x, promised, row, modulus, out, splits, scratch, gathers), num_warps=_NUM_WARPS)
+
+
+def prepare(x: torch.Tensor, promised: torch.Tensor, row: torch.Tensor | None, modulus: int, out: torch.Tensor,
+            scratch: Scratch | None, gathers: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()) -> Prepared | None:
+    """`time_shift_pick` on these arguments as a `Prepared` launch called with x alone (x: any tensor of the
+    layout it will be called with; scratch: `make_scratch(x)`), or None for an empty batch."""
+    if x.shape[0] == 0:
+        return None
+    return _PICK.prepare(*_launch(x, promised, row, modulus, out, None, scratch, gathers), num_warps=_NUM_WARPS)

@@ -164,6 +164,30 @@ def test_driver_launch_equals_tritons_launcher(monkeypatch):
 
 @gpu
 @pytest.mark.gpu
+def test_a_prepared_launch_changes_only_its_varying_tensors(monkeypatch):
+    """`Kernel.prepare`: the first call launches through `Kernel` and learns the driver path; later calls with new
+    input tensors (x varying, y fixed) give what a full launch gives; a misaligned x on the aligned variant
+    takes `Kernel`'s path (which compiles the unaligned variant) and stays right; under PYDPM_VERIFY_LAUNCHES
+    (the GPU tests' setting) every call takes `Kernel`'s path and its check."""
+    from pydpm.kernels import _launch
+
+    for verify in (False, True):
+        monkeypatch.setattr(_launch, "_VERIFY", verify)
+        kernel = _kernel()
+        base = torch.randn(4, 1025, device="cuda")
+        y = torch.empty(1000, device="cuda")
+        prepared = kernel.prepare((8,), [base[0, :1000], y, 1000, 2.0, 3], (y.dtype,), dict(BLOCK=128))
+        for i, offset in ((0, 0), (1, 0), (2, 0), (3, 1), (2, 0)):
+            y.fill_(float("nan"))
+            x = base[i, offset:offset + 1000]
+            prepared(x)
+            torch.testing.assert_close(y, 2 * x + 3, rtol=0, atol=0)
+            assert (prepared.fast is None) == verify
+        assert kernel.variants == 2  # aligned, then the misaligned x's own variant
+
+
+@gpu
+@pytest.mark.gpu
 def test_an_integer_the_kernel_specialises_must_be_declared():
     import triton
     import triton.language as tl

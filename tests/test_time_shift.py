@@ -277,8 +277,13 @@ def test_bad_settings_are_refused(mixture):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_on_cuda(dtype):
-    """On the GPU (per-sample tables on the device) it equals the float64 CPU run."""
+@pytest.mark.parametrize("verify", [False, True])
+def test_on_cuda(dtype, verify, monkeypatch):
+    """On the GPU (per-sample tables on the device) it equals the float64 CPU run; with the picks' prepared
+    launches on their driver path, and with every launch checked against Triton's JIT (PYDPM_VERIFY_LAUNCHES,
+    which the GPU test runs set, and which keeps them on `Kernel`'s path)."""
+    from pydpm.kernels import _launch
+    monkeypatch.setattr(_launch, "_VERIFY", verify)
     ns = NoiseScheduleVP("linear", dtype=torch.float64)
 
     def eps(x, t):
@@ -387,7 +392,7 @@ def test_planned_pick_equals_the_op_and_falls_back_on_other_layouts(backend):
         with use_backend(backend):
             first = PlannedPick(torch.empty(shape, device=d), promised, None, 1, row)
             chained = PlannedPick(torch.empty(shape, device=d), promised, row, 5, row, gathers=gathers)
-            assert first.direct == chained.direct == (backend == "triton")
+            assert (first.launch is not None) == (chained.launch is not None) == (backend == "triton")
             assert (first.scratch is not None) == (backend == "triton" and d.type == "cuda" and shape[0] == 1)
             for trial in range(3):
                 xs = [torch.randn(shape, generator=g) * (0.5 + trial) for _ in range(2)]

@@ -123,13 +123,11 @@ def _explain(x, promised, row, modulus) -> None:
 # Backends: each returns out (the int64 [B] pick, written into the caller's out= when given)
 # --------------------------------------------------------------------------------------------------
 
-def _run_triton(args: PickArgs, scratch=None, gathers=()) -> torch.Tensor:
-    """`scratch` and `gathers`: what a caller keeps for x's layout (`PlannedPick`); by default the chunked launch's
-    scratch is made per call and nothing is gathered."""
+def _run_triton(args: PickArgs) -> torch.Tensor:
     x, promised = args.x if dense_layout(args.x) else args.x.contiguous(), args.promised
     out = args.out if args.out is not None else torch.empty(x.shape[:1], dtype=torch.int64, device=x.device)
     _backend.kernels("time_shift").time_shift_pick(x, promised if promised.is_contiguous() else promised.contiguous(),
-                                                  args.row, args.modulus, out, scratch=scratch, gathers=gathers)
+                                                  args.row, args.modulus, out)
     return out
 
 
@@ -190,10 +188,10 @@ def time_shift_pick(x: torch.Tensor, promised: torch.Tensor, row: torch.Tensor |
 class PlannedPick:
     """A checked `time_shift_pick` call re-launched many times with only x changing (the time-shift sampler's
     pick at one model call), followed by row gathers `dest[b] ← table[out[b]]` for each (table, dest) pair of
-    `gathers`: the argument check, the dispatch and the chunked launch's scratch are made once, here; a call then
-    enters the Triton backend directly, which makes the gathers (at most three) in the pick's own launch. An x of
-    another shape, dtype, device or strides, and backends other than Triton, take the public op and one
-    `index_select` per gather."""
+    `gathers`: the argument check, the dispatch, the chunked launch's scratch and the kernel's arguments are made
+    once, here (a `Prepared` launch of the Triton kernel, which makes the gathers, at most three, in the pick's own
+    launch); a call then launches with x's pointer alone. An x of another shape, dtype, device or strides, and
+    backends other than Triton, take the public op and one `index_select` per gather."""
 
     def __init__(self, x: torch.Tensor, promised: torch.Tensor, row: torch.Tensor | None, modulus: int,
                  out: torch.Tensor, gathers: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()):
@@ -209,14 +207,19 @@ class PlannedPick:
                                     f"[{x.shape[0]}, *table.shape[1:]]")
         self.gathers = tuple(gathers)
         self.meta = (x.shape, x.dtype, x.device, x.stride())
-        self.direct = OP.select(args).name == "triton" and len(self.gathers) <= MAX_GATHERS
-        self.scratch = _backend.kernels("time_shift").make_scratch(x) if self.direct else None
+        self.launch = None
+        self.scratch = None
+        if OP.select(args).name == "triton" and len(self.gathers) <= MAX_GATHERS and dense_layout(x):
+            kernels = _backend.kernels("time_shift")
+            self.scratch = kernels.make_scratch(x)
+            self.launch = kernels.prepare(x, promised.contiguous(), row, modulus, out, self.scratch, self.gathers)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The pick for x into the planned out (returned), and the gathers."""
         a = self.args
-        if self.direct and (x.shape, x.dtype, x.device, x.stride()) == self.meta:
-            return _run_triton(PickArgs(x, a.promised, a.row, a.modulus, a.out), self.scratch, self.gathers)
+        if self.launch is not None and (x.shape, x.dtype, x.device, x.stride()) == self.meta:
+            self.launch(x)
+            return a.out
         time_shift_pick(x, a.promised, a.row, a.modulus, out=a.out)
         for table, dest in self.gathers:
             torch.index_select(table, 0, a.out, out=dest)
