@@ -308,9 +308,13 @@ def test_on_cuda(dtype, verify, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("denoise_to_zero", [False, True])
-def test_in_a_cuda_graph(denoise_to_zero):
+@pytest.mark.parametrize("verify", [False, True])
+def test_in_a_cuda_graph(denoise_to_zero, verify, monkeypatch):
     """cuda_graph=True replays the eager loop's launches: the same result and intermediates to the bit, on the
-    input it was captured with and on fresh input (whose samples pick other times)."""
+    input it was captured with and on fresh input (whose samples pick other times); with the picks' prepared
+    launches on their driver path (captured as such) and on `Kernel`'s checked path (PYDPM_VERIFY_LAUNCHES)."""
+    from pydpm.kernels import _launch
+    monkeypatch.setattr(_launch, "_VERIFY", verify)
     ns = NoiseScheduleVP("linear", dtype=torch.float64)
 
     def eps(x, t):
