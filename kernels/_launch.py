@@ -276,6 +276,7 @@ class Prepared:
         fast = self.fast
         if fast is not None:
             packer, values, slots, aligned, device, threads, shared, function = fast
+            values = values.copy()  # the kept list is never written: calls from two threads do not mix pointers
             ok = device == _current_device()
             for slot, t in zip(slots, tensors):
                 p = t.data_ptr()
