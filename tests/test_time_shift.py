@@ -410,6 +410,25 @@ def test_planned_pick_equals_the_op_and_falls_back_on_other_layouts(backend):
                     assert torch.equal(dest.cpu(), table.cpu()[expected])
 
 
+@pytest.mark.parametrize("backend", PICK_BACKENDS)
+def test_planned_pick_with_more_gathers_than_the_kernel_takes(backend):
+    """Four gathers (the kernel makes three): the public op, then one `index_select` per gather."""
+    from pydpm.ops.time_shift import PlannedPick, time_shift_pick_reference
+    d, g = backend_device(backend), torch.Generator().manual_seed(4)
+    x = torch.randn(6, 3, 5, generator=g)
+    promised = (0.3 + 1.4 * torch.rand(9, generator=g, dtype=torch.float64)).to(d)
+    out = torch.full((6,), -1, dtype=torch.int64, device=d)
+    gathers = _gather_pairs(9, 6, d, g) + _gather_pairs(9, 6, d, g)[:1]
+    with use_backend(backend):
+        planned = PlannedPick(x.to(d), promised, None, 1, out, gathers=gathers)
+        assert planned.launch is None
+        planned(x.to(d))
+    expected = time_shift_pick_reference(x.double(), promised.cpu())
+    assert out.tolist() == expected.tolist()
+    for table, dest in gathers:
+        assert torch.equal(dest.cpu(), table.cpu()[expected])
+
+
 def test_planned_pick_refuses_gathers_it_cannot_make():
     """A table that does not cover every pick, a destination of the wrong shape or dtype, a strided table: named."""
     from pydpm.ops.time_shift import PlannedPick

@@ -33,7 +33,6 @@ from pydpm.ops._framework import (FLOAT_DTYPES, Backend, BadInput, Entry, Op, To
                                   sample_tensor, tensor_mutations, triton_reasons)
 
 MAX_INDEX = 1 << 62     # modulus · K must stay below this (int64 rows with room to spare)
-MAX_GATHERS = 3         # the row gathers the Triton kernel makes in the pick's launch (`PlannedPick`)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -209,10 +208,11 @@ class PlannedPick:
         self.meta = (x.shape, x.dtype, x.device, x.stride())
         self.launch = None
         self.scratch = None
-        if OP.select(args).name == "triton" and len(self.gathers) <= MAX_GATHERS and dense_layout(x):
+        if OP.select(args).name == "triton" and dense_layout(x):
             kernels = _backend.kernels("time_shift")
-            self.scratch = kernels.make_scratch(x)
-            self.launch = kernels.prepare(x, promised.contiguous(), row, modulus, out, self.scratch, self.gathers)
+            if len(self.gathers) <= kernels.MAX_GATHERS:
+                self.scratch = kernels.make_scratch(x)
+                self.launch = kernels.prepare(x, promised.contiguous(), row, modulus, out, self.scratch, self.gathers)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The pick for x into the planned out (returned), and the gathers."""
