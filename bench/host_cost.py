@@ -121,11 +121,11 @@ def cases(device: torch.device) -> list[HostCase]:
                  "reference fwd+bwd", _fwd_bwd(lambda: focal_frequency_loss_reference(sp, st), one)),
     ]
 
-    from .time_shift import MODULUS, eager_pick
-    promised = torch.linspace(0.8, 1.2, 21, dtype=torch.float64, device=device)
+    from .time_shift import K, MODULUS, eager_pick
+    promised = torch.linspace(0.8, 1.2, K, dtype=torch.float64, device=device)
     for shape in ((8, 4, 64, 64), (2, 4, 128, 128)):  # on an H200 the second is split into chunks
         xp = _rand(*shape, device=device, dtype=half)
-        row = torch.randint(0, 21 * MODULUS, shape[:1], device=device)
+        row = torch.randint(0, K * MODULUS, shape[:1], device=device)
         label = "(" + ",".join(map(str, shape)) + ")"
         out.append(HostCase(f"time_shift_pick {label}",
                             lambda xp=xp, row=row: ops.time_shift_pick(xp, promised, row, MODULUS),

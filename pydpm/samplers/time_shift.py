@@ -188,9 +188,10 @@ def plan(model_fn: Any, noise_schedule: Any, ts: torch.Tensor, shift: TimeShift,
 class _Workspace:
     """One input layout's buffers and pre-checked launches, kept between runs: each sample's row; per shifted call
     its model time and output conversion, per step its coefficients, gathered into fixed buffers (by the shifted
-    call's `PlannedPick`, else `index_select(out=)`); per nominal call its model time and conversion, computed once; the prediction slots;
-    the samples between steps, two buffers used in turn; and per step a `PlannedStep` over those buffers, so that
-    a step costs a pointer swap and the C call where the C kernels take it (the checked op elsewhere)."""
+    call's `PlannedPick`, else `index_select(out=)`); per nominal call its model time and conversion, computed
+    once; the prediction slots; the samples between steps, two buffers used in turn; and per step a `PlannedStep`
+    over those buffers, so that a step costs a pointer swap and the C call where the C kernels take it (the
+    checked op elsewhere)."""
 
     def __init__(self, model_fn: Any, noise_schedule: Any, p: Plan, predict: str, x: torch.Tensor):
         batch, device = x.shape[0], x.device
