@@ -43,6 +43,18 @@ MAX_GATHERS = 3
 
 
 @triton.jit
+def _m2(base, lo, hi, mean, BLOCK: tl.constexpr, F64: tl.constexpr):
+    """Σ (base[i] − mean)² over base[lo:hi]: per-lane partial sums, one tree reduction."""
+    lanes = tl.arange(0, BLOCK)
+    squares = tl.zeros([BLOCK], dtype=tl.float64 if F64 else tl.float32)
+    for s in range(lo, hi, BLOCK):
+        i = s + lanes
+        d = _acc(tl.load(base + i, mask=i < hi, other=0.0), F64) - mean
+        squares += tl.where(i < hi, d * d, 0.0)
+    return tl.sum(squares, axis=0)
+
+
+@triton.jit
 def _moments(base, lo, hi, BLOCK: tl.constexpr, F64: tl.constexpr):
     """(mean, M2) of base[lo:hi]: two passes, per-lane partial sums, one tree reduction each."""
     lanes = tl.arange(0, BLOCK)
@@ -51,12 +63,45 @@ def _moments(base, lo, hi, BLOCK: tl.constexpr, F64: tl.constexpr):
         i = s + lanes
         total += _acc(tl.load(base + i, mask=i < hi, other=0.0), F64)
     mean = tl.sum(total, axis=0) / (hi - lo)
-    squares = tl.zeros([BLOCK], dtype=tl.float64 if F64 else tl.float32)
+    return mean, _m2(base, lo, hi, mean, BLOCK, F64)
+
+
+@triton.jit
+def _stepped_moments(new, x_in, cond, uncond, o0, o1, save, lo, hi, c_x, c_d, c_0, c_1, k_x, k_m, guidance,
+                     N_OLDER: tl.constexpr, GUIDED: tl.constexpr, SAVE: tl.constexpr, BLOCK: tl.constexpr,
+                     F64: tl.constexpr):
+    """The update of elements lo:hi (`solver_step`'s formula, in fp32, its terms in the same order)
+
+        m = cond  or  uncond + guidance·(cond − uncond);   d = k_x·x_in + k_m·m   (save ← d)
+        new = c_x·x_in + c_d·d + c_0·older_0 + c_1·older_1
+
+    written to `new` (and d to `save`), then (mean, M2) of what was written: the first pass sums the stored
+    values, the second reads them back (each thread sees the block's stores after the barrier)."""
+    lanes = tl.arange(0, BLOCK)
+    total = tl.zeros([BLOCK], dtype=tl.float64 if F64 else tl.float32)
     for s in range(lo, hi, BLOCK):
         i = s + lanes
-        d = _acc(tl.load(base + i, mask=i < hi, other=0.0), F64) - mean
-        squares += tl.where(i < hi, d * d, 0.0)
-    return mean, tl.sum(squares, axis=0)
+        mask = i < hi
+        xv = tl.load(x_in + i, mask=mask).to(tl.float32)
+        m = tl.load(cond + i, mask=mask).to(tl.float32)
+        if GUIDED:
+            u = tl.load(uncond + i, mask=mask).to(tl.float32)
+            m = u + guidance * (m - u)
+        d = k_x * xv + k_m * m
+        y = c_x * xv
+        y += c_d * d
+        if N_OLDER > 0:
+            y += c_0 * tl.load(o0 + i, mask=mask).to(tl.float32)
+        if N_OLDER > 1:
+            y += c_1 * tl.load(o1 + i, mask=mask).to(tl.float32)
+        y = y.to(new.dtype.element_ty)
+        tl.store(new + i, y, mask=mask)
+        if SAVE:
+            tl.store(save + i, d.to(save.dtype.element_ty), mask=mask)
+        total += tl.where(mask, _acc(y, F64), 0.0)
+    mean = tl.sum(total, axis=0) / (hi - lo)
+    tl.debug_barrier()
+    return mean, _m2(new, lo, hi, mean, BLOCK, F64)
 
 
 @triton.jit
@@ -102,17 +147,45 @@ def _finish(b, m2, N, promised, K, row, rsb, modulus, out, osb, t0, d0, w0, t1, 
         _gather(b, pick, t2, d2, w2, BW)
 
 
-@triton.jit(do_not_specialize=["xsb", "N", "S", "chunk", "K", "rsb", "modulus", "osb", "w0", "w1", "w2"])
+@triton.jit
+def _sample_moments(x, b, xsb, lo, hi, x_in, cond, uncond, o0, o1, save, coefs, crs, conv, vrs, guidance,
+                    UPDATE: tl.constexpr, N_OLDER: tl.constexpr, GUIDED: tl.constexpr, SAVE: tl.constexpr,
+                    BLOCK: tl.constexpr, F64: tl.constexpr):
+    """(mean, M2) of sample b's elements lo:hi of x; with UPDATE, of the update that writes them first (its
+    coefficients: row b of `coefs` and `conv`, or their one row when the row stride is 0)."""
+    base = b * xsb
+    if UPDATE:
+        c = coefs + b * crs
+        k = conv + b * vrs
+        c_0 = 0.0
+        c_1 = 0.0
+        if N_OLDER > 0:
+            c_0 = tl.load(c + 2).to(tl.float32)
+        if N_OLDER > 1:
+            c_1 = tl.load(c + 3).to(tl.float32)
+        return _stepped_moments(x + base, x_in + base, cond + base, uncond + base, o0 + base, o1 + base, save + base,
+                                lo, hi, tl.load(c).to(tl.float32), tl.load(c + 1).to(tl.float32), c_0, c_1,
+                                tl.load(k).to(tl.float32), tl.load(k + 1).to(tl.float32), guidance,
+                                N_OLDER, GUIDED, SAVE, BLOCK, F64)
+    else:
+        return _moments(x + base, lo, hi, BLOCK, F64)
+
+
+@triton.jit(do_not_specialize=["xsb", "N", "S", "chunk", "K", "rsb", "modulus", "osb", "w0", "w1", "w2", "crs",
+                               "vrs"])
 def _pick_kernel(x, xsb, N, S, chunk, stats, counts, promised, K, row, rsb, modulus, out, osb,
                  t0, d0, w0, t1, d1, w1, t2, d2, w2,
+                 x_in, cond, uncond, o0, o1, save, coefs, crs, conv, vrs, guidance,
                  CHUNKED: tl.constexpr, HAS_ROW: tl.constexpr, BLOCK: tl.constexpr, BK: tl.constexpr,
-                 BS: tl.constexpr, GATHERS: tl.constexpr, BW: tl.constexpr, F64: tl.constexpr):
+                 BS: tl.constexpr, GATHERS: tl.constexpr, BW: tl.constexpr, F64: tl.constexpr,
+                 UPDATE: tl.constexpr, N_OLDER: tl.constexpr, GUIDED: tl.constexpr, SAVE: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     if CHUNKED:
         b, c = pid // S, pid % S
         lo = c * chunk
         hi = tl.minimum(lo + chunk, N)
-        mean, m2 = _moments(x + b * xsb, lo, hi, BLOCK, F64)
+        mean, m2 = _sample_moments(x, b, xsb, lo, hi, x_in, cond, uncond, o0, o1, save, coefs, crs, conv, vrs,
+                                   guidance, UPDATE, N_OLDER, GUIDED, SAVE, BLOCK, F64)
         mine = stats + pid * 3
         tl.store(mine, (hi - lo).to(mine.dtype.element_ty))
         tl.store(mine + 1, mean)
@@ -138,7 +211,8 @@ def _pick_kernel(x, xsb, N, S, chunk, stats, counts, promised, K, row, rsb, modu
             _finish(b, tl.sum(acc, axis=0), N, promised, K, row, rsb, modulus, out, osb,
                     t0, d0, w0, t1, d1, w1, t2, d2, w2, HAS_ROW, BK, GATHERS, BW)
     else:
-        mean, m2 = _moments(x + pid * xsb, 0, N, BLOCK, F64)
+        mean, m2 = _sample_moments(x, pid, xsb, 0, N, x_in, cond, uncond, o0, o1, save, coefs, crs, conv, vrs,
+                                   guidance, UPDATE, N_OLDER, GUIDED, SAVE, BLOCK, F64)
         _finish(pid, m2, N, promised, K, row, rsb, modulus, out, osb,
                 t0, d0, w0, t1, d1, w1, t2, d2, w2, HAS_ROW, BK, GATHERS, BW)
 
@@ -199,8 +273,30 @@ def _kept_scratch(x: torch.Tensor, splits: int | None, S: int) -> Scratch | None
     return kept if kept is not None else _KEPT.put(key, make_scratch(x, splits))
 
 
+class Update(NamedTuple):
+    """The solver step whose result is the pick's x, made in the pick's launch (`_stepped_moments`): its input
+    x_in, the model output cond (and uncond, mixed with `guidance`), up to MAX_OLDER older predictions, save (d's
+    destination, or None), the coefficient rows `coefs` ([B, n] per sample, or [n] for all; n = 2 + older: x, d,
+    the older ones) and `conv` ([B, 2] or [2]: d = conv₀·x_in + conv₁·m). Every tensor of x's shape shares x's
+    dtype and strides; the rows are contiguous, float32 or float64."""
+
+    x_in: torch.Tensor
+    cond: torch.Tensor
+    uncond: torch.Tensor | None
+    guidance: float
+    older: tuple[torch.Tensor, ...]
+    save: torch.Tensor | None
+    coefs: torch.Tensor
+    conv: torch.Tensor
+
+
+MAX_OLDER = 2
+_UPDATE_AT = 23     # the update's first argument: x_in, then cond and uncond (what a prepared call changes)
+
+
 def _launch(x: torch.Tensor, promised: torch.Tensor, row: torch.Tensor | None, modulus: int, out: torch.Tensor,
-            splits: int | None, scratch: Scratch | None, gathers: Sequence[tuple[torch.Tensor, torch.Tensor]]):
+            splits: int | None, scratch: Scratch | None, gathers: Sequence[tuple[torch.Tensor, torch.Tensor]],
+            update: Update | None = None):
     """The pick kernel's (grid, arguments, key, constexprs) for `time_shift_pick`'s arguments (B > 0)."""
     if len(gathers) > MAX_GATHERS:
         raise ValueError(f"time_shift_pick: {len(gathers)} gathers; the kernel takes at most {MAX_GATHERS}")
@@ -221,28 +317,47 @@ def _launch(x: torch.Tensor, promised: torch.Tensor, row: torch.Tensor | None, m
            *(t.dtype for t in tables[::3]))
     args = [x, x.stride(0), N, S, chunk, stats, counts, promised, promised.numel(), row if has_row else out,
             row.stride(0) if has_row else 0, modulus, out, out.stride(0), *tables]
+    if update is None:
+        args += [out] * 6 + [out, 0, out, 0, 1.0]
+        step: tuple = (False, 0, False, False)
+    else:
+        u = update
+        if len(u.older) > MAX_OLDER:
+            raise ValueError(f"time_shift_pick: an update with {len(u.older)} older predictions; the kernel takes at "
+                             f"most {MAX_OLDER}")
+        args += [u.x_in, u.cond, out if u.uncond is None else u.uncond, *u.older, *[out] * (MAX_OLDER - len(u.older)),
+                 out if u.save is None else u.save, u.coefs, u.coefs.stride(0) if u.coefs.dim() == 2 else 0,
+                 u.conv, u.conv.stride(0) if u.conv.dim() == 2 else 0, float(u.guidance)]
+        step = (True, len(u.older), u.uncond is not None, u.save is not None)
+        key += (u.coefs.dtype, u.conv.dtype, None if u.save is None else u.save.dtype)
+    key += step
     return ((B * S,), args, key, dict(CHUNKED=S > 1, HAS_ROW=has_row, BLOCK=_BLOCK, BK=_BK, BS=_BS,
-                                      GATHERS=len(gathers), BW=width, F64=x.dtype == torch.float64))
+                                      GATHERS=len(gathers), BW=width, F64=x.dtype == torch.float64,
+                                      UPDATE=step[0], N_OLDER=step[1], GUIDED=step[2], SAVE=step[3]))
 
 
 def time_shift_pick(x: torch.Tensor, promised: torch.Tensor, row: torch.Tensor | None, modulus: int,
                     out: torch.Tensor, splits: int | None = None, scratch: Scratch | None = None,
-                    gathers: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()) -> None:
+                    gathers: Sequence[tuple[torch.Tensor, torch.Tensor]] = (), update: Update | None = None) -> None:
     """out [B] (int64) ← the pick of the module docstring for x [B, ...] (each sample one dense block of N
     elements at x.stride(0) apart), promised [K] (contiguous, float32 or float64), row [B] (int64) or None.
     `splits`: the chunks per sample (default `chunks`); `scratch`: `make_scratch(x, splits)` kept by the caller,
     else one kept here per stream (`_kept_scratch`). `gathers`: up to three (table [R, w] or [R], dest [B, w] or
     [B]) pairs, both contiguous, of one dtype, with R covering every pick (modulus·K rows with a row, K without):
-    dest[b] ← table[out[b]]."""
+    dest[b] ← table[out[b]]. `update`: the solver step that writes x, made first in the same launch (`Update`)."""
     if x.shape[0] == 0:
         return
-    _PICK(*_launch(x, promised, row, modulus, out, splits, scratch, gathers), num_warps=_NUM_WARPS)
+    _PICK(*_launch(x, promised, row, modulus, out, splits, scratch, gathers, update), num_warps=_NUM_WARPS)
 
 
 def prepare(x: torch.Tensor, promised: torch.Tensor, row: torch.Tensor | None, modulus: int, out: torch.Tensor,
-            scratch: Scratch | None, gathers: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()) -> Prepared | None:
+            scratch: Scratch | None, gathers: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
+            update: Update | None = None) -> Prepared | None:
     """`time_shift_pick` on these arguments as a `Prepared` launch called with x alone (x: any tensor of the
-    layout it will be called with; scratch: `make_scratch(x)`), or None for an empty batch."""
+    layout it will be called with; scratch: `make_scratch(x)`), or None for an empty batch. With `update`, a call
+    passes x (the step's result), then the step's x_in, cond and (when guided) uncond."""
     if x.shape[0] == 0:
         return None
-    return _PICK.prepare(*_launch(x, promised, row, modulus, out, None, scratch, gathers), num_warps=_NUM_WARPS)
+    varying = (0,) if update is None else (0, *range(_UPDATE_AT, _UPDATE_AT + 2 + (update.uncond is not None)))
+    return _PICK.prepare(*_launch(x, promised, row, modulus, out, None, scratch, gathers, update),
+                         num_warps=_NUM_WARPS, varying=varying)

@@ -24,7 +24,7 @@ import torch
 import samplers_oracle as O
 from _support import backend_device
 from gaussian_mixture import GaussianMixture
-from pydpm.ops import time_shift_pick, use_backend
+from pydpm.ops import solver_step_reference, time_shift_pick, use_backend
 from pydpm.samplers import DPMSolver, TimeShift
 from pydpm.schedules import NoiseScheduleFlow, NoiseScheduleVP, model_wrapper
 
@@ -510,9 +510,115 @@ def test_pick_kernel_merges_chunked_samples(splits):
             assert scratch.counts.tolist() == [0, 0, 0]
 
 
+def _step_inputs(shape, n_older, guided, per_sample_rows, dtype, d, g):
+    """A solver step's tensors (x_in, cond, uncond or None, older) and coefficient rows (x, d, older...; conv):
+    per sample in float64 or one row in float32."""
+    def r(*sh):
+        return torch.randn(sh, generator=g, dtype=torch.float64).to(d, dtype)
+
+    B, n = shape[0], 2 + n_older
+    coefs = (0.5 + torch.rand(B, n, generator=g, dtype=torch.float64)) if per_sample_rows else \
+        (0.5 + torch.rand(n, generator=g)).float()
+    conv = (torch.rand(B, 2, generator=g, dtype=torch.float64) - 0.5) if per_sample_rows else \
+        (torch.rand(2, generator=g) - 0.5).float()
+    return (r(*shape), r(*shape), r(*shape) if guided else None, tuple(r(*shape) for _ in range(n_older)),
+            coefs.to(d), conv.to(d))
+
+
+def _step_reference(x_in, cond, uncond, guidance, older, coefs, conv):
+    """solver_step's float64 reference of the step: (result, d)."""
+    save = torch.empty(x_in.shape, dtype=torch.float64)
+    out = solver_step_reference(x_in.cpu().double(), [o.cpu().double() for o in older], coefs.cpu().double(),
+                                model_output=cond.cpu().double() if uncond is None else
+                                (cond.cpu().double(), uncond.cpu().double()),
+                                convert=conv.cpu().double(), guidance_scale=None if uncond is None else guidance,
+                                save=save)
+    return out, save
+
+
+# (dtype, older predictions, guided, per-sample rows, save): each of the update's variants at least once
+UPDATE_CASES = [(torch.float32, 2, False, True, True), (torch.float32, 0, True, False, False),
+                (torch.float64, 1, True, True, True), (torch.float16, 2, True, False, True)]
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("dtype,n_older,guided,per_sample_rows,saved", UPDATE_CASES)
+def test_pick_kernel_makes_the_update_before_it(splits, dtype, n_older, guided, per_sample_rows, saved):
+    """The pick kernel with `update`: it writes solver_step's result (and d to save) to x, poisoned before, as the
+    float64 reference does, and picks (and gathers) what the oracle picks on what it wrote; in one program per
+    sample and in chunks (the last chunk picks)."""
+    kernels = pytest.importorskip("pydpm.kernels.time_shift")
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("Triton needs CUDA or the interpreter")
+    d, g = backend_device("triton"), torch.Generator().manual_seed(splits + 10 * n_older)
+    shape = (3, 5, 301)
+    promised = 0.2 + 3.0 * torch.rand(40, generator=g, dtype=torch.float64)
+    row = torch.randint(0, 100, (3,), generator=g)
+    gathers = _gather_pairs(40 * 11, 3, d, g)
+    x_in, cond, uncond, older, coefs, conv = _step_inputs(shape, n_older, guided, per_sample_rows, dtype, d, g)
+    x = torch.full(shape, math.nan, dtype=dtype, device=d)
+    save = torch.full(shape, math.nan, dtype=dtype, device=d) if saved else None
+    out = torch.full((3,), -1, dtype=torch.int64, device=d)
+    update = kernels.Update(x_in, cond, uncond, 1.7, older, save, coefs, conv)
+    kernels.time_shift_pick(x, promised.to(d), row.to(d), 11, out, splits=splits, gathers=gathers, update=update)
+    expected, d_expected = _step_reference(x_in, cond, uncond, 1.7, older, coefs, conv)
+    tol = dict(rtol=2e-3, atol=2e-3) if dtype == torch.float16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.cpu().double(), expected, **tol)
+    if saved:
+        torch.testing.assert_close(save.cpu().double(), d_expected, **tol)
+    picks = pick_oracle(x.cpu().double(), promised, row, 11)
+    assert out.tolist() == picks and len(set(p % 40 for p in picks)) > 1
+    for table, dest in gathers:
+        assert torch.equal(dest.cpu(), table.cpu()[picks])
+
+
+@pytest.mark.parametrize("backend", PICK_BACKENDS)
+def test_planned_pick_after_step_equals_the_step_then_the_pick(backend):
+    """PlannedPick planned with the step before it: on Triton `after_step` makes the step and the pick in one launch,
+    with the result of `solver_step` then the pick; it declines (False, nothing done) on tensors of another layout
+    or a missing or extra uncond, and plans no fused launch for steps the kernel does not make (noise, three older
+    predictions, tensors of other layouts); elsewhere it always declines."""
+    from pydpm.ops import PhiloxNoise, solver_step
+    from pydpm.ops.solver_step import check_args
+    from pydpm.ops.time_shift import PlannedPick
+    d, g = backend_device(backend), torch.Generator().manual_seed(2)
+    shape = (4, 3, 7)
+    promised = (0.2 + 3.0 * torch.rand(21, generator=g, dtype=torch.float64)).to(d)
+    x_in, cond, uncond, older, coefs, conv = _step_inputs(shape, 2, True, True, torch.float32, d, g)
+    save = torch.empty(shape, device=d)
+
+    def plan(out, **kw):
+        args = dict(older=older, coefs=coefs, model_output=(torch.empty_like(x_in),) * 2, convert=conv,
+                    guidance_scale=1.5, save=save)
+        args.update(kw)
+        step = check_args(torch.empty_like(x_in), list(args.pop("older")), args.pop("coefs"), out=torch.empty_like(x_in),
+                          **args)
+        return PlannedPick(torch.empty_like(x_in), promised, None, 1, out, step=step)
+
+    with use_backend(backend):
+        out = torch.full(shape[:1], -1, dtype=torch.int64, device=d)
+        planned = plan(out)
+        assert (planned.fused is not None) == (backend == "triton")
+        x = torch.full(shape, math.nan, device=d)
+        if backend != "triton":
+            assert not planned.after_step(x_in, cond, uncond, x) and x.isnan().all() and out.tolist() == [-1] * 4
+            return
+        assert not planned.after_step(x_in, cond, None, x)
+        assert not planned.after_step(x_in, cond.transpose(1, 2).contiguous().transpose(1, 2), uncond, x)
+        assert x.isnan().all() and out.tolist() == [-1] * 4
+        assert planned.after_step(x_in, cond, uncond, x)
+        expected = solver_step(x_in, list(older), coefs, model_output=(cond, uncond), convert=conv, guidance_scale=1.5)
+        torch.testing.assert_close(x, expected, rtol=1e-6, atol=1e-6)
+        assert out.tolist() == time_shift_pick(x, promised).tolist()
+        assert plan(out, noise=PhiloxNoise(1, 0), coefs=torch.cat([coefs, coefs[:, :1]], 1)).fused is None
+        assert plan(out, older=older + older[:1], coefs=torch.cat([coefs, coefs[:, :1]], 1)).fused is None
+        assert plan(out, save=torch.empty(shape[0], shape[2], shape[1], device=d).transpose(1, 2)).fused is None
+        assert plan(out).launch is not None
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="triton on CPU tensors needs the interpreter (CI); on CUDA "
                                                    "test_on_cuda and test_in_a_cuda_graph run it")
-def test_sampler_with_the_triton_pick_equals_the_reference(mixture):
+def test_sampler_with_the_triton_pick_equals_the_reference(mixture, monkeypatch):
     """The whole time-shifted loop (float32: Triton's solver_step) with every op forced onto Triton (the
     interpreter) against the reference ops; the samples are called at different times."""
     ns = mixture[0]
@@ -523,8 +629,13 @@ def test_sampler_with_the_triton_pick_equals_the_reference(mixture):
     kw = dict(steps=6, order=3, t_start=0.3, time_shift=TimeShift(window=6, cutoff=0.1), denoise_to_zero=True)
     with use_backend("reference"):
         expected = DPMSolver(rec, ns).sample(x, **kw)
+    from pydpm.ops.time_shift import PlannedPick
+    fused = []
+    after_step = PlannedPick.after_step
+    monkeypatch.setattr(PlannedPick, "after_step", lambda self, *a: fused.append(after_step(self, *a)) or fused[-1])
     with use_backend("triton"):
         got = DPMSolver(rec, ns).sample(x, **kw)
+    assert fused and all(fused)  # every shifted call after the first picks in its update's launch
     calls = len(rec.times) // 2
     for a, b in zip(rec.times[:calls], rec.times[calls:]):
         torch.testing.assert_close(b, a, rtol=0, atol=0)

@@ -31,6 +31,7 @@ from pydpm import _backend
 from pydpm.ops._framework import (FLOAT_DTYPES, Backend, BadInput, Entry, Op, Tolerance, acc_dtype, check_no_alias,
                                   check_out, check_tensor, dense_layout, fail, fail_type, register, sample_maker,
                                   sample_tensor, tensor_mutations, triton_reasons)
+from pydpm.ops.solver_step import StepArgs
 
 MAX_INDEX = 1 << 62     # modulus · K must stay below this (int64 rows with room to spare)
 
@@ -190,10 +191,16 @@ class PlannedPick:
     `gathers`: the argument check, the dispatch, the chunked launch's scratch and the kernel's arguments are made
     once, here (a `Prepared` launch of the Triton kernel, which makes the gathers, at most three, in the pick's own
     launch); a call then launches with x's pointer alone. An x of another shape, dtype, device or strides, and
-    backends other than Triton, take the public op and one `index_select` per gather."""
+    backends other than Triton, take the public op and one `index_select` per gather.
+
+    `step`: the checked `solver_step` call (`check_args`) whose result the pick reads, i.e. the sampler's update
+    before this model call; where the kernel can make it (an ODE step with a model output, up to two older
+    predictions, no noise or thresholding, every tensor in x's layout; Triton), `after_step` makes that update
+    and the pick in one launch."""
 
     def __init__(self, x: torch.Tensor, promised: torch.Tensor, row: torch.Tensor | None, modulus: int,
-                 out: torch.Tensor, gathers: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()):
+                 out: torch.Tensor, gathers: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
+                 step: StepArgs | None = None):
         self.args = args = check_pick(x, promised, row, modulus, out)
         rows = promised.numel() * (modulus if row is not None else 1)
         for i, (table, dest) in enumerate(gathers):
@@ -206,13 +213,18 @@ class PlannedPick:
                                     f"[{x.shape[0]}, *table.shape[1:]]")
         self.gathers = tuple(gathers)
         self.meta = (x.shape, x.dtype, x.device, x.stride())
-        self.launch = None
+        self.launch = self.fused = None
         self.scratch = None
+        self.guided = step is not None and step.uncond is not None
         if OP.select(args).name == "triton" and dense_layout(x):
             kernels = _backend.kernels("time_shift")
             if len(self.gathers) <= kernels.MAX_GATHERS:
                 self.scratch = kernels.make_scratch(x)
-                self.launch = kernels.prepare(x, promised.contiguous(), row, modulus, out, self.scratch, self.gathers)
+                promised = promised.contiguous()
+                self.launch = kernels.prepare(x, promised, row, modulus, out, self.scratch, self.gathers)
+                update = _update(kernels, step, x) if step is not None else None
+                if update is not None:
+                    self.fused = kernels.prepare(x, promised, row, modulus, out, self.scratch, self.gathers, update)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The pick for x into the planned out (returned), and the gathers."""
@@ -224,6 +236,39 @@ class PlannedPick:
         for table, dest in self.gathers:
             torch.index_select(table, 0, a.out, out=dest)
         return a.out
+
+    def after_step(self, x_in: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
+                   x: torch.Tensor) -> bool:
+        """The planned step, x ← solver_step(x_in, older, coefs, model_output=cond or (cond, uncond), ...), and
+        then the pick of x with its gathers, in one launch; False, having done nothing, where this plan has no
+        such launch or a tensor is not of x's planned shape, dtype, device and strides."""
+        if self.fused is None or (uncond is not None) != self.guided:
+            return False
+        for t in (x, x_in, cond, uncond):
+            if t is not None and (t.shape, t.dtype, t.device, t.stride()) != self.meta:
+                return False
+        if uncond is None:
+            self.fused(x, x_in, cond)
+        else:
+            self.fused(x, x_in, cond, uncond)
+        return True
+
+
+def _update(kernels, step: StepArgs, x: torch.Tensor):
+    """The kernel's `Update` for a checked step whose result is x, or None where the kernel cannot make it. The
+    step's tensors stand for the layout (its x_in and model outputs are replaced at each call); host coefficients
+    become float32 rows on x's device once (the step's kernels compute with float32 coefficients)."""
+    if not (step.cond is not None and step.noise is None and step.philox is None and step.threshold is None
+            and step.broadcast == 0 and len(step.models) <= kernels.MAX_OLDER and step.x.dtype == x.dtype
+            and all(t.shape == x.shape and t.stride() == x.stride() and t.dtype == x.dtype and t.device == x.device
+                    for t in step.tensors())):
+        return None
+
+    def rows(table, values):
+        return table if table is not None else torch.tensor(values, dtype=torch.float32, device=x.device)
+
+    return kernels.Update(step.x, step.cond, step.uncond, step.guidance, tuple(step.models), step.save,
+                          rows(step.coeffs, step.coef_values), rows(step.convert, step.convert_values))
 
 
 # --------------------------------------------------------------------------------------------------

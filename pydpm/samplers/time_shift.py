@@ -206,22 +206,20 @@ class _Workspace:
                                                                   device=device) for st in p.steps]
         self.times: list[torch.Tensor] = []
         self.convert: list[torch.Tensor | list[float]] = []
-        self.picks: list[PlannedPick | None] = []                   # per call: its pick into row, if it shifts
+        picks: list[tuple | None] = []                              # per call: its pick's arguments, if it shifts
         for i, pt in enumerate(p.nominal[:len(p.steps) + 1]):  # every model call, the final denoising one last
             c = p.calls[i] if i < len(p.calls) else None
             if c is not None and c.promised is not None:
                 assert c.times is not None and c.convert is not None
                 table, coefs = p.steps[i], self.coefs[i]
                 assert isinstance(table, torch.Tensor) and isinstance(coefs, torch.Tensor)
-                first = not any(self.picks)                         # the first pick starts the row
+                first = not any(picks)                              # the first pick starts the row
                 self.times.append(torch.empty(batch, dtype=c.times.dtype, device=device))
                 self.convert.append(torch.empty(batch, 2, dtype=torch.float64, device=device))
-                self.picks.append(PlannedPick(torch.empty_like(x), c.promised, None if first else self.row,
-                                              c.modulus, self.row, gathers=((c.times, self.times[i]),
-                                                                            (c.convert, self.convert[i]),
-                                                                            (table, coefs))))
+                picks.append((c.promised, None if first else self.row, c.modulus,
+                              ((c.times, self.times[i]), (c.convert, self.convert[i]), (table, coefs))))
                 continue
-            self.picks.append(None)
+            picks.append(None)
             t_cont = torch.full((batch,), pt.t, dtype=time_dtype, device=device)
             self.times.append(noise_schedule.model_time(t_cont) if wrapped else t_cont)
             self.convert.append([float(k) for k in conversion(model_type, pt.alpha, pt.sigma,
@@ -234,6 +232,12 @@ class _Workspace:
             older = [slots[(j - 1) % keep] for j in range(max(1, s - keep + 1), s)]
             self.steps.append(self._planned(x, older, self.coefs[s - 1], self.convert[s - 1], slots[(s - 1) % keep]))
         self.final = self._planned(x, [], [0.0, 1.0], self.convert[len(p.steps)], None)
+        # per call: its pick into row, if it shifts, planned with the update before it (made in one launch where
+        # the pick's kernel takes that update)
+        self.picks: list[PlannedPick | None] = [
+            None if spec is None else PlannedPick(torch.empty_like(x), *spec[:3], self.row, gathers=spec[3],
+                                                  step=self.steps[i - 1][0].args if i else None)
+            for i, spec in enumerate(picks)]
 
     def _planned(self, x: torch.Tensor, older: list[torch.Tensor], coefs: Any, convert: Any,
                  save: torch.Tensor | None) -> tuple[PlannedStep, dict[str, Any]]:
@@ -258,13 +262,15 @@ def time_shifted_multistep(model_fn: Callable[..., torch.Tensor], p: Plan, ws: _
                            denoise_to_zero: bool, intermediates: list[torch.Tensor] | None) -> torch.Tensor:
     """The multistep loop of `DPMSolver.sample` with per-sample shifted times, on the tables of `plan` and the
     buffers of `ws`. x is not modified; the result is a new tensor."""
-    def call(x: torch.Tensor, i: int) -> Any:
-        """The model at call i, at each sample's picked candidate time when point i shifts, else at the nominal
-        one; the raw output (or classifier-free pair), which the next step converts in its own launch."""
+    def call(x: torch.Tensor, i: int, picked: bool = False) -> Any:
+        """The model at call i, at each sample's picked candidate time when point i shifts (picked: in the update's
+        launch already), else at the nominal one; the raw output (or classifier-free pair), which the next step
+        converts in its own launch."""
         c = p.calls[i] if i < len(p.calls) else None
         pick = ws.picks[i]
         if pick is not None:
-            pick(x)                               # the row, and the model's time, conversion and next coefficients
+            if not picked:
+                pick(x)                           # the row, and the model's time, conversion and next coefficients
         elif c is not None and c.modulus:
             torch.remainder(ws.row, c.modulus, out=ws.row)
         out = model_fn.outputs(x, ws.times[i]) if ws.wrapped else model_fn(x, ws.times[i])
@@ -278,11 +284,15 @@ def time_shifted_multistep(model_fn: Callable[..., torch.Tensor], p: Plan, ws: _
         if not isinstance(table, list) and ws.picks[step - 1] is None:  # a pick gathers its step's coefficients
             torch.index_select(table, 0, ws.row, out=ws.coefs[step - 1])
         last = step == len(p.steps) and not denoise_to_zero
-        x = ws.step(ws.steps[step - 1], x, out, torch.empty_like(x) if last else ws.xs[step % 2])
+        result = torch.empty_like(x) if last else ws.xs[step % 2]
+        pick = ws.picks[step] if step < len(p.steps) else None
+        cond, uncond = out if ws.pair else (out, None)
+        picked = pick is not None and pick.after_step(x, cond, uncond, result)    # the update and the next pick
+        x = result if picked else ws.step(ws.steps[step - 1], x, out, result)
         if intermediates is not None:
             intermediates.append(x.clone())
         if step < len(p.steps):
-            out = call(x, step)
+            out = call(x, step, picked)
     if denoise_to_zero:
         x = ws.step(ws.final, x, call(x, len(p.steps)), torch.empty_like(x))
         if intermediates is not None:
