@@ -38,7 +38,7 @@ _NUM_WARPS = 4
 _BLOCK = 1024           # elements per pass iteration (8 per thread at 4 warps)
 _BK = 64                # candidates per block
 _BS = 64                # chunk statistics merged per iteration
-_MIN_CHUNK = 4096       # elements per chunk program at least: 4 iterations of each pass
+_MIN_CHUNK = 1024       # elements per chunk program at least (one iteration of each pass): lower latency than 4096
 MAX_GATHERS = 3
 
 
