@@ -67,22 +67,21 @@ def _moments(base, lo, hi, BLOCK: tl.constexpr, F64: tl.constexpr):
 
 
 @triton.jit
-def _stepped_moments(new, x_in, cond, uncond, o0, o1, save, base, lo, hi, c_x, c_d, c_0, c_1, k_x, k_m, guidance,
+def _stepped_moments(new, x_in, cond, uncond, o0, o1, save, lo, hi, c_x, c_d, c_0, c_1, k_x, k_m, guidance,
                      N_OLDER: tl.constexpr, GUIDED: tl.constexpr, SAVE: tl.constexpr, BLOCK: tl.constexpr,
                      F64: tl.constexpr):
-    """The update of elements base + lo:hi (`solver_step`'s formula, in fp32, its terms in the same order)
+    """The update of elements lo:hi (`solver_step`'s formula, in fp32, its terms in the same order)
 
         m = cond  or  uncond + guidance·(cond − uncond);   d = k_x·x_in + k_m·m   (save ← d)
         new = c_x·x_in + c_d·d + c_0·older_0 + c_1·older_1
 
     written to `new` (and d to `save`), then (mean, M2) of what was written: the first pass sums the stored
-    values, the second reads them back (each thread sees the block's stores after the barrier). The pointers of
-    unused terms may be None."""
+    values, the second reads them back (each thread sees the block's stores after the barrier)."""
     lanes = tl.arange(0, BLOCK)
     total = tl.zeros([BLOCK], dtype=tl.float64 if F64 else tl.float32)
     for s in range(lo, hi, BLOCK):
-        i = base + s + lanes
-        mask = s + lanes < hi
+        i = s + lanes
+        mask = i < hi
         xv = tl.load(x_in + i, mask=mask).to(tl.float32)
         m = tl.load(cond + i, mask=mask).to(tl.float32)
         if GUIDED:
@@ -102,7 +101,7 @@ def _stepped_moments(new, x_in, cond, uncond, o0, o1, save, base, lo, hi, c_x, c
         total += tl.where(mask, _acc(y, F64), 0.0)
     mean = tl.sum(total, axis=0) / (hi - lo)
     tl.debug_barrier()
-    return mean, _m2(new + base, lo, hi, mean, BLOCK, F64)
+    return mean, _m2(new, lo, hi, mean, BLOCK, F64)
 
 
 @triton.jit
@@ -164,7 +163,16 @@ def _sample_moments(x, b, xsb, lo, hi, x_in, cond, uncond, o0, o1, save, coefs, 
             c_0 = tl.load(c + 2).to(tl.float32)
         if N_OLDER > 1:
             c_1 = tl.load(c + 3).to(tl.float32)
-        return _stepped_moments(x, x_in, cond, uncond, o0, o1, save, base, lo, hi, tl.load(c).to(tl.float32), tl.load(c + 1).to(tl.float32), c_0, c_1,
+        if GUIDED:                                  # the pointers of unused terms are None
+            uncond += base
+        if N_OLDER > 0:
+            o0 += base
+        if N_OLDER > 1:
+            o1 += base
+        if SAVE:
+            save += base
+        return _stepped_moments(x + base, x_in + base, cond + base, uncond, o0, o1, save, lo, hi,
+                                tl.load(c).to(tl.float32), tl.load(c + 1).to(tl.float32), c_0, c_1,
                                 tl.load(k).to(tl.float32), tl.load(k + 1).to(tl.float32), guidance,
                                 N_OLDER, GUIDED, SAVE, BLOCK, F64)
     else:
@@ -325,7 +333,8 @@ def _launch(x: torch.Tensor, promised: torch.Tensor, row: torch.Tensor | None, m
         if len(u.older) > MAX_OLDER:
             raise ValueError(f"time_shift_pick: an update with {len(u.older)} older predictions; the kernel takes at "
                              f"most {MAX_OLDER}")
-        args += [u.x_in, u.cond, u.uncond, *u.older, *[None] * (MAX_OLDER - len(u.older)), u.save, u.coefs, u.coefs.stride(0) if u.coefs.dim() == 2 else 0,
+        args += [u.x_in, u.cond, u.uncond, *u.older, *[None] * (MAX_OLDER - len(u.older)), u.save,
+                 u.coefs, u.coefs.stride(0) if u.coefs.dim() == 2 else 0,
                  u.conv, u.conv.stride(0) if u.conv.dim() == 2 else 0, float(u.guidance)]
         step = (True, len(u.older), u.uncond is not None, u.save is not None)
         key += (u.coefs.dtype, u.conv.dtype, None if u.save is None else u.save.dtype)

@@ -591,8 +591,8 @@ def test_planned_pick_after_step_equals_the_step_then_the_pick(backend):
         args = dict(older=older, coefs=coefs, model_output=(torch.empty_like(x_in),) * 2, convert=conv,
                     guidance_scale=1.5, save=save)
         args.update(kw)
-        step = check_args(torch.empty_like(x_in), list(args.pop("older")), args.pop("coefs"), out=torch.empty_like(x_in),
-                          **args)
+        step = check_args(torch.empty_like(x_in), list(args.pop("older")), args.pop("coefs"),
+                          out=torch.empty_like(x_in), **args)
         return PlannedPick(torch.empty_like(x_in), promised, None, 1, out, step=step)
 
     with use_backend(backend):
