@@ -6,7 +6,9 @@
 
 and, optionally, up to three row gathers dest_g[b] ← table_g[out_b] (what the time-shift sampler reads per
 sample once the pick is made: the model's time, the output conversion, the next update's coefficients), in the
-same launch.
+same launch; and optionally, first, the solver step whose result x is (`Update`: the ODE form of
+`pydpm.ops.solver_step`, computed per element in the pass that sums x, written, and read back by the second pass),
+so that the sampler's update and its next pick are one launch.
 
 The variance: with few samples or small ones, one program per sample makes two passes over its N elements
 (the mean, then the squared deviations; the second pass reads what the first left in L2), each lane of the block

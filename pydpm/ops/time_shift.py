@@ -13,7 +13,9 @@ picks (row mod modulus) and appending the new one is this op's last line.
 What is fused: the variance (two passes over the sample, fp32 accumulation, fp64 for fp64 x), the distance
 to every candidate (float64), the argmin and the index arithmetic: one launch and one int64 written per
 sample. The eager composition is eight launches (a variance reduction, a cast, a subtraction, an abs, an
-argmin, then a multiply and an add).
+argmin, then a multiply and an add). For a caller that picks on the result of a solver step every time (the
+time-shift sampler), `PlannedPick(..., step=)` makes that step in the pick's own launch (`after_step`): the
+step and the pick whose unfused composition is `solver_step` then this op.
 
 Backends: `triton` (CUDA; on CPU through the interpreter when forced) and `reference` (PyTorch, the CPU
 path). Module layout (the op framework's skeleton, pydpm/ops/_framework.py): reference → argument check →

@@ -14,11 +14,13 @@ float64, by the same update code as the plain solver (`multistep_update`, evalua
 allowed candidate of each time it reads) for every combination of candidates; at run time each sample's row is
 gathered from that table and the step is one `solver_step` launch with a per-sample [B, n] coefficient table,
 which also converts the model's output (its model-output stage, as the fused solvers). No extra model calls and
-no host synchronisation: per shifted model call one `time_shift_pick` launch (the variance, the nearest
-candidate, the sample's row, and the gathers of that row's model time, output conversion and next-step
-coefficients, fused), so the whole loop can be captured in one CUDA graph (`cuda_graph=True`). Eagerly the loop
-runs on a workspace per input layout: fixed buffers, and each pick and update checked once (`PlannedPick`,
-`PlannedStep`).
+no host synchronisation: a shifted model call is preceded by one `time_shift_pick` launch (the variance, the
+nearest candidate, the sample's row, and the gathers of that row's model time, output conversion and next-step
+coefficients, fused), which, after the first call, also makes the update that produced the samples (the pick's
+kernel writes the step's result and picks on it: one launch per model call, as the plain solvers), so the whole
+loop can be captured in one CUDA graph (`cuda_graph=True`). Eagerly the loop runs on a workspace per input layout:
+fixed buffers, and each pick and update checked once (`PlannedPick`, `PlannedStep`); where the pick's kernel
+cannot make the update (a model output of another layout, a backend other than Triton), they are two launches.
 """
 from __future__ import annotations
 
@@ -123,7 +125,8 @@ def plan(model_fn: Any, noise_schedule: Any, ts: torch.Tensor, shift: TimeShift,
     coefficient for every combination of candidates at once, flattened row-major (the newest point fastest)
     into the step's table. A sample's row in it is the mixed-radix number of its picks at those points, which
     each model call extends by one digit and truncates to the points the next step reads (`Call`): one
-    `time_shift_pick` launch per shifted model call at run time, which also gathers the row's entries."""
+    `time_shift_pick` launch per shifted model call at run time, which also gathers the row's entries (and makes
+    the update before it)."""
     field = candidate_tables(noise_schedule, ts, shift)
     shifted = field["shifted"].tolist()
     nominal = points(noise_schedule, ts)
@@ -189,9 +192,10 @@ class _Workspace:
     """One input layout's buffers and pre-checked launches, kept between runs: each sample's row; per shifted call
     its model time and output conversion, per step its coefficients, gathered into fixed buffers (by the shifted
     call's `PlannedPick`, else `index_select(out=)`); per nominal call its model time and conversion, computed
-    once; the prediction slots; the samples between steps, two buffers used in turn; and per step a `PlannedStep`
+    once; the prediction slots; the samples between steps, two buffers used in turn; per step a `PlannedStep`
     over those buffers, so that a step costs a pointer swap and the C call where the C kernels take it (the
-    checked op elsewhere)."""
+    checked op elsewhere); and each shifted call's `PlannedPick`, planned with the step before it, which it makes in
+    its own launch where its kernel can (`PlannedPick.after_step`)."""
 
     def __init__(self, model_fn: Any, noise_schedule: Any, p: Plan, predict: str, x: torch.Tensor):
         batch, device = x.shape[0], x.device
