@@ -20,7 +20,8 @@ sample's counter (an atomic, acquire-release); the program that counts last merg
 and resets the counter for the next launch. One launch either way, B·S programs reading. Then the K candidates
 in blocks of BK, compared in float64. A sample's elements must be one dense block of N at offset b·stride
 (contiguous or channels-last x: the variance does not depend on the order); the op copies other layouts once.
-Naming chain: `_moments`, `_finish` → `_pick_kernel` → the launcher `time_shift_pick`.
+Naming chain: `_moments` or `_stepped_moments` (through `_sample_moments`), `_finish` → `_pick_kernel` → the launcher
+`time_shift_pick` (and `prepare`, its `Prepared` form).
 """
 from __future__ import annotations
 
