@@ -289,7 +289,8 @@ class Update(NamedTuple):
     x_in, the model output cond (and uncond, mixed with `guidance`), up to MAX_OLDER older predictions, save (d's
     destination, or None), the coefficient rows `coefs` ([B, n] per sample, or [n] for all; n = 2 + older: x, d,
     the older ones) and `conv` ([B, 2] or [2]: d = conv₀·x_in + conv₁·m). Every tensor of x's shape shares x's
-    dtype and strides; the rows are contiguous, float32 or float64."""
+    dtype and strides; the rows are contiguous, float32 or float64. Computed in float32 whatever x's dtype, as
+    solver_step's Triton kernel."""
 
     x_in: torch.Tensor
     cond: torch.Tensor

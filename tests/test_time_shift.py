@@ -577,7 +577,7 @@ def test_planned_pick_after_step_equals_the_step_then_the_pick(backend):
     """PlannedPick planned with the step before it: on Triton `after_step` makes the step and the pick in one launch,
     with the result of `solver_step` then the pick; it declines (False, nothing done) on tensors of another layout
     or a missing or extra uncond, and plans no fused launch for steps the kernel does not make (noise, three older
-    predictions, tensors of other layouts); elsewhere it always declines."""
+    predictions, tensors of other layouts, float64); elsewhere it always declines."""
     from pydpm.ops import PhiloxNoise, solver_step
     from pydpm.ops.solver_step import check_args
     from pydpm.ops.time_shift import PlannedPick
@@ -614,6 +614,9 @@ def test_planned_pick_after_step_equals_the_step_then_the_pick(backend):
         assert plan(out, older=older + older[:1], coefs=torch.cat([coefs, coefs[:, :1]], 1)).fused is None
         assert plan(out, save=torch.empty(shape[0], shape[2], shape[1], device=d).transpose(1, 2)).fused is None
         assert plan(out).launch is not None
+        x64 = x_in.double()  # solver_step computes float64 in float64; the kernel would in float32
+        step = check_args(x64, [o.double() for o in older], coefs, model_output=x64, convert=conv, out=x64.clone())
+        assert PlannedPick(x64, promised, None, 1, out, step=step).fused is None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="triton on CPU tensors needs the interpreter (CI); on CUDA "

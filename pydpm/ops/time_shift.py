@@ -197,8 +197,8 @@ class PlannedPick:
 
     `step`: the checked `solver_step` call (`check_args`) whose result the pick reads, i.e. the sampler's update
     before this model call; where the kernel can make it (an ODE step with a model output, up to two older
-    predictions, no noise or thresholding, every tensor in x's layout; Triton), `after_step` makes that update
-    and the pick in one launch."""
+    predictions, no noise or thresholding, every tensor in x's layout, not float64; Triton), `after_step` makes that
+    update and the pick in one launch."""
 
     def __init__(self, x: torch.Tensor, promised: torch.Tensor, row: torch.Tensor | None, modulus: int,
                  out: torch.Tensor, gathers: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
@@ -257,11 +257,14 @@ class PlannedPick:
 
 
 def _update(kernels, step: StepArgs, x: torch.Tensor):
-    """The kernel's `Update` for a checked step whose result is x, or None where the kernel cannot make it. The
-    step's tensors stand for the layout (its x_in and model outputs are replaced at each call); host coefficients
-    become float32 rows on x's device once (the step's kernels compute with float32 coefficients)."""
+    """The kernel's `Update` for a checked step whose result is x, or None where the kernel cannot make it as
+    `solver_step` would: the kernel computes in float32, as solver_step's CUDA and Triton kernels, so a float64
+    step (which solver_step computes in float64, on its reference backend) is not made here. The step's tensors
+    stand for the layout (its x_in and model outputs are replaced at each call); host coefficients become float32
+    rows on x's device once (the step's kernels compute with float32 coefficients)."""
     if not (step.cond is not None and step.noise is None and step.philox is None and step.threshold is None
             and step.broadcast == 0 and len(step.models) <= kernels.MAX_OLDER and step.x.dtype == x.dtype
+            and x.dtype != torch.float64
             and all(t.shape == x.shape and t.stride() == x.stride() and t.dtype == x.dtype and t.device == x.device
                     for t in step.tensors())):
         return None

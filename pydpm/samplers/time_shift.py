@@ -20,7 +20,8 @@ coefficients, fused), which, after the first call, also makes the update that pr
 kernel writes the step's result and picks on it: one launch per model call, as the plain solvers), so the whole
 loop can be captured in one CUDA graph (`cuda_graph=True`). Eagerly the loop runs on a workspace per input layout:
 fixed buffers, and each pick and update checked once (`PlannedPick`, `PlannedStep`); where the pick's kernel
-cannot make the update (a model output of another layout, a backend other than Triton), they are two launches.
+cannot make the update (a model output of another layout, float64 x, a backend other than Triton), they are two
+launches.
 """
 from __future__ import annotations
 
