@@ -334,6 +334,34 @@ def test_in_a_cuda_graph(denoise_to_zero, verify, monkeypatch):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_one_launch_per_model_call():
+    """Kernels counted by torch.profiler over an eager loop whose model launches none (it returns a fixed tensor):
+    the plain DPM-Solver++(2M) loop launches one kernel per model call, and the time-shifted one, every call
+    shifting, one more: the first call's pick, then each update with the next call's pick, then the last update."""
+    from torch.profiler import ProfilerActivity, profile
+    ns = NoiseScheduleVP("linear", dtype=torch.float64)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(2, 4, 32, 32, generator=gen, device="cuda")
+    fixed = 0.5 * torch.randn(2, 4, 32, 32, generator=gen, device="cuda")
+    solver = DPMSolver(lambda x, t: fixed, ns)
+
+    def kernels(**kw) -> list[str]:
+        solver.sample(x, steps=6, order=2, **kw)  # compiles and plans
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            solver.sample(x, steps=6, order=2, **kw)
+            torch.cuda.synchronize()
+        return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                and not e.name.startswith(("Memcpy", "Memset"))]
+
+    plain = kernels()
+    assert len(plain) == 6, plain
+    shifted = kernels(time_shift=TimeShift(window=5, cutoff=0.0))
+    assert len(shifted) == 7 and sum("_pick_kernel" in name for name in shifted) == 6, shifted
+
+
 # --------------------------------------------------------------------------------------------------
 # The fused pick
 # --------------------------------------------------------------------------------------------------
