@@ -300,11 +300,11 @@ def _assert_match(one_dir: Path, two_dir: Path, steps: int, keys: tuple[str, ...
         p1 = one[part] if part == "model" else one["ema"]["model"]
         p2 = two[part] if part == "model" else two["ema"]["model"]
         moved = max((p1[k] - init[k]).abs().max().item() for k in p1)
-        diff = max((p1[k] - p2[k]).abs().max().item() for k in p1)
-        off = torch.cat([(p1[k] - p2[k]).abs().flatten() for k in p1]).gt(1e-7).float().mean().item()
-        assert moved > 1e-3, part                         # training moved the weights (lr 1e-3)
-        assert diff < 1e-2 * moved, (part, diff, moved)  # the largest difference: under 1% of that
-        assert off < 1e-2, (part, off)                   # all but a few elements: equal to float rounding
+        diffs = torch.cat([(p1[k] - p2[k]).abs().flatten() for k in p1])
+        assert moved > 1e-3, part                                    # training moved the weights (lr 1e-3)
+        assert diffs.max() < 5e-2 * moved, (part, diffs.max(), moved)  # the largest difference: under 5% of that
+        assert diffs.gt(1e-7).float().mean() < 5e-2, part            # the bulk: equal up to float rounding
+        assert diffs.gt(1e-6).float().mean() < 1e-3, part            # all but a few elements within 1e-6
 
 
 @GLOO
@@ -312,10 +312,13 @@ def test_two_gloo_processes_match_one(tmp_path):
     """`torchrun --nproc_per_node 2 -m pydpm train` (gloo) against one process with the same global batch of 4,
     4 steps. Both draw the same global batch; each rank takes half, and DDP averages the two half-batch
     gradients where one process averages over the whole batch: the same gradient up to float summation order,
-    so not bit-equal. Asserted: the per-step losses agree to 1e-5 relative; at least 99% of the parameters (and
-    EMA weights) agree to 1e-7 (most are bit-equal); the largest difference is under 1% of the largest change
-    training made (measured: ~2.5e-6 against ~4e-3; Adam's step normalisation turns the rounding of a
-    near-cancelling gradient element into a visible fraction of that element's step)."""
+    so not bit-equal. Adam's step normalisation turns the rounding of a near-cancelling gradient element into a
+    visible fraction of that element's step (up to the learning rate): how many elements that touches and by how
+    much depends on the CPU's summation order. Asserted: the per-step losses agree to 1e-5 relative; at least 95%
+    of the parameters (and EMA weights) agree to 1e-7 and 99.9% to 1e-6; the largest difference is under 5% of the
+    largest change training made. Measured: on an AMD EPYC VM with AVX-512, 1.6% of the 58545 weights off by more
+    than 1e-7, 12 by more than 1e-6, the largest by 4.5e-5 against a largest change of 4.0e-3; on an earlier VM
+    the largest was ~2.5e-6."""
     args = ["train", *TINY_ARGS, "--steps", "4", "--log-every", "1", "--samples", "0"]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     assert "batch 4 over 2 process(es)" in _torchrun([*args, "--out", str(tmp_path / "two")], tmp_path)
