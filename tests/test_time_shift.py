@@ -651,11 +651,19 @@ def test_planned_pick_after_step_equals_the_step_then_the_pick(backend):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="triton on CPU tensors needs the interpreter (CI); on CUDA "
                                                    "test_on_cuda and test_in_a_cuda_graph run it")
-def test_sampler_with_the_triton_pick_equals_the_reference(mixture, monkeypatch):
+@pytest.mark.parametrize("transposed", [False, True])
+def test_sampler_with_the_triton_pick_equals_the_reference(mixture, monkeypatch, transposed):
     """The whole time-shifted loop (float32: Triton's solver_step) with every op forced onto Triton (the
-    interpreter) against the reference ops; the samples are called at different times."""
+    interpreter) against the reference ops; the samples are called at different times. Every shifted call after
+    the first makes its update in the pick's launch; with a model whose output has other strides than x
+    (`transposed`), none does (the update, then the pick), and the result is the same."""
     ns = mixture[0]
-    rec = Recorder(lambda x, t: 0.3 * x + 0.1 * t.reshape(-1, 1, 1).to(x.dtype))
+
+    def eps(x, t):
+        out = 0.3 * x + 0.1 * t.reshape(-1, 1, 1).to(x.dtype)
+        return out.transpose(1, 2).contiguous().transpose(1, 2) if transposed else out
+
+    rec = Recorder(eps)
     z = torch.randn(6, 4, 9, generator=torch.Generator().manual_seed(5))
     z = (z - z.mean((1, 2), keepdim=True)) / z.std((1, 2), keepdim=True)
     x = z * (0.604 + torch.linspace(-0.015, 0.015, 6)[:, None, None]).sqrt()  # around σ² at t = 0.3: ±6/N
@@ -668,7 +676,7 @@ def test_sampler_with_the_triton_pick_equals_the_reference(mixture, monkeypatch)
     monkeypatch.setattr(PlannedPick, "after_step", lambda self, *a: fused.append(after_step(self, *a)) or fused[-1])
     with use_backend("triton"):
         got = DPMSolver(rec, ns).sample(x, **kw)
-    assert fused and all(fused)  # every shifted call after the first picks in its update's launch
+    assert fused and all(f != transposed for f in fused)
     calls = len(rec.times) // 2
     for a, b in zip(rec.times[:calls], rec.times[calls:]):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
