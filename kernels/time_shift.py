@@ -20,8 +20,8 @@ sample's counter (an atomic, acquire-release); the program that counts last merg
 and resets the counter for the next launch. One launch either way, B·S programs reading. Then the K candidates
 in blocks of BK, compared in float64. A sample's elements must be one dense block of N at offset b·stride
 (contiguous or channels-last x: the variance does not depend on the order); the op copies other layouts once.
-Naming chain: `_moments` or `_stepped_moments` (through `_sample_moments`), `_finish` → `_pick_kernel` → the launcher
-`time_shift_pick` (and `prepare`, its `Prepared` form).
+Naming chain: `_moments` or `_stepped_moments` (through `_sample_moments`), `_finish` → `_pick_kernel` → the
+launcher `time_shift_pick` (and `prepare`, its `Prepared` form).
 """
 from __future__ import annotations
 
@@ -303,7 +303,7 @@ class Update(NamedTuple):
 
 
 MAX_OLDER = 2
-_UPDATE_AT = 23     # the update's first argument: x_in, then cond and uncond (what a prepared call changes)
+_UPDATE_AT = _pick_kernel.arg_names.index("x_in")    # then cond and uncond: what a prepared update call changes
 
 
 def _launch(x: torch.Tensor, promised: torch.Tensor, row: torch.Tensor | None, modulus: int, out: torch.Tensor,

@@ -181,7 +181,8 @@ class DPMSolverV3(Solver):
                order: int | Sequence[int] = 3, skip_type: str = "time_uniform", p_pseudo: bool = False,
                use_corrector: bool | Sequence[bool] = True, c_pseudo: bool = True, lower_order_final: bool = True,
                return_intermediate: bool = False, cuda_graph: bool = False, progress: bool = False,
-               times: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+               times: Sequence[float] | torch.Tensor | None = None
+               ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Sample from x at t_start to t_end with `steps` model calls (defaults: the authors' for unguided
         sampling; they turn the corrector off for guided sampling).
 
