@@ -54,17 +54,19 @@ class FullCovarianceMixture:
         return cls(weights, means, bases, eigenvalues, schedule)
 
     def eps(self, x: torch.Tensor, t) -> torch.Tensor:
-        """ε*(x, t) for x of shape [B, D] (float64), t a number or a tensor of shape [] / [1] / [B]."""
-        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1).expand(x.shape[0])
-        alpha = self.schedule.marginal_alpha(t).reshape(-1, 1, 1)  # [B, 1, 1]
-        sigma = self.schedule.marginal_std(t).reshape(-1, 1)
-        centred = x[:, None, :] - alpha * self.means[None]                   # [B, K, D]
-        rotated = torch.einsum("bkd,kde->bke", centred, self.bases)          # U_kᵀ (x − α μ_k)
-        var = alpha ** 2 * self.eigenvalues[None] + sigma[:, :, None] ** 2  # [B, K, D]
-        log_p = (torch.log(self.weights) - 0.5 * torch.log(2 * math.pi * var).sum(-1)
+        """ε*(x, t) for x of shape [B, D] (float64, on any device), t a number or a tensor of shape [] / [1] / [B]."""
+        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1).cpu().expand(x.shape[0])  # the schedule's tables
+        alpha = self.schedule.marginal_alpha(t).reshape(-1, 1, 1).to(x.device)  # [B, 1, 1]
+        sigma = self.schedule.marginal_std(t).reshape(-1, 1).to(x.device)
+        weights, means, bases, eigenvalues = (v.to(x.device) for v in (self.weights, self.means, self.bases,
+                                                                        self.eigenvalues))
+        centred = x[:, None, :] - alpha * means[None]                        # [B, K, D]
+        rotated = torch.einsum("bkd,kde->bke", centred, bases)               # U_kᵀ (x − α μ_k)
+        var = alpha ** 2 * eigenvalues[None] + sigma[:, :, None] ** 2       # [B, K, D]
+        log_p = (torch.log(weights) - 0.5 * torch.log(2 * math.pi * var).sum(-1)
                  - 0.5 * (rotated.square() / var).sum(-1))
         gamma = torch.softmax(log_p, dim=1)
-        back = torch.einsum("bke,kde->bkd", rotated / var, self.bases)      # Σ_t,k⁻¹ (x − α μ_k)
+        back = torch.einsum("bke,kde->bkd", rotated / var, bases)           # Σ_t,k⁻¹ (x − α μ_k)
         return sigma * (gamma[:, :, None] * back).sum(1)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """Tuned samplers and DPM-Solver-v3 against every official DPM-Solver(++) and UniPC configuration, on the analytic
-Gaussian mixture of `sampler_accuracy` (CPU, float64).
+Gaussian mixture of `sampler_accuracy` (float64; on the CPU, or `--device cuda`).
 
     python -m pydpm.bench.tune_accuracy [--nfe 5 10 20] [--schedule discrete linear] [--methods tune v3]
                                                         (from a checkout: python bench/tune_accuracy.py)
@@ -86,7 +86,11 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--mixture", choices=("tests", *MIXTURES), default="tests",
                         help="tests: the 4-component isotropic mixture in D = 64 (default); full-a, full-b: the "
                              "full-covariance mixtures of bench/full_covariance_mixtures.py")
+    parser.add_argument("--device", default="cpu",
+                        help="where tuning, sampling and the exact solutions run, in float64 (default cpu); the "
+                             "noise and data are drawn on the CPU, so a draw is the same on every device")
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
 
     gmm, oracle = _import_helpers()
     from pydpm.samplers import DPMSolver, DPMSolverV3, compute_ems, tune
@@ -114,19 +118,21 @@ def run(argv: list[str] | None = None) -> int:
         draws = []
         for seed in args.eval_seeds:
             x = torch.randn(args.eval, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+            x = x.to(device)
             draws.append((seed, x, oracle.ode_solution(mixture.eps, osched, x, t_T, t_0, n=1000)))
 
-        data = mixture.sample(args.ems_samples, generator=torch.Generator().manual_seed(777))
+        data = mixture.sample(args.ems_samples, generator=torch.Generator().manual_seed(777)).to(device)
         if "v3" in args.methods:
             ems = compute_ems(model, psched, data, points=args.ems_points, t_start=t_T, t_end=t_0, batch=4096)
             x_cal = torch.randn(512, dim, generator=torch.Generator().manual_seed(12345), dtype=torch.float64)
+            x_cal = x_cal.to(device)
             ref_cal = DPMSolver(model, psched).sample(x_cal, steps=500, order=3, skip_type="logSNR",
                                                       third_order="corrected")
         for nfe in args.nfe:
             if "tune" in args.methods:
                 tuned = tune(model, psched, nfe, shape=(dim,), n_calibration=args.calibration,
                              iterations=args.iterations, search_samples=args.search_samples,
-                             dtype=torch.float64, seed=12345, data=data,
+                             dtype=torch.float64, device=device, seed=12345, data=data,
                              ems_points=args.ems_points)
                 r = tuned.report
             if "v3" in args.methods:
@@ -160,7 +166,7 @@ def run(argv: list[str] | None = None) -> int:
                     cells += [_describe(v3_configs[ceiling[1]]), f"{ceiling[0]:.2e}", f"{best[0] / ceiling[0]:.2f}×"]
                 print(_row(name, cells), flush=True)
     what = "4-component mixture in D = 64" if args.mixture == "tests" else f"mixture {args.mixture}"
-    print(f"\n({time.perf_counter() - began:.0f} s; torch {torch.__version__}; {what}, "
+    print(f"\n({time.perf_counter() - began:.0f} s on {device}; torch {torch.__version__}; {what}, "
           f"{args.eval} evaluation samples per draw, calibration seed 12345"
           + (f"; EMS: {args.ems_samples} samples, {args.ems_points} points, {ems.info['seconds']:.0f} s)"
              if "v3" in args.methods else ")"))

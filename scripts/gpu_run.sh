@@ -23,12 +23,16 @@
 #     --tune "ARGS"       the attention launch-configuration sweep, bench/attention_tune.py, with ARGS
 #     --demo "ARGS"       examples/spectral_distillation.py ARGS, non-empty (e.g. "--device cuda"): a teacher, three
 #                         students, samples, the metric and the table, under $1/demo (checkpoints left out of the archive)
+#     --accuracy "ARGS"   bench/tune_accuracy.py --device cuda ARGS (repeatable; last, after the timed phases: the runs
+#                         go at once, one process each, results in accuracy-1.md, accuracy-2.md, ...)
 #   limits: PYDPM_TEST_TIMEOUT (default 420 s), PYDPM_HUGE_TIMEOUT (300 s), PYDPM_SANITIZE_TIMEOUT (240 s per
-#           tool), PYDPM_PROFILE_TIMEOUT (300 s), PYDPM_BENCH_TIMEOUT (540 s per bench run), PYDPM_DEMO_TIMEOUT (540 s)
+#           tool), PYDPM_PROFILE_TIMEOUT (300 s), PYDPM_BENCH_TIMEOUT (540 s per bench run), PYDPM_DEMO_TIMEOUT (540 s),
+#           PYDPM_ACCURACY_TIMEOUT (540 s for all the accuracy runs together)
 set -uo pipefail
 out="${1:-${OUT:?give an output folder}}"
 shift || true
-tests="" huge=0 sanitize="" host_cost=0 host_args="" profile=0 profile_args="" tune="" demo="" benches=() explicit=0
+tests="" huge=0 sanitize="" host_cost=0 host_args="" profile=0 profile_args="" tune="" demo="" benches=() accuracy=()
+explicit=0
 while [ $# -gt 0 ]; do
   explicit=1
   case "$1" in
@@ -40,6 +44,7 @@ while [ $# -gt 0 ]; do
     --bench) benches+=("$2"); shift ;;
     --tune) tune="$2"; shift ;;
     --demo) demo="$2"; shift ;;
+    --accuracy) accuracy+=("$2"); shift ;;
     *) echo "unknown option $1"; exit 2 ;;
   esac
   shift
@@ -147,6 +152,23 @@ for args in "${benches[@]}"; do
   b_rc=$?
   summary+=("bench $i [$args] (rc $b_rc):" "$(sed -n '/^targets/,/^results/p' "$out/bench-$i.log")")
   rc=$(( rc || b_rc ))
+done
+i=0
+for args in "${accuracy[@]}"; do
+  i=$((i + 1))
+  eval "words=($args)"
+  OMP_NUM_THREADS=1 timeout "${PYDPM_ACCURACY_TIMEOUT:-540}" python3 bench/tune_accuracy.py --device cuda "${words[@]}" \
+    >"$out/accuracy-$i.md" 2>"$out/accuracy-$i.log" &
+done
+for i in $(seq 1 ${#accuracy[@]}); do
+  wait -n
+  a_rc=$?
+  rc=$(( rc || a_rc ))
+done
+i=0
+for args in "${accuracy[@]}"; do
+  i=$((i + 1))
+  summary+=("accuracy $i [$args]:" "$(grep -E '^\| [a-z]|^\(' "$out/accuracy-$i.md")" "$(tail -3 "$out/accuracy-$i.log")")
 done
 printf '%s\n' "----- summary -----" "${summary[@]}" | tee "$final/summary.txt"
 tar czf "$final/run.tar.gz" --exclude="*.pt" -C /tmp gpu-run  # no checkpoints: the device tool returns small files

@@ -36,10 +36,10 @@ class GaussianMixture:
         return cls(weights, means, stds, schedule)
 
     def _alpha_sigma(self, t, x):
-        """α_t, σ_t as [B, 1] in x's dtype (t: a number, or a tensor of shape [] / [1] / [B])."""
-        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1).expand(x.shape[0])
-        alpha = self.schedule.marginal_alpha(t).reshape(-1, 1).to(x.dtype)
-        sigma = self.schedule.marginal_std(t).reshape(-1, 1).to(x.dtype)
+        """α_t, σ_t as [B, 1] on x's device in its dtype (t: a number, or a tensor of shape [] / [1] / [B])."""
+        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1).cpu().expand(x.shape[0])  # the schedule's tables
+        alpha = self.schedule.marginal_alpha(t).reshape(-1, 1).to(x.device, x.dtype)
+        sigma = self.schedule.marginal_std(t).reshape(-1, 1).to(x.device, x.dtype)
         return alpha, sigma
 
     def _posterior(self, x, t, shift=None):
@@ -48,7 +48,7 @@ class GaussianMixture:
         alpha, sigma = self._alpha_sigma(t, x)
         if shift is not None:
             flat = flat - alpha * shift.reshape(x.shape[0], -1).to(x.dtype)
-        means, stds, weights = (v.to(x.dtype) for v in (self.means, self.stds, self.weights))
+        means, stds, weights = (v.to(x.device, x.dtype) for v in (self.means, self.stds, self.weights))
         var = alpha ** 2 * stds ** 2 + sigma ** 2
         diff = flat[:, None, :] - alpha[:, :, None] * means[None]
         log_p = torch.log(weights) - 0.5 * self.dim * torch.log(var) - 0.5 * diff.square().sum(-1) / var
@@ -63,7 +63,7 @@ class GaussianMixture:
     def x0(self, x: torch.Tensor, t, shift: torch.Tensor | None = None) -> torch.Tensor:
         """E[x0 | x_t = x] = Σ_k γ_k (μ_k + α_t s_k² (x − α_t μ_k) / v_k): (x − σ_t ε*)/α_t, finite at α_t = 0."""
         alpha, _, var, diff, gamma = self._posterior(x, t, shift)
-        post = self.means.to(x.dtype)[None] + (alpha * self.stds.to(x.dtype) ** 2 / var)[:, :, None] * diff
+        post = self.means.to(x.device, x.dtype)[None] + (alpha * self.stds.to(x.device, x.dtype) ** 2 / var)[:, :, None] * diff
         x0 = (gamma[:, :, None] * post).sum(1)
         if shift is not None:
             x0 = x0 + shift.reshape(x.shape[0], -1).to(x.dtype)
