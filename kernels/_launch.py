@@ -261,15 +261,18 @@ class Prepared:
     the driver API directly: no argument list, key or variant lookup per call. A new pointer that the cached
     variant's alignment does not allow, another device, and the cases `Kernel` keeps Triton's launcher for
     (the interpreter, PYDPM_VERIFY_LAUNCHES, PYDPM_DIRECT_LAUNCH=0, kernels the driver path does not apply to)
-    take `Kernel`'s path every time. The fixed tensors are held here, so their pointers stay valid."""
+    take `Kernel`'s path every time. The fixed tensors are held here, so their pointers stay valid; the varying ones
+are not (each call brings its own)."""
 
     __slots__ = ("kernel", "grid", "args", "key", "constexprs", "num_warps", "num_stages", "varying", "fast")
 
     def __init__(self, kernel: Kernel, grid: Sequence[int], args: list, key: Hashable, constexprs: dict[str, Any],
                  num_warps: int, num_stages: int, varying: Sequence[int]):
-        self.kernel, self.grid, self.args, self.key = kernel, tuple(grid), list(args), key
-        self.constexprs, self.num_warps, self.num_stages = constexprs, num_warps, num_stages
         self.varying = tuple(varying)
+        # the varying tensors come with each call: holding the first call's would keep them alive
+        self.args = [None if i in self.varying else a for i, a in enumerate(args)]
+        self.kernel, self.grid, self.key = kernel, tuple(grid), key
+        self.constexprs, self.num_warps, self.num_stages = constexprs, num_warps, num_stages
         self.fast: tuple | None = None
 
     def __call__(self, *tensors: torch.Tensor) -> None:

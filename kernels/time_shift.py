@@ -35,7 +35,7 @@ from pydpm import _backend
 from pydpm._cache import BoundedCache
 
 from ._common import acc as _acc, cdiv, target_programs
-from ._launch import Kernel, Prepared
+from ._launch import _INTERPRET, Kernel, Prepared
 
 _NUM_WARPS = 4
 _BLOCK = 1024           # elements per pass iteration (8 per thread at 4 warps)
@@ -359,7 +359,40 @@ def time_shift_pick(x: torch.Tensor, promised: torch.Tensor, row: torch.Tensor |
     dest[b] ← table[out[b]]. `update`: the solver step that writes x, made first in the same launch (`Update`)."""
     if x.shape[0] == 0:
         return
+    if splits is None and scratch is None and not gathers and update is None and x.is_cuda and not _INTERPRET:
+        _plain_pick(x, promised, row, modulus, out)
+        return
     _PICK(*_launch(x, promised, row, modulus, out, splits, scratch, gathers, update), num_warps=_NUM_WARPS)
+
+
+_PREPARED: BoundedCache = BoundedCache(32)
+_PLAIN_VARYING = tuple(_pick_kernel.arg_names.index(n) for n in ("x", "promised", "row", "out"))
+
+
+def _plain_pick(x: torch.Tensor, promised: torch.Tensor, row: torch.Tensor | None, modulus: int,
+                out: torch.Tensor) -> None:
+    """The public op's launch (CUDA; no splits, scratch, gathers or update), prepared once per layout and kept:
+    keyed on x's shape, strides, dtype and device, K and promised's dtype, row's and out's strides, the modulus
+    and the current stream (a chunked launch's kept scratch is per stream), so that a call packs four pointers
+    and launches. A chunked launch while a CUDA graph is being captured takes `_launch` (the graph gets its own
+    scratch)."""
+    device = x.get_device()
+    key = (x.shape, x.stride(), x.dtype, device, promised.shape[0], promised.dtype,
+           None if row is None else row.stride(0), modulus, out.stride(0), _backend.cuda_stream(device))
+    kept = _PREPARED.get(key)
+    if kept is None or kept[1]:
+        if torch.cuda.is_current_stream_capturing():
+            _PICK(*_launch(x, promised, row, modulus, out, None, None, ()), num_warps=_NUM_WARPS)
+            return
+        if kept is None:
+            grid, args, launch_key, constexprs = _launch(x, promised, row, modulus, out, None, None, ())
+            varying = _PLAIN_VARYING if row is not None else tuple(i for i in _PLAIN_VARYING if args[i] is not None)
+            kept = _PREPARED.put(key, (_PICK.prepare(grid, args, launch_key, constexprs, num_warps=_NUM_WARPS,
+                                                     varying=varying), constexprs["CHUNKED"]))
+    if row is None:
+        kept[0](x, promised, out)
+    else:
+        kept[0](x, promised, row, out)
 
 
 def prepare(x: torch.Tensor, promised: torch.Tensor, row: torch.Tensor | None, modulus: int, out: torch.Tensor,

@@ -564,6 +564,68 @@ def _step_reference(x_in, cond, uncond, guidance, older, coefs, conv):
     return out, save
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("verify", [False, True])
+def test_public_pick_keeps_one_launch_per_layout(verify, monkeypatch):
+    """On CUDA the public op prepares its launch once per layout (shape, strides, dtype, K, row, modulus, stream)
+    and re-launches it with each call's tensors: fresh inputs equal the Python oracle call after call, with the
+    kept launches on their driver path and on `Kernel`'s checked path (PYDPM_VERIFY_LAUNCHES); a kept launch
+    holds none of the caller's tensors; another stream gets its own; a chunked call captured in a CUDA graph
+    (its own scratch) replays right on new data."""
+    import weakref
+
+    from pydpm.kernels import _launch, time_shift as kernels
+    monkeypatch.setattr(_launch, "_VERIFY", verify)
+    kernels._PREPARED.clear()
+    g = torch.Generator().manual_seed(3)
+    promised = 0.2 + 1.5 * torch.rand(23, generator=g, dtype=torch.float64)
+    pd = promised.cuda()
+
+    def draw(shape, dtype=torch.float32):
+        scale = 0.5 + torch.rand(shape[0], *([1] * (len(shape) - 1)), generator=g, dtype=torch.float64)
+        return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    # chunked (B·S programs), one program per sample, chunked channels-last, two elements per sample
+    layouts = [((2, 4, 32, 32), torch.float32, False), ((8, 3, 17, 19), torch.float16, False),
+               ((2, 8, 24, 24), torch.bfloat16, True), ((5, 2), torch.float32, False)]
+    for shape, dtype, channels_last in layouts:
+        for _ in range(3):
+            x, row = draw(shape, dtype), torch.randint(-50, 500, shape[:1], generator=g)
+            xd = x.cuda().contiguous(memory_format=torch.channels_last) if channels_last else x.cuda()
+            assert time_shift_pick(xd, pd).tolist() == pick_oracle(x.double(), promised)
+            rd = row.cuda()
+            assert time_shift_pick(xd, pd, rd, 7, out=rd).tolist() == pick_oracle(x.double(), promised, row, 7)
+    assert len(kernels._PREPARED) == 2 * len(layouts)
+    assert all((launch.fast is not None) != verify for launch, _ in kernels._PREPARED.values())
+
+    x = torch.randn(4, 2048, device="cuda")
+    kept = weakref.ref(x)
+    time_shift_pick(x, pd)
+    del x
+    assert kept() is None
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    x = draw((2, 4, 32, 32))
+    with torch.cuda.stream(side):
+        picked = time_shift_pick(x.cuda(), pd)
+    side.synchronize()
+    assert picked.tolist() == pick_oracle(x.double(), promised)
+    assert len(kernels._PREPARED) == 2 * len(layouts) + 2  # the (4, 2048) layout, then the side stream's
+
+    xd, out = torch.empty(2, 4, 32, 32, device="cuda"), torch.empty(2, dtype=torch.int64, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        time_shift_pick(xd, pd, out=out)
+    assert len(kernels._PREPARED) == 2 * len(layouts) + 2
+    for _ in range(2):
+        x = draw((2, 4, 32, 32))
+        xd.copy_(x)
+        graph.replay()
+        assert out.tolist() == pick_oracle(x.double(), promised)
+
+
 # (dtype, older predictions, guided, per-sample rows, save): each of the update's variants at least once
 UPDATE_CASES = [(torch.float32, 2, False, True, True), (torch.float32, 0, True, False, False),
                 (torch.float64, 1, True, True, True), (torch.float16, 2, True, False, True),
