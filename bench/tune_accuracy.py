@@ -88,7 +88,9 @@ def run(argv: list[str] | None = None) -> int:
                              "full-covariance mixtures of bench/full_covariance_mixtures.py")
     parser.add_argument("--device", default="cpu",
                         help="where tuning, sampling and the exact solutions run, in float64 (default cpu); the "
-                             "noise and data are drawn on the CPU, so a draw is the same on every device")
+                             "noise and data are drawn on the CPU, so a draw is the same on every device (a small "
+                             "run printed the same row on an H200 as on the CPU, in 92 s against 113 s on one core: "
+                             "the loops are bound by the host, so run few at once on one GPU)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
 
