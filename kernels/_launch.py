@@ -261,8 +261,8 @@ class Prepared:
     the driver API directly: no argument list, key or variant lookup per call. A new pointer that the cached
     variant's alignment does not allow, another device, and the cases `Kernel` keeps Triton's launcher for
     (the interpreter, PYDPM_VERIFY_LAUNCHES, PYDPM_DIRECT_LAUNCH=0, kernels the driver path does not apply to)
-    take `Kernel`'s path every time. The fixed tensors are held here, so their pointers stay valid; the varying ones
-are not (each call brings its own)."""
+    take `Kernel`'s path every time. The fixed tensors are held here, so their pointers stay valid; the varying
+    ones are not (each call brings its own)."""
 
     __slots__ = ("kernel", "grid", "args", "key", "constexprs", "num_warps", "num_stages", "varying", "fast")
 

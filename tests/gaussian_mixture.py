@@ -63,7 +63,8 @@ class GaussianMixture:
     def x0(self, x: torch.Tensor, t, shift: torch.Tensor | None = None) -> torch.Tensor:
         """E[x0 | x_t = x] = Σ_k γ_k (μ_k + α_t s_k² (x − α_t μ_k) / v_k): (x − σ_t ε*)/α_t, finite at α_t = 0."""
         alpha, _, var, diff, gamma = self._posterior(x, t, shift)
-        post = self.means.to(x.device, x.dtype)[None] + (alpha * self.stds.to(x.device, x.dtype) ** 2 / var)[:, :, None] * diff
+        means, stds = self.means.to(x.device, x.dtype), self.stds.to(x.device, x.dtype)
+        post = means[None] + (alpha * stds ** 2 / var)[:, :, None] * diff
         x0 = (gamma[:, :, None] * post).sum(1)
         if shift is not None:
             x0 = x0 + shift.reshape(x.shape[0], -1).to(x.dtype)

@@ -595,8 +595,10 @@ def test_public_pick_keeps_one_launch_per_layout(verify, monkeypatch):
             xd = x.cuda().contiguous(memory_format=torch.channels_last) if channels_last else x.cuda()
             assert time_shift_pick(xd, pd).tolist() == pick_oracle(x.double(), promised)
             rd = row.cuda()
+            assert time_shift_pick(xd, pd, rd, 5).tolist() == pick_oracle(x.double(), promised, row, 5)
             assert time_shift_pick(xd, pd, rd, 7, out=rd).tolist() == pick_oracle(x.double(), promised, row, 7)
-    assert len(kernels._PREPARED) == 2 * len(layouts)
+    entries = 3 * len(layouts)  # without a row, with modulus 5, with modulus 7
+    assert len(kernels._PREPARED) == entries
     assert all((launch.fast is not None) != verify for launch, _ in kernels._PREPARED.values())
 
     x = torch.randn(4, 2048, device="cuda")
@@ -612,13 +614,13 @@ def test_public_pick_keeps_one_launch_per_layout(verify, monkeypatch):
         picked = time_shift_pick(x.cuda(), pd)
     side.synchronize()
     assert picked.tolist() == pick_oracle(x.double(), promised)
-    assert len(kernels._PREPARED) == 2 * len(layouts) + 2  # the (4, 2048) layout, then the side stream's
+    assert len(kernels._PREPARED) == entries + 2  # the (4, 2048) layout, then the side stream's
 
     xd, out = torch.empty(2, 4, 32, 32, device="cuda"), torch.empty(2, dtype=torch.int64, device="cuda")
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         time_shift_pick(xd, pd, out=out)
-    assert len(kernels._PREPARED) == 2 * len(layouts) + 2
+    assert len(kernels._PREPARED) == entries + 2
     for _ in range(2):
         x = draw((2, 4, 32, 32))
         xd.copy_(x)
