@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -86,6 +87,10 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--mixture", choices=("tests", *MIXTURES), default="tests",
                         help="tests: the 4-component isotropic mixture in D = 64 (default); full-a, full-b: the "
                              "full-covariance mixtures of bench/full_covariance_mixtures.py")
+    parser.add_argument("--tuned", metavar="DIR",
+                        help="keep tuned samplers in DIR: one saved there for this mixture, schedule, NFE and tuning "
+                             "settings is loaded instead of tuned again, and one tuned here is saved there (tuning "
+                             "and evaluating in separate runs)")
     parser.add_argument("--device", default="cpu",
                         help="where tuning, sampling and the exact solutions run, in float64 (default cpu); the "
                              "noise and data are drawn on the CPU, so a draw is the same on every device (a small "
@@ -95,7 +100,7 @@ def run(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
 
     gmm, oracle = _import_helpers()
-    from pydpm.samplers import DPMSolver, DPMSolverV3, compute_ems, tune
+    from pydpm.samplers import DPMSolver, DPMSolverV3, TunedSampler, compute_ems, tune
     from pydpm.schedules import SKIP_TYPES, model_wrapper
 
     torch.set_num_threads(1)
@@ -132,10 +137,19 @@ def run(argv: list[str] | None = None) -> int:
                                                       third_order="corrected")
         for nfe in args.nfe:
             if "tune" in args.methods:
-                tuned = tune(model, psched, nfe, shape=(dim,), n_calibration=args.calibration,
-                             iterations=args.iterations, search_samples=args.search_samples,
-                             dtype=torch.float64, device=device, seed=12345, data=data,
-                             ems_points=args.ems_points)
+                kept = None if args.tuned is None else Path(args.tuned) / (
+                    f"{args.mixture}-{name}-nfe{nfe}-cal{args.calibration}-it{args.iterations}-"
+                    f"search{args.search_samples}-ems{args.ems_samples}x{args.ems_points}.json")
+                if kept is not None and kept.exists():
+                    tuned = TunedSampler.load(kept, model, psched)
+                else:
+                    tuned = tune(model, psched, nfe, shape=(dim,), n_calibration=args.calibration,
+                                 iterations=args.iterations, search_samples=args.search_samples,
+                                 dtype=torch.float64, device=device, seed=12345, data=data,
+                                 ems_points=args.ems_points)
+                    if kept is not None:
+                        kept.parent.mkdir(parents=True, exist_ok=True)
+                        tuned.save(kept)
                 r = tuned.report
             if "v3" in args.methods:
                 v3 = DPMSolverV3(model, psched, ems)

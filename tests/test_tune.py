@@ -239,6 +239,26 @@ def test_the_benchmark_runs(capsys):
     assert out.count("| linear | 2 |") == 2 and out.count("×") == 6  # one row per evaluation draw, three ratios each
 
 
+def test_the_benchmark_keeps_tuned_samplers(capsys, tmp_path, monkeypatch):
+    """bench/tune_accuracy.py --tuned DIR: the first run tunes and saves the sampler there, the second loads it
+    (tune is not called) and prints the same rows."""
+    import pydpm.samplers
+    from pydpm.bench import tune_accuracy
+
+    argv = ["--nfe", "2", "--schedule", "linear", "--calibration", "32", "--iterations", "2", "--eval", "16",
+            "--methods", "tune", "--ems-samples", "16", "--ems-points", "5", "--tuned", str(tmp_path / "kept")]
+    assert tune_accuracy.run(argv) == 0
+    first = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| linear |")]
+    assert len(first) == 2 and len(list((tmp_path / "kept").glob("tests-linear-nfe2-*.json"))) == 1
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("tune called although a tuned sampler was kept")
+
+    monkeypatch.setattr(pydpm.samplers, "tune", refuse)
+    assert tune_accuracy.run(argv) == 0
+    assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("| linear |")] == first
+
+
 def test_tune_digits(capsys):
     """bench/tune_digits.py end to end at a toy size: every row of the table is there, with a finite positive
     distance (and ratio) in each numeric cell (the figures themselves are not checked: the model is barely
