@@ -97,7 +97,13 @@ def run(argv: list[str] | None = None) -> int:
                              "run printed the same row on an H200 as on the CPU, in 92 s against 113 s on one core: "
                              "the loops are bound by the host, so run few at once on one GPU)")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        parser.error(f"--device {args.device!r}: {error}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this machine has no CUDA device (torch {torch.__version__}); leave "
+                     f"--device out to run on the CPU")
 
     gmm, oracle = _import_helpers()
     from pydpm.samplers import DPMSolver, DPMSolverV3, TunedSampler, compute_ems, tune

@@ -259,6 +259,16 @@ def test_the_benchmark_keeps_tuned_samplers(capsys, tmp_path, monkeypatch):
     assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("| linear |")] == first
 
 
+def test_the_benchmark_names_a_device_it_cannot_use(capsys):
+    from pydpm.bench import tune_accuracy
+
+    bad = ["gpu0"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in bad:
+        with pytest.raises(SystemExit):
+            tune_accuracy.run(["--device", device])
+        assert f"--device {device}" in capsys.readouterr().err.replace("'", "")
+
+
 def test_tune_digits(capsys):
     """bench/tune_digits.py end to end at a toy size: every row of the table is there, with a finite positive
     distance (and ratio) in each numeric cell (the figures themselves are not checked: the model is barely
