@@ -386,7 +386,7 @@ def _plain_pick(x: torch.Tensor, promised: torch.Tensor, row: torch.Tensor | Non
             return
         if kept is None:
             grid, args, launch_key, constexprs = _launch(x, promised, row, modulus, out, None, None, ())
-            varying = _PLAIN_VARYING if row is not None else tuple(i for i in _PLAIN_VARYING if args[i] is not None)
+            varying = tuple(i for i in _PLAIN_VARYING if args[i] is not None)  # row: None without one
             kept = _PREPARED.put(key, (_PICK.prepare(grid, args, launch_key, constexprs, num_warps=_NUM_WARPS,
                                                      varying=varying), constexprs["CHUNKED"]))
     if row is None:
