@@ -37,6 +37,15 @@ class FullCovarianceMixture:
         self.eigenvalues = torch.as_tensor(eigenvalues, dtype=torch.float64)  # [K, D]
         self.schedule = schedule
         self.dim = self.means.shape[1]
+        self._copies: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(weights, means, bases, eigenvalues) on `device`, copied there once."""
+        kept = self._copies.get(device)
+        if kept is None:
+            kept = self._copies[device] = tuple(v.to(device) for v in (self.weights, self.means, self.bases,
+                                                                         self.eigenvalues))
+        return kept
 
     @classmethod
     def named(cls, name: str, schedule) -> FullCovarianceMixture:
@@ -58,8 +67,7 @@ class FullCovarianceMixture:
         t = torch.as_tensor(t, dtype=torch.float64).reshape(-1).cpu().expand(x.shape[0])  # the schedule's tables
         alpha = self.schedule.marginal_alpha(t).reshape(-1, 1, 1).to(x.device)  # [B, 1, 1]
         sigma = self.schedule.marginal_std(t).reshape(-1, 1).to(x.device)
-        weights, means, bases, eigenvalues = (v.to(x.device) for v in (self.weights, self.means, self.bases,
-                                                                        self.eigenvalues))
+        weights, means, bases, eigenvalues = self._on(x.device)
         centred = x[:, None, :] - alpha * means[None]                        # [B, K, D]
         rotated = torch.einsum("bkd,kde->bke", centred, bases)               # U_kᵀ (x − α μ_k)
         var = alpha ** 2 * eigenvalues[None] + sigma[:, :, None] ** 2       # [B, K, D]

@@ -25,6 +25,15 @@ class GaussianMixture:
         self.stds = torch.as_tensor(stds, dtype=torch.float64)    # [K]
         self.schedule = schedule
         self.dim = self.means.shape[1]
+        self._copies: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+    def _on(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(means, stds, weights) on x's device in its dtype, converted once per device and dtype."""
+        kept = self._copies.get((x.device, x.dtype))
+        if kept is None:
+            kept = self._copies[(x.device, x.dtype)] = tuple(v.to(x.device, x.dtype)
+                                                             for v in (self.means, self.stds, self.weights))
+        return kept
 
     @classmethod
     def random(cls, schedule, dim: int, components: int = 3, seed: int = 0, spread: float = 1.0):
@@ -48,7 +57,7 @@ class GaussianMixture:
         alpha, sigma = self._alpha_sigma(t, x)
         if shift is not None:
             flat = flat - alpha * shift.reshape(x.shape[0], -1).to(x.dtype)
-        means, stds, weights = (v.to(x.device, x.dtype) for v in (self.means, self.stds, self.weights))
+        means, stds, weights = self._on(x)
         var = alpha ** 2 * stds ** 2 + sigma ** 2
         diff = flat[:, None, :] - alpha[:, :, None] * means[None]
         log_p = torch.log(weights) - 0.5 * self.dim * torch.log(var) - 0.5 * diff.square().sum(-1) / var
@@ -63,7 +72,7 @@ class GaussianMixture:
     def x0(self, x: torch.Tensor, t, shift: torch.Tensor | None = None) -> torch.Tensor:
         """E[x0 | x_t = x] = Σ_k γ_k (μ_k + α_t s_k² (x − α_t μ_k) / v_k): (x − σ_t ε*)/α_t, finite at α_t = 0."""
         alpha, _, var, diff, gamma = self._posterior(x, t, shift)
-        means, stds = self.means.to(x.device, x.dtype), self.stds.to(x.device, x.dtype)
+        means, stds, _ = self._on(x)
         post = means[None] + (alpha * stds ** 2 / var)[:, :, None] * diff
         x0 = (gamma[:, :, None] * post).sum(1)
         if shift is not None:
