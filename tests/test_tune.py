@@ -12,7 +12,7 @@ import torch
 from gaussian_mixture import GaussianMixture
 import samplers_oracle as O
 from pydpm.samplers import DPMSolver, TunedSampler, UniPC, tune
-from pydpm.samplers.tune import _Multistep, _search_sample
+from pydpm.samplers.tune import _Multistep, _search_sample, _warped, _warps
 from pydpm.schedules import NoiseScheduleFlow, NoiseScheduleVP, model_wrapper
 
 DIM = 8
@@ -210,6 +210,38 @@ def test_the_search_sample_keeps_the_worst_and_estimates_the_mean_without_bias()
     assert float(estimates.std()) < 0.1 * float(plain.std())  # the outlier drives a plain subsample's spread
     all_idx, all_w = _search_sample(errors[:, :50], 64, gen)
     assert torch.equal(all_idx, torch.arange(50)) and torch.equal(all_w, torch.full((50,), 1 / 50, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("flow", [False, True])
+def test_a_warp_moves_steps_towards_its_centre_and_keeps_the_grid_elsewhere(problem, flow):
+    """_warped: the ends kept, times strictly decreasing; bump 0 gives the grid back; a bump gathers steps near its
+    centre in λ (the step across it shorter; on a uniform grid the steps far from it stay equal to one
+    another); a flow grid that starts at λ = −∞ warps too. The lattice the searches start from: 42 distinct grids."""
+    ns = FlowProblem().psched if flow else problem.psched
+    ts = DPMSolver(problem.model, ns).grid("time_uniform", float(ns.T), 1e-3, 20)
+    torch.testing.assert_close(_warped(ns, ts, 0.0, 0.0, 1.0), ts, rtol=1e-12, atol=1e-12)
+    lam = ns.marginal_lambda(ts)
+    centre = float(lam[10]) + 0.3 * float(lam[11] - lam[10])
+
+    def straddling(t: torch.Tensor) -> float:
+        """The λ-length of the step across the centre."""
+        lt = ns.marginal_lambda(t)
+        i = int(((lt[:-1] <= centre) & (lt[1:] > centre)).nonzero())
+        return float(lt[i + 1] - lt[i])
+
+    for bump in (0.5, 2.0):
+        warped = _warped(ns, ts, bump, centre, 0.25)
+        assert warped[0] == ts[0] and warped[-1] == ts[-1] and bool((warped.diff() < 0).all())
+        assert straddling(warped) < straddling(ts) / (1 + bump / 2), bump
+        steps = -warped.diff()
+        outside = steps[(ns.marginal_lambda(warped[:-1]) - centre).abs() > 2.5]  # ten widths
+        assert outside.numel() >= 3 and float(outside.max() / outside.min()) < 1 + 1e-9, bump
+    far = _warped(ns, ts, 2.0, float(lam[-1]) + 50.0, 0.5)  # a bump far outside the grid: a no-op
+    torch.testing.assert_close(far, ts, rtol=1e-12, atol=1e-12)
+    lattice = _warps(ns, ts)
+    assert len(lattice) == 42 and len({tuple(w.tolist()) for _, w in lattice}) == 42
+    assert all(bool((w.diff() < 0).all()) and w[0] == ts[0] and w[-1] == ts[-1] for _, w in lattice)
+    assert {p["bump"] for p, _ in lattice} == {0.5, 1.0, 2.0}
 
 
 def test_tuned_sampler_checks_its_coefficients(problem):

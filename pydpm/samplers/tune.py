@@ -22,12 +22,18 @@ neither a fit nor a checkpoint choice saw:
    (checked every `eval_every` iterations, the start included).
 2. The best standard solver configuration (DPM-Solver(++) and UniPC: orders, variants, prediction types,
    time grids) on the fit set, as it is.
-3. That configuration with its time steps searched (Nelder-Mead over the step sizes, no gradients). The
-   search minimises an estimate of the mean error over the whole fit set from `search_samples` of it: the
-   half with the largest errors under that solver on any standard grid, all counted, and a weighted random
-   draw from the rest. At 20 steps and more the mean is carried by a few trajectories near the boundary
-   between two modes of the data that end in the wrong one; a plain subsample rarely holds one, and a search
-   on it trades them for the bulk (bench/tune_accuracy.py: as many flipped trajectories as the untuned grid).
+3. That configuration with its time steps searched. The search starts from the best of its grid and 42 warps
+   of it (the grid's step density multiplied by a bump 1 + a·exp(−(λ − c)²/2w²) in log-SNR λ: a ∈ {½, 1, 2},
+   w an eighth or a sixteenth of the grid's λ range, c at its eighths), then moves each step size
+   (Nelder-Mead, no gradients). Both minimise an estimate of the mean error over the whole fit set from
+   `search_samples` of it: the half with the largest errors under that solver on any standard grid, all
+   counted, and a weighted random draw from the rest. At 20 steps and more the mean is carried by a few
+   trajectories near the boundary between two modes of the data that end in the wrong one; a plain subsample
+   rarely holds one, and a search on it trades them for the bulk (bench/tune_accuracy.py: as many flipped
+   trajectories as the untuned grid). Where a trajectory chooses its mode is a band of λ, the same for all
+   of them; the warps put steps there, which a search moving one step at a time seldom finds (on the
+   full-covariance mixture full-b at 20 steps, the warp it chose halved the trajectories ending in the wrong
+   mode).
 4. With `data` (samples of the data): DPM-Solver-v3 with statistics computed from them (`compute_ems`), its
    order, corrector use and grid chosen on the fit set; and 5., that configuration with its time steps searched
    as in 3.
@@ -323,6 +329,40 @@ def _log_gaps(ts: torch.Tensor) -> torch.Tensor:
     return torch.log(gaps / gaps.sum())
 
 
+def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """The piecewise-linear interpolant through (xp, fp) at x (xp increasing, x within [xp[0], xp[-1]])."""
+    i = torch.searchsorted(xp, x).clamp(1, xp.numel() - 1)
+    w = (x - xp[i - 1]) / (xp[i] - xp[i - 1])
+    return fp[i - 1] + w * (fp[i] - fp[i - 1])
+
+
+def _warped(noise_schedule, ts: torch.Tensor, bump: float, centre: float, width: float,
+            fine: int = 64) -> torch.Tensor:
+    """ts with its steps re-spaced: their density (steps per step of ts) multiplied by
+    1 + bump·exp(−(λ − centre)² / (2·width²)), λ the log-SNR; the ends kept. A bump puts more of the steps where
+    λ is near `centre` and keeps the grid's shape elsewhere."""
+    n = ts.numel() - 1
+    u = torch.linspace(0, n, n * fine + 1, dtype=torch.float64)
+    t_fine = _interp(u, torch.arange(n + 1, dtype=torch.float64), ts)
+    lam = noise_schedule.marginal_lambda(t_fine)
+    density = 1 + bump * torch.exp(-0.5 * ((lam - centre) / width) ** 2)  # λ = −∞ at a flow's start: density 1
+    mass = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(0.5 * (density[1:] + density[:-1]), 0)])
+    out = _interp(torch.linspace(0, 1, n + 1, dtype=torch.float64), mass / mass[-1], t_fine)
+    out[0], out[-1] = ts[0], ts[-1]
+    return out
+
+
+def _warps(noise_schedule, ts: torch.Tensor) -> list[tuple[dict[str, float], torch.Tensor]]:
+    """The lattice of warps (`_warped`) the time-step searches start from, with their parameters: bumps ½, 1
+    and 2, widths 1/16 and 1/8 of the grid's λ range, centres at its eighths (42 grids)."""
+    lam = noise_schedule.marginal_lambda(ts)
+    lo = float(lam[0]) if math.isfinite(float(lam[0])) else float(lam[1])
+    span = float(lam[-1]) - lo
+    lattice = [{"bump": bump, "centre": lo + span * k / 8, "width": span * w}
+               for bump in (0.5, 1.0, 2.0) for w in (1 / 16, 1 / 8) for k in range(1, 8)]
+    return [(p, _warped(noise_schedule, ts, p["bump"], p["centre"], p["width"])) for p in lattice]
+
+
 def _standard_configs() -> list[dict[str, Any]]:
     """The standard solver configurations `tune` compares (each on every grid)."""
     found: list[dict[str, Any]] = []
@@ -434,7 +474,8 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP 
         lr: Adam's initial learning rate (cosine-decayed to 0); default 0.25/nfe², which the mixtures of
             bench/tune_accuracy.py favoured (a larger rate diverged at 20 steps, a smaller one under-fitted at 5).
         search_evaluations: objective evaluations of the time-step search on the best standard solver
-            (default 40·nfe; 0: no search). That solver is chosen on the first 1024 samples of the fit set.
+            (default 40·nfe; 0: no search), after the 43 that choose where it starts (its grid or a warp of it).
+            That solver is chosen on the first 1024 samples of the fit set.
         search_samples: fit samples (>= 2) the searches and the choice of DPM-Solver-v3's configuration run on:
             the half with the largest error under that solver on any standard grid, and a random draw from the
             rest weighted to stand for all of it (an estimate of the mean over the whole fit set; the few
@@ -611,16 +652,23 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP 
         """The estimate of the mean squared error over the fit set from the search samples."""
         return float((sample_errors(standard(config, ts, ems), x_search, ref_search) * search_weights).sum()) / numel
 
-    searched_times = standard_times
-    if search_evaluations and nfe > 1:
-        z, _ = _nelder_mead(lambda z: search_mse(config, _times(z, t_T, t_0)), _log_gaps(standard_times),
+    def search(config: dict[str, Any], ts: torch.Tensor, ems: EMS | None = None) -> tuple[torch.Tensor, Any]:
+        """config's times searched from ts: the best of ts and its warps, then Nelder-Mead over its step sizes;
+        with the warp started from (None: ts itself)."""
+        warp, start = min([(None, ts)] + _warps(noise_schedule, ts),
+                          key=lambda w: search_mse(config, w[1], ems))
+        z, _ = _nelder_mead(lambda z: search_mse(config, _times(z, t_T, t_0), ems), _log_gaps(start),
                             search_evaluations)
-        searched_times = _times(z, t_T, t_0)
+        return _times(z, t_T, t_0), warp
+
+    searched_times, warp = standard_times, None
+    if search_evaluations and nfe > 1:
+        searched_times, warp = search(config, standard_times)
     # each candidate as a builder of its sampler for a model function (the counted one while tuning)
     candidates: dict[str, Callable[..., TunedSampler]] = {
         "learned": lambda fn, **kw: TunedSampler(fn, noise_schedule, *best[1], **kw),
         "standard": standard(config, standard_times), "searched": standard(config, searched_times)}
-    ems = v3_grid = v3_config = None
+    ems = v3_grid = v3_config = v3_warp = None
     if data is not None:  # 4: DPM-Solver-v3 with statistics from the data
         ems = compute_ems(counted, noise_schedule, data.to(device, dtype), points=ems_points, t_start=t_T, t_end=t_0,
                           seed=seed, progress=progress)
@@ -631,9 +679,7 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP 
         v3_times = grids[v3_grid]
         candidates["v3"] = standard(v3_config, v3_times, ems)
         if search_evaluations and nfe > 1:
-            z, _ = _nelder_mead(lambda z: search_mse(v3_config, _times(z, t_T, t_0), ems), _log_gaps(v3_times),
-                                search_evaluations)
-            v3_searched = _times(z, t_T, t_0)
+            v3_searched, v3_warp = search(v3_config, v3_times, ems)
             candidates["v3-searched"] = standard(v3_config, v3_searched, ems)
         ems.guidance_scale = guidance_of(model_fn)  # computed through the counting wrapper: it belongs to model_fn
     errors = {k: sampler_mse(make, x_sel, ref_sel) for k, make in candidates.items()}
@@ -645,10 +691,10 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP 
               "n_selection": n_selection,
               "learned_start": {"grid": grid, "order": order, "validation_rms": math.sqrt(start_loss)},
               "learned_validation_rms": math.sqrt(best[0]),
-              "standard": {"grid": standard_grid, **config}, "model_calls": calls,
+              "standard": {"grid": standard_grid, **config, "searched_from": warp}, "model_calls": calls,
               "seconds": time.perf_counter() - began, "n_calibration": n_calibration, "iterations": iterations,
               "search_evaluations": search_evaluations, "search_samples": int(search_idx.numel()), "seed": seed,
               "reference_steps": reference_steps}
     if ems is not None:
-        report["v3"] = {"grid": v3_grid, **v3_config, "ems": ems.info}
+        report["v3"] = {"grid": v3_grid, **v3_config, "ems": ems.info, "searched_from": v3_warp}
     return candidates[chosen](model_fn, report=report)
