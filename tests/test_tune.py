@@ -3,6 +3,7 @@ the fused sampler runs exactly the coefficients it holds, tuning improves on its
 depends only on its own seed, round-trips through a file, and refuses bad input naming the argument."""
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -75,7 +76,11 @@ def test_tuning_improves_on_its_start_and_on_the_standard_solvers(problem, tuned
     the same NFE on every standard grid (a margin, not a tie: the fit must generalise)."""
     report = tuned.report
     rms = report["selection_rms"]
-    assert set(rms) == {"learned", "standard", "searched"} and report["chosen"] == min(rms, key=rms.get)
+    assert {"learned", "standard", "searched"} <= set(rms) <= {"learned", "standard", "warped", "searched"}
+    assert report["chosen"] == min(rms, key=rms.get)
+    warp = report["standard"]["searched_from"]  # the search's start, a candidate when it is a warp
+    grid = DPMSolver(problem.model, problem.psched).grid(report["standard"]["grid"], problem.psched.T, 1e-3, 4)
+    assert ("warped" in rms) == (warp is not None) and warp in [None] + [w for w, _ in _warps(problem.psched, grid)]
     assert report["learned_validation_rms"] < 0.8 * report["learned_start"]["validation_rms"]
     start = tune(problem.model, problem.psched, 4, shape=(DIM,), n_calibration=512, iterations=0,
                  search_evaluations=0, reference_steps=200, dtype=torch.float64, seed=3)
@@ -173,9 +178,12 @@ def test_tune_with_data_adds_dpm_solver_v3(problem, tmp_path):
                  search_evaluations=40, reference_steps=200, dtype=torch.float64, seed=3, data=data, ems_points=41,
                  t_end=1e-3)
     rms = tuned.report["selection_rms"]
-    assert set(rms) == {"learned", "standard", "searched", "v3", "v3-searched"}
-    assert tuned.report["chosen"] in ("v3", "v3-searched")
-    assert min(rms["v3"], rms["v3-searched"]) < 0.5 * min(rms["standard"], rms["searched"])
+    assert {"learned", "standard", "searched", "v3", "v3-searched"} <= set(rms)
+    assert set(rms) <= {"learned", "standard", "warped", "searched", "v3", "v3-warped", "v3-searched"}
+    assert ("v3-warped" in rms) == (tuned.report["v3"]["searched_from"] is not None)
+    assert tuned.report["chosen"] in ("v3", "v3-warped", "v3-searched")
+    assert min(v for k, v in rms.items() if k.startswith("v3")) < 0.5 * min(
+        v for k, v in rms.items() if k in ("standard", "warped", "searched"))
     assert (tuned.report["chosen"] == "v3") == torch.equal(tuned.times, DPMSolver(problem.model, problem.psched).grid(
         tuned.report["v3"]["grid"], 1.0, 1e-3, 4))
     assert tuned.report["v3"]["ems"]["samples"] == 512 and tuned.ems is not None
@@ -277,11 +285,14 @@ def test_the_benchmark_keeps_tuned_samplers(capsys, tmp_path, monkeypatch):
     import pydpm.samplers
     from pydpm.bench import tune_accuracy
 
-    argv = ["--nfe", "2", "--schedule", "linear", "--calibration", "32", "--iterations", "2", "--eval", "16",
-            "--methods", "tune", "--ems-samples", "16", "--ems-points", "5", "--tuned", str(tmp_path / "kept")]
+    argv = ["--nfe", "2", "--schedule", "linear", "--calibration", "32", "--selection", "48", "--iterations", "2",
+            "--eval", "16", "--methods", "tune", "--ems-samples", "16", "--ems-points", "5",
+            "--tuned", str(tmp_path / "kept")]
     assert tune_accuracy.run(argv) == 0
     first = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| linear |")]
-    assert len(first) == 2 and len(list((tmp_path / "kept").glob("tests-linear-nfe2-*.json"))) == 1
+    kept = list((tmp_path / "kept").glob("tests-linear-nfe2-*.json"))
+    assert len(first) == 2 and len(kept) == 1 and "-sel48-" in kept[0].name
+    assert json.loads(kept[0].read_text())["report"]["n_selection"] == 48  # --selection reaches tune
 
     def refuse(*args, **kwargs):
         raise AssertionError("tune called although a tuned sampler was kept")

@@ -31,12 +31,12 @@ neither a fit nor a checkpoint choice saw:
    trajectories near the boundary between two modes of the data that end in the wrong one; a plain subsample
    rarely holds one, and a search on it trades them for the bulk (bench/tune_accuracy.py: as many flipped
    trajectories as the untuned grid). Where a trajectory chooses its mode is a band of λ, the same for all
-   of them; the warps put steps there, which a search moving one step at a time seldom finds (on the
-   full-covariance mixture full-b at 20 steps, the warp it chose halved the trajectories ending in the wrong
-   mode).
+   of them; the warps put steps there, which a search moving one step at a time seldom finds. The start, when
+   it is a warp, is a candidate of its own ("warped"): with a few such trajectories among the search samples,
+   the step-by-step search can fit them and lose on fresh noise what the warp gained.
 4. With `data` (samples of the data): DPM-Solver-v3 with statistics computed from them (`compute_ems`), its
    order, corrector use and grid chosen on the fit set; and 5., that configuration with its time steps searched
-   as in 3.
+   as in 3 ("v3-warped", "v3-searched").
 
 Measured on Gaussian mixtures (bench/tune_accuracy.py, docs/samplers.md), the learned method wins at few
 steps (5-10) and the searched standard solver at more (20).
@@ -652,22 +652,28 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP 
         """The estimate of the mean squared error over the fit set from the search samples."""
         return float((sample_errors(standard(config, ts, ems), x_search, ref_search) * search_weights).sum()) / numel
 
-    def search(config: dict[str, Any], ts: torch.Tensor, ems: EMS | None = None) -> tuple[torch.Tensor, Any]:
-        """config's times searched from ts: the best of ts and its warps, then Nelder-Mead over its step sizes;
-        with the warp started from (None: ts itself)."""
+    def search(config: dict[str, Any], ts: torch.Tensor,
+               ems: EMS | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, float] | None]:
+        """config's times searched from ts: (the times, the start, its warp). The start is the best of ts and its
+        warps (warp None: ts itself); Nelder-Mead over the step sizes goes on from it."""
         warp, start = min([(None, ts)] + _warps(noise_schedule, ts),
                           key=lambda w: search_mse(config, w[1], ems))
         z, _ = _nelder_mead(lambda z: search_mse(config, _times(z, t_T, t_0), ems), _log_gaps(start),
                             search_evaluations)
-        return _times(z, t_T, t_0), warp
+        return _times(z, t_T, t_0), start, warp
 
-    searched_times, warp = standard_times, None
-    if search_evaluations and nfe > 1:
-        searched_times, warp = search(config, standard_times)
     # each candidate as a builder of its sampler for a model function (the counted one while tuning)
     candidates: dict[str, Callable[..., TunedSampler]] = {
         "learned": lambda fn, **kw: TunedSampler(fn, noise_schedule, *best[1], **kw),
-        "standard": standard(config, standard_times), "searched": standard(config, searched_times)}
+        "standard": standard(config, standard_times)}
+    warp = None
+    if search_evaluations and nfe > 1:
+        searched_times, warped_times, warp = search(config, standard_times)
+        if warp is not None:  # the search's start is a candidate too: the step-by-step search can fit its samples
+            candidates["warped"] = standard(config, warped_times)
+        candidates["searched"] = standard(config, searched_times)
+    else:
+        candidates["searched"] = standard(config, standard_times)
     ems = v3_grid = v3_config = v3_warp = None
     if data is not None:  # 4: DPM-Solver-v3 with statistics from the data
         ems = compute_ems(counted, noise_schedule, data.to(device, dtype), points=ems_points, t_start=t_T, t_end=t_0,
@@ -679,7 +685,9 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP 
         v3_times = grids[v3_grid]
         candidates["v3"] = standard(v3_config, v3_times, ems)
         if search_evaluations and nfe > 1:
-            v3_searched, v3_warp = search(v3_config, v3_times, ems)
+            v3_searched, v3_warped, v3_warp = search(v3_config, v3_times, ems)
+            if v3_warp is not None:
+                candidates["v3-warped"] = standard(v3_config, v3_warped, ems)
             candidates["v3-searched"] = standard(v3_config, v3_searched, ems)
         ems.guidance_scale = guidance_of(model_fn)  # computed through the counting wrapper: it belongs to model_fn
     errors = {k: sampler_mse(make, x_sel, ref_sel) for k, make in candidates.items()}
