@@ -67,7 +67,8 @@ from pydpm.samplers.dpm_solver import DPMSolver
 from pydpm.samplers.dpm_solver_v3 import DPMSolverV3
 from pydpm.samplers.ems import EMS, compute_ems, gauss_legendre, guidance_of, schedule_kind
 from pydpm.samplers.unipc import UniPC
-from pydpm.schedules import SKIP_TYPES, NoiseScheduleFlow, NoiseScheduleVP, WrappedModel, conversion, fused_wrapper
+from pydpm.schedules import (SKIP_TYPES, NoiseScheduleFlow, NoiseScheduleVP, WrappedModel, conversion, fused_wrapper,
+                             interpolate_fn)
 
 _STANDARD = {"DPMSolver": DPMSolver, "UniPC": UniPC, "DPMSolverV3": DPMSolverV3}
 FORMAT = "pydpm-tuned-sampler-1"
@@ -329,13 +330,6 @@ def _log_gaps(ts: torch.Tensor) -> torch.Tensor:
     return torch.log(gaps / gaps.sum())
 
 
-def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
-    """The piecewise-linear interpolant through (xp, fp) at x (xp increasing, x within [xp[0], xp[-1]])."""
-    i = torch.searchsorted(xp, x).clamp(1, xp.numel() - 1)
-    w = (x - xp[i - 1]) / (xp[i] - xp[i - 1])
-    return fp[i - 1] + w * (fp[i] - fp[i - 1])
-
-
 def _warped(noise_schedule, ts: torch.Tensor, bump: float, centre: float, width: float,
             fine: int = 64) -> torch.Tensor:
     """ts with its steps re-spaced: their density (steps per step of ts) multiplied by
@@ -343,11 +337,11 @@ def _warped(noise_schedule, ts: torch.Tensor, bump: float, centre: float, width:
     λ is near `centre` and keeps the grid's shape elsewhere."""
     n = ts.numel() - 1
     u = torch.linspace(0, n, n * fine + 1, dtype=torch.float64)
-    t_fine = _interp(u, torch.arange(n + 1, dtype=torch.float64), ts)
+    t_fine = interpolate_fn(u, torch.arange(n + 1, dtype=torch.float64), ts)
     lam = noise_schedule.marginal_lambda(t_fine)
     density = 1 + bump * torch.exp(-0.5 * ((lam - centre) / width) ** 2)  # λ = −∞ at a flow's start: density 1
     mass = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(0.5 * (density[1:] + density[:-1]), 0)])
-    out = _interp(torch.linspace(0, 1, n + 1, dtype=torch.float64), mass / mass[-1], t_fine)
+    out = interpolate_fn(torch.linspace(0, 1, n + 1, dtype=torch.float64), mass / mass[-1], t_fine)
     out[0], out[-1] = ts[0], ts[-1]
     return out
 
