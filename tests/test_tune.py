@@ -13,8 +13,8 @@ import torch
 from gaussian_mixture import GaussianMixture
 import samplers_oracle as O
 from pydpm.samplers import DPMSolver, TunedSampler, UniPC, tune
-from pydpm.samplers.tune import _Multistep, _search_sample, _warped, _warps
-from pydpm.schedules import NoiseScheduleFlow, NoiseScheduleVP, model_wrapper
+from pydpm.samplers.tune import _Multistep, _search_sample, _standard_configs, _warped, _warps
+from pydpm.schedules import SKIP_TYPES, NoiseScheduleFlow, NoiseScheduleVP, model_wrapper
 
 DIM = 8
 
@@ -93,6 +93,45 @@ def test_tuning_improves_on_its_start_and_on_the_standard_solvers(problem, tuned
         unipc = UniPC(problem.model, problem.psched, variant="bh2").sample(problem.x, steps=4, order=2,
                                                                             skip_type=skip)
         assert ours < 0.8 * min(problem.error(dpm), problem.error(unipc)), skip
+
+
+def test_the_standard_candidate_is_the_best_finalist_over_the_whole_fit_set(problem):
+    """The standard solver: the four configurations best on the first 1024 fit samples (each on its best grid),
+    then the (configuration, grid) with the lowest error over the whole fit set, recomputed here from the
+    tuner's own noise and reference."""
+    nfe, n_cal = 4, 2048
+    tuned = tune(problem.model, problem.psched, nfe, shape=(DIM,), n_calibration=n_cal, iterations=0,
+                 search_evaluations=0, reference_steps=200, dtype=torch.float64, seed=4)
+    x_cal = torch.randn((n_cal, DIM), generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    t_T, t_0 = problem.psched.T, 1.0 / problem.psched.total_N
+    ref = DPMSolver(problem.model, problem.psched).sample(x_cal, steps=200, order=3, skip_type="logSNR",
+                                                          third_order="corrected", t_start=t_T, t_end=t_0)
+    n_fit = n_cal - n_cal // 4
+    grids = {g: DPMSolver(problem.model, problem.psched).grid(g, t_T, t_0, nfe) for g in SKIP_TYPES}
+
+    def rms(config, grid, rows):
+        try:
+            y = TunedSampler(problem.model, problem.psched, grids[grid], solver=config).sample(x_cal[rows])
+        except ValueError:  # an order the step count cannot take
+            return math.inf
+        return float((y - ref[rows]).square().mean().sqrt())
+
+    configs = _standard_configs()
+    on_subset = sorted((min(rms(c, g, slice(0, 1024)) for g in grids), i) for i, c in enumerate(configs))
+    finalists = tuned.report["standard"]["finalists"]
+    assert [{k: f[k] for k in ("class", "init", "sample")} for f in finalists] == [
+        configs[i] for _, i in on_subset[:4]]
+    for f in finalists:
+        config = {k: f[k] for k in ("class", "init", "sample")}
+        for grid, value in f["fit_rms"].items():
+            assert value == pytest.approx(rms(config, grid, slice(0, n_fit)), rel=1e-9), (config, grid)
+    best = min(((v, f, g) for f in finalists for g, v in f["fit_rms"].items()), key=lambda b: b[0])
+    standard = tuned.report["standard"]
+    assert (standard["class"], standard["init"], standard["sample"], standard["grid"]) == (
+        best[1]["class"], best[1]["init"], best[1]["sample"], best[2])
+    assert tuned.report["chosen"] in ("standard", "searched")  # no search: both are that solver on its grid
+    assert tuned.solver == {k: standard[k] for k in ("class", "init", "sample")}
+    assert torch.equal(tuned.times, grids[standard["grid"]])
 
 
 def test_tuning_sees_only_its_own_calibration_noise(problem, tuned):

@@ -21,7 +21,9 @@ neither a fit nor a checkpoint choice saw:
    cosine-decayed learning rate, minibatches), keeping the parameters with the lowest validation loss
    (checked every `eval_every` iterations, the start included).
 2. The best standard solver configuration (DPM-Solver(++) and UniPC: orders, variants, prediction types,
-   time grids) on the fit set, as it is.
+   time grids) on the fit set, as it is: every configuration on every grid is scored on the first 1024 fit
+   samples, and the four best configurations on every grid over the whole fit set (at 20 steps a thousand
+   samples hold a few of the trajectories that carry the error, too few to rank the close ones).
 3. That configuration with its time steps searched. The search starts from the best of its grid and 42 warps
    of it (the grid's step density multiplied by a bump 1 + a·exp(−(λ − c)²/2w²) in log-SNR λ: a ∈ {½, 1, 2},
    w an eighth or a sixteenth of the grid's λ range, c at its eighths), then moves each step size
@@ -72,6 +74,7 @@ from pydpm.schedules import (SKIP_TYPES, NoiseScheduleFlow, NoiseScheduleVP, Wra
 
 _STANDARD = {"DPMSolver": DPMSolver, "UniPC": UniPC, "DPMSolverV3": DPMSolverV3}
 FORMAT = "pydpm-tuned-sampler-1"
+_FINALISTS = 4  # standard configurations scored over the whole fit set (the rest on its first 1024 samples)
 _NODES = 16  # Gauss-Legendre nodes per step: exact to rounding for a polynomial of degree < 4 times e^λ here
 
 
@@ -469,7 +472,8 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP 
             bench/tune_accuracy.py favoured (a larger rate diverged at 20 steps, a smaller one under-fitted at 5).
         search_evaluations: objective evaluations of the time-step search on the best standard solver
             (default 40·nfe; 0: no search), after the 43 that choose where it starts (its grid or a warp of it).
-            That solver is chosen on the first 1024 samples of the fit set.
+            That solver: the four best configurations on the first 1024 samples of the fit set, each scored on
+            every grid over the whole fit set; the pair (configuration, grid) with the lowest mean error.
         search_samples: fit samples (>= 2) the searches and the choice of DPM-Solver-v3's configuration run on:
             the half with the largest error under that solver on any standard grid, and a random draw from the
             rest weighted to stand for all of it (an estimate of the mean over the whole fit set; the few
@@ -630,13 +634,20 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP 
     def standard(config: dict[str, Any], ts: torch.Tensor, ems: EMS | None = None) -> Callable[..., TunedSampler]:
         return lambda fn, **kw: TunedSampler(fn, noise_schedule, ts, solver=config, ems=ems, **kw)
 
-    standards = [(sampler_mse(standard(config, ts), x_cal[sub], reference[sub]), config)
-                 for config in _standard_configs() for ts in grids.values()]
-    _, config = min(standards, key=lambda s: s[0])
-    # that solver on every grid over the whole fit set: the grid with the lowest mean error, and the samples the
-    # searches weigh (the largest errors on any grid in full, a weighted draw from the rest)
-    pilot = {g: sample_errors(standard(config, ts), x_cal[:n_fit], reference[:n_fit]) for g, ts in grids.items()}
-    standard_grid = min(pilot, key=lambda g: float(pilot[g].mean()))
+    configs = _standard_configs()
+    ranked = sorted((sampler_mse(standard(c, ts), x_cal[sub], reference[sub]), i)
+                    for i, c in enumerate(configs) for ts in grids.values())
+    finalists: list[int] = []  # the best configurations on the subset, each counted once
+    for _, i in ranked:
+        if i not in finalists and len(finalists) < _FINALISTS:
+            finalists.append(i)
+    # the finalists on every grid over the whole fit set: the configuration and grid with the lowest mean error,
+    # and the samples the searches weigh (the largest errors on any grid in full, a weighted draw from the rest)
+    pilots = {i: {g: sample_errors(standard(configs[i], ts), x_cal[:n_fit], reference[:n_fit])
+                  for g, ts in grids.items()} for i in finalists}
+    fit_rms = {(i, g): math.sqrt(float(e.mean()) / numel) for i in finalists for g, e in pilots[i].items()}
+    chosen_index, standard_grid = min(fit_rms, key=lambda k: fit_rms[k])
+    config, pilot = configs[chosen_index], pilots[chosen_index]
     standard_times = grids[standard_grid]
     search_idx, search_weights = _search_sample(torch.stack(list(pilot.values())), search_samples,
                                                 torch.Generator().manual_seed(seed + 2))
@@ -693,7 +704,10 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP 
               "n_selection": n_selection,
               "learned_start": {"grid": grid, "order": order, "validation_rms": math.sqrt(start_loss)},
               "learned_validation_rms": math.sqrt(best[0]),
-              "standard": {"grid": standard_grid, **config, "searched_from": warp}, "model_calls": calls,
+              "standard": {"grid": standard_grid, **config, "searched_from": warp,
+                           "finalists": [{**configs[i], "fit_rms": {g: fit_rms[i, g] for g in grids}}
+                                         for i in finalists]},
+              "model_calls": calls,
               "seconds": time.perf_counter() - began, "n_calibration": n_calibration, "iterations": iterations,
               "search_evaluations": search_evaluations, "search_samples": int(search_idx.numel()), "seed": seed,
               "reference_steps": reference_steps}
