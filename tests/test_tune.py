@@ -96,9 +96,9 @@ def test_tuning_improves_on_its_start_and_on_the_standard_solvers(problem, tuned
 
 
 def test_the_standard_candidate_is_the_best_finalist_over_the_whole_fit_set(problem):
-    """The standard solver: the best configuration of each family (class and prediction type) on the first 1024
-    fit samples (each on its best grid), then the (configuration, grid) with the lowest error over the whole fit
-    set, recomputed here from the tuner's own noise and reference."""
+    """The standard solver: the four best configurations and the best of each family (class and prediction type)
+    on the first 1024 fit samples (each on its best grid), then the (configuration, grid) with the lowest error
+    over the whole fit set, recomputed here from the tuner's own noise and reference."""
     nfe, n_cal = 4, 2048
     tuned = tune(problem.model, problem.psched, nfe, shape=(DIM,), n_calibration=n_cal, iterations=0,
                  search_evaluations=0, reference_steps=200, dtype=torch.float64, seed=4)
@@ -120,11 +120,13 @@ def test_the_standard_candidate_is_the_best_finalist_over_the_whole_fit_set(prob
     on_subset = sorted((min(rms(c, g, slice(0, 1024)) for g in grids), i) for i, c in enumerate(configs))
     families = {}
     for _, i in on_subset:
-        families.setdefault((configs[i]["class"], configs[i]["init"]["algorithm_type"]), configs[i])
+        families.setdefault((configs[i]["class"], configs[i]["init"]["algorithm_type"]), i)
     assert len(families) == 4
+    expected = {i for _, i in on_subset[:4]} | set(families.values())
+    assert len(expected) > 4  # a family's best is not among the four best here: both rules are exercised
     finalists = tuned.report["standard"]["finalists"]
     assert sorted([{k: f[k] for k in ("class", "init", "sample")} for f in finalists], key=repr) == sorted(
-        families.values(), key=repr)
+        [configs[i] for i in expected], key=repr)
     for f in finalists:
         config = {k: f[k] for k in ("class", "init", "sample")}
         for grid, value in f["fit_rms"].items():

@@ -22,10 +22,11 @@ neither a fit nor a checkpoint choice saw:
    (checked every `eval_every` iterations, the start included).
 2. The best standard solver configuration (DPM-Solver(++) and UniPC: orders, variants, prediction types,
    time grids) on the fit set, as it is: every configuration on every grid is scored on the first 1024 fit
-   samples, and the best of each family (UniPC with data or with noise prediction, DPM-Solver, DPM-Solver++) on
-   every grid over the whole fit set. At 20 steps a thousand samples hold one or two of the trajectories that
-   carry the error, so they rank by the rest, where noise prediction is ahead; how many trajectories end in
-   the wrong mode of the data depends most on the family, which only the whole fit set ranks.
+   samples, and the four best there and the best of each family (UniPC with data or with noise prediction,
+   DPM-Solver, DPM-Solver++) on every grid over the whole fit set. At 20 steps a thousand samples hold one or
+   two of the trajectories that carry the error, so they rank by the rest, where noise prediction is ahead; how
+   many trajectories end in the wrong mode of the data depends most on the family, which only the whole fit
+   set ranks.
 3. That configuration with its time steps searched. The search starts from the best of its grid and 42 warps
    of it (the grid's step density multiplied by a bump 1 + a·exp(−(λ − c)²/2w²) in log-SNR λ: a ∈ {½, 1, 2},
    w an eighth or a sixteenth of the grid's λ range, c at its eighths), then moves each step size
@@ -76,6 +77,7 @@ from pydpm.schedules import (SKIP_TYPES, NoiseScheduleFlow, NoiseScheduleVP, Wra
 
 _STANDARD = {"DPMSolver": DPMSolver, "UniPC": UniPC, "DPMSolverV3": DPMSolverV3}
 FORMAT = "pydpm-tuned-sampler-1"
+_FINALISTS = 4  # the best standard configurations on the subset scored over the whole fit set
 _NODES = 16  # Gauss-Legendre nodes per step: exact to rounding for a polynomial of degree < 4 times e^λ here
 
 
@@ -473,9 +475,9 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP 
             bench/tune_accuracy.py favoured (a larger rate diverged at 20 steps, a smaller one under-fitted at 5).
         search_evaluations: objective evaluations of the time-step search on the best standard solver
             (default 40·nfe; 0: no search), after the 43 that choose where it starts (its grid or a warp of it).
-            That solver: the best configuration of each family (UniPC with data or noise prediction,
-            DPM-Solver, DPM-Solver++) on the first 1024 samples of the fit set, each then scored on every grid
-            over the whole fit set; the pair (configuration, grid) with the lowest mean error.
+            That solver: the four best configurations on the first 1024 samples of the fit set and the best of
+            each family there (UniPC with data or noise prediction, DPM-Solver, DPM-Solver++), each then scored
+            on every grid over the whole fit set; the pair (configuration, grid) with the lowest mean error.
         search_samples: fit samples (>= 2) the searches and the choice of DPM-Solver-v3's configuration run on:
             the half with the largest error under that solver on any standard grid, and a random draw from the
             rest weighted to stand for all of it (an estimate of the mean over the whole fit set; the few
@@ -639,10 +641,14 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP 
     configs = _standard_configs()
     ranked = sorted((sampler_mse(standard(c, ts), x_cal[sub], reference[sub]), i)
                     for i, c in enumerate(configs) for ts in grids.values())
-    families: dict[tuple[str, str], int] = {}  # (class, prediction type): its best configuration on the subset
+    # the finalists: the four best configurations on the subset and the best of each family (class, prediction type)
+    leaders: list[int] = []
+    families: dict[tuple[str, str], int] = {}
     for _, i in ranked:
+        if i not in leaders and len(leaders) < _FINALISTS:
+            leaders.append(i)
         families.setdefault((configs[i]["class"], configs[i]["init"]["algorithm_type"]), i)
-    finalists = list(families.values())
+    finalists = list(dict.fromkeys(leaders + list(families.values())))
     # the finalists on every grid over the whole fit set: the configuration and grid with the lowest mean error,
     # and the samples the searches weigh (the largest errors on any grid in full, a weighted draw from the rest)
     pilots = {i: {g: sample_errors(standard(configs[i], ts), x_cal[:n_fit], reference[:n_fit])
