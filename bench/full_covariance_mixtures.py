@@ -37,14 +37,16 @@ class FullCovarianceMixture:
         self.eigenvalues = torch.as_tensor(eigenvalues, dtype=torch.float64)  # [K, D]
         self.schedule = schedule
         self.dim = self.means.shape[1]
+        # U_kᵀ as one [D, K·D] matrix (x @ it is every U_kᵀ x at once) and U_kᵀ μ_k
+        self.stacked_bases = self.bases.permute(1, 0, 2).reshape(self.dim, -1).contiguous()
+        self.rotated_means = torch.einsum("kd,kde->ke", self.means, self.bases)
         self._copies: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
     def _on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """(weights, means, bases, eigenvalues) on `device`, copied there once."""
+        """(stacked_bases, rotated_means) on `device`, copied there once."""
         kept = self._copies.get(device)
         if kept is None:
-            kept = self._copies[device] = tuple(v.to(device) for v in (self.weights, self.means, self.bases,
-                                                                         self.eigenvalues))
+            kept = self._copies[device] = (self.stacked_bases.to(device), self.rotated_means.to(device))
         return kept
 
     @classmethod
@@ -63,19 +65,23 @@ class FullCovarianceMixture:
         return cls(weights, means, bases, eigenvalues, schedule)
 
     def eps(self, x: torch.Tensor, t) -> torch.Tensor:
-        """ε*(x, t) for x of shape [B, D] (float64, on any device), t a number or a tensor of shape [] / [1] / [B]."""
-        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1).cpu().expand(x.shape[0])  # the schedule's tables
-        alpha = self.schedule.marginal_alpha(t).reshape(-1, 1, 1).to(x.device)  # [B, 1, 1]
-        sigma = self.schedule.marginal_std(t).reshape(-1, 1).to(x.device)
-        weights, means, bases, eigenvalues = self._on(x.device)
-        centred = x[:, None, :] - alpha * means[None]                        # [B, K, D]
-        rotated = torch.einsum("bkd,kde->bke", centred, bases)               # U_kᵀ (x − α μ_k)
-        var = alpha ** 2 * eigenvalues[None] + sigma[:, :, None] ** 2       # [B, K, D]
-        log_p = (torch.log(weights) - 0.5 * torch.log(2 * math.pi * var).sum(-1)
-                 - 0.5 * (rotated.square() / var).sum(-1))
-        gamma = torch.softmax(log_p, dim=1)
-        back = torch.einsum("bke,kde->bkd", rotated / var, bases)           # Σ_t,k⁻¹ (x − α μ_k)
-        return sigma * (gamma[:, :, None] * back).sum(1)
+        """ε*(x, t) for x of shape [B, D] (float64, on any device), t a number or a tensor of shape [] / [1] / [B].
+
+        The variances depend on t alone, so when the batch shares one time (as a sampler's calls do) they are computed
+        once for it; the rotations are two [B, D] × [D, K·D] products."""
+        n, k, d = x.shape[0], *self.means.shape
+        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1).cpu().expand(n)  # the schedule's tables
+        if n and bool((t == t[0]).all()):
+            t = t[:1]  # one time: its [1, ...] tensors broadcast over the batch
+        alpha, sigma = self.schedule.marginal_alpha(t), self.schedule.marginal_std(t)         # [B] or [1]
+        var = alpha[:, None, None] ** 2 * self.eigenvalues + sigma[:, None, None] ** 2      # [B or 1, K, D]
+        log_norm = torch.log(self.weights) - 0.5 * torch.log(2 * math.pi * var).sum(-1)     # [B or 1, K]
+        alpha, sigma, inv_var, log_norm = (v.to(x.device) for v in (alpha, sigma, var.reciprocal(), log_norm))
+        stacked, rotated_means = self._on(x.device)
+        rotated = (x @ stacked).view(n, k, d) - alpha[:, None, None] * rotated_means      # U_kᵀ (x − α μ_k)
+        scaled = rotated * inv_var                                                          # diag(1/var) U_kᵀ (…)
+        gamma = torch.softmax(log_norm - 0.5 * (scaled * rotated).sum(-1), dim=1)          # [B, K]
+        return sigma[:, None] * ((gamma[:, :, None] * scaled).view(n, k * d) @ stacked.T)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n samples of p0, [n, D] float64."""

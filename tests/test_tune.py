@@ -526,8 +526,8 @@ def test_tune_on_a_flow_schedule(tmp_path):
 @pytest.mark.parametrize("name", ["full-a", "full-b"])
 def test_the_full_covariance_mixtures_noise_prediction_is_minus_sigma_times_the_score(name):
     """bench/full_covariance_mixtures.py's ε* against −σ_t ∇ log p_t by autograd of the mixture's density, written
-    with torch.distributions (its own Cholesky and log-density), at random x and per-sample t; and its samples
-    have the mixture's mean and covariance."""
+    with torch.distributions (its own Cholesky and log-density), at random x, per-sample t and one t for the batch;
+    and its samples have the mixture's mean and covariance."""
     from pydpm.bench.full_covariance_mixtures import FullCovarianceMixture
 
     sched = O.VPLinear()
@@ -542,6 +542,8 @@ def test_the_full_covariance_mixtures_noise_prediction_is_minus_sigma_times_the_
     ).log_prob(x[b]).add(mix.weights.log()).logsumexp(0) for b in range(5)])
     score, = torch.autograd.grad(log_p.sum(), x)
     torch.testing.assert_close(mix.eps(x.detach(), t), -sigma * score, rtol=1e-9, atol=1e-9)
+    for b in range(5):  # one time for the whole batch, as a sampler calls it
+        torch.testing.assert_close(mix.eps(x.detach(), t[b])[b], -sigma[b] * score[b], rtol=1e-9, atol=1e-9)
 
     draws = mix.sample(200_000, generator=g)
     mean = (mix.weights[:, None] * mix.means).sum(0)
