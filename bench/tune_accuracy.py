@@ -64,7 +64,30 @@ def official(model, psched) -> Iterator[tuple[str, Callable[[torch.Tensor, int],
                                    x, steps=n, order=o, skip_type=k, lower_order_final=f))
 
 
-def _describe(v3_config: dict) -> str:
+def problem(mixture_name: str, schedule: str):
+    """(the oracle's schedule, pydpm's, the mixture, its exact noise prediction as pydpm's model) for a --mixture
+    and a --schedule."""
+    from pydpm.schedules import model_wrapper
+    gmm, oracle = _import_helpers()
+    osched, psched = _schedules(schedule, oracle)
+    total_n = osched.total_N if osched.discrete else None
+    if mixture_name == "tests":
+        mixture = gmm.GaussianMixture.random(osched, 64, components=4, seed=1, spread=0.5)
+        return osched, psched, mixture, model_wrapper(mixture.model_fn("noise", total_N=total_n), psched)
+    mixture = FullCovarianceMixture.named(mixture_name, osched)
+    return osched, psched, mixture, model_wrapper(mixture.model_fn(total_N=total_n), psched)
+
+
+def v3_configurations() -> list[dict]:
+    """DPM-Solver-v3's 48 configurations, as `DPMSolverV3.sample` keywords: order 2 or 3, every skip type, the
+    pseudo-order predictor or not, the corrector off, on, or on at pseudo-order."""
+    from pydpm.schedules import SKIP_TYPES
+    return [{"order": o, "skip_type": k, "p_pseudo": pp, "use_corrector": c, "c_pseudo": cp and c}
+            for o in (2, 3) for k in SKIP_TYPES for pp in (False, True)
+            for c, cp in ((True, True), (True, False), (False, False))]
+
+
+def describe(v3_config: dict) -> str:
     corrector = ("off", "on", "on, pseudo-order")[v3_config["use_corrector"] + v3_config["c_pseudo"]]
     return (f"order {v3_config['order']}{', pseudo-order' if v3_config['p_pseudo'] else ''}, "
             f"{v3_config['skip_type']}, corrector {corrector}")
@@ -109,9 +132,8 @@ def run(argv: list[str] | None = None) -> int:
         parser.error(f"--device {args.device}: this machine has no CUDA device (torch {torch.__version__}); leave "
                      f"--device out to run on the CPU")
 
-    gmm, oracle = _import_helpers()
+    _, oracle = _import_helpers()
     from pydpm.samplers import DPMSolver, DPMSolverV3, TunedSampler, compute_ems, tune
-    from pydpm.schedules import SKIP_TYPES, model_wrapper
 
     torch.set_num_threads(1)
     began = time.perf_counter()
@@ -122,14 +144,7 @@ def run(argv: list[str] | None = None) -> int:
     print(_row("---", ["---:", "---:", "---", "---:"] + (["---:", "---:", "---"] if "tune" in args.methods else [])
                + (["---:", "---:", "---", "---", "---:", "---:"] if "v3" in args.methods else [])))
     for name in args.schedule:
-        osched, psched = _schedules(name, oracle)
-        total_n = osched.total_N if osched.discrete else None
-        if args.mixture == "tests":
-            mixture = gmm.GaussianMixture.random(osched, 64, components=4, seed=1, spread=0.5)
-            model = model_wrapper(mixture.model_fn("noise", total_N=total_n), psched)
-        else:
-            mixture = FullCovarianceMixture.named(args.mixture, osched)
-            model = model_wrapper(mixture.model_fn(total_N=total_n), psched)
+        osched, psched, mixture, model = problem(args.mixture, name)
         dim = mixture.dim
         t_T, t_0 = psched.T, 1.0 / psched.total_N
         draws = []
@@ -164,9 +179,7 @@ def run(argv: list[str] | None = None) -> int:
                 r = tuned.report
             if "v3" in args.methods:
                 v3 = DPMSolverV3(model, psched, ems)
-                v3_configs = [{"order": o, "skip_type": k, "p_pseudo": pp, "use_corrector": c, "c_pseudo": cp and c}
-                              for o in (2, 3) for k in SKIP_TYPES for pp in (False, True)
-                              for c, cp in ((True, True), (True, False), (False, False))]
+                v3_configs = v3_configurations()
                 v3_config = min(v3_configs,
                                 key=lambda cfg: float((v3.sample(x_cal, steps=nfe, **cfg) - ref_cal).square().mean()))
             for seed, x, exact in draws:
@@ -187,10 +200,10 @@ def run(argv: list[str] | None = None) -> int:
                               f"{r['chosen']}, {r['model_calls']}, {r['seconds']:.0f}"]
                 if "v3" in args.methods:
                     e3 = error(v3.sample(x, steps=nfe, **v3_config))
-                    cells += [f"{e3:.2e}", f"{best[0] / e3:.2f}×", _describe(v3_config)]
+                    cells += [f"{e3:.2e}", f"{best[0] / e3:.2f}×", describe(v3_config)]
                     # the ceiling of the choice: every configuration scored on the evaluation samples themselves
                     ceiling = min((error(v3.sample(x, steps=nfe, **cfg)), i) for i, cfg in enumerate(v3_configs))
-                    cells += [_describe(v3_configs[ceiling[1]]), f"{ceiling[0]:.2e}", f"{best[0] / ceiling[0]:.2f}×"]
+                    cells += [describe(v3_configs[ceiling[1]]), f"{ceiling[0]:.2e}", f"{best[0] / ceiling[0]:.2f}×"]
                 print(_row(name, cells), flush=True)
     what = "4-component mixture in D = 64" if args.mixture == "tests" else f"mixture {args.mixture}"
     print(f"\n({time.perf_counter() - began:.0f} s on {device}; torch {torch.__version__}; {what}, "

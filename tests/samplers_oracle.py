@@ -8,15 +8,17 @@ z = philox_normal(seed, i, x.numel()).reshape(x.shape).
 
 Papers: DPM-Solver (Lu et al. 2022, arXiv:2206.00927), DPM-Solver++ (Lu et al. 2022, arXiv:2211.01095),
 UniPC (Zhao et al. 2023, arXiv:2302.04867), DDIM (Song et al. 2021), PNDM (Liu et al. 2022, arXiv:2202.09778),
-Karras et al. 2022 (EDM time steps), Imagen (dynamic thresholding). Where the authors' reference code departs
-from the papers or from consistency (the multistep loop's orders, the third-order multistep update, UniPC's
-"vary_coeff" corrector), the code is followed and the place says so; the convergence tests measure the effect.
+Karras et al. 2022 (EDM time steps), Imagen (dynamic thresholding), DPM-Solver-v3 (Zheng et al. 2023,
+arXiv:2310.13268). Where the authors' reference code departs from the papers or from consistency (the
+multistep loop's orders, the third-order multistep update, UniPC's "vary_coeff" corrector), the code is
+followed and the place says so; the convergence tests measure the effect.
 """
 from __future__ import annotations
 
 import math
 from typing import Callable
 
+import numpy as np
 import torch
 
 from pydpm.ops import philox_normal
@@ -636,3 +638,130 @@ def ode_solution(eps: EpsModel, sched: Schedule, x: torch.Tensor, t_start: float
         k4 = f(y + dl * k3, l1)
         y = y + dl / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
     return sched.sigma(_f64(t_end)) * y
+
+
+# --------------------------------------------------------------------------------------------------
+# DPM-Solver-v3 (Zheng et al. 2023), in the authors' form
+# --------------------------------------------------------------------------------------------------
+
+class DPMSolverV3:
+    """DPM-Solver-v3 as the paper states it, on statistics interpolated linearly between their grid points.
+
+    `lambdas` [K]; `l`, `s` [K] (one number per λ, as pydpm fits them) or [K, *shape] (one per element, as the
+    paper does); `b` [K, *shape]. Every quantity is kept as a row over the elements (one column for scalar l
+    and s) on a fine λ grid holding the statistics' points and the sampler's (`lams_needed`; a statistics point
+    within 1e-9 of a sampler's is dropped for it), 2·sub nodes per interval: L = ∫l, S = ∫s exactly (trapezoids of a linear function), I = ∫e^{L+S}, B = ∫e^{−S}·b and
+    C = ∫e^{L+S}·B by Simpson's rule. g is taken relative to the step's start; derivatives by a Vandermonde solve
+    or divided differences (pseudo-order); the corrector re-expresses ε so that σ·ε − l·x is kept."""
+
+    def __init__(self, lambdas, l, s, b, lams_needed: list[float], sub: int = 64):
+        grid = np.asarray(lambdas, dtype=np.float64)
+        b = np.asarray(b, dtype=np.float64)
+        self.shape = b.shape[1:]
+        needed = np.asarray(lams_needed, dtype=np.float64)
+        apart = np.abs(grid[:, None] - needed[None]).min(1) > 1e-9  # a statistics point on a step's λ: one knot
+        knots = np.union1d(grid[apart], needed)
+        fine = [knots[0]]
+        for lo, hi in zip(knots[:-1], knots[1:]):
+            fine.extend(np.linspace(lo, hi, 2 * sub + 1)[1:])
+        self.lam = np.asarray(fine)
+
+        def interpolated(v):  # [K, ...] -> [fine nodes, columns]
+            v = np.asarray(v, dtype=np.float64).reshape(len(grid), -1)
+            return np.stack([np.interp(self.lam, grid, v[:, i]) for i in range(v.shape[1])], 1)
+
+        self.l, self.s, self.b = interpolated(l), interpolated(s), interpolated(b)
+        self.L = self._cumtrapz(self.l)   # exact: l is linear between fine nodes
+        self.S = self._cumtrapz(self.s)
+        self.I = self._cumsimpson(np.exp(self.L + self.S))
+        self.B = self._cumsimpson(np.exp(-self.S) * self.b)
+        self.C = self._cumsimpson(np.exp(self.L + self.S) * self.B)
+
+    def _cumtrapz(self, v):
+        steps = 0.5 * np.diff(self.lam)[:, None] * (v[1:] + v[:-1])
+        return np.concatenate([np.zeros((1, v.shape[1])), np.cumsum(steps, axis=0)])
+
+    def _cumsimpson(self, v):
+        """Cumulative Simpson's rule over node pairs (equal spacing within a knot interval); at the odd nodes the
+        three-point rule for the first half of the pair."""
+        h = np.diff(self.lam)
+        out = np.zeros_like(v)
+        for i in range(2, len(self.lam), 2):
+            w = h[i - 2]
+            out[i - 1] = out[i - 2] + w / 12.0 * (5.0 * v[i - 2] + 8.0 * v[i - 1] - v[i])
+            out[i] = out[i - 2] + w / 3.0 * (v[i - 2] + 4.0 * v[i - 1] + v[i])
+        return out
+
+    def _elements(self, row) -> torch.Tensor:
+        """A row over the elements as a tensor that broadcasts against [B, *shape]."""
+        row = np.asarray(row)
+        return torch.from_numpy(row.copy()).reshape(self.shape if row.size > 1 else (1,) * len(self.shape))
+
+    def at(self, lam):
+        i = int(np.argmin(np.abs(self.lam - lam)))
+        assert abs(self.lam[i] - lam) < 1e-12 and i % 2 == 0
+        return i
+
+    def exp_coefficient(self, i_s, i_t, k):
+        """∫_s^t e^{L+S−L_s−S_s}·(λ − λ_s)^k/k! by Simpson on the fine grid."""
+        lam = self.lam[i_s:i_t + 1]
+        v = np.exp(self.L[i_s:i_t + 1] + self.S[i_s:i_t + 1] - self.L[i_s] - self.S[i_s]) \
+            * ((lam - lam[0]) ** k / math.factorial(k))[:, None]
+        return ((lam[2::2] - lam[:-2:2])[:, None] / 6.0 * (v[:-2:2] + 4 * v[1:-1:2] + v[2::2])).sum(0)
+
+    def update(self, xs, epss, ts, sched, t, idx, pseudo):
+        """The update from the point idx[0] of the lists to t through the points idx (in that order)."""
+        n = len(idx) - 1
+        i_s = self.at(float(sched.lam(ts[idx[0]])))
+        i_t = self.at(float(sched.lam(t)))
+        a_s, a_t = float(sched.alpha(ts[idx[0]])), float(sched.alpha(t))
+        el = self._elements
+        gs, lams = [], []
+        for j in idx:
+            i_j = self.at(float(sched.lam(ts[j])))
+            a_j, s_j = float(sched.alpha(ts[j])), float(sched.sigma(ts[j]))
+            f = (s_j * epss[j] - el(self.l[i_j]) * xs[j]) / a_j
+            gs.append(el(np.exp(self.S[i_s] - self.S[i_j])) * f - el(np.exp(self.S[i_s]) * (self.B[i_j] - self.B[i_s])))
+            lams.append(self.lam[i_j])
+        C_term = self.C[i_t] - self.C[i_s] - self.B[i_s] * (self.I[i_t] - self.I[i_s])
+        x = (a_t / a_s * el(np.exp(self.L[i_s] - self.L[i_t])) * xs[idx[0]]
+             - a_t * el(np.exp(-self.L[i_t] - self.S[i_s]) * (self.I[i_t] - self.I[i_s])) * gs[0]
+             - a_t * el(np.exp(-self.L[i_t]) * C_term))
+        if n:
+            if pseudo:  # divided differences of the newest points, times k!
+                table = [gs]
+                for k in range(1, n + 1):
+                    prev = table[-1]
+                    table.append([(prev[j] - prev[j + 1]) / (lams[j] - lams[j + k]) for j in range(n + 1 - k)])
+                derivs = [table[k][0] * math.factorial(k) for k in range(1, n + 1)]
+            else:  # the Taylor coefficients of the interpolating polynomial: a Vandermonde solve
+                R = np.array([[(lams[j] - lams[0]) ** k for k in range(1, n + 1)] for j in range(1, n + 1)])
+                rhs = torch.stack([gs[j] - gs[0] for j in range(1, n + 1)]).reshape(n, -1).numpy()
+                sol = np.linalg.solve(R, rhs)
+                derivs = [torch.from_numpy(sol[k - 1].reshape(gs[0].shape)) * math.factorial(k)
+                          for k in range(1, n + 1)]
+            for k in range(1, n + 1):
+                x = x - a_t * el(np.exp(self.L[i_s] - self.L[i_t]) * self.exp_coefficient(i_s, i_t, k)) * derivs[k - 1]
+        return x
+
+    def sample(self, eps_fn, sched, x, ts, order, p_pseudo, use_corrector, c_pseudo):
+        """order: an int (the authors' schedule of orders) or each step's order; use_corrector: a bool or, per
+        step but the last, whether that step is corrected."""
+        steps = len(ts) - 1
+        xs, epss, p_order = [], [], 0
+        for step in range(1, steps + 1):
+            xs.append(x)
+            epss.append(eps_fn(x, ts[step - 1]))
+            if use_corrector if isinstance(use_corrector, bool) else step > 1 and use_corrector[step - 2]:
+                c_order = p_order + (1 if c_pseudo else 0)
+                if c_order > 1:
+                    k = len(xs) - 1  # the official corrector's points: -2, -1, -3, -4, ...
+                    idx = [k - 1, k] + list(range(k - 2, -1, -1))[:c_order - 2]
+                    new = self.update(xs, epss, ts, sched, ts[step - 1], idx, c_pseudo)
+                    lv = self._elements(self.l[self.at(float(sched.lam(ts[step - 1])))])
+                    s_t = float(sched.sigma(ts[step - 1]))
+                    n_old = s_t * epss[-1] - lv * xs[-1]
+                    xs[-1], epss[-1] = new, (n_old + lv * new) / s_t
+            p_order = min(min(step, order), steps + 1 - step) if isinstance(order, int) else order[step - 1]
+            x = self.update(xs, epss, ts, sched, ts[step], list(range(len(xs) - 1, -1, -1))[:p_order], p_pseudo)
+        return x

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
 import samplers_oracle as O
 from gaussian_mixture import GaussianMixture
 from pydpm.samplers import DPMSolver, DPMSolverV3, EMS, UniPC, compute_ems
+from pydpm.samplers.ems import estimate_statistics
 from pydpm.schedules import NoiseScheduleVP, model_wrapper
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -51,115 +51,6 @@ def random_ems(ns, shape, seed=0, points=25):
     return EMS(lambdas, l, s, b)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# An independent implementation in the authors' form
-
-class OracleV3:
-    """DPM-Solver-v3 as the paper states it, on statistics interpolated linearly between their grid points."""
-
-    def __init__(self, ems: EMS, lams_needed: list[float], sub: int = 64):
-        knots = np.union1d(ems.lambdas.numpy(), np.asarray(lams_needed))
-        fine = [knots[0]]
-        for a, b in zip(knots[:-1], knots[1:]):
-            fine.extend(np.linspace(a, b, 2 * sub + 1)[1:])
-        self.lam = np.asarray(fine)
-        grid = ems.lambdas.numpy()
-        self.l = np.interp(self.lam, grid, ems.l.numpy())
-        self.s = np.interp(self.lam, grid, ems.s.numpy())
-        bflat = ems.b.reshape(ems.b.shape[0], -1).numpy()
-        self.b = np.stack([np.interp(self.lam, grid, bflat[:, i]) for i in range(bflat.shape[1])], 1)
-        self.shape = ems.sample_shape
-        self.L = self._cumtrapz(self.l)   # exact: l is linear between fine nodes
-        self.S = self._cumtrapz(self.s)
-        self.I = self._cumsimpson(np.exp(self.L + self.S))
-        self.B = self._cumsimpson(np.exp(-self.S)[:, None] * self.b)
-        self.C = self._cumsimpson(np.exp(self.L + self.S)[:, None] * self.B)
-
-    def _cumtrapz(self, v):
-        return np.concatenate([[0.0], np.cumsum(0.5 * np.diff(self.lam) * (v[1:] + v[:-1]))])
-
-    def _cumsimpson(self, v):
-        """Cumulative Simpson's rule over node pairs (equal spacing within a knot interval); at the odd nodes the
-        three-point rule for the first half of the pair."""
-        h = np.diff(self.lam)
-        out = np.zeros_like(v)
-        for i in range(2, len(self.lam), 2):
-            w = h[i - 2]
-            out[i - 1] = out[i - 2] + w / 12.0 * (5.0 * v[i - 2] + 8.0 * v[i - 1] - v[i])
-            out[i] = out[i - 2] + w / 3.0 * (v[i - 2] + 4.0 * v[i - 1] + v[i])
-        return out
-
-    def at(self, lam):
-        i = int(np.argmin(np.abs(self.lam - lam)))
-        assert abs(self.lam[i] - lam) < 1e-12 and i % 2 == 0
-        return i
-
-    def exp_coefficient(self, i_s, i_t, k):
-        """∫_s^t e^{L+S−L_s−S_s}·(λ − λ_s)^k/k! by Simpson on the fine grid."""
-        lam = self.lam[i_s:i_t + 1]
-        v = np.exp(self.L[i_s:i_t + 1] + self.S[i_s:i_t + 1] - self.L[i_s] - self.S[i_s]) * (lam - lam[0]) ** k \
-            / math.factorial(k)
-        return sum((lam[j + 2] - lam[j]) / 6.0 * (v[j] + 4 * v[j + 1] + v[j + 2]) for j in range(0, len(lam) - 2, 2))
-
-    def update(self, xs, epss, ts, sched, t, idx, pseudo):
-        """The update from the point idx[0] of the lists to t through the points idx (in that order)."""
-        n = len(idx) - 1
-        i_s = self.at(float(sched.lam(ts[idx[0]])))
-        i_t = self.at(float(sched.lam(t)))
-        a_s, a_t = float(sched.alpha(ts[idx[0]])), float(sched.alpha(t))
-        gs, lams = [], []
-        for j in idx:
-            i_j = self.at(float(sched.lam(ts[j])))
-            a_j, s_j = float(sched.alpha(ts[j])), float(sched.sigma(ts[j]))
-            lv = self.l[i_j]
-            f = (s_j * epss[j] - lv * xs[j]) / a_j
-            B_rel = torch.from_numpy((self.B[i_j] - self.B[i_s]).reshape(self.shape))
-            gs.append(math.exp(self.S[i_s] - self.S[i_j]) * f - math.exp(self.S[i_s]) * B_rel)
-            lams.append(self.lam[i_j])
-        C_term = torch.from_numpy((self.C[i_t] - self.C[i_s] - self.B[i_s] * (self.I[i_t] - self.I[i_s])).reshape(
-            self.shape))
-        x = (a_t / a_s * math.exp(self.L[i_s] - self.L[i_t]) * xs[idx[0]]
-             - a_t * math.exp(-self.L[i_t] - self.S[i_s]) * (self.I[i_t] - self.I[i_s]) * gs[0]
-             - a_t * math.exp(-self.L[i_t]) * C_term)
-        if n:
-            if pseudo:  # divided differences of the newest points, times k!
-                table = [gs]
-                for k in range(1, n + 1):
-                    prev = table[-1]
-                    table.append([(prev[j] - prev[j + 1]) / (lams[j] - lams[j + k]) for j in range(n + 1 - k)])
-                derivs = [table[k][0] * math.factorial(k) for k in range(1, n + 1)]
-            else:  # the Taylor coefficients of the interpolating polynomial: a Vandermonde solve
-                R = np.array([[(lams[j] - lams[0]) ** k for k in range(1, n + 1)] for j in range(1, n + 1)])
-                rhs = torch.stack([gs[j] - gs[0] for j in range(1, n + 1)]).reshape(n, -1).numpy()
-                sol = np.linalg.solve(R, rhs)
-                derivs = [torch.from_numpy(sol[k - 1].reshape(gs[0].shape)) * math.factorial(k)
-                          for k in range(1, n + 1)]
-            for k in range(1, n + 1):
-                x = x - a_t * math.exp(self.L[i_s] - self.L[i_t]) * self.exp_coefficient(i_s, i_t, k) * derivs[k - 1]
-        return x
-
-    def sample(self, eps_fn, sched, x, ts, order, p_pseudo, use_corrector, c_pseudo):
-        """order: an int (the authors' schedule of orders) or each step's order; use_corrector: a bool or, per
-        step but the last, whether that step is corrected."""
-        steps = len(ts) - 1
-        xs, epss, p_order = [], [], 0
-        for step in range(1, steps + 1):
-            xs.append(x)
-            epss.append(eps_fn(x, ts[step - 1]))
-            if use_corrector if isinstance(use_corrector, bool) else step > 1 and use_corrector[step - 2]:
-                c_order = p_order + (1 if c_pseudo else 0)
-                if c_order > 1:
-                    k = len(xs) - 1  # the official corrector's points: -2, -1, -3, -4, ...
-                    idx = [k - 1, k] + list(range(k - 2, -1, -1))[:c_order - 2]
-                    new = self.update(xs, epss, ts, sched, ts[step - 1], idx, c_pseudo)
-                    lv, s_t = self.l[self.at(float(sched.lam(ts[step - 1])))], float(sched.sigma(ts[step - 1]))
-                    n_old = s_t * epss[-1] - lv * xs[-1]
-                    xs[-1], epss[-1] = new, (n_old + lv * new) / s_t
-            p_order = min(min(step, order), steps + 1 - step) if isinstance(order, int) else order[step - 1]
-            x = self.update(xs, epss, ts, sched, ts[step], list(range(len(xs) - 1, -1, -1))[:p_order], p_pseudo)
-        return x
-
-
 OPTIONS = [dict(p_pseudo=p, use_corrector=c, c_pseudo=cp) for p in (False, True) for c in (False, True)
            for cp in ((False, True) if c else (False,))]
 
@@ -173,7 +64,7 @@ def test_matches_an_independent_implementation(mixture, order, opts):
     ts = O.time_steps(O.VPLinear(), "time_quadratic", T_START, T_END, steps)
     times = torch.tensor([float(t) for t in ts], dtype=torch.float64)
     got = DPMSolverV3(model, ns, ems).sample(x, times=times, order=order, **opts)
-    oracle = OracleV3(ems, [float(O.VPLinear().lam(t)) for t in ts])
+    oracle = O.DPMSolverV3(ems.lambdas, ems.l, ems.s, ems.b, [float(O.VPLinear().lam(t)) for t in ts])
     want = oracle.sample(gm.eps, O.VPLinear(), x, ts, order, **opts)
     assert torch.isfinite(got).all()
     scale = float(want.abs().max())
@@ -190,7 +81,7 @@ def test_per_step_orders_and_correctors_match_the_independent_implementation(mix
     use_corrector = correctors if opts["use_corrector"] else [False] * 6
     got = DPMSolverV3(model, ns, ems).sample(x, times=times, order=orders, p_pseudo=opts["p_pseudo"],
                                              use_corrector=use_corrector, c_pseudo=opts["c_pseudo"])
-    oracle = OracleV3(ems, [float(O.VPLinear().lam(t)) for t in ts])
+    oracle = O.DPMSolverV3(ems.lambdas, ems.l, ems.s, ems.b, [float(O.VPLinear().lam(t)) for t in ts])
     want = oracle.sample(gm.eps, O.VPLinear(), x, ts, orders, opts["p_pseudo"], use_corrector, opts["c_pseudo"])
     assert float((got - want).abs().max()) <= 1e-8 * float(want.abs().max()), float((got - want).abs().max())
     # the per-step forms of the authors' schedule are that schedule
@@ -198,6 +89,43 @@ def test_per_step_orders_and_correctors_match_the_independent_implementation(mix
     spelled = DPMSolverV3(model, ns, ems).sample(x, times=times, order=[1, 2, 3, 3, 3, 2, 1], p_pseudo=opts["p_pseudo"],
                                                  use_corrector=[opts["use_corrector"]] * 6, c_pseudo=opts["c_pseudo"])
     assert torch.equal(uniform, spelled)
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(k for k, v in o.items() if v) or "plain")
+def test_the_independent_implementation_takes_statistics_per_element(opts):
+    """With l and s per element (the paper's form) and a model acting on each element alone, element j of the
+    oracle's run is pydpm's fused solver on that element's one-dimensional problem with element j's statistics;
+    and per-element statistics equal in every element are the scalar ones."""
+    ns, dim = NoiseScheduleVP("linear", dtype=torch.float64), 5
+    g = torch.Generator().manual_seed(11)
+    gain = 0.5 + torch.rand(dim, generator=g, dtype=torch.float64)
+    shift = torch.randn(dim, generator=g, dtype=torch.float64)
+
+    def eps(x, t):  # elementwise in x, nonlinear
+        t = t.reshape(-1, 1).to(x.dtype)
+        return torch.tanh(gain * x) + 0.3 * t * shift
+
+    ems = [random_ems(ns, (1,), seed=20 + j) for j in range(dim)]
+    lambdas = ems[0].lambdas
+    per_element = (torch.stack([e.l for e in ems], 1), torch.stack([e.s for e in ems], 1),
+                   torch.cat([e.b for e in ems], 1))
+    x = torch.randn(6, dim, generator=g, dtype=torch.float64)
+    ts = O.time_steps(O.VPLinear(), "logSNR", T_START, T_END, 6)
+    times = torch.tensor([float(t) for t in ts], dtype=torch.float64)
+    lams = [float(O.VPLinear().lam(t)) for t in ts]
+    got = O.DPMSolverV3(lambdas, *per_element, lams).sample(eps, O.VPLinear(), x, ts, 3, **opts)
+    for j in range(dim):
+        def eps_j(x_, t, j=j):
+            return eps(torch.nn.functional.pad(x_, (j, dim - 1 - j)), t)[:, j:j + 1]
+
+        want = DPMSolverV3(eps_j, ns, EMS(lambdas, ems[j].l, ems[j].s, ems[j].b)).sample(x[:, j:j + 1], times=times,
+                                                                                        order=3, **opts)
+        assert float((got[:, j:j + 1] - want).abs().max()) <= 1e-8 * float(want.abs().max()), j
+    same = random_ems(ns, (dim,), seed=30)
+    scalar = O.DPMSolverV3(same.lambdas, same.l, same.s, same.b, lams).sample(eps, O.VPLinear(), x, ts, 3, **opts)
+    tiled = O.DPMSolverV3(same.lambdas, same.l[:, None].expand(-1, dim), same.s[:, None].expand(-1, dim), same.b,
+                          lams).sample(eps, O.VPLinear(), x, ts, 3, **opts)
+    assert float((scalar - tiled).abs().max()) <= 1e-12 * float(scalar.abs().max())
 
 
 @pytest.mark.parametrize("order", [1, 2, 3])
@@ -265,10 +193,10 @@ def gaussian_ems_closed_form(ns, mu, var, lambdas):
             torch.stack(out["b"]))
 
 
-def test_ems_of_gaussian_data_match_the_closed_form():
+def diagonal_gaussian(dim, n, seed):
+    """(schedule, μ, v, the exact ε of data N(μ, diag v), n samples of the data) on the linear VP schedule."""
     ns = NoiseScheduleVP("linear", dtype=torch.float64)
-    g = torch.Generator().manual_seed(0)
-    dim = 8
+    g = torch.Generator().manual_seed(seed)
     mu = torch.randn(dim, generator=g, dtype=torch.float64)
     var = torch.linspace(0.05, 2.0, dim, dtype=torch.float64)
 
@@ -276,13 +204,42 @@ def test_ems_of_gaussian_data_match_the_closed_form():
         a, s = ns.marginal_alpha(t)[:, None], ns.marginal_std(t)[:, None]
         return s * (x - a * mu) / (a * a * var + s * s)
 
-    data = mu + var.sqrt() * torch.randn(40000, dim, generator=g, dtype=torch.float64)
+    return ns, mu, var, eps, mu + var.sqrt() * torch.randn(n, dim, generator=g, dtype=torch.float64)
+
+
+def test_ems_of_gaussian_data_match_the_closed_form():
+    ns, mu, var, eps, data = diagonal_gaussian(8, 40000, seed=0)
     ems = compute_ems(eps, ns, data, points=41, t_start=0.9, t_end=0.02, batch=40000, seed=1)
     l, s, b = gaussian_ems_closed_form(ns, mu, var, ems.lambdas)
     assert torch.allclose(ems.l, l, rtol=0, atol=2e-3 * float(l.max()))  # Hutchinson is exact for a diagonal Jacobian
     assert torch.allclose(ems.s, s, rtol=0, atol=0.03 * float(s.abs().max()))
     assert torch.allclose(ems.b, b, rtol=0, atol=0.03 * float(b.abs().max()))
     assert ems.info["samples"] == 40000 and ems.guidance_scale is None
+
+
+def test_per_element_statistics_of_gaussian_data_match_the_closed_form():
+    """The paper's per-element fits on data N(μ, diag v): l_j = c_j = σ²/(α²v_j + σ²) exactly (the Jacobian is
+    diagonal), f_j = −c_j·μ_j does not depend on x, so s = 0 and b_j = −μ_j·dc_j/dλ; the pooled l is their mean
+    over the elements, far from some of them."""
+    dim = 6
+    ns, mu, var, eps, data = diagonal_gaussian(dim, 2000, seed=1)
+
+    def c_of(lam):
+        a2, s2 = torch.sigmoid(2 * lam), torch.sigmoid(-2 * lam)
+        return s2 / (a2 * var + s2)
+
+    lambdas, l, s, b = estimate_statistics(eps, ns, data, points=81, t_start=0.9, t_end=0.02, batch=2000,
+                                           per_element=True)
+    assert l.shape == s.shape == b.shape == (81, dim)
+    c = torch.stack([c_of(lam) for lam in lambdas])
+    dc = torch.stack([torch.func.jacfwd(c_of)(lam) for lam in lambdas])
+    torch.testing.assert_close(l, c, rtol=1e-12, atol=0)
+    assert bool((s == 0).all())
+    # b carries the error of dl/dλ (second-order differences on the grid) times the mean of x/α
+    torch.testing.assert_close(b, -mu * dc, rtol=0, atol=5e-3 * float((mu * dc).abs().max()))
+    pooled = estimate_statistics(eps, ns, data, points=81, t_start=0.9, t_end=0.02, batch=2000)
+    torch.testing.assert_close(pooled[1], l.mean(1), rtol=1e-12, atol=0)
+    assert float((pooled[1][:, None] - l).abs().max()) > 0.1
 
 
 def test_ems_save_load_round_trip_and_checks(tmp_path, mixture):
@@ -451,3 +408,20 @@ def test_the_per_element_statistics_benchmark_runs(capsys):
     for row in rows:
         scalar, per_element = (float(cell.strip().rstrip("%")) for cell in row[-2:])
         assert 0 <= per_element <= scalar <= 100
+
+
+def test_the_per_element_solver_benchmark_runs(capsys):
+    """bench/ems_per_element.py --solve at a toy size: a row per draw; pydpm's fused run of the best scalar
+    configuration scores what the paper's implementation scored for it; each kind's best is the least of its 48."""
+    from pydpm.bench import ems_per_element
+
+    assert ems_per_element.run(["--solve", "--schedule", "linear", "--nfe", "3", "--eval", "16", "--samples", "128",
+                                "--points", "9", "--eval-seeds", "0", "1"]) == 0
+    table = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| linear")]
+    assert [cells[2].strip() for cells in table] == ["0", "1"]
+    for cells in table:
+        scalar, fused, elem, elem_same = (float(cells[i]) for i in (4, 5, 7, 8))
+        assert math.isfinite(scalar) and abs(fused - scalar) <= 2e-3 * scalar
+        assert elem <= elem_same
+        assert float(cells[9].strip().rstrip("×")) == pytest.approx(scalar / elem, rel=5e-3)
+

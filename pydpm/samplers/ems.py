@@ -13,7 +13,9 @@ l by Hutchinson's estimator (σ·v·(∇ₓε_θ v)/D, v Rademacher, one JVP), f
 Here l_λ and s_λ are one number per λ (the least-squares fits of the paper's objectives over scalars; the
 paper fits one per element) and b_λ has one sample's shape. Scalar l and s keep every coefficient of the
 solver a number, so each step stays one fused launch; b enters as one constant tensor per step. Between
-grid points the statistics are linear in λ.
+grid points the statistics are linear in λ. `estimate_statistics(..., per_element=True)` fits l and s per
+element as the paper does, to measure what one number gives up (`python bench/ems_per_element.py --solve`
+runs the paper's solver on both).
 """
 from __future__ import annotations
 
@@ -238,6 +240,22 @@ def compute_ems(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         JVPs) per data sample per grid point.
     """
     began = time.perf_counter()
+    lambdas, l, s_, b = estimate_statistics(model_fn, noise_schedule, data, points=points, t_start=t_start,
+                                            t_end=t_end, batch=batch, seed=seed, progress=progress)
+    n, points = data.shape[0], lambdas.numel()
+    return EMS(lambdas, l, s_, b, schedule=fingerprint(noise_schedule, lambdas), guidance_scale=guidance_of(model_fn),
+               info={"samples": n, "points": points, "seed": seed, "seconds": time.perf_counter() - began,
+                     "model_calls": 3 * n * points})
+
+
+def estimate_statistics(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                        noise_schedule: NoiseScheduleVP | NoiseScheduleFlow, data: torch.Tensor, *, points: int = 101,
+                        t_start: float | None = None, t_end: float | None = None, batch: int = 256, seed: int = 0,
+                        progress: bool = False, per_element: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`compute_ems`'s estimators, arguments and checks: (λ grid [K], l, s, b [K, *sample_shape]), l and s [K] as
+    pydpm's solver takes them, or with `per_element` [K, *sample_shape] as the paper fits them (each element's own
+    least squares; for measuring what one number per λ gives up: the fused solver takes scalars)."""
     if not isinstance(data, torch.Tensor) or data.dim() < 2 or data.shape[0] < 2 or not data.is_floating_point():
         raise ValueError(f"compute_ems: data must be a float tensor [N, *sample_shape] with N >= 2 samples x₀, got "
                          f"{type(data).__name__ if not isinstance(data, torch.Tensor) else tuple(data.shape)}")
@@ -279,31 +297,35 @@ def compute_ems(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
             raise RuntimeError(f"compute_ems: forward-mode AD (torch.func.jvp) through model_fn failed ({err}); the "
                                f"statistics need JVPs of the model in x and t") from err
 
-    # Pass 1: l_λ = E[σ·v·(∇ₓε v)]/D.
+    # Pass 1: l_λ = E[σ·v·(∇ₓε v)]/D (per element: E[σ·v ⊙ (∇ₓε v)]).
     l_vals = []
     for k in range(points):
         t = float(times[k])
         a, s = (float(v) for v in schedule_at(torch.tensor([t], dtype=torch.float64)))
-        total = 0.0
+        total: float | torch.Tensor = 0.0
         for x0, eps, v in draws():
             x = a * x0 + s * eps
             tt = torch.full((x.shape[0],), t, dtype=dtype, device=device)
             with torch.no_grad():
                 _, jv = jvp(lambda x_: model_fn(x_, tt), (x,), (v,))
-            total += float((v.double() * jv.double()).sum())
-        l_vals.append(s * total / (n * dims))
+            product = v.double() * jv.double()
+            total += product.sum(0).cpu() if per_element else float(product.sum())
+        l_vals.append(s * total / (n if per_element else n * dims))
         if progress:
             print(f"\rcompute_ems: l at {k + 1}/{points} grid points", end="", file=sys.stderr, flush=True)
-    l = torch.tensor(l_vals, dtype=torch.float64)
+    l = torch.stack(l_vals) if per_element else torch.tensor(l_vals, dtype=torch.float64)
     # dl/dλ at the grid points (second-order differences), for f' = d/dλ[(σε − l·x)/α].
-    dl = torch.gradient(l, spacing=(lambdas,), edge_order=2)[0] if points > 2 else (l.diff() / lambdas.diff()).repeat(2)
+    if points > 2:
+        dl = torch.gradient(l, spacing=(lambdas,), dim=0, edge_order=2)[0]
+    else:
+        dl = ((l[1] - l[0]) / (lambdas[1] - lambdas[0])).expand_as(l)
     # dt/dλ along the grid: d/dt of λ(t) by forward-mode AD through the schedule.
     dlam_dt = torch.func.jvp(lambda t_: ns.marginal_lambda(t_).to(torch.float64), (times,),
                              (torch.ones_like(times),))[1]
     if not bool(torch.isfinite(dlam_dt).all()) or not bool((dlam_dt != 0).all()):
         raise ValueError("compute_ems: dλ/dt is zero or not finite on the grid: keep t_start/t_end inside the "
                          "schedule's open interval")
-    # Pass 2: s_λ, b_λ by least squares of f' on f (pooled over elements for s).
+    # Pass 2: s_λ, b_λ by least squares of f' on f (s pooled over the elements, or each element's own).
     s_vals, b_rows = [], []
     for k in range(points):
         t = float(times[k])
@@ -311,7 +333,7 @@ def compute_ems(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         dt = 1.0 / float(dlam_dt[k])
         dloga = float(torch.func.jvp(lambda t_: ns.marginal_log_mean_coeff(t_).to(torch.float64),
                                      (times[k:k + 1],), (torch.ones(1, dtype=torch.float64),))[1]) * dt
-        lk, dlk = float(l[k]), float(dl[k])
+        lk, dlk = (v[k].to(device) if per_element else float(v[k]) for v in (l, dl))
         sums = {name: torch.zeros(shape, dtype=torch.float64, device=device) for name in ("f", "df", "ff", "fdf")}
         for x0, eps, _ in draws():
             x = a * x0 + s * eps
@@ -332,20 +354,19 @@ def compute_ems(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
             sums["ff"] += (f * f).sum(0)
             sums["fdf"] += (f * df).sum(0)
         mf, mdf = sums["f"] / n, sums["df"] / n
-        var = float((sums["ff"] / n - mf * mf).sum())
-        cov = float((sums["fdf"] / n - mf * mdf).sum())
+        var, cov, power = sums["ff"] / n - mf * mf, sums["fdf"] / n - mf * mdf, sums["ff"] / n
+        if not per_element:
+            var, cov, power = (v.sum() for v in (var, cov, power))
         # f with (almost) no spread (e.g. Gaussian data, where l absorbs all of f's dependence on x): s = 0
-        s_k = cov / var if var > 1e-12 * float((sums["ff"] / n).sum()) else 0.0
-        s_vals.append(s_k)
+        s_k = torch.where(var > 1e-12 * power, cov / var, torch.zeros_like(var))
+        s_vals.append(s_k.cpu())
         b_rows.append((mdf - s_k * mf).cpu())
         if progress:
             print(f"\rcompute_ems: s, b at {k + 1}/{points} grid points", end="", file=sys.stderr, flush=True)
     if progress:
         print(file=sys.stderr)
-    s_, b = torch.tensor(s_vals, dtype=torch.float64), torch.stack(b_rows)
+    s_, b = torch.stack(s_vals), torch.stack(b_rows)
     if not all(bool(torch.isfinite(v).all()) for v in (l, s_, b)):
         raise FloatingPointError("compute_ems: the statistics are not finite: check that model_fn returns finite "
                                  "values at these times")
-    return EMS(lambdas, l, s_, b, schedule=fingerprint(ns, lambdas), guidance_scale=guidance_of(model_fn),
-               info={"samples": n, "points": points, "seed": seed, "seconds": time.perf_counter() - began,
-                     "model_calls": 3 * n * points})
+    return lambdas, l, s_, b
