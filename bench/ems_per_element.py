@@ -109,7 +109,7 @@ def _solve(args, name: str) -> None:
             print(f"| {name} | {nfe} | {seed} | {describe(cfg)} | {float(e_scalar):.3e} | "
                   f"{float((y - exact).square().mean().sqrt()):.3e} | {describe(configs[int(i_elem)])} | "
                   f"{float(e_elem):.3e} | {float(errors[kinds[1]][d, i_scalar]):.3e} | "
-                  f"{float(e_scalar / e_elem):.3g}× |", flush=True)
+                  f"{float(e_scalar / e_elem):#.3g}× |", flush=True)
     print(f"\n({time.perf_counter() - began:.0f} s; torch {torch.__version__})\n")
 
 
