@@ -650,9 +650,10 @@ class DPMSolverV3:
     `lambdas` [K]; `l`, `s` [K] (one number per λ, as pydpm fits them) or [K, *shape] (one per element, as the
     paper does); `b` [K, *shape]. Every quantity is kept as a row over the elements (one column for scalar l
     and s) on a fine λ grid holding the statistics' points and the sampler's (`lams_needed`; a statistics point
-    within 1e-9 of a sampler's is dropped for it), 2·sub nodes per interval: L = ∫l, S = ∫s exactly (trapezoids of a linear function), I = ∫e^{L+S}, B = ∫e^{−S}·b and
-    C = ∫e^{L+S}·B by Simpson's rule. g is taken relative to the step's start; derivatives by a Vandermonde solve
-    or divided differences (pseudo-order); the corrector re-expresses ε so that σ·ε − l·x is kept."""
+    within 1e-9 of a sampler's is dropped for it), 2·sub nodes per interval: L = ∫l, S = ∫s exactly (trapezoids
+    of a linear function), I = ∫e^{L+S}, B = ∫e^{−S}·b and C = ∫e^{L+S}·B by Simpson's rule. g is taken
+    relative to the step's start; derivatives by a Vandermonde solve or divided differences (pseudo-order); the
+    corrector re-expresses ε so that σ·ε − l·x is kept."""
 
     def __init__(self, lambdas, l, s, b, lams_needed: list[float], sub: int = 64):
         grid = np.asarray(lambdas, dtype=np.float64)
