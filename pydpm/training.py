@@ -237,9 +237,16 @@ class Distributed:
 def setup_distributed(device: str | None) -> Distributed:
     """Join the torch.distributed group that torchrun describes in the environment (WORLD_SIZE > 1), with the
     NCCL backend on CUDA and gloo on the CPU, or reuse one already initialised; a single process otherwise.
-    Under torchrun on CUDA each rank uses cuda:LOCAL_RANK."""
+    Under torchrun on CUDA each rank uses cuda:LOCAL_RANK, so a node runs at most one process per CUDA device (NCCL
+    takes no two ranks on one device): more is a ConfigError, raised before the group is joined."""
     cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda and world > 1 and local_rank >= torch.cuda.device_count():
+        raise ConfigError("--device", f"local rank {local_rank} of a {world}-process run, but this node has "
+                                      f"{torch.cuda.device_count()} CUDA device(s) and each process takes its own: "
+                                      f"start at most {torch.cuda.device_count()} per node (torchrun "
+                                      f"--nproc_per_node), or train on the CPU with gloo (--device cpu)")
     owns = False
     if torch_dist.is_available() and torch_dist.is_initialized():
         world = torch_dist.get_world_size()
@@ -248,7 +255,6 @@ def setup_distributed(device: str | None) -> Distributed:
         owns = True
     rank = torch_dist.get_rank() if world > 1 else 0
     if cuda:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         dev = torch.device(device) if device is not None and world == 1 else torch.device("cuda", local_rank)
         if dev.index is None:  # "cuda": the current device, named, as set_device and the checkpoints need
             dev = torch.device("cuda", torch.cuda.current_device())

@@ -273,8 +273,8 @@ GLOO = pytest.mark.skipif(not torch.distributed.is_available() or not torch.dist
 
 
 def _torchrun(args: list[str], cwd: Path) -> str:
-    """`torchrun --standalone --nproc_per_node 2 -m pydpm ARGS` (gloo on the CPU; --standalone picks a free
-    port); its stderr."""
+    """`torchrun --standalone --nproc_per_node 2 -m pydpm ARGS` (gloo with `--device cpu` in ARGS, so that the test
+    runs on a machine with fewer than two GPUs too; --standalone picks a free port); its stderr."""
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "pydpm", *args], capture_output=True, text=True, timeout=300, cwd=cwd,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -307,6 +307,28 @@ def _assert_match(one_dir: Path, two_dir: Path, steps: int, keys: tuple[str, ...
         assert diffs.gt(1e-6).float().mean() < 1e-3, part            # all but a few elements within 1e-6
 
 
+def test_more_processes_than_cuda_devices_is_refused(monkeypatch):
+    """A torchrun rank on CUDA whose LOCAL_RANK has no device of its own (two processes on a one-GPU node) stops
+    with an error naming --nproc_per_node and --device cpu, before it joins the process group (NCCL takes no two
+    ranks on one device; it failed as "invalid device ordinal" inside set_device)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+
+    def joined(**kwargs):
+        raise AssertionError("joined the process group before refusing the rank")
+
+    monkeypatch.setattr(torch.distributed, "init_process_group", joined)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ConfigError, match=r"--nproc_per_node.*--device cpu") as caught:
+        training.setup_distributed(None)
+    assert caught.value.flag == "--device" and "1 CUDA device(s)" in str(caught.value)
+    monkeypatch.setenv("LOCAL_RANK", "0")  # the first rank has its device: it goes on to join the group
+    with pytest.raises(AssertionError, match="joined the process group"):
+        training.setup_distributed(None)
+
+
 @GLOO
 def test_two_gloo_processes_match_one(tmp_path):
     """`torchrun --nproc_per_node 2 -m pydpm train` (gloo) against one process with the same global batch of 4,
@@ -319,7 +341,7 @@ def test_two_gloo_processes_match_one(tmp_path):
     largest change training made. Measured: on an AMD EPYC VM with AVX-512, 1.6% of the 58545 weights off by more
     than 1e-7, 12 by more than 1e-6, the largest by 4.5e-5 against a largest change of 4.0e-3; on an earlier VM
     the largest was ~2.5e-6."""
-    args = ["train", *TINY_ARGS, "--steps", "4", "--log-every", "1", "--samples", "0"]
+    args = ["train", *TINY_ARGS, "--device", "cpu", "--steps", "4", "--log-every", "1", "--samples", "0"]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     assert "batch 4 over 2 process(es)" in _torchrun([*args, "--out", str(tmp_path / "two")], tmp_path)
     _assert_match(tmp_path / "one", tmp_path / "two", 4, ("loss",))
@@ -329,9 +351,10 @@ def test_two_gloo_processes_match_one(tmp_path):
 def test_two_gloo_processes_distill_as_one(tmp_path):
     """The same for `pydpm distill --mode spectral`: DDP over the distiller (frozen teacher, forward hooks,
     alignment convs); its loss terms are per-sample means, so the shards' average is the batch's."""
-    assert main(["train", *TINY_ARGS, "--steps", "2", "--samples", "0", "--out", str(tmp_path / "teacher")]) == 0
-    args = ["distill", "--teacher", str(tmp_path / "teacher"), *TINY_ARGS, "--steps", "3", "--log-every", "1",
-            "--samples", "0"]
+    assert main(["train", *TINY_ARGS, "--device", "cpu", "--steps", "2", "--samples", "0",
+                 "--out", str(tmp_path / "teacher")]) == 0
+    args = ["distill", "--teacher", str(tmp_path / "teacher"), *TINY_ARGS, "--device", "cpu", "--steps", "3",
+            "--log-every", "1", "--samples", "0"]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     assert "distilling (spectral)" in _torchrun([*args, "--out", str(tmp_path / "two")], tmp_path)
     _assert_match(tmp_path / "one", tmp_path / "two", 3, ("loss", "ddpm", "spatial", "freq"))
