@@ -2,7 +2,8 @@
 # One call on the GPU machine (no network): install the carried wheels, build pydpm with its CUDA kernels, then
 # run the phases asked for, each under its own time limit; everything lands in $1/run.tar.gz (default $OUT:
 # the device tool returns few files, so one archive) beside summary.txt, the short summary printed last.
-#   local:  the packages the GPU machine lacks, as Python 3.12 wheels in .whl/ (git-ignored), e.g.
+#   local:  the packages the GPU machine lacks, as Python 3.12 wheels in .whl/ (git-ignored: carry it with the
+#           run, or the tests that need the test extras fail there), e.g.
 #           pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #             --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
 #             diffusers==0.42.1 PyWavelets==1.9.0 ptwt==1.0.1 pytorch-wavelets==1.3.0 focal-frequency-loss==0.3.0
@@ -84,7 +85,8 @@ if [ -n "$tests" ]; then
   pkill -9 -f "pytest|execnet" 2>/dev/null  # workers a timeout orphaned would load the host the benchmarks time
   sleep 2
   tail -25 "$out/tests.log"
-  summary+=("tests (rc $t_rc, $(( $(date +%s) - start )) s): $(tail -1 "$out/tests.log")")
+  # the count line, not the last line: -q given twice (ARGS with -q) ends the log with the skip reasons
+  summary+=("tests (rc $t_rc, $(( $(date +%s) - start )) s): $(grep -E "passed|failed|error" "$out/tests.log" | tail -1)")
   rc=$(( rc || t_rc ))
 fi
 if [ "$huge" = 1 ]; then
