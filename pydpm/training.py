@@ -242,11 +242,11 @@ def setup_distributed(device: str | None) -> Distributed:
     cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if cuda and world > 1 and local_rank >= torch.cuda.device_count():
+    if cuda and world > 1 and local_rank >= (devices := torch.cuda.device_count()):
         raise ConfigError("--device", f"local rank {local_rank} of a {world}-process run, but this node has "
-                                      f"{torch.cuda.device_count()} CUDA device(s) and each process takes its own: "
-                                      f"start at most {torch.cuda.device_count()} per node (torchrun "
-                                      f"--nproc_per_node), or train on the CPU with gloo (--device cpu)")
+                                      f"{devices} CUDA device(s) and each process takes its own: start at most "
+                                      f"{devices} per node (torchrun --nproc_per_node), or train on the CPU with "
+                                      f"gloo (--device cpu)")
     owns = False
     if torch_dist.is_available() and torch_dist.is_initialized():
         world = torch_dist.get_world_size()
