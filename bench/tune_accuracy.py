@@ -17,13 +17,18 @@ pseudo-order predictor or not and corrector (off, on, on at pseudo-order) chosen
 12345) against a 500-step DPM-Solver++(3M) solution, never on the evaluation samples. Error: RMS distance at
 t = 1/N to the exact probability-flow ODE solution (RK4 in λ, 1000 steps); a few trajectories near the
 boundaries between components carry most of it, so the evaluation set is large (2048 by default) and drawn
-twice (seeds 0 and 1: one row each, the best official configuration chosen per draw): how far the ratio
-moves between the two draws is the measurement's noise. Prints a Markdown table; docs/samplers.md holds the
-last run. It needs the repository's tests/ folder.
+twice (seeds 0 and 1: one row each, the best official configuration chosen per draw), and each ratio comes with
+a 95% bootstrap interval (the draw's samples redrawn with replacement, the same redraw for both sides, which
+share their x_T; the official configuration stays the one chosen): at 20 NFE a draw's error is carried by a
+handful of trajectories, and one draw's ratio can sit anywhere in a factor of two or more. With several draws, a
+last row ("all") pools them: the best official configuration (and DPM-Solver-v3's best, the ceiling) over all
+their samples, and every method's error and interval over them. Prints a Markdown table; docs/samplers.md holds the last run. It needs the repository's
+tests/ folder.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -93,6 +98,31 @@ def describe(v3_config: dict) -> str:
             f"{v3_config['skip_type']}, corrector {corrector}")
 
 
+def ratio_interval(ours: torch.Tensor, theirs: torch.Tensor, *, resamples: int = 2000, level: float = 0.95,
+                   seed: int = 0) -> tuple[float, float, float]:
+    """RMS(theirs) / RMS(ours) from per-sample squared errors of the same samples, and its percentile bootstrap
+    interval at `level`: the samples redrawn with replacement `resamples` times, each redraw the same for both."""
+    ours, theirs = ours.detach().double().cpu().flatten(), theirs.detach().double().cpu().flatten()
+    n = ours.numel()
+    if n == 0 or theirs.numel() != n:
+        raise ValueError(f"ratio_interval: needs the same non-zero number of samples on both sides, got {n} and "
+                         f"{theirs.numel()}")
+    generator = torch.Generator().manual_seed(seed)
+    ratios = []
+    chunk = max(1, 2 ** 22 // n)
+    for lo in range(0, resamples, chunk):
+        idx = torch.randint(0, n, (min(chunk, resamples - lo), n), generator=generator)
+        ratios.append((theirs[idx].sum(1) / ours[idx].sum(1)).sqrt())
+    tail = (1 - level) / 2
+    low, high = torch.quantile(torch.cat(ratios), torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return math.sqrt(float(theirs.sum() / ours.sum())), low, high
+
+
+def _ratio(ours: torch.Tensor, theirs: torch.Tensor) -> str:
+    ratio, low, high = ratio_interval(ours, theirs)
+    return f"{ratio:.2f}× [{low:.2f}, {high:.2f}]"
+
+
 def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pydpm.bench.tune_accuracy", description=__doc__.split("\n")[0])
     parser.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20])
@@ -137,8 +167,10 @@ def run(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     began = time.perf_counter()
-    cols = (["tuned error", "ratio", "tuning: chosen, model calls, seconds"] if "tune" in args.methods else []) + (
-        ["v3 error", "ratio", "v3 configuration", "v3's best configuration on the draw", "its error", "ratio"]
+    cols = (["tuned error", "ratio [95% interval]", "tuning: chosen, model calls, seconds"]
+            if "tune" in args.methods else []) + (
+        ["v3 error", "ratio [95% interval]", "v3 configuration", "v3's best configuration on the draw", "its error",
+         "ratio"]
         if "v3" in args.methods else [])
     print("| schedule | NFE | draw | best official configuration | its error | " + " | ".join(cols) + " |")
     print(_row("---", ["---:", "---:", "---", "---:"] + (["---:", "---:", "---"] if "tune" in args.methods else [])
@@ -182,28 +214,59 @@ def run(argv: list[str] | None = None) -> int:
                 v3_configs = v3_configurations()
                 v3_config = min(v3_configs,
                                 key=lambda cfg: float((v3.sample(x_cal, steps=nfe, **cfg) - ref_cal).square().mean()))
-            for seed, x, exact in draws:
-                def error(y: torch.Tensor) -> float:
-                    return float((y - exact).square().mean().sqrt())
+            # per-sample squared errors (mean over the elements) of every official configuration and of each
+            # method on every draw, and every v3 configuration's summed error (the ceiling over the pooled draws)
+            official_errors: dict[str, list[torch.Tensor]] = {}
+            tuned_errors: list[torch.Tensor] = []
+            v3_errors: list[torch.Tensor] = []
+            ceiling_sums = torch.zeros(len(v3_configs) if "v3" in args.methods else 0, dtype=torch.float64)
 
-                best = (float("inf"), "")
+            def errors(y: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+                return (y - exact).double().square().flatten(1).mean(1).float().cpu()
+
+            def rms(e: torch.Tensor) -> float:
+                return float(e.double().mean().sqrt())
+
+            for d, (seed, x, exact) in enumerate(draws):
                 for label, fn in official(model, psched):
                     try:
-                        e = error(fn(x, nfe))
+                        official_errors.setdefault(label, []).append(errors(fn(x, nfe), exact))
                     except ValueError:  # e.g. fewer steps than the order
                         continue
-                    best = min(best, (e, label))
-                cells = [str(nfe), str(seed), best[1], f"{best[0]:.2e}"]
+                label = min((k for k, v in official_errors.items() if len(v) == d + 1),
+                            key=lambda k: rms(official_errors[k][-1]))
+                best = official_errors[label][-1]
+                cells = [str(nfe), str(seed), label, f"{rms(best):.2e}"]
                 if "tune" in args.methods:
-                    ours = error(tuned.sample(x))
-                    cells += [f"{ours:.2e}", f"{best[0] / ours:.2f}×",
+                    tuned_errors.append(errors(tuned.sample(x), exact))
+                    cells += [f"{rms(tuned_errors[-1]):.2e}", _ratio(tuned_errors[-1], best),
                               f"{r['chosen']}, {r['model_calls']}, {r['seconds']:.0f}"]
                 if "v3" in args.methods:
-                    e3 = error(v3.sample(x, steps=nfe, **v3_config))
-                    cells += [f"{e3:.2e}", f"{best[0] / e3:.2f}×", describe(v3_config)]
+                    v3_errors.append(errors(v3.sample(x, steps=nfe, **v3_config), exact))
+                    cells += [f"{rms(v3_errors[-1]):.2e}", _ratio(v3_errors[-1], best), describe(v3_config)]
                     # the ceiling of the choice: every configuration scored on the evaluation samples themselves
-                    ceiling = min((error(v3.sample(x, steps=nfe, **cfg)), i) for i, cfg in enumerate(v3_configs))
-                    cells += [describe(v3_configs[ceiling[1]]), f"{ceiling[0]:.2e}", f"{best[0] / ceiling[0]:.2f}×"]
+                    each = torch.stack([errors(v3.sample(x, steps=nfe, **cfg), exact).double().sum()
+                                        for cfg in v3_configs])
+                    ceiling_sums += each
+                    i = int(each.argmin())
+                    ceiling = math.sqrt(float(each[i]) / x.shape[0])
+                    cells += [describe(v3_configs[i]), f"{ceiling:.2e}", f"{rms(best) / ceiling:.2f}×"]
+                print(_row(name, cells), flush=True)
+            if len(draws) > 1:  # the draws pooled
+                pooled = {k: torch.cat(v) for k, v in official_errors.items() if len(v) == len(draws)}
+                label = min(pooled, key=lambda k: rms(pooled[k]))
+                best = pooled[label]
+                cells = [str(nfe), "all", label, f"{rms(best):.2e}"]
+                if "tune" in args.methods:
+                    ours = torch.cat(tuned_errors)
+                    cells += [f"{rms(ours):.2e}", _ratio(ours, best),
+                              f"{r['chosen']}, {r['model_calls']}, {r['seconds']:.0f}"]
+                if "v3" in args.methods:
+                    ours = torch.cat(v3_errors)
+                    i = int(ceiling_sums.argmin())
+                    ceiling = math.sqrt(float(ceiling_sums[i]) / best.numel())
+                    cells += [f"{rms(ours):.2e}", _ratio(ours, best), describe(v3_config),
+                              describe(v3_configs[i]), f"{ceiling:.2e}", f"{rms(best) / ceiling:.2f}×"]
                 print(_row(name, cells), flush=True)
     what = "4-component mixture in D = 64" if args.mixture == "tests" else f"mixture {args.mixture}"
     print(f"\n({time.perf_counter() - began:.0f} s on {device}; torch {torch.__version__}; {what}, "

@@ -321,7 +321,36 @@ def test_the_benchmark_runs(capsys):
     assert tune_accuracy.run(["--nfe", "2", "--schedule", "linear", "--calibration", "32", "--iterations", "2",
                               "--eval", "16", "--ems-samples", "16", "--ems-points", "5"]) == 0
     out = capsys.readouterr().out
-    assert out.count("| linear | 2 |") == 2 and out.count("×") == 6  # one row per evaluation draw, three ratios each
+    rows = [line for line in out.splitlines() if line.startswith("| linear | 2 |")]
+    # one row per evaluation draw and the pooled one, three ratios each, two with an interval
+    assert [row.split(" | ")[2] for row in rows] == ["0", "1", "all"]
+    assert all(row.count("×") == 3 and row.count("× [") == 2 for row in rows)
+
+
+def test_the_benchmarks_ratio_interval():
+    """ratio_interval: the point ratio is RMS(theirs) / RMS(ours); the interval holds it, narrows with more
+    samples, and on errors that differ by a known factor in every sample it is that factor; one large error in a
+    few samples (a flipped trajectory) makes it wide."""
+    from pydpm.bench.tune_accuracy import ratio_interval
+
+    g = torch.Generator().manual_seed(3)
+    ours = torch.rand(4096, generator=g, dtype=torch.float64) + 0.5
+    assert ratio_interval(ours, 2.25 * ours) == pytest.approx((1.5, 1.5, 1.5))
+    theirs = torch.rand(4096, generator=g, dtype=torch.float64) + 0.5
+    ratio, low, high = ratio_interval(ours, theirs)
+    assert ratio == pytest.approx(float((theirs.sum() / ours.sum()).sqrt()))
+    assert low < ratio < high and high - low < 0.05
+    small = ratio_interval(ours[:256], theirs[:256])
+    assert small[2] - small[1] > 2 * (high - low)
+    flips = theirs.clone()
+    flips[:3] += 2e5  # three of 4096 trajectories end elsewhere: they carry the error, and its noise
+    ratio, low, high = ratio_interval(ours, flips)
+    assert ratio > 10 and high / low > 1.5
+    assert ratio_interval(ours, theirs, seed=1) != ratio_interval(ours, theirs, seed=2)
+    with pytest.raises(ValueError, match="same non-zero number"):
+        ratio_interval(ours, theirs[:10])
+    with pytest.raises(ValueError, match="same non-zero number"):
+        ratio_interval(ours[:0], theirs[:0])
 
 
 def test_the_benchmark_keeps_tuned_samplers(capsys, tmp_path, monkeypatch):
@@ -336,7 +365,7 @@ def test_the_benchmark_keeps_tuned_samplers(capsys, tmp_path, monkeypatch):
     assert tune_accuracy.run(argv) == 0
     first = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| linear |")]
     kept = list((tmp_path / "kept").glob("tests-linear-nfe2-*.json"))
-    assert len(first) == 2 and len(kept) == 1 and "-sel48-" in kept[0].name
+    assert len(first) == 3 and len(kept) == 1 and "-sel48-" in kept[0].name  # two draws, pooled
     assert json.loads(kept[0].read_text())["report"]["n_selection"] == 48  # --selection reaches tune
 
     def refuse(*args, **kwargs):
