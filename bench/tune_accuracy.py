@@ -22,8 +22,8 @@ a 95% bootstrap interval (the draw's samples redrawn with replacement, the same 
 share their x_T; the official configuration stays the one chosen): at 20 NFE a draw's error is carried by a
 handful of trajectories, and one draw's ratio can sit anywhere in a factor of two or more. With several draws, a
 last row ("all") pools them: the best official configuration (and DPM-Solver-v3's best, the ceiling) over all
-their samples, and every method's error and interval over them. Prints a Markdown table; docs/samplers.md holds the last run. It needs the repository's
-tests/ folder.
+their samples, and every method's error and interval over them (the per-sample errors are kept in float32 for
+it). Prints a Markdown table; docs/samplers.md holds the last run. It needs the repository's tests/ folder.
 """
 from __future__ import annotations
 
