@@ -466,7 +466,7 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP 
             mean over them, so a few hundred to a few thousand keep it from fitting a few hard trajectories. At
             10-20 NFE more pays: the rare trajectories that carry the error there are what the searches must see
             (on docs/samplers.md's mixtures at 20 NFE, 65536 with search_samples=8192 beat 16384 with 2048, and
-            on the hardest of them 131072 with 16384 beat 65536 with 8192).
+            131072 with 16384 beat 65536 with 8192 on the three cases tried).
         n_selection: fresh calibration samples (default n_calibration) on which the candidates are compared
             once they are fitted: no fit, search or checkpoint choice saw them, so the comparison is not biased
             towards the candidate whose checkpoint was picked on the validation set.
