@@ -325,6 +325,11 @@ def test_the_benchmark_runs(capsys):
     # one row per evaluation draw and the pooled one, three ratios each, two with an interval
     assert [row.split(" | ")[2] for row in rows] == ["0", "1", "all"]
     assert all(row.count("×") == 3 and row.count("× [") == 2 for row in rows)
+    # the pooled row over two draws of the same size: the tuned error is the RMS of the two, and the official one
+    # (one configuration over both) no smaller than the RMS of the draws' own bests (to the printed digits)
+    official, tuned = ([float(row.split(" | ")[k]) for row in rows] for k in (4, 5))
+    assert tuned[2] == pytest.approx(math.sqrt((tuned[0] ** 2 + tuned[1] ** 2) / 2), rel=1e-2)
+    assert official[2] >= math.sqrt((official[0] ** 2 + official[1] ** 2) / 2) * (1 - 1e-2)
 
 
 def test_the_benchmarks_ratio_interval():
