@@ -22,8 +22,8 @@ a 95% bootstrap interval (the draw's samples redrawn with replacement, the same 
 share their x_T; the official configuration stays the one chosen): at 20 NFE a draw's error is carried by a
 handful of trajectories, and one draw's ratio can sit anywhere in a factor of two or more. With several draws, a
 last row ("all") pools them: the best official configuration (and DPM-Solver-v3's best, the ceiling) over all
-their samples, and every method's error and interval over them (the per-sample errors are kept in float32 for
-it). Prints a Markdown table; docs/samplers.md holds the last run. It needs the repository's tests/ folder.
+their samples, and every method's error and interval over them. Prints a Markdown table; docs/samplers.md holds
+the last run. It needs the repository's tests/ folder.
 """
 from __future__ import annotations
 
@@ -222,10 +222,25 @@ def run(argv: list[str] | None = None) -> int:
             ceiling_sums = torch.zeros(len(v3_configs) if "v3" in args.methods else 0, dtype=torch.float64)
 
             def errors(y: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
-                return (y - exact).double().square().flatten(1).mean(1).float().cpu()
+                return (y - exact).double().square().flatten(1).mean(1).cpu()
 
             def rms(e: torch.Tensor) -> float:
-                return float(e.double().mean().sqrt())
+                return float(e.mean().sqrt())
+
+            def print_row(draw: str, label: str, best: torch.Tensor, ours: torch.Tensor | None,
+                          ours_v3: torch.Tensor | None, v3_sums: torch.Tensor | None) -> None:
+                """One row: the official configuration `label` and its per-sample errors `best`, the tuned
+                sampler's and v3's on the same samples, and every v3 configuration's summed error (its ceiling)."""
+                cells = [str(nfe), draw, label, f"{rms(best):.2e}"]
+                if ours is not None:
+                    cells += [f"{rms(ours):.2e}", _ratio(ours, best),
+                              f"{r['chosen']}, {r['model_calls']}, {r['seconds']:.0f}"]
+                if ours_v3 is not None and v3_sums is not None:
+                    i = int(v3_sums.argmin())
+                    ceiling = math.sqrt(float(v3_sums[i]) / best.numel())
+                    cells += [f"{rms(ours_v3):.2e}", _ratio(ours_v3, best), describe(v3_config),
+                              describe(v3_configs[i]), f"{ceiling:.2e}", f"{rms(best) / ceiling:.2f}×"]
+                print(_row(name, cells), flush=True)
 
             for d, (seed, x, exact) in enumerate(draws):
                 for label, fn in official(model, psched):
@@ -234,40 +249,23 @@ def run(argv: list[str] | None = None) -> int:
                     except ValueError:  # e.g. fewer steps than the order
                         continue
                 label = min((k for k, v in official_errors.items() if len(v) == d + 1),
-                            key=lambda k: rms(official_errors[k][-1]))
-                best = official_errors[label][-1]
-                cells = [str(nfe), str(seed), label, f"{rms(best):.2e}"]
+                            key=lambda k: (rms(official_errors[k][-1]), k))  # equal errors: the first name
+                each = None
                 if "tune" in args.methods:
                     tuned_errors.append(errors(tuned.sample(x), exact))
-                    cells += [f"{rms(tuned_errors[-1]):.2e}", _ratio(tuned_errors[-1], best),
-                              f"{r['chosen']}, {r['model_calls']}, {r['seconds']:.0f}"]
                 if "v3" in args.methods:
                     v3_errors.append(errors(v3.sample(x, steps=nfe, **v3_config), exact))
-                    cells += [f"{rms(v3_errors[-1]):.2e}", _ratio(v3_errors[-1], best), describe(v3_config)]
                     # the ceiling of the choice: every configuration scored on the evaluation samples themselves
-                    each = torch.stack([errors(v3.sample(x, steps=nfe, **cfg), exact).double().sum()
+                    each = torch.stack([errors(v3.sample(x, steps=nfe, **cfg), exact).sum()
                                         for cfg in v3_configs])
                     ceiling_sums += each
-                    i = int(each.argmin())
-                    ceiling = math.sqrt(float(each[i]) / x.shape[0])
-                    cells += [describe(v3_configs[i]), f"{ceiling:.2e}", f"{rms(best) / ceiling:.2f}×"]
-                print(_row(name, cells), flush=True)
+                print_row(str(seed), label, official_errors[label][-1], tuned_errors[-1] if tuned_errors else None,
+                          v3_errors[-1] if v3_errors else None, each)
             if len(draws) > 1:  # the draws pooled
                 pooled = {k: torch.cat(v) for k, v in official_errors.items() if len(v) == len(draws)}
-                label = min(pooled, key=lambda k: rms(pooled[k]))
-                best = pooled[label]
-                cells = [str(nfe), "all", label, f"{rms(best):.2e}"]
-                if "tune" in args.methods:
-                    ours = torch.cat(tuned_errors)
-                    cells += [f"{rms(ours):.2e}", _ratio(ours, best),
-                              f"{r['chosen']}, {r['model_calls']}, {r['seconds']:.0f}"]
-                if "v3" in args.methods:
-                    ours = torch.cat(v3_errors)
-                    i = int(ceiling_sums.argmin())
-                    ceiling = math.sqrt(float(ceiling_sums[i]) / best.numel())
-                    cells += [f"{rms(ours):.2e}", _ratio(ours, best), describe(v3_config),
-                              describe(v3_configs[i]), f"{ceiling:.2e}", f"{rms(best) / ceiling:.2f}×"]
-                print(_row(name, cells), flush=True)
+                label = min(pooled, key=lambda k: (rms(pooled[k]), k))
+                print_row("all", label, pooled[label], torch.cat(tuned_errors) if tuned_errors else None,
+                          torch.cat(v3_errors) if v3_errors else None, ceiling_sums if v3_errors else None)
     what = "4-component mixture in D = 64" if args.mixture == "tests" else f"mixture {args.mixture}"
     print(f"\n({time.perf_counter() - began:.0f} s on {device}; torch {torch.__version__}; {what}, "
           f"{args.eval} evaluation samples per draw, calibration seed 12345"
