@@ -140,6 +140,20 @@ def test_the_standard_candidate_is_the_best_finalist_over_the_whole_fit_set(prob
     assert torch.equal(tuned.times, grids[standard["grid"]])
 
 
+def test_no_two_standard_configurations_are_the_same_sampler(problem):
+    """Each standard configuration samples differently from every other on the same grid (a twin would take a
+    second finalist slot for nothing), and every solver class, variant, order and prediction type is there."""
+    ts = DPMSolver(problem.model, problem.psched).grid("time_uniform", problem.psched.T, 1e-3, 6)
+    configs = _standard_configs()
+    outs = [TunedSampler(problem.model, problem.psched, ts, solver=c).sample(problem.x[:64]) for c in configs]
+    for i in range(len(configs)):
+        for j in range(i):
+            assert (outs[i] - outs[j]).abs().max() > 1e-9, (configs[j], configs[i])
+    kinds = {(c["class"], c["init"].get("variant"), c["init"]["algorithm_type"], c["sample"]["order"]) for c in configs}
+    assert len(kinds) == 2 * 2 * 3 + 2 * 2
+    assert len(configs) == 2 * 2 * (1 + 2 + 2) + 2 * (2 + 2 * 2)
+
+
 def test_tuning_sees_only_its_own_calibration_noise(problem, tuned):
     """What tune does is fixed by its seed (the same seed, the same sampler; another seed, another), and
     sampling makes exactly nfe model calls, none of them before x_T is given."""

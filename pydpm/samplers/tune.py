@@ -364,12 +364,13 @@ def _warps(noise_schedule, ts: torch.Tensor) -> list[tuple[dict[str, float], tor
 
 
 def _standard_configs() -> list[dict[str, Any]]:
-    """The standard solver configurations `tune` compares (each on every grid)."""
+    """The standard solver configurations `tune` compares (each on every grid), no two the same sampler: UniPC
+    of order 1 is listed once, lower_order_final lowering nothing there."""
     found: list[dict[str, Any]] = []
     for variant in ("bh1", "bh2"):
         for order in (1, 2, 3):
             for pred in ("data_prediction", "noise_prediction"):
-                for lof in (True, False):
+                for lof in (True, False) if order > 1 else (True,):
                     found.append({"class": "UniPC", "init": {"variant": variant, "algorithm_type": pred},
                                   "sample": {"order": order, "lower_order_final": lof}})
     for alg in ("dpmsolver", "dpmsolver++"):
