@@ -264,8 +264,14 @@ def test_ems_save_load_round_trip_and_checks(tmp_path, mixture):
     with pytest.raises(ValueError, match="sample shape"):
         DPMSolverV3(model, ns, back).sample(torch.randn(2, 5, dtype=torch.float64), steps=4)
     torch.save({"format": "other"}, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match="no statistics saved by pydpm"):
-        EMS.load(tmp_path / "bad.pt")
+    noise = torch.randint(0, 256, (100,), generator=torch.Generator().manual_seed(0)).tolist()
+    (tmp_path / "text.pt").write_text("not a torch file")  # torch.load raises KeyError
+    (tmp_path / "random.pt").write_bytes(bytes(noise))      # torch.load raises UnpicklingError
+    for name in ("bad.pt", "text.pt", "random.pt"):
+        with pytest.raises(ValueError, match="no statistics saved by pydpm"):
+            EMS.load(tmp_path / name)
+    with pytest.raises(FileNotFoundError):
+        EMS.load(tmp_path / "missing.pt")
 
 
 def test_bad_arguments(mixture):

@@ -187,8 +187,13 @@ def test_save_and_load_round_trip(problem, tuned, tmp_path):
     with pytest.raises(ValueError, match="noise_schedule differs"):
         TunedSampler.load(path, problem.model, NoiseScheduleVP("linear", dtype=torch.float64))
     (tmp_path / "other.json").write_text('{"format": "something else"}')
-    with pytest.raises(ValueError, match="not a tuned sampler"):
-        TunedSampler.load(tmp_path / "other.json", problem.model, problem.psched)
+    (tmp_path / "text.json").write_text("not json")
+    (tmp_path / "binary.json").write_bytes(bytes(range(128, 256)))
+    for name in ("other.json", "text.json", "binary.json"):
+        with pytest.raises(ValueError, match="not a tuned sampler"):
+            TunedSampler.load(tmp_path / name, problem.model, problem.psched)
+    with pytest.raises(FileNotFoundError):
+        TunedSampler.load(tmp_path / "missing.json", problem.model, problem.psched)
 
 
 @pytest.mark.parametrize("kwargs, exc, names", [

@@ -72,7 +72,13 @@ class EMS:
 
     @classmethod
     def load(cls, path: str | Path) -> EMS:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except OSError:
+            raise
+        except Exception as e:  # what torch.load raises for a file it cannot read depends on the bytes in it
+            raise ValueError(f"EMS.load: {path} holds no statistics saved by pydpm ({FORMAT}): torch.load could "
+                             f"not read it ({type(e).__name__})") from e
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise ValueError(f"EMS.load: {path} holds no statistics saved by pydpm ({FORMAT})")
         return cls(state["lambdas"], state["l"], state["s"], state["b"], schedule=state["schedule"],

@@ -182,7 +182,11 @@ class TunedSampler(Solver):
              noise_schedule: NoiseScheduleVP | NoiseScheduleFlow) -> TunedSampler:
         """A sampler saved by `save`, for `model_fn` under `noise_schedule`, which must be the schedule it was
         tuned for (checked: the same kind and the same λ at the tuned times)."""
-        state = json.loads(Path(path).read_text())
+        try:
+            state = json.loads(Path(path).read_text())
+        except ValueError as e:  # not UTF-8, or not JSON
+            raise ValueError(f"TunedSampler.load: {path} is not a tuned sampler saved by pydpm ({FORMAT}): "
+                             f"{type(e).__name__}") from e
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise ValueError(f"TunedSampler.load: {path} is not a tuned sampler saved by pydpm ({FORMAT})")
         saved, now = state["schedule"], _fingerprint(noise_schedule, state["times"])
