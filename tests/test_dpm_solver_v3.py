@@ -311,6 +311,12 @@ def test_bad_arguments(mixture):
         compute_ems(model, ns, torch.full((4, 6), math.nan, dtype=torch.float64))
     with pytest.raises(ValueError, match="t_start"):
         compute_ems(model, ns, gm.sample(4), t_start=1e-3, t_end=0.5)
+    # a model whose output is not x's shape and dtype: no statistics (one column would broadcast over the
+    # elements; an integer output has zero JVPs, so l = 0)
+    for bad in (lambda x_, t: model(x_, t)[:, :1], lambda x_, t: model(x_, t).long(),
+                lambda x_, t: torch.cat([model(x_, t)] * 2, 1), lambda x_, t: model(x_, t).float()):
+        with pytest.raises(ValueError, match="compute_ems: model_fn returned .* shaped like x"):
+            compute_ems(bad, ns, gm.sample(4), points=3)
     with pytest.raises(ValueError, match="EMS: l and s"):
         EMS(torch.linspace(0, 1, 3), torch.ones(2), torch.zeros(3), torch.zeros(3, 1))
 

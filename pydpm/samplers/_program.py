@@ -741,7 +741,7 @@ def _check_model_output(out, x: torch.Tensor, what: str = "the model") -> None:
                                  f"noise_schedule, ...)")
             got = (f"{type(o).__name__}" if not isinstance(o, torch.Tensor)
                    else f"shape {tuple(o.shape)}, {o.dtype} on {o.device}")
-            raise ValueError(f"{what} returned {got}; the sampler needs a tensor shaped like x "
+            raise ValueError(f"{what} returned {got}; it must return a tensor shaped like x "
                              f"({tuple(x.shape)}, {x.dtype} on {x.device}). Cast or reshape the model output "
                              f"(e.g. drop learned-variance channels) inside the model function")
 

@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 
 from pydpm.samplers._common import check_int
+from pydpm.samplers._program import _check_model_output
 from pydpm.schedules import NoiseScheduleFlow, NoiseScheduleVP, WrappedModel
 
 FORMAT = "pydpm-ems-1"
@@ -313,7 +314,8 @@ def estimate_statistics(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.T
             x = a * x0 + s * eps
             tt = torch.full((x.shape[0],), t, dtype=dtype, device=device)
             with torch.no_grad():
-                _, jv = jvp(lambda x_: model_fn(x_, tt), (x,), (v,))
+                out, jv = jvp(lambda x_: model_fn(x_, tt), (x,), (v,))
+            _check_model_output(out, x, what="compute_ems: model_fn")
             product = v.double() * jv.double()
             total += product.sum(0).cpu() if per_element else float(product.sum())
         l_vals.append(s * total / (n if per_element else n * dims))
