@@ -242,6 +242,36 @@ def test_per_element_statistics_of_gaussian_data_match_the_closed_form():
     assert float((pooled[1][:, None] - l).abs().max()) > 0.1
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("per_element", [False, True])
+def test_statistics_of_zero_mean_gaussian_data(dtype, per_element):
+    """Data N(0, v·I): l = c = σ²/(α²v + σ²) takes all of ε, so f = (σε − l·x)/α is 0 but for round-off, and
+    s = 0, not the regression of one round-off on another (which gave |s| ~ 1e16 and a solver whose
+    coefficients overflowed); b is the small error of dl/dλ's differences. DPM-Solver-v3 with them follows the
+    exact ODE solution, x scaled by √(α²v + σ²) from start to end, closely at 5 steps."""
+    ns, v, dim = NoiseScheduleVP("linear", dtype=torch.float64), 0.7, 6
+
+    def eps(x, t):
+        a, s = ns.marginal_alpha(t)[:, None], ns.marginal_std(t)[:, None]
+        return (s * x / (a * a * v + s * s)).to(x.dtype)
+
+    g = torch.Generator().manual_seed(4)
+    data = (math.sqrt(v) * torch.randn(512, dim, generator=g, dtype=torch.float64)).to(dtype)
+    lambdas, l, s, b = estimate_statistics(eps, ns, data, points=61, t_start=0.9, t_end=0.02, per_element=per_element)
+    c = torch.sigmoid(-2 * lambdas) / (torch.sigmoid(2 * lambdas) * v + torch.sigmoid(-2 * lambdas))
+    torch.testing.assert_close(l, c[:, None].expand_as(l) if per_element else c, rtol=1e-5, atol=0)
+    assert bool((s == 0).all()), float(s.abs().max())
+    assert float(b.abs().max()) < 1e-3
+    if not per_element:
+        x = torch.randn(16, dim, generator=g, dtype=torch.float64).to(dtype)
+        ems = compute_ems(eps, ns, data, points=61, t_start=0.9, t_end=0.02)
+        out = DPMSolverV3(eps, ns, ems).sample(x, steps=5, t_start=0.9, t_end=0.02)
+        scale = [float((ns.marginal_alpha(torch.tensor(t)) ** 2 * v + ns.marginal_std(torch.tensor(t)) ** 2).sqrt())
+                 for t in (0.9, 0.02)]
+        exact = x.double() * (scale[1] / scale[0])
+        assert float((out.double() - exact).norm() / exact.norm()) < 5e-3
+
+
 def test_ems_save_load_round_trip_and_checks(tmp_path, mixture):
     ns, gm, model, x = mixture
     data = gm.sample(64, generator=torch.Generator().manual_seed(2))

@@ -32,6 +32,9 @@ from pydpm.samplers._program import _check_model_output
 from pydpm.schedules import NoiseScheduleFlow, NoiseScheduleVP, WrappedModel
 
 FORMAT = "pydpm-ems-1"
+# f's spread below this many machine epsilons of the terms it is the difference of is round-off (capped at a
+# tenth of them: float16 / bfloat16 models leave s = 0 where f varies less than that)
+_ROUNDOFF, _ROUNDOFF_CAP = 1000, 0.1
 _NODES = 16  # Gauss-Legendre nodes per grid interval: the integrands are smooth there (e^quadratic · polynomial)
 
 
@@ -342,7 +345,8 @@ def estimate_statistics(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.T
         dloga = float(torch.func.jvp(lambda t_: ns.marginal_log_mean_coeff(t_).to(torch.float64),
                                      (times[k:k + 1],), (torch.ones(1, dtype=torch.float64),))[1]) * dt
         lk, dlk = (v[k].to(device) if per_element else float(v[k]) for v in (l, dl))
-        sums = {name: torch.zeros(shape, dtype=torch.float64, device=device) for name in ("f", "df", "ff", "fdf")}
+        sums = {name: torch.zeros(shape, dtype=torch.float64, device=device)
+                for name in ("f", "df", "ff", "fdf", "terms")}
         for x0, eps, _ in draws():
             x = a * x0 + s * eps
             tt = torch.full((x.shape[0],), t, dtype=dtype, device=device)
@@ -357,16 +361,22 @@ def estimate_statistics(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.T
                 dx = dloga * x - s * e                                     # dx/dλ of the ODE
                 f, df = jvp(f_of, (x, tt), (dx, torch.full_like(tt, dt)))
             f, df = f.double(), df.double() - dlk * x.double() / a
+            # the size of the two terms f is the difference of (its round-off is relative to them)
+            sums["terms"] += (((s * e.double()).abs() + (lk * x.double()).abs()) / a).square().sum(0)
             sums["f"] += f.sum(0)
             sums["df"] += df.sum(0)
             sums["ff"] += (f * f).sum(0)
             sums["fdf"] += (f * df).sum(0)
         mf, mdf = sums["f"] / n, sums["df"] / n
         var, cov, power = sums["ff"] / n - mf * mf, sums["fdf"] / n - mf * mdf, sums["ff"] / n
+        terms = sums["terms"] / n
         if not per_element:
-            var, cov, power = (v.sum() for v in (var, cov, power))
-        # f with (almost) no spread (e.g. Gaussian data, where l absorbs all of f's dependence on x): s = 0
-        s_k = torch.where(var > 1e-12 * power, cov / var, torch.zeros_like(var))
+            var, cov, power, terms = (v.sum() for v in (var, cov, power, terms))
+        # f with (almost) no spread (e.g. Gaussian data, where l absorbs all of f's dependence on x): s = 0. No
+        # spread is small beside f's mean, or within round-off of the terms that cancel in f (zero-mean Gaussian
+        # data: f = 0 but for round-off, whose regression would give any s)
+        floor = torch.maximum(1e-12 * power, min(_ROUNDOFF * torch.finfo(dtype).eps, _ROUNDOFF_CAP) ** 2 * terms)
+        s_k = torch.where(var > floor, cov / var, torch.zeros_like(var))
         s_vals.append(s_k.cpu())
         b_rows.append((mdf - s_k * mf).cpu())
         if progress:
