@@ -178,6 +178,32 @@ def test_tuning_sees_only_its_own_calibration_noise(problem, tuned):
     assert other.report["selection_rms"] != tuned.report["selection_rms"]
 
 
+@pytest.mark.parametrize("with_data", [False, True])
+def test_scalar_samples(with_data):
+    """shape=() (x is [B], one number a sample) tunes as shape (1,) does on the same calibration noise: the same
+    choice and the same samples, with and without data (DPM-Solver-v3's statistics of a scalar sample shape)."""
+    ns = NoiseScheduleVP("linear", dtype=torch.float64)
+
+    def eps(x, t):  # data N(0.5, 0.7)
+        a, s = (v.reshape(-1, *[1] * (x.dim() - 1)) for v in (ns.marginal_alpha(t), ns.marginal_std(t)))
+        return s * (x - 0.5 * a) / (0.7 * a * a + s * s)
+
+    model = model_wrapper(eps, ns)
+    data = 0.5 + math.sqrt(0.7) * torch.randn(256, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    kw = dict(n_calibration=64, iterations=20, search_evaluations=10, reference_steps=20, search_samples=16,
+              dtype=torch.float64, ems_points=9)
+    scalar = tune(model, ns, 3, shape=(), data=data if with_data else None, **kw)
+    column = tune(model, ns, 3, shape=(1,), data=data[:, None] if with_data else None, **kw)
+    assert scalar.report["chosen"] == column.report["chosen"]
+    assert ("v3" in scalar.report["selection_rms"]) == with_data
+    for name, err in scalar.report["selection_rms"].items():
+        assert math.isclose(err, column.report["selection_rms"][name], rel_tol=1e-9), name
+    x = torch.randn(32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    out = scalar.sample(x)
+    assert out.shape == (32,)
+    torch.testing.assert_close(out, column.sample(x[:, None])[:, 0], rtol=1e-10, atol=1e-12)
+
+
 def test_save_and_load_round_trip(problem, tuned, tmp_path):
     path = tmp_path / "tuned.json"
     tuned.save(path)

@@ -53,7 +53,7 @@ class EMS:
             raise ValueError("EMS: lambdas must be a 1-D increasing grid of at least two finite λ")
         l_, s_ = (torch.as_tensor(v, dtype=torch.float64).cpu() for v in (l, s))
         b_ = torch.as_tensor(b, dtype=torch.float64).cpu()
-        if l_.shape != (k,) or s_.shape != (k,) or b_.dim() < 2 or b_.shape[0] != k:
+        if l_.shape != (k,) or s_.shape != (k,) or b_.dim() < 1 or b_.shape[0] != k:
             raise ValueError(f"EMS: l and s need shape ({k},) and b ({k}, *sample_shape) for {k} grid points, got "
                              f"{tuple(l_.shape)}, {tuple(s_.shape)} and {tuple(b_.shape)}")
         if not all(bool(torch.isfinite(v).all()) for v in (l_, s_, b_)):
@@ -266,7 +266,7 @@ def estimate_statistics(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.T
     """`compute_ems`'s estimators, arguments and checks: (λ grid [K], l, s, b [K, *sample_shape]), l and s [K] as
     pydpm's solver takes them, or with `per_element` [K, *sample_shape] as the paper fits them (each element's own
     least squares; for measuring what one number per λ gives up: the fused solver takes scalars)."""
-    if not isinstance(data, torch.Tensor) or data.dim() < 2 or data.shape[0] < 2 or not data.is_floating_point():
+    if not isinstance(data, torch.Tensor) or data.dim() < 1 or data.shape[0] < 2 or not data.is_floating_point():
         raise ValueError(f"compute_ems: data must be a float tensor [N, *sample_shape] with N >= 2 samples x₀, got "
                          f"{type(data).__name__ if not isinstance(data, torch.Tensor) else tuple(data.shape)}")
     if not bool(torch.isfinite(data).all()):

@@ -632,7 +632,7 @@ def tune(model_fn: Callable[..., torch.Tensor], noise_schedule: NoiseScheduleVP 
             with torch.no_grad():
                 for lo in range(0, x.shape[0], 1024):
                     y = sampler(counted).sample(x[lo:lo + 1024])
-                    out.append((y - ref[lo:lo + 1024]).double().square().flatten(1).sum(1))
+                    out.append((y - ref[lo:lo + 1024]).double().square().reshape(y.shape[0], -1).sum(1))
         except ValueError:  # an order the step count cannot take
             return torch.full((x.shape[0],), math.inf, dtype=torch.float64)
         errors = torch.cat(out).cpu()
