@@ -349,6 +349,12 @@ def test_bad_arguments(mixture):
             compute_ems(bad, ns, gm.sample(4), points=3)
     with pytest.raises(ValueError, match="EMS: l and s"):
         EMS(torch.linspace(0, 1, 3), torch.ones(2), torch.zeros(3), torch.zeros(3, 1))
+    lam = ns.marginal_lambda(torch.tensor([T_START, T_END], dtype=torch.float64))
+    grid = torch.linspace(float(lam[0]), float(lam[1]), 5, dtype=torch.float64)
+    for name, l, s in (("s", torch.ones(5), torch.full((5,), 100.0)), ("l", torch.full((5,), -80.0), torch.zeros(5))):
+        # before this check the solver failed at its first step, with a message about flow schedules
+        with pytest.raises(ValueError, match=f"EMS: {name} integrates to"):
+            EMS(grid, l, s, torch.zeros(5, 6))
 
 
 # ---------------------------------------------------------------------------------------------------------------

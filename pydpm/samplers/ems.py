@@ -35,6 +35,8 @@ FORMAT = "pydpm-ems-1"
 # f's spread below this many machine epsilons of the terms it is the difference of is round-off (capped at a
 # tenth of them: float16 / bfloat16 models leave s = 0 where f varies less than that)
 _ROUNDOFF, _ROUNDOFF_CAP = 1000, 0.1
+# the largest |∫ l dλ| or |∫ s dλ| over the grid: the solver exponentiates them and sums of two (float64: e^709)
+_MAX_INTEGRAL = 300.0
 _NODES = 16  # Gauss-Legendre nodes per grid interval: the integrands are smooth there (e^quadratic · polynomial)
 
 
@@ -58,6 +60,13 @@ class EMS:
                              f"{tuple(l_.shape)}, {tuple(s_.shape)} and {tuple(b_.shape)}")
         if not all(bool(torch.isfinite(v).all()) for v in (l_, s_, b_)):
             raise ValueError("EMS: l, s and b must be finite")
+        for name, v in (("l", l_), ("s", s_)):
+            spread = float(torch.cumulative_trapezoid(v, lam).abs().max())
+            if spread > _MAX_INTEGRAL:
+                raise ValueError(f"EMS: {name} integrates to {spread:.4g} over the λ grid; DPM-Solver-v3's "
+                                 f"coefficients are exponentials of these integrals and overflow past "
+                                 f"{_MAX_INTEGRAL}: a model's statistics stay far below (compute them with "
+                                 f"pydpm.samplers.compute_ems)")
         self.lambdas, self.l, self.s, self.b = lam, l_, s_, b_
         self.has_b = bool(b_.abs().max() > 0)  # b = 0: no constant term in the solver's steps
         self.schedule, self.guidance_scale, self.info = schedule, guidance_scale, dict(info or {})
