@@ -272,6 +272,12 @@ def test_bad_settings_are_refused(mixture):
     flow = NoiseScheduleFlow()
     with pytest.raises(ValueError, match="flow schedule"):
         DPMSolver(lambda x, t: x, flow).sample(x.float(), time_shift=shift)
+    # samples of one element have no variance: every pick was the farthest shift, silently
+    scalar = DPMSolver(model_wrapper(lambda x_, t: 0.3 * x_ + 0.1 * t.reshape(-1, *[1] * (x_.dim() - 1)), ns), ns)
+    for one in (x[:, :1], x[:, 0]):
+        with pytest.raises(ValueError, match="samples have 1 element"):
+            scalar.sample(one, time_shift=shift)
+        torch.testing.assert_close(scalar.sample(one, time_shift=TimeShift(window=0)), scalar.sample(one))
 
 
 @pytest.mark.gpu

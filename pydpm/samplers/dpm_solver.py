@@ -391,8 +391,8 @@ class DPMSolver(Solver):
                 diffusers', which converges at order 2: its second-difference term is half what the φ3 weight
                 needs) or 'corrected' (that term doubled: order 3, same cost). Other methods and orders ignore it.
             time_shift: a `TimeShift`: the time-shift sampler (per-sample shifted times against exposure bias,
-                `pydpm.samplers.time_shift`); method='multistep' sampling on a VP schedule only, without
-                progress, correcting_x0_fn or correcting_xt_fn. Each step is one fused launch with per-sample
+                `pydpm.samplers.time_shift`); method='multistep' sampling on a VP schedule only, of samples of
+                two elements or more, without progress, correcting_x0_fn or correcting_xt_fn. Each step is one fused launch with per-sample
                 coefficients gathered from tables built once per grid and settings (plus, where times shift, a
                 variance reduction and an argmin on the device); no host synchronisation, so cuda_graph=True
                 captures the loop.
@@ -500,6 +500,10 @@ class DPMSolver(Solver):
             raise ValueError(f"time_shift samples with method='multistep' down a VP schedule: it does not support "
                              f"{', '.join(refused)}")
         check_start(x)
+        if shift.window > 0 and x[0].numel() < 2:  # its variance would be NaN, and the pick the farthest shift
+            raise ValueError(f"time_shift matches each sample's variance over its elements, and x's samples have "
+                             f"{x[0].numel()} element (x {tuple(x.shape)}): sample without time_shift, or with "
+                             f"TimeShift(window=0)")
         orders = multistep_orders(grid.numel() - 1, order, lower_order_final)
 
         def update(x, ms, ps, t, o):
