@@ -330,6 +330,8 @@ BAD_INPUTS = [
     ("sample method", lambda: pydpm.sample(MF, _x(), NS, method="euler"), ValueError, "method='euler'"),
     ("dpm t_start=nan", lambda: DPMSolver(MF, NS).sample(_x(), steps=5, t_start=NAN), ValueError, "t_start=nan"),
     ("dpm t_end=nan", lambda: DPMSolver(MF, NS).sample(_x(), steps=5, t_end=NAN), ValueError, "t_end=nan"),
+    ("dpm t_end before a discrete schedule", lambda: DPMSolver(MF, NS).sample(_x(), steps=5, t_end=1e-9), ValueError,
+     "times >= 1/N"),
     ("dpm t_start='1'", lambda: DPMSolver(MF, NS).sample(_x(), steps=5, t_start="1"), TypeError, "t_start='1'"),
     ("dpm times nan", lambda: DPMSolver(MF, NS).sample(_x(), times=[1.0, NAN]), ValueError, "times"),
     ("dpm skip_type", lambda: DPMSolver(MF, NS).sample(_x(), steps=5, skip_type="linear"), ValueError,

@@ -292,7 +292,8 @@ def _decompose(tr: Tracer, target: dict[int, float], cur: int) -> tuple[float, d
 
 _NOT_FINITE = ("the sampler's update is not finite on this time grid (e.g. a noise-prediction update or UniPC's "
                "B(h) = h at α = 0, the start of a flow schedule): use a data-prediction solver (UniPC: "
-               "variant='bh2'), or t_start/t_end inside the schedule's open interval")
+               "variant='bh2'), or t_start/t_end inside the schedule's open interval (a discrete schedule's σ is "
+               "NaN before about half its first time 1/N: use times >= 1/N)")
 
 
 def compile_plan(tr: Tracer) -> Plan:
