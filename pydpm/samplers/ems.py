@@ -60,8 +60,12 @@ class EMS:
                              f"{tuple(l_.shape)}, {tuple(s_.shape)} and {tuple(b_.shape)}")
         if not all(bool(torch.isfinite(v).all()) for v in (l_, s_, b_)):
             raise ValueError("EMS: l, s and b must be finite")
-        for name, v in (("l", l_), ("s", s_)):
-            spread = float(torch.cumulative_trapezoid(v, lam).abs().max())
+        # L(λ) = ∫ l and S(λ) = ∫ s from the grid's start at its points (exact: l and s are piecewise linear)
+        self.cumulative = {name: torch.cat([torch.zeros(1, dtype=torch.float64),
+                                            torch.cumsum(0.5 * lam.diff() * (v[1:] + v[:-1]), 0)])
+                           for name, v in (("l", l_), ("s", s_))}
+        for name, integral in self.cumulative.items():
+            spread = float(integral.abs().max())
             if spread > _MAX_INTEGRAL:
                 raise ValueError(f"EMS: {name} integrates to {spread:.4g} over the λ grid; DPM-Solver-v3's "
                                  f"coefficients are exponentials of these integrals and overflow past "
@@ -157,10 +161,7 @@ class Integrals:
         self.lam = ems.lambdas
         self.width = self.lam.diff()
         self.nodes, self.weights = gauss_legendre(_NODES)
-        self.cum = {}
-        for name, v in (("l", ems.l), ("s", ems.s)):
-            self.cum[name] = torch.cat([torch.zeros(1, dtype=torch.float64),
-                                        torch.cumsum(0.5 * self.width * (v[1:] + v[:-1]), 0)])
+        self.cum = ems.cumulative
         self.b = ems.b.reshape(ems.b.shape[0], -1)
         whole = self._from_point(self.lam[1:], torch.arange(self.lam.numel() - 1))      # row k: interval k
         self._grid_b = torch.cat([torch.zeros(1, self.lam.numel(), dtype=torch.float64), whole.cumsum(0)])
