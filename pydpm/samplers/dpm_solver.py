@@ -392,10 +392,10 @@ class DPMSolver(Solver):
                 needs) or 'corrected' (that term doubled: order 3, same cost). Other methods and orders ignore it.
             time_shift: a `TimeShift`: the time-shift sampler (per-sample shifted times against exposure bias,
                 `pydpm.samplers.time_shift`); method='multistep' sampling on a VP schedule only, of samples of
-                two elements or more, without progress, correcting_x0_fn or correcting_xt_fn. Each step is one fused launch with per-sample
-                coefficients gathered from tables built once per grid and settings (plus, where times shift, a
-                variance reduction and an argmin on the device); no host synchronisation, so cuda_graph=True
-                captures the loop.
+                two elements or more, without progress, correcting_x0_fn or correcting_xt_fn. Each step is one
+                fused launch with per-sample coefficients gathered from tables built once per grid and settings
+                (plus, where times shift, a variance reduction and an argmin on the device); no host
+                synchronisation, so cuda_graph=True captures the loop.
 
         Returns:
             The sample at t_end in x's dtype; with return_intermediate, (sample, list of samples).
